@@ -1,0 +1,38 @@
+# calibkern: `make test` and `make demo` build everything they need into .venv from scratch.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.calibkern-installed
+
+.PHONY: install test demo bench gpu-check clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# torch first (a CPU wheel here; keep your CUDA build elsewhere), then the package without build
+# isolation so the C++ extension compiles against the installed torch.
+$(STAMP): $(PY) pyproject.toml setup.py $(wildcard csrc/cpu/*.cpp csrc/cpu/*.h csrc/*.cpp)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q pybind11 ninja
+	$(PIP) install -q --no-build-isolation -e ".[dev,hf,bench]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	$(PY) -m calibkern demo
+
+bench: $(STAMP)
+	$(PY) benchmarks/run_benchmarks.py
+
+gpu-check: $(STAMP)
+	$(PY) benchmarks/gpu_check.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info calibkern/_C*.so
