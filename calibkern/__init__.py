@@ -1,0 +1,53 @@
+"""calibkern: fused calibration-aware fine-tuning kernels for aligned LLMs (CFT / RCFT).
+
+The public API; every name is re-exported from the module that defines it.
+"""
+
+from .backends import (
+    BackendUnavailableError,
+    available_backends,
+    get_backend,
+    is_deterministic,
+    set_backend,
+    set_deterministic,
+)
+from .em import EMState, em_regularizer
+from .metrics import (
+    BinStats,
+    CalibrationMeter,
+    ConfidenceInterval,
+    Reliability,
+    adaptive_ece,
+    binned_stats,
+    brier,
+    classwise_ece,
+    ece,
+    ece_confidence_interval,
+    nll,
+)
+from .ops.calibration_loss import calibration_loss
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "BinStats",
+    "CalibrationMeter",
+    "ConfidenceInterval",
+    "EMState",
+    "Reliability",
+    "adaptive_ece",
+    "available_backends",
+    "binned_stats",
+    "brier",
+    "calibration_loss",
+    "classwise_ece",
+    "ece",
+    "ece_confidence_interval",
+    "em_regularizer",
+    "get_backend",
+    "is_deterministic",
+    "nll",
+    "set_backend",
+    "set_deterministic",
+]

@@ -1,0 +1,134 @@
+"""Argument checks shared by every public entry point (SPEC §9).
+
+Each check raises ``TypeError`` (wrong kind of object or dtype) or ``ValueError`` (wrong shape or value)
+with a message that names the argument. Checks on tensor *values* (label range, finiteness) need the
+values: on CPU tensors they raise at once; on CUDA tensors they use ``torch._assert_async`` so the
+training step never waits on the host (the error then surfaces as a device-side assertion).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+NONFINITE_MODES = ("error", "skip")
+
+
+def require(condition: torch.Tensor, message: str) -> None:
+    """Raise ``ValueError(message)`` unless the boolean 0-dim tensor ``condition`` holds."""
+    if condition.device.type == "cpu":
+        if not bool(condition):
+            raise ValueError(message)
+    else:
+        torch._assert_async(condition, message)
+
+
+def check_tensor(x, name: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def check_logits(logits, name: str = "logits", *, allow_empty: bool = False) -> torch.Tensor:
+    """A 2-D floating tensor [N, K] with K ≥ 2."""
+    check_tensor(logits, name)
+    if logits.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {logits.dtype}")
+    if logits.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [N, K], got shape {tuple(logits.shape)}")
+    if logits.shape[1] < 2:
+        raise ValueError(f"{name} must have K ≥ 2 classes (columns), got K = {logits.shape[1]}")
+    if logits.shape[0] == 0 and not allow_empty:
+        raise ValueError(f"{name} is empty (N = 0 rows)")
+    return logits
+
+
+def check_labels(labels, n_rows: int, n_classes: int, ignore_index: int, device: torch.device,
+                 name: str = "labels") -> torch.Tensor:
+    """Integer labels [N] in [0, K) or equal to ``ignore_index``; returned as int64."""
+    check_tensor(labels, name)
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got {labels.dtype}")
+    if labels.dim() != 1:
+        raise ValueError(f"{name} must be 1-D [N], got shape {tuple(labels.shape)}")
+    if labels.shape[0] != n_rows:
+        raise ValueError(f"{name} has {labels.shape[0]} entries but logits has {n_rows} rows")
+    check_same_device(device, labels, name)
+    labels = labels.long()
+    if n_rows:
+        ok = ((labels >= 0) & (labels < n_classes)) | (labels == ignore_index)
+        require(ok.all(), f"{name} must lie in [0, {n_classes}) or equal ignore_index={ignore_index}")
+    return labels
+
+
+def check_same_device(device: torch.device, tensor: torch.Tensor, name: str) -> None:
+    if tensor.device != device:
+        raise ValueError(f"{name} is on {tensor.device} but logits is on {device}")
+
+
+def check_n_bins(n_bins, name: str = "n_bins") -> int:
+    if isinstance(n_bins, bool) or not isinstance(n_bins, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(n_bins).__name__}")
+    if n_bins < 1:
+        raise ValueError(f"{name} must be ≥ 1, got {n_bins}")
+    return int(n_bins)
+
+
+def check_positive_float(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    return value
+
+
+def check_choice(value, name: str, choices) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value
+
+
+def check_vector(x, name: str, length: int, device: torch.device, *, low=None, high=None) -> torch.Tensor:
+    """A 1-D tensor (or sequence) of ``length`` finite values in [low, high], as float32 on ``device``."""
+    if not isinstance(x, torch.Tensor):
+        try:
+            x = torch.as_tensor(x, dtype=torch.float32)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"{name} must be a 1-D tensor of {length} numbers") from exc
+    if x.dtype.is_complex or x.dtype == torch.bool:
+        raise TypeError(f"{name} must be a real tensor, got {x.dtype}")
+    if x.dim() != 1 or x.shape[0] != length:
+        raise ValueError(f"{name} must have shape ({length},), got {tuple(x.shape)}")
+    x = x.to(device=device)
+    ok = torch.isfinite(x).all()
+    if low is not None:
+        ok = ok & (x >= low).all()
+    if high is not None:
+        ok = ok & (x <= high).all()
+    bounds = "" if low is None and high is None else f" in [{low}, {high}]"
+    require(ok, f"{name} must hold finite values{bounds}")
+    return x
+
+
+def handle_nonfinite(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, nonfinite: str,
+                     name: str = "logits"):
+    """Apply the ``nonfinite`` policy to rows holding NaN or ±inf.
+
+    ``"error"`` raises naming the argument; ``"skip"`` turns such rows into ignored rows (their label
+    becomes ``ignore_index`` and their logits 0) and returns how many were skipped as an int64 tensor.
+    Returns ``(logits, labels, n_skipped)``.
+    """
+    check_choice(nonfinite, "nonfinite", NONFINITE_MODES)
+    finite_rows = torch.isfinite(logits).all(dim=1)
+    if nonfinite == "error":
+        require(finite_rows.all(), f"{name} contains NaN or infinite values (pass nonfinite='skip' to skip "
+                                   "such rows)")
+        return logits, labels, torch.zeros((), dtype=torch.int64, device=logits.device)
+    bad = ~finite_rows
+    logits = torch.where(bad[:, None], torch.zeros((), dtype=logits.dtype, device=logits.device), logits)
+    labels = torch.where(bad, torch.full_like(labels, ignore_index), labels)
+    return logits, labels, bad.sum()

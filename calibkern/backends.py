@@ -1,0 +1,120 @@
+"""Backend registry, availability probes and selection (SPEC §5, docs/backends.md).
+
+A backend is a module exposing the kernel contract of docs/backends.md. Selection order: the ``backend=``
+argument of a call, else :func:`set_backend`, else ``CALIBKERN_BACKEND``, else ``"auto"`` — triton for
+CUDA tensors, cpp for CPU tensors when the extension is built, torch otherwise. A backend asked for by
+name that is missing is an error that says how to get it; there is no silent fallback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from types import ModuleType
+
+import torch
+
+BACKENDS = ("torch", "cpp", "triton")
+_MODULES = {"torch": "calibkern.reference", "cpp": "calibkern._cpp", "triton": "calibkern.ops.triton"}
+_HOW_TO_GET = {
+    "cpp": "build the C++ extension: `pip install --no-build-isolation -e .` with a C++17 compiler "
+           "(OpenMP recommended), then check that `import calibkern._C` works",
+    "triton": "install triton (`pip install triton`) and run on a CUDA device, or set TRITON_INTERPRET=1 "
+              "before importing triton to run the kernels on CPU through the interpreter",
+}
+
+_selected: str | None = None
+_deterministic: bool = False
+_probe_cache: dict[str, ModuleType | Exception] = {}
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was asked for by name but cannot run here."""
+
+
+def _check_name(name: str, allow_auto: bool = True) -> str:
+    valid = BACKENDS + (("auto",) if allow_auto else ())
+    if name not in valid:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, valid))}; got {name!r}")
+    return name
+
+
+def _triton_runs_here() -> bool:
+    if importlib.util.find_spec("triton") is None:
+        return False
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _load(name: str) -> ModuleType | Exception:
+    if name not in _probe_cache:
+        try:
+            if name == "triton" and not _triton_runs_here():
+                raise ImportError("triton is not installed, or there is no CUDA device and TRITON_INTERPRET "
+                                  "is not 1")
+            _probe_cache[name] = importlib.import_module(_MODULES[name])
+        except ImportError as exc:
+            _probe_cache[name] = exc
+    return _probe_cache[name]
+
+
+def is_available(name: str) -> bool:
+    return not isinstance(_load(_check_name(name, allow_auto=False)), Exception)
+
+
+def available_backends() -> list[str]:
+    """Names of the backends that can run in this process, reference first."""
+    return [name for name in BACKENDS if is_available(name)]
+
+
+def set_backend(name: str | None) -> None:
+    """Select the default backend for every op (``None`` or ``"auto"`` restores automatic choice)."""
+    global _selected
+    if name is not None:
+        _check_name(name)
+        if name != "auto":
+            get_module(name)  # fail now, not at the first call
+    _selected = None if name == "auto" else name
+
+
+def get_backend() -> str:
+    """The backend name in force when a call passes ``backend=None``."""
+    if _selected is not None:
+        return _selected
+    return _check_name(os.environ.get("CALIBKERN_BACKEND", "auto") or "auto")
+
+
+def get_module(name: str) -> ModuleType:
+    loaded = _load(_check_name(name, allow_auto=False))
+    if isinstance(loaded, Exception):
+        raise BackendUnavailableError(
+            f"backend {name!r} is not available ({loaded}); to get it, {_HOW_TO_GET[name]}") from loaded
+    return loaded
+
+
+def resolve(backend: str | None, device: torch.device) -> tuple[str, ModuleType]:
+    """The (name, module) that runs an op on tensors of ``device``."""
+    name = get_backend() if backend is None else _check_name(backend)
+    if name == "auto":
+        if device.type == "cuda" and is_available("triton"):
+            name = "triton"
+        elif device.type == "cpu" and is_available("cpp"):
+            name = "cpp"
+        else:
+            name = "torch"
+    module = get_module(name)
+    if name == "cpp" and device.type != "cpu":
+        raise BackendUnavailableError(f"backend 'cpp' runs on CPU tensors; got tensors on {device}")
+    if name == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise BackendUnavailableError("backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU)")
+    return name, module
+
+
+def set_deterministic(flag: bool) -> None:
+    """Bitwise-reproducible statistics and losses (fixed-order reductions, no float atomics)."""
+    global _deterministic
+    _deterministic = bool(flag)
+
+
+def is_deterministic() -> bool:
+    return _deterministic or torch.are_deterministic_algorithms_enabled()

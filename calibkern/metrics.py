@@ -1,0 +1,348 @@
+"""Calibration metrics (SPEC §3): BinStats, the ECE family, proper scores and a streaming meter.
+
+Equal-width bins ``b(c) = min(floor(c·M), M−1)``; per bin ``n_k`` (int64), ``s_k = Σ c`` and
+``a_k = Σ correct`` (float64) — additive across batches and ranks. From them:
+``ECE = Σ_k |s_k − a_k| / N``, ``ECE-l2 = sqrt(Σ_k n_k (s_k/n_k − a_k/n_k)² / N)``,
+``MCE = max_{n_k>0} |s_k − a_k| / n_k``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from . import _validate as V
+from .ops._dispatch import prepare
+from .ops.binned_stats import binned_stats_tensors
+from .reference import bin_index, softmax_parts
+
+NORMS = ("l1", "l2", "max")
+
+
+class Reliability(NamedTuple):
+    """Reliability-diagram data: per equal-width bin, its edges, accuracy, confidence and count.
+
+    Empty bins have count 0 and accuracy/confidence 0; use ``counts > 0`` to mask them.
+    """
+
+    edges: torch.Tensor
+    accuracy: torch.Tensor
+    confidence: torch.Tensor
+    counts: torch.Tensor
+
+
+class ConfidenceInterval(NamedTuple):
+    estimate: float
+    low: float
+    high: float
+
+
+def _ece_from_sums(counts, sum_conf, sum_correct, norm: str) -> torch.Tensor:
+    """ECE over the last dimension (bins); leading dimensions (classes) are kept."""
+    n_total = counts.sum(dim=-1).clamp_min(1).double()
+    gap = (sum_conf - sum_correct).abs()
+    if norm == "l1":
+        return gap.sum(dim=-1) / n_total
+    if norm == "l2":
+        return torch.sqrt((gap * gap / counts.clamp_min(1).double()).sum(dim=-1) / n_total)
+    return (gap / counts.clamp_min(1).double()).amax(dim=-1)
+
+
+@dataclass
+class BinStats:
+    """Per-bin sufficient statistics: ``counts`` (int64), ``sum_conf`` and ``sum_correct`` (float64).
+
+    Top-1 statistics are [M]; classwise statistics are [K, M] (row j bins ``p_j`` against ``1[y = j]``).
+    ``n_skipped`` counts rows skipped for non-finite logits (``nonfinite="skip"``).
+    """
+
+    counts: torch.Tensor
+    sum_conf: torch.Tensor
+    sum_correct: torch.Tensor
+    n_skipped: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.n_skipped is None:
+            self.n_skipped = torch.zeros((), dtype=torch.int64, device=self.counts.device)
+
+    @classmethod
+    def empty(cls, n_bins: int = 10, n_classes: int | None = None, device=None) -> "BinStats":
+        shape = (n_bins,) if n_classes is None else (n_classes, n_bins)
+        return cls(torch.zeros(shape, dtype=torch.int64, device=device),
+                   torch.zeros(shape, dtype=torch.float64, device=device),
+                   torch.zeros(shape, dtype=torch.float64, device=device))
+
+    @classmethod
+    def from_confidences(cls, confidences, correct, n_bins: int = 10) -> "BinStats":
+        """Top-1 statistics from per-sample confidences in [0, 1] and correctness (bool or 0/1)."""
+        n_bins = V.check_n_bins(n_bins)
+        V.check_tensor(confidences, "confidences")
+        V.check_tensor(correct, "correct")
+        if confidences.dim() != 1 or correct.shape != confidences.shape:
+            raise ValueError(f"confidences and correct must be 1-D of one length, got {tuple(confidences.shape)} "
+                             f"and {tuple(correct.shape)}")
+        V.require(((confidences >= 0) & (confidences <= 1)).all(), "confidences must lie in [0, 1]")
+        bins = bin_index(confidences, n_bins)
+        stats = cls.empty(n_bins, device=confidences.device)
+        stats.counts.scatter_add_(0, bins, torch.ones_like(bins))
+        stats.sum_conf.scatter_add_(0, bins, confidences.double())
+        stats.sum_correct.scatter_add_(0, bins, correct.double())
+        return stats
+
+    @property
+    def n_bins(self) -> int:
+        return self.counts.shape[-1]
+
+    @property
+    def classwise(self) -> bool:
+        return self.counts.dim() == 2
+
+    def total(self) -> torch.Tensor:
+        """Number of binned samples N (int64, 0-dim)."""
+        return self.counts.sum(dim=-1)[..., 0] if self.classwise else self.counts.sum()
+
+    def ece(self, norm: str = "l1") -> torch.Tensor:
+        """ECE with ``norm`` l1/l2/max; for classwise statistics the mean over classes (cwECE)."""
+        V.check_choice(norm, "norm", NORMS)
+        value = _ece_from_sums(self.counts, self.sum_conf, self.sum_correct, norm)
+        return value.mean() if self.classwise else value
+
+    def mce(self) -> torch.Tensor:
+        return self.ece("max")
+
+    def _top1_only(self, what: str) -> None:
+        if self.classwise:
+            raise ValueError(f"{what} is defined for top-1 statistics; these are classwise [K, M]")
+
+    def accuracy(self) -> torch.Tensor:
+        self._top1_only("accuracy()")
+        return self.sum_correct.sum() / self.counts.sum().clamp_min(1).double()
+
+    def mean_confidence(self) -> torch.Tensor:
+        self._top1_only("mean_confidence()")
+        return self.sum_conf.sum() / self.counts.sum().clamp_min(1).double()
+
+    def reliability(self) -> Reliability:
+        self._top1_only("reliability()")
+        n = self.counts.clamp_min(1).double()
+        edges = torch.linspace(0.0, 1.0, self.n_bins + 1, dtype=torch.float64, device=self.counts.device)
+        return Reliability(edges, self.sum_correct / n, self.sum_conf / n, self.counts)
+
+    def __add__(self, other: "BinStats") -> "BinStats":
+        if not isinstance(other, BinStats):
+            return NotImplemented
+        if other.counts.shape != self.counts.shape:
+            raise ValueError(f"cannot merge BinStats of shapes {tuple(self.counts.shape)} and "
+                             f"{tuple(other.counts.shape)}")
+        return BinStats(self.counts + other.counts, self.sum_conf + other.sum_conf,
+                        self.sum_correct + other.sum_correct, self.n_skipped + other.n_skipped)
+
+    def all_reduce(self, group=None) -> "BinStats":
+        """Sum the statistics over the ranks of ``group`` in place (no-op without a process group)."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            for tensor in (self.counts, self.sum_conf, self.sum_correct, self.n_skipped):
+                dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+        return self
+
+    def to(self, device) -> "BinStats":
+        return BinStats(self.counts.to(device), self.sum_conf.to(device), self.sum_correct.to(device),
+                        self.n_skipped.to(device))
+
+
+def binned_stats(logits, labels, n_bins=10, *, mode="top1", temperature=1.0, ignore_index=-100,
+                 nonfinite="error", backend=None) -> BinStats:
+    """Per-bin statistics of the top-1 confidence (``mode="top1"``) or of every class (``"classwise"``)."""
+    return BinStats(*binned_stats_tensors(logits, labels, n_bins, mode=mode, temperature=temperature,
+                                          ignore_index=ignore_index, nonfinite=nonfinite, backend=backend))
+
+
+def _stats(logits, labels, n_bins, mode, **kwargs) -> BinStats:
+    V.check_logits(logits)
+    return binned_stats(logits, labels, n_bins, mode=mode, **kwargs)
+
+
+def ece(logits, labels, n_bins=10, norm="l1", *, temperature=1.0, ignore_index=-100, nonfinite="error",
+        backend=None) -> torch.Tensor:
+    """Expected calibration error of the top-1 confidence (0-dim float64 tensor)."""
+    V.check_choice(norm, "norm", NORMS)
+    return _stats(logits, labels, n_bins, "top1", temperature=temperature, ignore_index=ignore_index,
+                  nonfinite=nonfinite, backend=backend).ece(norm)
+
+
+def classwise_ece(logits, labels, n_bins=10, norm="l1", *, temperature=1.0, ignore_index=-100, nonfinite="error",
+                  backend=None) -> torch.Tensor:
+    """Classwise ECE (Kull et al.): ``(1/K) Σ_j Σ_k |Σ p_ij − Σ 1[y_i = j]| / N`` over bins of ``p_ij``."""
+    V.check_choice(norm, "norm", NORMS)
+    return _stats(logits, labels, n_bins, "classwise", temperature=temperature, ignore_index=ignore_index,
+                  nonfinite=nonfinite, backend=backend).ece(norm)
+
+
+def _kept_rows(logits, labels, temperature, ignore_index, nonfinite):
+    """Probabilities, confidences and correctness of the kept rows (evaluation helper; syncs the host)."""
+    V.check_logits(logits)
+    temperature = V.check_positive_float(temperature, "temperature")
+    rows = prepare(logits, labels, ignore_index=ignore_index, nonfinite=nonfinite, backend="torch")
+    keep = rows.labels != ignore_index
+    p, conf, pred = softmax_parts(rows.logits[keep], temperature)
+    return p, conf, (pred == rows.labels[keep]), rows.labels[keep]
+
+
+def adaptive_ece(logits, labels, n_bins=10, norm="l1", *, temperature=1.0, ignore_index=-100,
+                 nonfinite="error") -> torch.Tensor:
+    """ECE over equal-mass bins: samples sorted by confidence, bin of the j-th of N is ``floor(j·M/N)``.
+
+    Ties at a bin edge are split by sort position (a stable sort keeps input order among equals).
+    """
+    n_bins = V.check_n_bins(n_bins)
+    V.check_choice(norm, "norm", NORMS)
+    _, conf, correct, _ = _kept_rows(logits, labels, temperature, ignore_index, nonfinite)
+    order = torch.sort(conf, stable=True).indices
+    n = conf.shape[0]
+    bins = torch.div(torch.arange(n, device=conf.device) * n_bins, max(n, 1), rounding_mode="floor")
+    counts = torch.zeros(n_bins, dtype=torch.int64, device=conf.device).scatter_add_(0, bins, torch.ones_like(bins))
+    sum_conf = torch.zeros(n_bins, dtype=torch.float64, device=conf.device).scatter_add_(
+        0, bins, conf[order].double())
+    sum_correct = torch.zeros(n_bins, dtype=torch.float64, device=conf.device).scatter_add_(
+        0, bins, correct[order].double())
+    return _ece_from_sums(counts, sum_conf, sum_correct, norm)
+
+
+def ece_confidence_interval(logits, labels, n_bins=10, norm="l1", *, n_boot=1000, confidence=0.95, seed=0,
+                            temperature=1.0, ignore_index=-100, nonfinite="error") -> ConfidenceInterval:
+    """Percentile bootstrap interval for the ECE: ``n_boot`` resamples of the rows, drawn with ``seed``."""
+    n_bins = V.check_n_bins(n_bins)
+    V.check_choice(norm, "norm", NORMS)
+    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
+        raise ValueError(f"n_boot must be an int ≥ 1, got {n_boot!r}")
+    if not 0.0 < float(confidence) < 1.0:
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence!r}")
+    _, conf, correct, _ = _kept_rows(logits, labels, temperature, ignore_index, nonfinite)
+    n = conf.shape[0]
+    if n == 0:
+        raise ValueError("labels: every row is ignored, so the ECE has no confidence interval")
+    bins = bin_index(conf, n_bins)
+    estimate = float(BinStats.from_confidences(conf, correct, n_bins).ece(norm))
+    generator = torch.Generator(device=conf.device).manual_seed(int(seed))
+    chunk = max(1, min(n_boot, 2 ** 24 // n))
+    values = []
+    for start in range(0, n_boot, chunk):
+        b = min(chunk, n_boot - start)
+        idx = torch.randint(n, (b, n), generator=generator, device=conf.device)
+        flat = (bins[idx] + torch.arange(b, device=conf.device)[:, None] * n_bins).reshape(-1)
+        size = b * n_bins
+        counts = torch.bincount(flat, minlength=size).view(b, n_bins)
+        sum_conf = torch.bincount(flat, conf.double()[idx].reshape(-1), minlength=size).view(b, n_bins)
+        sum_correct = torch.bincount(flat, correct.double()[idx].reshape(-1), minlength=size).view(b, n_bins)
+        values.append(_ece_from_sums(counts, sum_conf, sum_correct, norm))
+    values = torch.cat(values)
+    tail = (1.0 - float(confidence)) / 2.0
+    low, high = torch.quantile(values, torch.tensor([tail, 1.0 - tail], dtype=torch.float64, device=values.device))
+    return ConfidenceInterval(estimate, float(low), float(high))
+
+
+def proper_score_sums(logits, labels, *, temperature=1.0, ignore_index=-100):
+    """Row sums of the negative log-likelihood ``−log p_y`` and the Brier score ``Σ_j (p_j − 1[y=j])²``
+    over kept rows, as float64 0-dim tensors (no host sync). ``Σ_j (p_j − e_y)² = Σ p² − 2 p_y + 1``."""
+    from .reference.softmax import scaled
+
+    z = scaled(logits, temperature)
+    keep = labels != ignore_index
+    safe = torch.where(keep, labels, torch.zeros_like(labels))
+    log_p_y = z.gather(1, safe[:, None]).squeeze(1) - torch.logsumexp(z, dim=1)
+    lse2 = torch.logsumexp(2.0 * z, dim=1) - 2.0 * torch.logsumexp(z, dim=1)
+    brier = lse2.exp() - 2.0 * log_p_y.exp() + 1.0
+    return (-log_p_y * keep).double().sum(), (brier * keep).double().sum()
+
+
+def _proper_score(logits, labels, which: int, temperature, ignore_index, nonfinite) -> torch.Tensor:
+    V.check_logits(logits)
+    temperature = V.check_positive_float(temperature, "temperature")
+    rows = prepare(logits, labels, ignore_index=ignore_index, nonfinite=nonfinite, backend="torch")
+    total = proper_score_sums(rows.logits, rows.labels, temperature=temperature, ignore_index=ignore_index)[which]
+    return total / (rows.labels != ignore_index).sum().clamp_min(1).double()
+
+
+def nll(logits, labels, *, temperature=1.0, ignore_index=-100, nonfinite="error") -> torch.Tensor:
+    """Mean negative log-likelihood of the labels."""
+    return _proper_score(logits, labels, 0, temperature, ignore_index, nonfinite)
+
+
+def brier(logits, labels, *, temperature=1.0, ignore_index=-100, nonfinite="error") -> torch.Tensor:
+    """Mean multi-class Brier score ``Σ_j (p_j − 1[y = j])²`` (range [0, 2])."""
+    return _proper_score(logits, labels, 1, temperature, ignore_index, nonfinite)
+
+
+class CalibrationMeter:
+    """Streaming calibration metrics with O(M) state (O(K·M) with ``classwise=True``).
+
+    ``update(logits, labels)`` adds a batch's bin statistics and NLL/Brier sums; ``compute()`` returns a
+    dict of 0-dim tensors (ece, ece_l2, mce, accuracy, mean_confidence, nll, brier, n, and cw_ece when
+    classwise); ``all_reduce()`` sums the state over torch.distributed ranks. No host synchronisation.
+    """
+
+    def __init__(self, n_bins=10, classwise=False, *, temperature=1.0, ignore_index=-100, nonfinite="error",
+                 backend=None):
+        self.n_bins = V.check_n_bins(n_bins)
+        self.classwise = bool(classwise)
+        self.temperature = V.check_positive_float(temperature, "temperature")
+        self.ignore_index = ignore_index
+        self.nonfinite = V.check_choice(nonfinite, "nonfinite", V.NONFINITE_MODES)
+        self.backend = backend
+        self.reset()
+
+    def reset(self) -> None:
+        self.stats: BinStats | None = None
+        self.class_stats: BinStats | None = None
+        self.sum_nll = torch.zeros((), dtype=torch.float64)
+        self.sum_brier = torch.zeros((), dtype=torch.float64)
+
+    def update(self, logits, labels) -> None:
+        kwargs = dict(temperature=self.temperature, ignore_index=self.ignore_index, nonfinite=self.nonfinite,
+                      backend=self.backend)
+        batch = binned_stats(logits, labels, self.n_bins, **kwargs)
+        self.stats = batch if self.stats is None else self.stats + batch
+        if self.classwise:
+            batch_cw = binned_stats(logits, labels, self.n_bins, mode="classwise", **kwargs)
+            self.class_stats = batch_cw if self.class_stats is None else self.class_stats + batch_cw
+        rows = prepare(logits, labels, ignore_index=self.ignore_index, nonfinite=self.nonfinite, backend="torch")
+        s_nll, s_brier = proper_score_sums(rows.logits, rows.labels, temperature=self.temperature,
+                                           ignore_index=self.ignore_index)
+        self.sum_nll = self.sum_nll.to(s_nll.device) + s_nll
+        self.sum_brier = self.sum_brier.to(s_brier.device) + s_brier
+
+    def compute(self) -> dict:
+        if self.stats is None:
+            raise ValueError("CalibrationMeter.compute() called before any update()")
+        n = self.stats.counts.sum()
+        denom = n.clamp_min(1).double()
+        out = {
+            "ece": self.stats.ece("l1"),
+            "ece_l2": self.stats.ece("l2"),
+            "mce": self.stats.mce(),
+            "accuracy": self.stats.accuracy(),
+            "mean_confidence": self.stats.mean_confidence(),
+            "nll": self.sum_nll / denom,
+            "brier": self.sum_brier / denom,
+            "n": n,
+            "n_skipped": self.stats.n_skipped,
+        }
+        if self.classwise:
+            out["cw_ece"] = self.class_stats.ece("l1")
+        return out
+
+    def all_reduce(self, group=None) -> "CalibrationMeter":
+        import torch.distributed as dist
+
+        if self.stats is None:
+            raise ValueError("CalibrationMeter.all_reduce() called before any update()")
+        self.stats.all_reduce(group)
+        if self.class_stats is not None:
+            self.class_stats.all_reduce(group)
+        if dist.is_available() and dist.is_initialized():
+            for tensor in (self.sum_nll, self.sum_brier):
+                dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+        return self

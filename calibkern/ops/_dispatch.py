@@ -1,0 +1,36 @@
+"""The common front half of every op: validate the row inputs, apply the non-finite policy, pick a backend."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+
+from .. import _validate as V
+from ..backends import resolve
+
+
+@dataclass
+class RowInputs:
+    """Validated ``logits [N, K]`` (contiguous) and ``labels`` (int64) with the backend that runs them."""
+
+    logits: torch.Tensor
+    labels: torch.Tensor
+    n_skipped: torch.Tensor
+    backend: str
+    kernels: ModuleType
+
+
+def prepare(logits, labels, *, ignore_index: int = -100, nonfinite: str = "error", backend=None,
+            logits_name: str = "logits", allow_empty: bool = True) -> RowInputs:
+    V.check_logits(logits, logits_name, allow_empty=allow_empty)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    labels = V.check_labels(labels, logits.shape[0], logits.shape[1], ignore_index, logits.device)
+    name, kernels = resolve(backend, logits.device)
+    if logits.dtype == torch.float64 and name != "torch":
+        raise TypeError(f"{logits_name} is float64, which only backend='torch' takes; backend {name!r} takes "
+                        "float32, bfloat16 or float16")
+    logits, labels, n_skipped = V.handle_nonfinite(logits, labels, ignore_index, nonfinite, logits_name)
+    return RowInputs(logits.contiguous(), labels.contiguous(), n_skipped, name, kernels)

@@ -1,0 +1,23 @@
+"""Dispatch of the ``binned_stats`` kernel (no gradient): per-bin counts, Σ confidence, Σ correct."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _validate as V
+from ._dispatch import prepare
+
+MODES = ("top1", "classwise")
+
+
+@torch.no_grad()
+def binned_stats_tensors(logits, labels, n_bins=10, *, mode="top1", temperature=1.0, ignore_index=-100,
+                         nonfinite="error", backend=None):
+    """Returns ``(counts, sum_conf, sum_correct, n_skipped)``; [M] tensors for top-1, [K, M] for classwise."""
+    n_bins = V.check_n_bins(n_bins)
+    V.check_choice(mode, "mode", MODES)
+    temperature = V.check_positive_float(temperature, "temperature")
+    rows = prepare(logits, labels, ignore_index=ignore_index, nonfinite=nonfinite, backend=backend)
+    counts, sum_conf, sum_correct = rows.kernels.binned_stats(
+        rows.logits, rows.labels, n_bins, temperature, ignore_index, mode == "classwise")
+    return counts, sum_conf, sum_correct, rows.n_skipped

@@ -1,0 +1,80 @@
+"""The hard-bin calibration term of SPEC §4.2, differentiable with respect to the option logits.
+
+Per sample, with ``a = A_{b(c)}`` the starting model's accuracy in the sample's confidence bin and the
+order-preserving non-max targets of docs/backends.md: ``L_i = (c_i − a)² + Σ_r (q_(r) − t_(r))²``.
+
+* default: targets detached, mean over the batch's kept samples (``reduction="mean"``), every bin, any
+  backend; the kernel writes ``∂L_i/∂z_i = p ⊙ (g − ⟨g, p⟩)``, ``g = 2 (p − τ)``, in the forward pass.
+* ``official_compat=True``: the published reference code — per-bin sums divided by ``N⁰_k``
+  (``bin_counts``), the top bin skipped, gradients through the targets, float64; reference backend only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _validate as V
+from ._dispatch import prepare
+from .row_loss import KernelRowLoss
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def reduce_rows(loss: torch.Tensor, keep: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Mean over kept rows (0 when none is kept), sum, or the per-row vector."""
+    if reduction == "none":
+        return loss
+    total = loss.sum()
+    if reduction == "sum":
+        return total
+    return total / keep.sum().clamp_min(1).to(loss.dtype)
+
+
+def calibration_loss(option_logits, labels, bin_accuracy, *, n_bins=10, bin_counts=None, detach_targets=None,
+                     official_compat=False, reduction="mean", ignore_index=-100, nonfinite="error",
+                     backend=None):
+    """Hard-bin calibration loss (SPEC §4.2).
+
+    ``detach_targets=None`` means the variant's own choice: detached for the default, through the targets
+    for ``official_compat``. Gradients through the targets are computed by autograd on the reference
+    backend only.
+    """
+    n_bins = V.check_n_bins(n_bins)
+    V.check_choice(reduction, "reduction", REDUCTIONS)
+    if detach_targets is None:
+        detach_targets = not official_compat
+    rows = prepare(option_logits, labels, ignore_index=ignore_index, nonfinite=nonfinite, backend=backend,
+                   logits_name="option_logits")
+    device = rows.logits.device
+    bin_accuracy = V.check_vector(bin_accuracy, "bin_accuracy", n_bins, device, low=0.0, high=1.0)
+    keep = rows.labels != ignore_index
+
+    if official_compat:
+        if bin_counts is None:
+            raise ValueError("bin_counts (the starting model's per-bin counts N⁰_k) is required with "
+                             "official_compat=True")
+        if reduction == "none":
+            raise ValueError("reduction='none' is not defined with official_compat=True (it normalises per bin)")
+    elif bin_counts is not None:
+        raise ValueError("bin_counts is only used with official_compat=True")
+    if (official_compat or not detach_targets) and rows.backend != "torch":
+        raise ValueError(f"official_compat / detach_targets=False run on backend='torch' only, not "
+                         f"{rows.backend!r}")
+
+    if official_compat or not detach_targets:
+        from ..reference import bin_index, hard_bin_loss_through_targets, softmax_parts
+
+        loss = hard_bin_loss_through_targets(rows.logits, rows.labels, bin_accuracy, ignore_index)
+        if not official_compat:
+            return reduce_rows(loss, keep, reduction)
+        bin_counts = V.check_vector(bin_counts, "bin_counts", n_bins, device, low=0.0)
+        with torch.no_grad():
+            bins = bin_index(softmax_parts(rows.logits)[1], n_bins)
+            # 1/N⁰_k exactly as published: a sample in a bin with N⁰_k = 0 makes the loss infinite.
+            weight = torch.where(keep & (bins < n_bins - 1), bin_counts.double()[bins].reciprocal(),
+                                 torch.zeros((), dtype=torch.float64, device=device))
+        return (loss * weight).sum()
+
+    (loss,) = KernelRowLoss.apply(rows.logits, rows.kernels.hard_bin_loss, rows.labels,
+                                  bin_accuracy.float(), ignore_index)
+    return reduce_rows(loss, keep, reduction)

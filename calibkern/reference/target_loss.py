@@ -1,0 +1,59 @@
+"""The per-row target loss behind the hard-bin term (SPEC §4.2) and the EM ``target`` form (§4.3).
+
+For a row with probabilities ``p``, prediction ``ŷ`` and target accuracy ``a``, the target vector is
+``τ_ŷ = a`` and, for the other options, order-preserving targets that sum to ``1 − a``:
+``u_j = tanh(γ p_j)`` with ``γ = ln(K−1) / (q₂ (1 − a))`` (``q₂`` the largest non-max probability),
+``t_j = (1 − a)(1 + u_j) / ((K − 1) + Σ_s u_s)``. The loss is ``L = Σ_j (p_j − τ_j)²`` and, with τ held
+fixed, ``∂L/∂z = p ⊙ (g − ⟨g, p⟩)`` where ``g = 2 (p − τ)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .softmax import bin_index, softmax_parts
+
+_TINY = 1e-12
+
+
+def non_max_targets(p: torch.Tensor, pred: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """The full target vector τ [N, K]; differentiable in ``p`` and ``a`` (detach for the default)."""
+    n_classes = p.shape[1]
+    is_max = F.one_hot(pred, n_classes).bool()
+    q = p.masked_fill(is_max, 0.0)
+    q2 = q.amax(dim=1, keepdim=True)
+    ratio = q / torch.where(q2 > 0, q2, torch.ones_like(q2))
+    d = (1.0 - a)[:, None]
+    u = torch.tanh(math.log(n_classes - 1) * ratio / d.clamp_min(_TINY)).masked_fill(is_max, 0.0)
+    t = d.clamp_min(0.0) * (1.0 + u) / ((n_classes - 1) + u.sum(dim=1, keepdim=True))
+    return torch.where(is_max, a[:, None].to(p.dtype), t)
+
+
+def target_loss(p: torch.Tensor, pred: torch.Tensor, a: torch.Tensor, keep: torch.Tensor):
+    """Per-row ``L`` and ``∂L/∂z`` with detached targets; rows outside ``keep`` give 0 and 0."""
+    tau = non_max_targets(p, pred, a)
+    diff = p - tau
+    g = 2.0 * diff
+    grad = p * (g - (g * p).sum(dim=1, keepdim=True))
+    keep_f = keep.to(p.dtype)
+    return (diff * diff).sum(dim=1) * keep_f, grad * keep_f[:, None]
+
+
+def hard_bin_loss(logits, labels, bin_accuracy, ignore_index: int):
+    p, conf, pred = softmax_parts(logits)
+    a = bin_accuracy.to(p.dtype)[bin_index(conf, bin_accuracy.shape[0])]
+    return target_loss(p, pred, a, labels != ignore_index)
+
+
+def hard_bin_loss_through_targets(logits, labels, bin_accuracy, ignore_index: int) -> torch.Tensor:
+    """Per-row hard-bin loss built with autograd, gradients flowing through the targets (float64).
+
+    This is the published reference code's form (``official_compat``); the default detaches τ.
+    """
+    p, conf, pred = softmax_parts(logits.double())
+    a = bin_accuracy.double()[bin_index(conf, bin_accuracy.shape[0])]
+    tau = non_max_targets(p, pred, a)
+    return ((p - tau) ** 2).sum(dim=1) * (labels != ignore_index)
