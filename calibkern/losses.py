@@ -1,0 +1,256 @@
+"""The drop-in fused linear calibration loss: SFT cross-entropy plus a calibration term, from hidden states.
+
+``loss = sft_weight · CE + lam · L_cal`` (SPEC §4, §5) where, with ``z_t = h_t Wᵀ + b`` and the target
+``y_t`` of position t (Hugging Face shift: position t predicts label t+1),
+
+* ``CE = Σ_{t supervised} (logsumexp(z_t) − z_{t, y_t}) / n`` with ``n`` the number of supervised
+  positions, or ``num_items_in_batch`` when given (gradient accumulation);
+* ``L_cal`` is the hard-bin term (§4.2) or the EM regulariser (§4.3) on the option logits
+  ``z_t[option_ids]`` of the answer positions, whose option label is the index of ``y_t`` in ``option_ids``.
+
+The ``[tokens, V]`` logits are never held: unsupervised rows are dropped before any matrix product and the
+rest run in chunks (calibkern.ops.fused_linear). The only value read back to the host is the number of
+supervised rows, which sizes the work.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import _validate as V
+from .backends import resolve
+from .em import em_regularizer
+from .metrics import BinStats, binned_stats
+from .ops.calibration_loss import calibration_loss
+from .ops.fused_linear import FusedLinearCrossEntropy, default_chunk_size
+
+CALIBRATIONS = ("hard_bin", "em", None)
+HIDDEN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclass
+class CalibrationLossOutput:
+    """``loss = sft_weight · sft_loss + lam · cal_loss``; ``bin_stats`` over the answer positions."""
+
+    loss: torch.Tensor
+    sft_loss: torch.Tensor
+    cal_loss: torch.Tensor
+    bin_stats: BinStats
+
+
+def fused_linear_calibration_loss(hidden, weight, labels, *, option_ids, bias=None, calibration="hard_bin",
+                                  bin_accuracy=None, em_state=None, lam=1.0, sft_weight=1.0, n_bins=10,
+                                  ignore_index=-100, shift=True, answer_mask=None, num_items_in_batch=None,
+                                  chunk_size=None, backend=None) -> CalibrationLossOutput:
+    """SFT cross-entropy plus calibration term from ``hidden [N, D] | [B, T, D]`` and ``weight [V, D]``.
+
+    ``labels`` has ``hidden``'s leading shape. ``answer_mask`` (bool, ``labels``' shape, aligned with the
+    labels and shifted with them) overrides the default answer positions: the supervised positions whose
+    target is one of ``option_ids``. One backward pass per call.
+    """
+    hidden, weight, bias = _autocast(hidden, weight, bias)
+    _check_inputs(hidden, weight, bias)
+    vocab_size, device = weight.shape[0], hidden.device
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    V.check_choice(calibration, "calibration", CALIBRATIONS)
+    _check_calibration_state(calibration, bin_accuracy, em_state)
+    n_bins = V.check_n_bins(n_bins)
+    lam, sft_weight = _check_real(lam, "lam"), _check_real(sft_weight, "sft_weight")
+    option_ids = _check_option_ids(option_ids, vocab_size, device)
+    targets = _targets(labels, hidden, ignore_index, shift, vocab_size)
+    answers = None if answer_mask is None else _shifted_answer_mask(answer_mask, labels, shift)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    _, kernels = resolve(backend, device)
+
+    hidden_2d = hidden.reshape(-1, hidden.shape[-1])
+    rows = (targets != ignore_index).nonzero().squeeze(1)  # the one host read: how many rows to compute
+    row_targets = targets.index_select(0, rows)
+    option_labels = _option_labels(targets, rows, row_targets, option_ids, answers, ignore_index)
+    if chunk_size is None:
+        chunk_size = default_chunk_size(hidden_2d.shape[0], hidden_2d.shape[1], vocab_size, hidden.element_size())
+
+    loss_sum, option_logits = FusedLinearCrossEntropy.apply(
+        hidden_2d, weight, bias, rows, row_targets, option_ids, chunk_size, kernels, ignore_index)
+    sft_loss = loss_sum / _denominator(num_items_in_batch, rows.shape[0], device)
+    cal_loss = _calibration_term(calibration, option_logits, option_labels, bin_accuracy, em_state, n_bins,
+                                 ignore_index, backend)
+    bin_stats = binned_stats(option_logits.detach(), option_labels, n_bins=n_bins, ignore_index=ignore_index,
+                             backend=backend)
+    return CalibrationLossOutput(sft_weight * sft_loss + lam * cal_loss, sft_loss, cal_loss, bin_stats)
+
+
+class FusedLinearCalibrationLoss(nn.Module):
+    """:func:`fused_linear_calibration_loss` as a module; ``option_ids`` and ``bin_accuracy`` are buffers."""
+
+    def __init__(self, option_ids, *, calibration="hard_bin", bin_accuracy=None, em_state=None, lam=1.0,
+                 sft_weight=1.0, n_bins=10, ignore_index=-100, shift=True, chunk_size=None, backend=None):
+        super().__init__()
+        V.check_choice(calibration, "calibration", CALIBRATIONS)
+        _check_calibration_state(calibration, bin_accuracy, em_state)
+        self.register_buffer("option_ids", torch.as_tensor(option_ids, dtype=torch.long))
+        self.register_buffer("bin_accuracy", None if bin_accuracy is None
+                             else torch.as_tensor(bin_accuracy, dtype=torch.float32))
+        self.calibration, self.em_state = calibration, em_state
+        self.lam, self.sft_weight, self.n_bins = lam, sft_weight, n_bins
+        self.ignore_index, self.shift, self.chunk_size, self.backend = ignore_index, shift, chunk_size, backend
+
+    def forward(self, hidden, weight, labels, bias=None, answer_mask=None, num_items_in_batch=None):
+        return fused_linear_calibration_loss(
+            hidden, weight, labels, option_ids=self.option_ids, bias=bias, calibration=self.calibration,
+            bin_accuracy=self.bin_accuracy, em_state=self.em_state, lam=self.lam, sft_weight=self.sft_weight,
+            n_bins=self.n_bins, ignore_index=self.ignore_index, shift=self.shift, answer_mask=answer_mask,
+            num_items_in_batch=num_items_in_batch, chunk_size=self.chunk_size, backend=self.backend)
+
+
+def _autocast(hidden, weight, bias):
+    """Under autocast, run the products in the autocast dtype, as ``nn.Linear`` would."""
+    if not isinstance(hidden, torch.Tensor) or not torch.is_autocast_enabled(hidden.device.type):
+        return hidden, weight, bias
+    dtype = torch.get_autocast_dtype(hidden.device.type)
+    cast = [x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+            for x in (hidden, weight, bias)]
+    return tuple(cast)
+
+
+def _check_inputs(hidden, weight, bias):
+    V.check_tensor(hidden, "hidden")
+    V.check_tensor(weight, "weight")
+    if hidden.dtype not in HIDDEN_DTYPES:
+        raise TypeError(f"hidden must be float32, bfloat16 or float16, got {hidden.dtype}")
+    if hidden.dim() not in (2, 3):
+        raise ValueError(f"hidden must be [N, D] or [B, T, D], got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight must be [V, D] with D = {hidden.shape[-1]} (hidden's last dimension), got "
+                         f"shape {tuple(weight.shape)}")
+    if weight.shape[0] < 2:
+        raise ValueError(f"weight must have V ≥ 2 rows (vocabulary entries), got V = {weight.shape[0]}")
+    for x, name in ((weight, "weight"), (bias, "bias")):
+        if x is None:
+            continue
+        V.check_tensor(x, name)
+        if x.dtype != hidden.dtype:
+            raise TypeError(f"{name} has dtype {x.dtype} but hidden has {hidden.dtype}; they must match")
+        if x.device != hidden.device:
+            raise ValueError(f"{name} is on {x.device} but hidden is on {hidden.device}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+
+
+def _check_calibration_state(calibration, bin_accuracy, em_state):
+    if calibration == "hard_bin" and bin_accuracy is None:
+        raise ValueError("bin_accuracy (per-bin accuracy of the starting model) is required with "
+                         "calibration='hard_bin'")
+    if calibration == "em" and em_state is None:
+        raise ValueError("em_state (a calibkern.EMState) is required with calibration='em'")
+    if calibration != "hard_bin" and bin_accuracy is not None:
+        raise ValueError(f"bin_accuracy is only used with calibration='hard_bin', not {calibration!r}")
+    if calibration != "em" and em_state is not None:
+        raise ValueError(f"em_state is only used with calibration='em', not {calibration!r}")
+
+
+def _check_real(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return float(value)
+
+
+def _check_option_ids(option_ids, vocab_size: int, device) -> torch.Tensor:
+    """``[K]`` distinct token ids in ``[0, V)``, ``K ≥ 2``, as int64 on ``device``."""
+    if not isinstance(option_ids, torch.Tensor):
+        try:
+            option_ids = torch.as_tensor(option_ids)
+        except (TypeError, ValueError) as exc:
+            raise TypeError("option_ids must be a 1-D tensor or sequence of token ids") from exc
+    if option_ids.dtype.is_floating_point or option_ids.dtype.is_complex or option_ids.dtype == torch.bool:
+        raise TypeError(f"option_ids must hold integer token ids, got {option_ids.dtype}")
+    if option_ids.dim() != 1 or option_ids.shape[0] < 2:
+        raise ValueError(f"option_ids must be 1-D with K ≥ 2 token ids, got shape {tuple(option_ids.shape)}")
+    option_ids = option_ids.to(device=device, dtype=torch.long)
+    in_range = ((option_ids >= 0) & (option_ids < vocab_size)).all()
+    V.require(in_range, f"option_ids must lie in [0, {vocab_size}) (the vocabulary of weight)")
+    sorted_ids = option_ids.sort().values
+    V.require((sorted_ids[1:] != sorted_ids[:-1]).all(), "option_ids must not repeat a token id")
+    return option_ids
+
+
+def _shift(x: torch.Tensor, fill, shift: bool) -> torch.Tensor:
+    """Position t gets entry t+1 of its sequence (the last gets ``fill``), flattened to 1-D."""
+    if shift:
+        x = F.pad(x[..., 1:], (0, 1), value=fill)
+    return x.reshape(-1)
+
+
+def _targets(labels, hidden, ignore_index: int, shift: bool, vocab_size: int) -> torch.Tensor:
+    """Flat int64 targets ``[N]`` aligned with the rows of ``hidden``; values checked against V."""
+    V.check_tensor(labels, "labels")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"labels must have shape {tuple(hidden.shape[:-1])} (hidden's leading dimensions), "
+                         f"got {tuple(labels.shape)}")
+    if labels.device != hidden.device:
+        raise ValueError(f"labels is on {labels.device} but hidden is on {hidden.device}")
+    targets = _shift(labels.long(), ignore_index, shift)
+    return V.check_labels(targets, targets.shape[0], vocab_size, ignore_index, hidden.device)
+
+
+def _shifted_answer_mask(answer_mask, labels, shift: bool) -> torch.Tensor:
+    V.check_tensor(answer_mask, "answer_mask")
+    if answer_mask.dtype != torch.bool:
+        raise TypeError(f"answer_mask must be a bool tensor, got {answer_mask.dtype}")
+    if answer_mask.shape != labels.shape:
+        raise ValueError(f"answer_mask must have labels' shape {tuple(labels.shape)}, got "
+                         f"{tuple(answer_mask.shape)}")
+    if answer_mask.device != labels.device:
+        raise ValueError(f"answer_mask is on {answer_mask.device} but labels is on {labels.device}")
+    return _shift(answer_mask, False, shift)
+
+
+def _option_labels(targets, rows, row_targets, option_ids, answers, ignore_index: int) -> torch.Tensor:
+    """Per supervised row: the index of its target in ``option_ids`` at answer positions, else ignored."""
+    match = row_targets[:, None] == option_ids[None, :]
+    is_option = match.any(1)
+    if answers is None:
+        is_answer = is_option
+    else:
+        target_is_option = (targets[:, None] == option_ids[None, :]).any(1)
+        V.require(~(answers & ~target_is_option).any(),
+                  "answer_mask marks a position whose (shifted) label is not one of option_ids")
+        is_answer = answers.index_select(0, rows)
+    index = match.long().argmax(1)
+    return torch.where(is_answer, index, torch.full_like(index, ignore_index))
+
+
+def _denominator(num_items_in_batch, n_supervised: int, device) -> torch.Tensor | float:
+    """``num_items_in_batch`` when given, else the number of supervised rows (at least 1)."""
+    if num_items_in_batch is None:
+        return float(max(n_supervised, 1))
+    if isinstance(num_items_in_batch, torch.Tensor):
+        if num_items_in_batch.numel() != 1 or num_items_in_batch.dtype == torch.bool:
+            raise ValueError("num_items_in_batch must be a number or a one-element numeric tensor")
+        return num_items_in_batch.to(device=device, dtype=torch.float32).reshape(()).clamp_min(1.0)
+    if isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, numbers.Real) \
+            or not num_items_in_batch > 0:
+        raise ValueError(f"num_items_in_batch must be a positive number, got {num_items_in_batch!r}")
+    return float(num_items_in_batch)
+
+
+def _calibration_term(calibration, option_logits, option_labels, bin_accuracy, em_state, n_bins, ignore_index,
+                      backend) -> torch.Tensor:
+    if calibration == "hard_bin":
+        return calibration_loss(option_logits, option_labels, bin_accuracy, n_bins=n_bins,
+                                ignore_index=ignore_index, backend=backend)
+    if calibration == "em":
+        return em_regularizer(option_logits, option_labels, em_state, ignore_index=ignore_index, backend=backend)
+    return option_logits.new_zeros(())
