@@ -25,6 +25,7 @@ from .metrics import (
     ece_confidence_interval,
     nll,
 )
+from .losses import CalibrationLossOutput, FusedLinearCalibrationLoss, fused_linear_calibration_loss
 from .ops.calibration_loss import calibration_loss
 
 __version__ = "0.1.0"
@@ -32,9 +33,11 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendUnavailableError",
     "BinStats",
+    "CalibrationLossOutput",
     "CalibrationMeter",
     "ConfidenceInterval",
     "EMState",
+    "FusedLinearCalibrationLoss",
     "Reliability",
     "adaptive_ece",
     "available_backends",
@@ -45,6 +48,7 @@ __all__ = [
     "ece",
     "ece_confidence_interval",
     "em_regularizer",
+    "fused_linear_calibration_loss",
     "get_backend",
     "is_deterministic",
     "nll",
