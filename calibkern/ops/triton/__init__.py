@@ -1,0 +1,36 @@
+"""The ``triton`` backend: the kernel contract of docs/backends.md as Triton kernels.
+
+Runs on CUDA tensors, or on CPU tensors when ``TRITON_INTERPRET=1`` was set before triton was imported.
+The kernel modules (and triton itself) are imported on the first call, so importing calibkern never
+imports triton.
+"""
+
+
+def binned_stats(logits, labels, n_bins: int, temperature: float, ignore_index: int, classwise: bool):
+    from .binning import binned_stats as run
+    return run(logits, labels, n_bins, temperature, ignore_index, classwise)
+
+
+def hard_bin_loss(logits, labels, bin_accuracy, ignore_index: int):
+    from .calibration import hard_bin_loss as run
+    return run(logits, labels, bin_accuracy, ignore_index)
+
+
+def em_target_loss(logits, labels, log_pi, mu, sigma, theta, ignore_index: int):
+    from .calibration import em_target_loss as run
+    return run(logits, labels, log_pi, mu, sigma, theta, ignore_index)
+
+
+def em_stats(logits, labels, log_pi, mu, sigma, ignore_index: int):
+    from .calibration import em_stats as run
+    return run(logits, labels, log_pi, mu, sigma, ignore_index)
+
+
+def em_ece_grad(logits, labels, log_pi, mu, sigma, coef, ignore_index: int):
+    from .calibration import em_ece_grad as run
+    return run(logits, labels, log_pi, mu, sigma, coef, ignore_index)
+
+
+def cross_entropy_(logits, targets, ignore_index: int):
+    from .cross_entropy import cross_entropy_ as run
+    return run(logits, targets, ignore_index)

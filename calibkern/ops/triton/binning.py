@@ -1,0 +1,141 @@
+"""Triton kernels for ``binned_stats`` (top-1 and classwise reliability statistics).
+
+Top-1: one program per block of rows reads each row once (online softmax over K-tiles), takes
+``c = 1/s``, ``ŷ``, ``b(c)`` and writes its own partial ``(count, Σ c, Σ correct)`` per bin; the partials
+are summed in program order afterwards. Classwise: a row pass stores ``m`` and ``s``; then a grid of
+(row chunk, class tile) programs bins ``p_j = exp(z_j − m) / s`` of every class, each program owning its
+partial ``[BLOCK_K, M]`` block, again summed in chunk order. No gradients (statistics only).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from . import common
+from .common import bin_index, bins_block, load_tile, online_softmax, row_blocks, sum_partials, warps
+
+PARTIAL_BUDGET = 1 << 22  # classwise partial cells (chunks × K × M) kept at once
+
+
+@triton.jit
+def _top1_kernel(logits_ptr, labels_ptr, counts_ptr, conf_ptr, correct_ptr,
+                 N, K, M, inv_t, ignore_index,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Partial top-1 bin statistics of rows [pid·BLOCK_N, (pid+1)·BLOCK_N) into row pid of [P, M]."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_range = rows < N
+    rows = tl.minimum(rows, N - 1)  # clamped rows are read but never counted
+    labels = tl.load(labels_ptr + rows)
+    keep = in_range & (labels != ignore_index)
+    m, s, top, _ = online_softmax(logits_ptr, rows.to(tl.int64) * K, K, inv_t, BLOCK_N, BLOCK_K, False)
+    conf = 1.0 / s
+    b = bin_index(conf, M)
+    conf64 = conf.to(tl.float64)
+    correct64 = (top == labels).to(tl.float64)
+    out = pid.to(tl.int64) * M
+    for m0 in range(0, M, BLOCK_M):
+        bins = m0 + tl.arange(0, BLOCK_M)
+        hit = (b[:, None] == bins[None, :]) & keep[:, None]
+        tl.store(counts_ptr + out + bins, tl.sum(hit.to(tl.int64), axis=0), mask=bins < M)
+        tl.store(conf_ptr + out + bins, tl.sum(tl.where(hit, conf64[:, None], 0.0), axis=0), mask=bins < M)
+        tl.store(correct_ptr + out + bins, tl.sum(tl.where(hit, correct64[:, None], 0.0), axis=0),
+                 mask=bins < M)
+
+
+@triton.jit
+def _row_softmax_kernel(logits_ptr, max_ptr, sum_ptr, N, K, inv_t,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """m_i = max_j z_ij and s_i = Σ_j exp(z_ij − m_i), one read of each row."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_range = rows < N
+    rows = tl.minimum(rows, N - 1)
+    m, s, _, _ = online_softmax(logits_ptr, rows.to(tl.int64) * K, K, inv_t, BLOCK_N, BLOCK_K, False)
+    tl.store(max_ptr + rows, m, mask=in_range)
+    tl.store(sum_ptr + rows, s, mask=in_range)
+
+
+@triton.jit
+def _classwise_kernel(logits_ptr, labels_ptr, max_ptr, sum_ptr, counts_ptr, conf_ptr, correct_ptr,
+                      N, K, M, inv_t, ignore_index, rows_per_chunk,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Partial classwise statistics of one (row chunk, class tile): for every kept row i and class j,
+    bin k = b(p_ij) gets count + 1, Σ p + p_ij, Σ correct + 1[y_i = j]; written to [chunk, j, k]."""
+    chunk = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    col_ok = cols < K
+    start = chunk * rows_per_chunk
+    end = tl.minimum(start + rows_per_chunk, N)
+    out = chunk.to(tl.int64) * K * M + cols.to(tl.int64)[:, None] * M
+    for m0 in range(0, M, BLOCK_M):
+        bins = m0 + tl.arange(0, BLOCK_M)
+        counts = tl.zeros([BLOCK_K, BLOCK_M], tl.int64)
+        conf = tl.zeros([BLOCK_K, BLOCK_M], tl.float64)
+        correct = tl.zeros([BLOCK_K, BLOCK_M], tl.float64)
+        for r0 in range(start, end, BLOCK_N):
+            rows = r0 + tl.arange(0, BLOCK_N)
+            in_range = rows < end
+            rows = tl.minimum(rows, end - 1)
+            labels = tl.load(labels_ptr + rows)
+            keep = in_range & (labels != ignore_index)
+            z = load_tile(logits_ptr, rows.to(tl.int64) * K, cols, K, inv_t)
+            p = tl.exp(z - tl.load(max_ptr + rows)[:, None]) / tl.load(sum_ptr + rows)[:, None]
+            b = bin_index(p, M)
+            valid = keep[:, None] & col_ok[None, :]
+            hit = (b[:, :, None] == bins[None, None, :]) & valid[:, :, None]
+            is_label = (labels[:, None] == cols[None, :])[:, :, None]
+            counts += tl.sum(hit.to(tl.int64), axis=0)
+            conf += tl.sum(tl.where(hit, p.to(tl.float64)[:, :, None], 0.0), axis=0)
+            correct += tl.sum(tl.where(hit & is_label, 1.0, 0.0).to(tl.float64), axis=0)
+        mask = col_ok[:, None] & (bins < M)[None, :]
+        tl.store(counts_ptr + out + bins[None, :], counts, mask=mask)
+        tl.store(conf_ptr + out + bins[None, :], conf, mask=mask)
+        tl.store(correct_ptr + out + bins[None, :], correct, mask=mask)
+
+
+def _partials(P: int, shape: tuple, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return (torch.empty((P, *shape), dtype=torch.int64, device=device),
+            torch.empty((P, *shape), dtype=torch.float64, device=device),
+            torch.empty((P, *shape), dtype=torch.float64, device=device))
+
+
+def binned_stats(logits: torch.Tensor, labels: torch.Tensor, n_bins: int, temperature: float,
+                 ignore_index: int, classwise: bool):
+    """(counts int64, Σ conf float64, Σ correct float64), shaped [M] (top-1) or [K, M] (classwise)."""
+    N, K = logits.shape
+    M = n_bins
+    shape = (K, M) if classwise else (M,)
+    if N == 0:
+        return (torch.zeros(shape, dtype=torch.int64, device=logits.device),
+                torch.zeros(shape, dtype=torch.float64, device=logits.device),
+                torch.zeros(shape, dtype=torch.float64, device=logits.device))
+    inv_t = float(torch.tensor(1.0 / temperature, dtype=torch.float32))
+    block_m = bins_block(M)
+    if not classwise:
+        block_n, block_k = row_blocks(N, K)
+        P = triton.cdiv(N, block_n)
+        parts = _partials(P, shape, logits.device)
+        _top1_kernel[(P,)](logits, labels, *parts, N, K, M, inv_t, ignore_index,
+                           BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_M=block_m,
+                           num_warps=warps(block_n, block_k))
+        return tuple(sum_partials(t) for t in parts)
+
+    row_max = torch.empty(N, dtype=torch.float32, device=logits.device)
+    row_sum = torch.empty(N, dtype=torch.float32, device=logits.device)
+    block_n, block_k = row_blocks(N, K)
+    _row_softmax_kernel[(triton.cdiv(N, block_n),)](logits, row_max, row_sum, N, K, inv_t,
+                                                   BLOCK_N=block_n, BLOCK_K=block_k,
+                                                   num_warps=warps(block_n, block_k))
+    # class tiles small enough for a [BLOCK_N, BLOCK_K, BLOCK_M] one-hot; chunks bounded by memory
+    class_block = min(triton.next_power_of_2(K), 64, common.MAX_BLOCK_K)
+    class_tiles = triton.cdiv(K, class_block)
+    row_block = min(triton.next_power_of_2(N), max(1, common.MAX_TILE // (class_block * block_m)))
+    chunks = max(1, min(triton.cdiv(N, row_block), triton.cdiv(common.MIN_PROGRAMS, class_tiles),
+                        PARTIAL_BUDGET // (K * M)))
+    rows_per_chunk = triton.cdiv(N, chunks)
+    chunks = triton.cdiv(N, rows_per_chunk)
+    parts = _partials(chunks, shape, logits.device)
+    grid = (chunks, class_tiles)
+    _classwise_kernel[grid](logits, labels, row_max, row_sum, *parts, N, K, M, inv_t, ignore_index,
+                            rows_per_chunk, BLOCK_N=row_block, BLOCK_K=class_block, BLOCK_M=block_m,
+                            num_warps=warps(row_block, class_block))
+    return tuple(sum_partials(t) for t in parts)

@@ -1,0 +1,102 @@
+"""Triton building blocks shared by the calibkern kernels (imported only by the backend's kernel modules).
+
+* ``load_tile``: ``z = logits[rows, cols].float() * inv_t`` with padded columns at ``-inf``;
+* ``online_softmax``: one read of each row in K-tiles, giving ``m = max z``, ``s = Σ exp(z − m)``, the
+  first argmax ``ŷ`` and (optionally) the largest logit other than at ``ŷ``;
+* ``bin_index``: ``b(c) = min(floor(c · M), M − 1)`` with ``c · M`` a float32 product;
+* ``sum_partials``: per-program partial sums reduced in program order (deterministic).
+
+Offsets are int64 (rows × K overflows int32 at real sizes); all math is float32 after loading.
+"""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+MAX_BLOCK_K = 4096  # widest K-tile; tests lower it to exercise many tiles at small K
+MAX_TILE = 65536 if INTERPRETED else 4096  # elements per [BLOCK_N, BLOCK_K] tile (numpy likes them big)
+MIN_PROGRAMS = 1 if INTERPRETED else 1024  # the interpreter runs programs one after another
+MAX_BLOCK_M = 64  # bins (or mixture components) handled per step of a loop over M
+
+
+def row_blocks(n_rows: int, width: int) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_K): a K-tile up to MAX_BLOCK_K wide and as many rows as fit MAX_TILE, fewer when
+    that would leave fewer than MIN_PROGRAMS programs."""
+    block_k = min(triton.next_power_of_2(width), MAX_BLOCK_K)
+    rows_for_programs = triton.next_power_of_2(max(1, triton.cdiv(n_rows, MIN_PROGRAMS)))
+    return max(1, min(MAX_TILE // block_k, rows_for_programs)), block_k
+
+
+def bins_block(n_bins: int) -> int:
+    return min(triton.next_power_of_2(n_bins), MAX_BLOCK_M)
+
+
+def warps(*block: int) -> int:
+    size = 1
+    for b in block:
+        size *= b
+    return 8 if size >= 2048 else 4
+
+
+@triton.jit
+def load_tile(logits_ptr, row_off, cols, K, inv_t):
+    """z = logits[rows, cols].float() * inv_t for a [BLOCK_N, BLOCK_K] tile; columns ≥ K are -inf."""
+    z = tl.load(logits_ptr + row_off[:, None] + cols[None, :], mask=(cols < K)[None, :], other=float("-inf"))
+    return z.to(tl.float32) * inv_t
+
+
+@triton.jit
+def online_softmax(logits_ptr, row_off, K, inv_t,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SECOND_MAX: tl.constexpr):
+    """One pass over K in tiles: (m, s, ŷ, m2) per row with m = max z, s = Σ exp(z − m) (rescaled by
+    exp(m_old − m_new) when the max grows), ŷ the first index attaining m, m2 = max_{j≠ŷ} z_j."""
+    m = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    m2 = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    s = tl.zeros([BLOCK_N], tl.float32)
+    top = tl.zeros([BLOCK_N], tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        z = load_tile(logits_ptr, row_off, cols, K, inv_t)
+        tile_max = tl.max(z, axis=1)
+        tile_top = tl.argmax(z, axis=1, tie_break_left=True) + k0
+        new_m = tl.maximum(m, tile_max)
+        s = s * tl.exp(m - new_m) + tl.sum(tl.exp(z - new_m[:, None]), axis=1)
+        if SECOND_MAX:
+            tile_m2 = tl.max(tl.where(cols[None, :] == tile_top[:, None], float("-inf"), z), axis=1)
+            m2 = tl.maximum(tl.maximum(m2, tile_m2), tl.minimum(m, tile_max))
+        top = tl.where(tile_max > m, tile_top, top)  # ties keep the earlier (lower) index
+        m = new_m
+    return m, s, top, m2
+
+
+@triton.jit
+def bin_index(c, M):
+    """b(c) = min(floor(c · M), M − 1), c · M in float32."""
+    return tl.minimum(tl.floor(c * M).to(tl.int32), M - 1)
+
+
+@triton.jit
+def _sum_partials_kernel(partials_ptr, out_ptr, P, L, BLOCK: tl.constexpr):
+    """out[l] = Σ_p partials[p, l], added in program order p = 0, 1, …, P − 1."""
+    cols = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < L
+    ptrs = partials_ptr + cols
+    acc = tl.load(ptrs, mask=mask, other=0)
+    for _ in range(1, P):
+        ptrs += L
+        acc += tl.load(ptrs, mask=mask, other=0)
+    tl.store(out_ptr + cols, acc, mask=mask)
+
+
+def sum_partials(partials: torch.Tensor) -> torch.Tensor:
+    """Sum a [P, ...] tensor of per-program partials over P in program order (bitwise reproducible)."""
+    P, shape = partials.shape[0], partials.shape[1:]
+    out = torch.empty(shape, dtype=partials.dtype, device=partials.device)
+    L = out.numel()
+    if P == 0:
+        return out.zero_()
+    block = min(triton.next_power_of_2(max(L, 1)), 1024)
+    _sum_partials_kernel[(triton.cdiv(L, block),)](partials, out, P, L, BLOCK=block)
+    return out

@@ -1,0 +1,43 @@
+"""Triton kernel for ``cross_entropy_``: per-row cross-entropy whose gradient overwrites the logits.
+
+``loss_i = logsumexp(z_i) − z_{i, y_i}`` and ``∂loss_i/∂z_i = softmax(z_i) − e_{y_i}`` (both 0 for rows
+whose target is ``ignore_index``). One pass over V for ``m`` and ``s`` (online softmax), a second that
+reads each tile and writes its gradient in place. Used by the fused linear loss on [n, V] logit chunks.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .common import load_tile, online_softmax, row_blocks, warps
+
+
+@triton.jit
+def _cross_entropy_kernel(logits_ptr, targets_ptr, loss_ptr, N, V, ignore_index,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Rows [pid·BLOCK_N, (pid+1)·BLOCK_N): loss into loss_ptr, softmax − one-hot over the logits."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_range = rows < N
+    rows = tl.minimum(rows, N - 1)  # clamped rows are read but never written
+    row_off = rows.to(tl.int64) * V
+    targets = tl.load(targets_ptr + rows)
+    keep = in_range & (targets != ignore_index)
+    m, s, _, _ = online_softmax(logits_ptr, row_off, V, 1.0, BLOCK_N, BLOCK_K, False)
+    target_logit = tl.load(logits_ptr + row_off + tl.where(keep, targets, 0)).to(tl.float32)
+    tl.store(loss_ptr + rows, tl.where(keep, m + tl.log(s) - target_logit, 0.0), mask=in_range)
+    for k0 in range(0, V, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        p = tl.exp(load_tile(logits_ptr, row_off, cols, V, 1.0) - m[:, None]) / s[:, None]
+        grad = tl.where(keep[:, None], p - tl.where(cols[None, :] == targets[:, None], 1.0, 0.0), 0.0)
+        tl.store(logits_ptr + row_off[:, None] + cols[None, :], grad, mask=in_range[:, None] & (cols < V)[None, :])
+
+
+def cross_entropy_(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """loss float32[n]; logits (float32 [n, V], contiguous) is overwritten with ∂loss_i/∂z_i."""
+    N, V = logits.shape
+    loss = torch.empty(N, dtype=torch.float32, device=logits.device)
+    if N:
+        block_n, block_k = row_blocks(N, V)
+        _cross_entropy_kernel[(triton.cdiv(N, block_n),)](logits, targets, loss, N, V, ignore_index,
+                                                        BLOCK_N=block_n, BLOCK_K=block_k,
+                                                        num_warps=warps(block_n, block_k))
+    return loss
