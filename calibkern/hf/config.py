@@ -1,0 +1,89 @@
+"""CalibrationConfig: what the calibration-aware trainer optimises (SPEC §4, §6)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["CalibrationConfig", "OFFICIAL_ALPHA", "OFFICIAL_CAL_SCALE"]
+
+# The published reference code's combination: (1 − α)·L_SFT + α·1e-3·L_cal with α = 0.5 (SPEC §4.2).
+OFFICIAL_ALPHA = 0.5
+OFFICIAL_CAL_SCALE = 1e-3
+
+
+@dataclass
+class CalibrationConfig:
+    """Options of :class:`calibkern.hf.CalibrationTrainer` and :func:`calibkern.hf.compute_loss_func`.
+
+    * ``method="cft"``: loss ``sft_weight · L_SFT + lam · L_hard-bin`` (SPEC §4.2) — feed completion-only
+      labels (``L_SFT1``). The per-bin accuracies ``A_k`` (and counts ``N⁰_k``) come from one no-grad pass over
+      the training set (or ``calibration_dataset``) with the starting model, unless ``bin_accuracy`` is given.
+    * ``method="rcft"``: loss ``sft_weight · L_SFT + lam · L_EM`` (SPEC §4.3) — feed full-sequence labels
+      (``L_SFT2``). ``em`` holds the :class:`calibkern.EMState` options (``refresh="epoch"|"stream"``,
+      ``momentum``, ``prior``, ``fixed_components``); ``n_components = n_bins``. With ``refresh="epoch"`` the
+      E-step runs as a no-grad pass at the start of every epoch over the training set, or over
+      ``calibration_dataset`` when given (prefer a held-out split once the model can memorise the training
+      set: there the training accuracy → 1 and the targets follow it). With ``refresh="stream"`` each training
+      batch's statistics update the state after every optimizer step (no extra passes).
+    * ``official_compat=True`` (cft only): the published reference code's loss,
+      ``(1 − α)·L_SFT + α·1e-3·L_cal`` with α = 0.5, the hard-bin term in its ``official_compat`` form
+      (per-bin sums over ``N⁰_k``, top bin excluded, gradients through the targets), on the torch backend;
+      ``lam`` and ``sft_weight`` are then ignored.
+    * ``option_ids``: the option letters' token ids (:func:`calibkern.hf.data.detect_option_ids`).
+    * ``chunk_size`` / ``backend``: passed to :func:`calibkern.fused_linear_calibration_loss`.
+    * ``refresh_batch_size``: batch size of the no-grad passes (default: the per-device eval batch size).
+    """
+
+    method: str
+    option_ids: Sequence[int]
+    n_bins: int = 10
+    lam: float = 1.0
+    sft_weight: float = 1.0
+    bin_accuracy: Sequence[float] | Any | None = None
+    em: dict = field(default_factory=dict)
+    official_compat: bool = False
+    calibration_dataset: Any = None
+    chunk_size: int | None = None
+    backend: str | None = None
+    refresh_batch_size: int | None = None
+
+    def __post_init__(self):
+        if self.method not in ("cft", "rcft"):
+            raise ValueError(f"method must be 'cft' or 'rcft', got {self.method!r}")
+        self.option_ids = [int(i) for i in self.option_ids]
+        if len(self.option_ids) < 2:
+            raise ValueError(f"option_ids needs at least 2 ids, got {self.option_ids}")
+        if len(set(self.option_ids)) != len(self.option_ids):
+            raise ValueError(f"option_ids must be distinct, got {self.option_ids}")
+        if not isinstance(self.n_bins, int) or self.n_bins < 1:
+            raise ValueError(f"n_bins must be a positive int, got {self.n_bins!r}")
+        if self.lam < 0 or self.sft_weight < 0:
+            raise ValueError(f"lam and sft_weight must be ≥ 0, got lam={self.lam}, sft_weight={self.sft_weight}")
+        if self.official_compat and self.method != "cft":
+            raise ValueError("official_compat applies to method='cft' only")
+        if self.official_compat and self.bin_accuracy is not None:
+            raise ValueError("official_compat estimates bin_accuracy and the counts N⁰_k itself; leave bin_accuracy None")
+        if self.method == "rcft" and self.bin_accuracy is not None:
+            raise ValueError("bin_accuracy applies to method='cft' only")
+        if self.bin_accuracy is not None and len(self.bin_accuracy) != self.n_bins:
+            raise ValueError(f"bin_accuracy must have n_bins={self.n_bins} values, got {len(self.bin_accuracy)}")
+        if self.method == "cft" and self.em:
+            raise ValueError("em options apply to method='rcft' only")
+        if self.em.get("refresh", "epoch") not in ("epoch", "stream"):
+            raise ValueError(f"em['refresh'] must be 'epoch' or 'stream', got {self.em['refresh']!r}")
+        if self.em.get("refresh") == "stream" and self.calibration_dataset is not None:
+            raise ValueError("calibration_dataset needs em refresh='epoch' (streaming uses the training batches)")
+
+    @property
+    def refresh(self) -> str:
+        """The EM refresh mode (rcft): ``"epoch"`` (default) or ``"stream"``."""
+        return self.em.get("refresh", "epoch")
+
+    @property
+    def loss_weights(self) -> tuple[float, float]:
+        """``(sft_weight, lam)`` as applied: the official combination when ``official_compat``."""
+        if self.official_compat:
+            return 1.0 - OFFICIAL_ALPHA, OFFICIAL_ALPHA * OFFICIAL_CAL_SCALE
+        return self.sft_weight, self.lam

@@ -1,0 +1,177 @@
+"""Multiple-choice evaluation: option logits at the last prompt position, metrics and per-row predictions.
+
+For each question the prompt (ending at the answer cue) is run through the decoder; the hidden state at the
+last prompt token gives the option logits ``z = h · W[option_ids]ᵀ`` (SPEC §2) — the same numbers as
+``model(prompt).logits[-1, option_ids]``, without computing the other ``V − K`` logits. Prompts are batched
+with right padding (the last real position is read per row), under ``torch.no_grad`` and ``model.eval()``
+(the training mode is restored afterwards), with a tqdm progress bar.
+
+Metrics (SPEC §3), from the calibkern public API, on ``p = softmax(z / T)``: ``ece``, ``ece_l2``, ``mce``,
+``cw_ece`` (classwise), ``accuracy``, ``mean_confidence``, ``nll``, ``brier``, ``n`` and ``ece_ci`` (a seeded
+95 % bootstrap interval). Predictions: one dict per row with ``probs`` (over the options), ``pred``,
+``label`` and ``confidence``. All rows must have the same number of options.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+import calibkern
+
+from .data import DEFAULT_TEMPLATE, MCQCollator, MCQExample, detect_option_ids, encode_prompt
+from .modeling import final_hidden_states, option_logits_at
+
+__all__ = [
+    "EvaluationResult",
+    "collect_option_logits",
+    "calibration_metrics",
+    "predictions_from_logits",
+    "evaluate",
+    "write_evaluation",
+]
+
+
+@dataclass
+class EvaluationResult:
+    """``metrics`` (floats, ``ece_ci`` a ``[low, high]`` list), per-row ``predictions``, and the raw
+    ``option_logits [N, K]`` (float32, before temperature) with ``labels [N]`` for fitting baselines."""
+
+    metrics: dict
+    predictions: list[dict]
+    option_logits: torch.Tensor
+    labels: torch.Tensor
+
+
+def _common_n_options(examples: Sequence[MCQExample]) -> int:
+    n_options = examples[0].n_options
+    for example in examples:
+        if example.n_options != n_options:
+            raise ValueError(
+                f"{example.source}: {example.n_options} choices, but {examples[0].source} has {n_options}; "
+                "evaluation needs the same number of options in every row"
+            )
+    return n_options
+
+
+def _model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def collect_option_logits(
+    model,
+    tokenizer,
+    examples: Sequence[MCQExample],
+    option_ids: Sequence[int],
+    *,
+    template: str = DEFAULT_TEMPLATE,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(option_logits float32 [N, K], labels int64 [N])`` read at the last prompt position of each row."""
+    from tqdm.auto import tqdm
+
+    if not examples:
+        raise ValueError("examples is empty")
+    n_options = _common_n_options(examples)
+    option_ids = list(option_ids)[:n_options]
+    collate = MCQCollator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+    device = _model_device(model)
+    was_training = model.training
+    model.eval()
+    chunks = []
+    try:
+        starts = range(0, len(examples), batch_size)
+        for start in tqdm(starts, desc="evaluate", unit="batch", disable=not progress):
+            batch_examples = examples[start : start + batch_size]
+            features = []
+            for example in batch_examples:
+                ids = encode_prompt(tokenizer, example, template)
+                features.append({"input_ids": ids, "attention_mask": [1] * len(ids)})
+            batch = {key: value.to(device) for key, value in collate(features).items()}
+            hidden = final_hidden_states(model, batch)
+            last = batch["attention_mask"].sum(dim=1) - 1
+            rows = hidden[torch.arange(hidden.shape[0], device=device), last]
+            chunks.append(option_logits_at(rows, model, option_ids).cpu())
+    finally:
+        model.train(was_training)
+    labels = torch.tensor([example.answer for example in examples], dtype=torch.long)
+    return torch.cat(chunks), labels
+
+
+def calibration_metrics(
+    option_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    n_bins: int = 10,
+    temperature: float = 1.0,
+    ci_samples: int = 1000,
+    seed: int = 0,
+) -> dict:
+    """The metric set of the module docstring for ``softmax(option_logits / temperature)``."""
+    logits = option_logits.float()
+    stats = calibkern.binned_stats(logits, labels, n_bins, temperature=temperature)
+    interval = calibkern.ece_confidence_interval(
+        logits, labels, n_bins, n_boot=ci_samples, seed=seed, temperature=temperature
+    )
+    return {
+        "ece": float(stats.ece("l1")),
+        "ece_l2": float(stats.ece("l2")),
+        "mce": float(stats.mce()),
+        "cw_ece": float(calibkern.classwise_ece(logits, labels, n_bins, temperature=temperature)),
+        "accuracy": float(stats.accuracy()),
+        "mean_confidence": float(stats.mean_confidence()),
+        "nll": float(calibkern.nll(logits, labels, temperature=temperature)),
+        "brier": float(calibkern.brier(logits, labels, temperature=temperature)),
+        "n": int(labels.numel()),
+        "ece_ci": [interval.low, interval.high],
+    }
+
+
+def predictions_from_logits(option_logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> list[dict]:
+    """One dict per row: ``probs`` over the options, ``pred`` (argmax, lowest index on ties), ``label``,
+    ``confidence`` (max prob)."""
+    probs = torch.softmax(option_logits.float() / temperature, dim=-1)
+    confidence, pred = probs.max(dim=-1)
+    return [
+        {"probs": row, "pred": p, "label": y, "confidence": c}
+        for row, p, y, c in zip(probs.tolist(), pred.tolist(), labels.tolist(), confidence.tolist())
+    ]
+
+
+def evaluate(
+    model,
+    tokenizer,
+    examples: Sequence[MCQExample],
+    option_ids: Sequence[int] | None = None,
+    *,
+    template: str = DEFAULT_TEMPLATE,
+    n_bins: int = 10,
+    temperature: float = 1.0,
+    batch_size: int = 32,
+    progress: bool = True,
+    seed: int = 0,
+) -> EvaluationResult:
+    """Evaluate ``model`` on multiple-choice ``examples`` (option ids detected from the tokenizer if omitted)."""
+    if option_ids is None:
+        option_ids = detect_option_ids(tokenizer, _common_n_options(examples), template)
+    logits, labels = collect_option_logits(
+        model, tokenizer, examples, option_ids, template=template, batch_size=batch_size, progress=progress
+    )
+    metrics = calibration_metrics(logits, labels, n_bins=n_bins, temperature=temperature, seed=seed)
+    return EvaluationResult(metrics, predictions_from_logits(logits, labels, temperature), logits, labels)
+
+
+def write_evaluation(result: EvaluationResult, out_dir: str | os.PathLike) -> None:
+    """``out_dir/metrics.json`` and ``out_dir/predictions.jsonl`` (one line per data row)."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "metrics.json"), "w", encoding="utf-8") as handle:
+        json.dump(result.metrics, handle, indent=2)
+    with open(os.path.join(out_dir, "predictions.jsonl"), "w", encoding="utf-8") as handle:
+        for row in result.predictions:
+            handle.write(json.dumps(row) + "\n")

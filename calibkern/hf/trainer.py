@@ -1,0 +1,395 @@
+"""CalibrationTrainer: CFT / RCFT as a ``transformers.Trainer`` with one decoder pass per step (SPEC §6).
+
+Each training step runs the decoder once (:func:`calibkern.hf.modeling.final_hidden_states`) and hands the final
+hidden states and the lm_head weight to :func:`calibkern.fused_linear_calibration_loss`, which computes
+
+    loss = sft_weight · CE + lam · calibration term
+
+without the ``[tokens, V]`` logits; the lm_head module is never called on the sequence.
+
+Answer positions: the ``answer_mask`` column when the batch has one (``True`` at the answer token in ``labels``,
+as :func:`calibkern.hf.data.encode_example` writes it), otherwise the supervised positions whose target is one of
+``option_ids``.
+
+Gradient accumulation: Transformers passes ``num_items_in_batch`` (supervised tokens over all micro-batches of
+the optimizer step, all ranks when ``average_tokens_across_devices``); CE is summed and divided by it, and the
+calibration term — a mean over the micro-batch's answers — is divided by the number of micro-batches. Both are
+then exact for micro-batches with the same number of answers (one per row: equal batch sizes). Under data
+parallelism the count covers all ranks, so it is divided by the number of processes before the loss, to cancel
+DDP's gradient averaging for CE while the calibration term stays a mean.
+
+Statistics: per-bin accuracies (cft) and the EM state (rcft) come from no-grad passes outside the training steps
+(before the first step; at each epoch start), over this rank's share of the rows, all-reduced
+(``BinStats.all_reduce``, ``EMState.mstep``). Logged at each logging step, through ``Trainer.log`` (so every
+``report_to`` target sees them), from device-side sums over the steps since the last log — no host sync per
+step: ``calib_ece``, ``calib_accuracy``, ``calib_mean_confidence`` (answers of the training batches, all ranks)
+and ``calib_term`` (the mean calibration term).
+
+Checkpoints: ``calibkern_state.pt`` in each checkpoint directory holds the bin accuracies and counts, the EM
+state and the index of the last epoch whose refresh ran; ``train(resume_from_checkpoint=...)`` loads it, so a
+resumed run neither repeats nor skips a refresh and continues from the same statistics.
+
+Mixing in with TRL: ``class CalibrationSFTTrainer(CalibrationTrainer, trl.SFTTrainer)`` — keyword arguments
+pass through; the default data collator then stays SFTTrainer's.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+
+import torch
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+
+import calibkern
+
+from .config import CalibrationConfig
+from .data import MCQCollator
+from .modeling import final_hidden_states, option_logits_at, output_projection
+
+__all__ = ["CalibrationTrainer", "compute_loss_func", "answer_positions", "STATE_FILE"]
+
+STATE_FILE = "calibkern_state.pt"
+IGNORE_INDEX = -100
+
+
+def answer_positions(
+    labels: torch.Tensor, option_ids: torch.Tensor, answer_mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mask [B, T-1], option_labels [n])`` over *predicting* positions (position t predicts ``labels[t+1]``).
+
+    ``mask`` selects the rows whose next token is the answer: ``answer_mask[:, 1:]`` when given, otherwise the
+    supervised targets that are option ids. ``option_labels`` is each answer's index in ``option_ids``.
+    """
+    target = labels[:, 1:]
+    if answer_mask is not None:
+        mask = answer_mask[:, 1:].bool()
+    else:
+        mask = torch.isin(target, option_ids)
+    option_labels = (target[mask].unsqueeze(1) == option_ids.unsqueeze(0)).long().argmax(dim=1)
+    return mask, option_labels
+
+
+class _CalibrationCallback(TrainerCallback):
+    """Runs the trainer's statistics passes at train begin / epoch begin and the streaming M-step."""
+
+    def __init__(self, trainer: "CalibrationTrainer"):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._prepare_statistics()
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.trainer._refresh_em(epoch=math.floor((state.epoch or 0.0) + 1e-6))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        if trainer.em_state is not None and trainer.calibration.refresh == "stream":
+            trainer.em_state.mstep()
+
+
+class CalibrationTrainer(Trainer):
+    """``transformers.Trainer`` for CFT / RCFT (module docstring); ``calibration`` is a :class:`CalibrationConfig`.
+
+    ``CalibrationTrainer(model, args, train_dataset, *, calibration, **trainer_kwargs)``; the features are
+    ``input_ids``, ``attention_mask``, ``labels`` (``-100`` = unsupervised) and optionally ``answer_mask``. Without a
+    ``data_collator`` the rows are right-padded by :class:`calibkern.hf.data.MCQCollator`.
+    """
+
+    def __init__(self, model=None, args=None, train_dataset=None, *, calibration: CalibrationConfig, **kwargs):
+        if not isinstance(calibration, CalibrationConfig):
+            raise TypeError(f"calibration must be a CalibrationConfig, got {type(calibration).__name__}")
+        next_class = type(self).__mro__[type(self).__mro__.index(CalibrationTrainer) + 1]
+        if kwargs.get("data_collator") is None and next_class is Trainer:
+            kwargs["data_collator"] = MCQCollator(_pad_token_id(model, kwargs.get("processing_class")))
+        super().__init__(model=model, args=args, train_dataset=train_dataset, **kwargs)
+        self.calibration = calibration
+        device = self.args.device
+        self.option_ids = torch.tensor(calibration.option_ids, dtype=torch.long, device=device)
+        self.bin_accuracy = None
+        self.bin_counts = None
+        if calibration.bin_accuracy is not None:
+            self.bin_accuracy = torch.as_tensor(calibration.bin_accuracy, dtype=torch.float32, device=device)
+        self.em_state = None
+        if calibration.method == "rcft":
+            self.em_state = calibkern.EMState(n_components=calibration.n_bins, **calibration.em)
+        self.em_refreshed_epoch = -1
+        # num_items_in_batch is what makes CE exact under accumulation: ask for it whatever the model accepts,
+        # counted over labels[..., 1:] since the loss shifts.
+        self.model_accepts_loss_kwargs = True
+        self._loss_shifts_labels = True
+        self._reset_window()
+        self.add_callback(_CalibrationCallback(self))
+
+    # ------------------------------------------------------------------------------------------- the loss
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if "answer_mask" not in self._signature_columns:
+            self._signature_columns.append("answer_mask")
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """One decoder pass, then the fused loss on the final hidden states (module docstring)."""
+        calibration = self.calibration
+        sft_weight, lam = calibration.loss_weights
+        if num_items_in_batch is not None:
+            self.loss_is_scaled_for_ga = True
+            if model.training:
+                lam = lam / getattr(self, "current_gradient_accumulation_steps", 1)
+            if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+                num_items_in_batch = num_items_in_batch / self.accelerator.num_processes
+        else:
+            self.loss_is_scaled_for_ga = False
+        if calibration.method == "cft" and self.bin_accuracy is None:
+            self._prepare_statistics()
+        labels = inputs["labels"]
+        answer_mask = inputs.get("answer_mask")
+        with self.accelerator.autocast():
+            hidden = final_hidden_states(model, inputs)
+        weight, bias = output_projection(model)
+        form = None if calibration.official_compat else _CALIBRATION_FORM[calibration.method]
+        fused = calibkern.fused_linear_calibration_loss(
+            hidden,
+            weight,
+            labels,
+            option_ids=self.option_ids,
+            bias=bias,
+            calibration=form,
+            bin_accuracy=self.bin_accuracy if form == "hard_bin" else None,
+            em_state=self.em_state if form == "em" else None,
+            lam=lam,
+            sft_weight=sft_weight,
+            n_bins=calibration.n_bins,
+            shift=True,
+            answer_mask=answer_mask,
+            num_items_in_batch=num_items_in_batch,
+            chunk_size=calibration.chunk_size,
+            backend=calibration.backend,
+        )
+        loss, cal_loss, stats = fused.loss, fused.cal_loss, fused.bin_stats
+        streaming = self.em_state is not None and calibration.refresh == "stream"
+        if calibration.official_compat or (streaming and model.training):
+            mask, option_labels = answer_positions(labels, self.option_ids, answer_mask)
+            option_logits = option_logits_at(hidden[:, :-1][mask], model, self.option_ids)
+            if calibration.official_compat:
+                cal_loss = calibkern.calibration_loss(
+                    option_logits,
+                    option_labels,
+                    self.bin_accuracy,
+                    n_bins=calibration.n_bins,
+                    bin_counts=self.bin_counts.double(),
+                    official_compat=True,
+                    backend="torch",
+                )
+                loss = loss + lam * cal_loss
+            if streaming and model.training:
+                self.em_state.estep(option_logits.detach(), option_labels)
+        if model.training and torch.is_grad_enabled():
+            self._record(stats, cal_loss)
+        if return_outputs:
+            return loss, {"sft_loss": fused.sft_loss.detach(), "cal_loss": cal_loss.detach()}
+        return loss
+
+    # ------------------------------------------------------------------------------------------- logging
+
+    def _reset_window(self):
+        self._window_stats = None
+        self._window_cal = None
+        self._window_batches = 0
+
+    def _record(self, stats, cal_loss):
+        """Add a micro-batch's statistics to the logging window (device tensors, no sync)."""
+        self._window_stats = stats if self._window_stats is None else self._window_stats + stats
+        cal_loss = cal_loss.detach().float()
+        self._window_cal = cal_loss if self._window_cal is None else self._window_cal + cal_loss
+        self._window_batches += 1
+
+    def log(self, logs: dict, *args, **kwargs):
+        """Adds the window's ``calib_*`` values to the training logs (all ranks reduce together)."""
+        if "loss" in logs and self._window_stats is not None:
+            stats = self._window_stats
+            if self.accelerator.num_processes > 1:
+                stats.all_reduce()
+            cal = self.accelerator.reduce(self._window_cal / self._window_batches, reduction="mean")
+            logs["calib_ece"] = float(stats.ece())
+            logs["calib_accuracy"] = float(stats.accuracy())
+            logs["calib_mean_confidence"] = float(stats.mean_confidence())
+            logs["calib_term"] = float(cal)
+            self._reset_window()
+        return super().log(logs, *args, **kwargs)
+
+    # ------------------------------------------------------------------------------------------- statistics
+
+    def _statistics_dataset(self):
+        dataset = self.calibration.calibration_dataset
+        dataset = self.train_dataset if dataset is None else dataset
+        try:
+            import datasets
+
+            if isinstance(dataset, datasets.Dataset):
+                dataset = self._remove_unused_columns(dataset, description="statistics")
+        except ImportError:
+            pass
+        return dataset
+
+    @torch.no_grad()
+    def _answer_logits(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``(option_logits, option_labels)`` per batch over this rank's share of the statistics rows, with the
+        model in eval mode. Rows are batched in order by hand (no DataLoader), so no RNG is consumed."""
+        dataset = self._statistics_dataset()
+        model = self.model
+        batch_size = self.calibration.refresh_batch_size or self.args.per_device_eval_batch_size
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        indices = list(range(rank, len(dataset), world))
+        was_training = model.training
+        model.eval()
+        try:
+            for start in range(0, len(indices), batch_size):
+                batch = self.data_collator([dataset[i] for i in indices[start : start + batch_size]])
+                batch = self._prepare_inputs(batch)
+                with self.accelerator.autocast():
+                    hidden = final_hidden_states(model, batch)
+                mask, option_labels = answer_positions(batch["labels"], self.option_ids, batch.get("answer_mask"))
+                yield option_logits_at(hidden[:, :-1][mask], model, self.option_ids), option_labels
+        finally:
+            model.train(was_training)
+
+    def _prepare_statistics(self):
+        """cft: per-bin accuracies ``A_k`` and counts ``N⁰_k`` of the starting model (once, unless given)."""
+        if self.calibration.method != "cft" or self.bin_accuracy is not None:
+            return
+        stats = None
+        for option_logits, option_labels in self._answer_logits():
+            batch_stats = calibkern.binned_stats(option_logits, option_labels, self.calibration.n_bins)
+            stats = batch_stats if stats is None else stats + batch_stats
+        if stats is None:
+            raise ValueError("no answer positions in the statistics dataset: cannot estimate per-bin accuracies")
+        if self.accelerator.num_processes > 1:
+            stats.all_reduce()
+        counts = stats.counts.to(torch.float64)
+        self.bin_accuracy = (stats.sum_correct / counts.clamp_min(1)).to(torch.float32)
+        self.bin_counts = stats.counts
+
+    def _refresh_em(self, epoch: int):
+        """rcft, refresh="epoch": one E-step pass and an M-step at the start of each epoch, once per epoch."""
+        if self.em_state is None or self.calibration.refresh != "epoch" or epoch <= self.em_refreshed_epoch:
+            return
+        for option_logits, option_labels in self._answer_logits():
+            self.em_state.estep(option_logits, option_labels)
+        self.em_state.mstep()
+        self.em_refreshed_epoch = epoch
+
+    # ------------------------------------------------------------------------------------------- checkpoints
+
+    def calibration_state(self) -> dict:
+        """What a checkpoint needs to continue exactly: bin statistics, EM state, last refreshed epoch."""
+        return {
+            "bin_accuracy": self.bin_accuracy,
+            "bin_counts": self.bin_counts,
+            "em_state": None if self.em_state is None else self.em_state.state_dict(),
+            "em_refreshed_epoch": self.em_refreshed_epoch,
+        }
+
+    def load_calibration_state(self, state: dict):
+        device = self.args.device
+        self.bin_accuracy = None if state["bin_accuracy"] is None else state["bin_accuracy"].to(device)
+        self.bin_counts = None if state["bin_counts"] is None else state["bin_counts"].to(device)
+        if state["em_state"] is not None:
+            if self.em_state is None:
+                raise ValueError("the checkpoint holds an EM state but this trainer's method is not 'rcft'")
+            self.em_state.load_state_dict(state["em_state"])
+        self.em_refreshed_epoch = state["em_refreshed_epoch"]
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            torch.save(self.calibration_state(), os.path.join(folder, STATE_FILE))
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """``Trainer.train``; on resume, also loads ``calibkern_state.pt`` from the checkpoint."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"no checkpoint found in {self.args.output_dir}")
+        if resume_from_checkpoint:
+            path = os.path.join(resume_from_checkpoint, STATE_FILE)
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"{path}: checkpoint has no calibkern state (not written by CalibrationTrainer?)")
+            self.load_calibration_state(torch.load(path, map_location="cpu", weights_only=False))
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+
+_CALIBRATION_FORM = {"cft": "hard_bin", "rcft": "em"}
+
+
+def _pad_token_id(model, processing_class) -> int:
+    for source in (processing_class, getattr(model, "config", None)):
+        pad = getattr(source, "pad_token_id", None)
+        if pad is not None:
+            return int(pad)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- logits API
+
+
+def compute_loss_func(
+    calibration: CalibrationConfig,
+    *,
+    em_state=None,
+    gradient_accumulation_steps: int = 1,
+):
+    """A ``compute_loss_func(outputs, labels, num_items_in_batch=None)`` for a plain ``Trainer`` that keeps logits.
+
+    Computes the trainer's loss from ``outputs.logits [B, T, V]``: shifted CE over the supervised tokens (sum /
+    ``num_items_in_batch`` when given, else mean) times ``sft_weight``, plus ``lam`` × the calibration term on
+    the option logits at the answer positions (supervised targets that are option ids — a plain Trainer passes
+    only ``labels``, so use completion-only labels or a template whose option tokens do not occur earlier).
+    cft needs ``calibration.bin_accuracy``. rcft uses ``em_state`` (default: a new ``EMState`` from
+    ``calibration.em``); with ``refresh="stream"`` each training call adds its E-step statistics and runs the
+    M-step after computing the loss; with ``refresh="epoch"`` refreshing the state is the caller's job. Under
+    gradient accumulation pass ``gradient_accumulation_steps`` so the calibration term is divided as in the
+    trainer. ``official_compat`` is not supported here. The returned function has ``.em_state``.
+    """
+    if calibration.official_compat:
+        raise ValueError("compute_loss_func does not support official_compat; use CalibrationTrainer")
+    if calibration.method == "cft" and calibration.bin_accuracy is None:
+        raise ValueError("compute_loss_func with method='cft' needs calibration.bin_accuracy")
+    if calibration.method == "rcft" and em_state is None:
+        em_state = calibkern.EMState(n_components=calibration.n_bins, **calibration.em)
+    sft_weight, lam = calibration.loss_weights
+
+    def loss_func(outputs, labels, num_items_in_batch=None):
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        shifted = logits[:, :-1].float()
+        target = labels[:, 1:]
+        ce = torch.nn.functional.cross_entropy(
+            shifted.reshape(-1, shifted.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        if num_items_in_batch is not None:
+            ce = ce / num_items_in_batch
+            scale = lam / gradient_accumulation_steps
+        else:
+            ce = ce / target.ne(IGNORE_INDEX).sum().clamp_min(1)
+            scale = lam
+        option_ids = torch.tensor(calibration.option_ids, dtype=torch.long, device=logits.device)
+        mask, option_labels = answer_positions(labels, option_ids)
+        option_logits = shifted[mask][:, option_ids]
+        if calibration.method == "cft":
+            bin_accuracy = torch.as_tensor(calibration.bin_accuracy, dtype=torch.float32, device=logits.device)
+            cal = calibkern.calibration_loss(
+                option_logits, option_labels, bin_accuracy, n_bins=calibration.n_bins, backend=calibration.backend
+            )
+        else:
+            cal = calibkern.em_regularizer(option_logits, option_labels, em_state, backend=calibration.backend)
+        loss = sft_weight * ce + scale * cal
+        if em_state is not None and calibration.refresh == "stream" and torch.is_grad_enabled():
+            em_state.estep(option_logits.detach(), option_labels)
+            em_state.mstep()
+        return loss
+
+    loss_func.em_state = em_state
+    return loss_func
