@@ -62,9 +62,9 @@ def calibration_loss(option_logits, labels, bin_accuracy, *, n_bins=10, bin_coun
                          f"{rows.backend!r}")
 
     if official_compat or not detach_targets:
-        from ..reference import bin_index, hard_bin_loss_through_targets, softmax_parts
+        from ..reference import bin_index, hard_bin_loss_autograd, softmax_parts
 
-        loss = hard_bin_loss_through_targets(rows.logits, rows.labels, bin_accuracy, ignore_index)
+        loss = hard_bin_loss_autograd(rows.logits, rows.labels, bin_accuracy, ignore_index, detach_targets)
         if not official_compat:
             return reduce_rows(loss, keep, reduction)
         bin_counts = V.check_vector(bin_counts, "bin_counts", n_bins, device, low=0.0)

@@ -7,7 +7,7 @@ from .binned_stats import binned_stats
 from .cross_entropy import cross_entropy_
 from .em import em_ece_grad, em_stats, em_target_loss, responsibilities
 from .softmax import bin_index, softmax_parts
-from .target_loss import hard_bin_loss, hard_bin_loss_through_targets, non_max_targets
+from .target_loss import hard_bin_loss, hard_bin_loss_autograd, loss_to_fixed_targets, non_max_targets
 
 __all__ = [
     "bin_index",
@@ -17,7 +17,8 @@ __all__ = [
     "em_stats",
     "em_target_loss",
     "hard_bin_loss",
-    "hard_bin_loss_through_targets",
+    "hard_bin_loss_autograd",
+    "loss_to_fixed_targets",
     "non_max_targets",
     "responsibilities",
     "softmax_parts",

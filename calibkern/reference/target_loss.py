@@ -34,7 +34,11 @@ def non_max_targets(p: torch.Tensor, pred: torch.Tensor, a: torch.Tensor) -> tor
 
 def target_loss(p: torch.Tensor, pred: torch.Tensor, a: torch.Tensor, keep: torch.Tensor):
     """Per-row ``L`` and ``∂L/∂z`` with detached targets; rows outside ``keep`` give 0 and 0."""
-    tau = non_max_targets(p, pred, a)
+    return loss_to_fixed_targets(p, non_max_targets(p, pred, a), keep)
+
+
+def loss_to_fixed_targets(p: torch.Tensor, tau: torch.Tensor, keep: torch.Tensor):
+    """``L = Σ_j (p_j − τ_j)²`` and ``∂L/∂z = p ⊙ (g − ⟨g, p⟩)``, ``g = 2 (p − τ)``, for a fixed τ."""
     diff = p - tau
     g = 2.0 * diff
     grad = p * (g - (g * p).sum(dim=1, keepdim=True))
@@ -48,12 +52,14 @@ def hard_bin_loss(logits, labels, bin_accuracy, ignore_index: int):
     return target_loss(p, pred, a, labels != ignore_index)
 
 
-def hard_bin_loss_through_targets(logits, labels, bin_accuracy, ignore_index: int) -> torch.Tensor:
-    """Per-row hard-bin loss built with autograd, gradients flowing through the targets (float64).
+def hard_bin_loss_autograd(logits, labels, bin_accuracy, ignore_index: int, detach_targets: bool) -> torch.Tensor:
+    """Per-row hard-bin loss built with autograd in float64, τ detached or not.
 
-    This is the published reference code's form (``official_compat``); the default detaches τ.
+    Gradients through the targets are the published reference code's form (``official_compat``).
     """
     p, conf, pred = softmax_parts(logits.double())
     a = bin_accuracy.double()[bin_index(conf, bin_accuracy.shape[0])]
     tau = non_max_targets(p, pred, a)
+    if detach_targets:
+        tau = tau.detach()
     return ((p - tau) ** 2).sum(dim=1) * (labels != ignore_index)

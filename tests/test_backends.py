@@ -1,0 +1,59 @@
+"""Backend registry and selection (SPEC §5)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import calibkern as ck
+from calibkern import backends
+
+
+def test_reference_is_always_available():
+    assert ck.available_backends()[0] == "torch"
+
+
+def test_auto_picks_cpp_for_cpu_tensors_when_built():
+    name, _ = backends.resolve("auto", torch.device("cpu"))
+    assert name == ("cpp" if backends.is_available("cpp") else "torch")
+
+
+def test_set_backend_and_environment_variable():
+    ck.set_backend("torch")
+    assert ck.get_backend() == "torch"
+    ck.set_backend(None)
+    env = dict(os.environ, CALIBKERN_BACKEND="torch")
+    out = subprocess.run([sys.executable, "-c", "import calibkern; print(calibkern.get_backend())"],
+                         env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "torch"
+
+
+def test_missing_backend_says_how_to_get_it(monkeypatch):
+    monkeypatch.setitem(backends._probe_cache, "cpp", ImportError("no module named calibkern._C"))
+    with pytest.raises(ck.BackendUnavailableError, match="build the C\\+\\+ extension"):
+        ck.ece(torch.randn(4, 3), torch.tensor([0, 1, 2, 0]), backend="cpp")
+    with pytest.raises(ck.BackendUnavailableError, match="not available"):
+        ck.set_backend("cpp")
+    assert backends.resolve("auto", torch.device("cpu"))[0] == "torch"  # auto never fails
+
+
+def test_package_imports_without_triton_being_imported():
+    code = "import sys, calibkern, torch; calibkern.ece(torch.randn(4, 3), torch.tensor([0, 1, 2, 0])); " \
+           "print('triton' in sys.modules)"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_deterministic_switch_follows_torch():
+    assert not ck.is_deterministic()
+    ck.set_deterministic(True)
+    assert ck.is_deterministic()
+    ck.set_deterministic(False)
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert ck.is_deterministic()
+    finally:
+        torch.use_deterministic_algorithms(False)
