@@ -1,0 +1,154 @@
+"""Multi-process data parallel (SPEC §3, §4.3): two gloo processes on CPU, each holding half the rows, give
+exactly the single-process result on all of them — ``BinStats.all_reduce``, ``CalibrationMeter.all_reduce``
+and ``EMState.mstep`` (which all-reduces its accumulator).
+
+One ``torch.multiprocessing.spawn`` launch (module fixture) runs every check; each rank saves what it
+computed, and the tests compare it with the whole-data computation here. Counts must be equal; float sums
+(whose summation order differs between one process and two) agree to 1e-12.
+"""
+
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import calibkern as ck
+
+from conftest import random_labels, random_logits
+
+WORLD = 2
+N, K, M = 1001, 4, 10  # odd N: the two halves differ in size
+EM_ROUNDS = 3
+SUM_TOL = dict(rtol=0, atol=1e-12)
+
+
+def data():
+    """The whole data set: logits with a few non-finite rows (skipped), labels with ignored rows."""
+    logits = random_logits(N, K, scale=2.5, seed=11)
+    logits[[5, 600, 900]] = float("nan")
+    labels = random_labels(N, K, ignore_frac=0.1, seed=12)
+    return logits, labels
+
+
+def shard(rank: int):
+    """Rank ``rank``'s contiguous half of the rows."""
+    logits, labels = data()
+    bounds = [0, N // 2, N]
+    return logits[bounds[rank]:bounds[rank + 1]], labels[bounds[rank]:bounds[rank + 1]]
+
+
+def em_batch(logits, labels, round_index):
+    """The rows of EM round ``round_index`` (a third of the data each round)."""
+    n = logits.shape[0]
+    part = slice(round_index * n // EM_ROUNDS, (round_index + 1) * n // EM_ROUNDS)
+    return logits[part], labels[part]
+
+
+def compute(logits, labels, em_rows):
+    """Everything under test, from the rows one process holds. ``em_rows(r)`` gives EM round r's rows."""
+    out = {}
+    for mode in ("top1", "classwise"):
+        stats = ck.binned_stats(logits, labels, M, mode=mode, nonfinite="skip").all_reduce()
+        out[f"stats_{mode}"] = (stats.counts, stats.sum_conf, stats.sum_correct, stats.n_skipped)
+
+    meter = ck.CalibrationMeter(M, classwise=True, nonfinite="skip")
+    half = logits.shape[0] // 2
+    meter.update(logits[:half], labels[:half])
+    meter.update(logits[half:], labels[half:])
+    out["meter"] = meter.all_reduce().compute()
+
+    for refresh in ("epoch", "stream"):
+        state = ck.EMState(M, refresh=refresh, momentum=0.7)
+        for r in range(EM_ROUNDS):
+            z, y = em_rows(r)
+            if refresh == "epoch":
+                state.estep(z, y, nonfinite="skip")
+            else:  # the regulariser's own pass accumulates the E-step statistics
+                ck.em_regularizer(z, y, state, accumulate=True, nonfinite="skip")
+            state.mstep()
+        out[f"em_{refresh}"] = state.state_dict()
+    return out
+
+
+def _worker(rank, port, out_dir):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        torch.set_num_threads(1)
+        logits, labels = shard(rank)
+        result = compute(logits, labels, lambda r: em_batch(logits, labels, r))
+        torch.save(result, f"{out_dir}/rank{rank}.pt")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("distributed")
+    mp.spawn(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=True)
+    ranks = [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+    def whole_em_rows(r):  # EM round r on one process: the round's rows of every rank
+        parts = [em_batch(*shard(rank), r) for rank in range(WORLD)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    whole = compute(*data(), whole_em_rows)
+    return ranks, whole
+
+
+def _assert_same(got, want, path=""):
+    if isinstance(want, dict):
+        assert got.keys() == want.keys(), path
+        for key in want:
+            _assert_same(got[key], want[key], f"{path}.{key}")
+    elif isinstance(want, (tuple, list)):
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            _assert_same(g, w, f"{path}[{i}]")
+    elif want.dtype.is_floating_point:
+        torch.testing.assert_close(got, want, **SUM_TOL, msg=lambda m: f"{path}: {m}")
+    else:
+        assert torch.equal(got, want), f"{path}: {got} != {want}"
+
+
+@pytest.mark.parametrize("key", ["stats_top1", "stats_classwise"])
+def test_binstats_all_reduce_equals_single_process(results, key):
+    ranks, whole = results
+    for rank in ranks:
+        _assert_same(rank[key], whole[key], key)
+    counts, _, _, n_skipped = whole[key]
+    assert int(n_skipped) == 3
+    assert int(counts.sum(-1).flatten()[0]) == int((data()[1] != -100).sum()) - 3
+
+
+def test_meter_all_reduce_equals_single_process(results):
+    ranks, whole = results
+    for rank in ranks:
+        _assert_same(rank["meter"], whole["meter"], "meter")
+
+
+@pytest.mark.parametrize("refresh", ["epoch", "stream"])
+def test_em_mstep_all_reduces_the_statistics(results, refresh):
+    ranks, whole = results
+    key = f"em_{refresh}"
+    for rank in ranks:
+        _assert_same(rank[key], whole[key], key)
+    assert int(whole[key]["n_msteps"]) == EM_ROUNDS
+    assert not torch.equal(whole[key]["mu"], ck.EMState(M).mu)  # the M-steps moved the components
+
+
+def test_ranks_agree_bitwise(results):
+    """After the reductions every rank holds the very same numbers."""
+    ranks, _ = results
+    first, second = ranks
+    for key in first:
+        flat_a = torch.utils._pytree.tree_leaves(first[key])
+        flat_b = torch.utils._pytree.tree_leaves(second[key])
+        assert all(torch.equal(a, b) for a, b in zip(flat_a, flat_b, strict=True)), key
