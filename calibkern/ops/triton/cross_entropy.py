@@ -23,7 +23,7 @@ def _cross_entropy_kernel(logits_ptr, targets_ptr, loss_ptr, N, V, ignore_index,
     keep = in_range & (targets != ignore_index)
     m, s, _, _ = online_softmax(logits_ptr, row_off, V, 1.0, BLOCK_N, BLOCK_K, False)
     target_logit = tl.load(logits_ptr + row_off + tl.where(keep, targets, 0)).to(tl.float32)
-    tl.store(loss_ptr + rows, tl.where(keep, m + tl.log(s) - target_logit, 0.0), mask=in_range)
+    tl.store(loss_ptr + rows, tl.where(keep, tl.log(s) - (target_logit - m), 0.0), mask=in_range)
     for k0 in range(0, V, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         p = tl.exp(load_tile(logits_ptr, row_off, cols, V, 1.0) - m[:, None]) / s[:, None]

@@ -1,0 +1,274 @@
+"""The triton backend against the reference (``calibkern.reference``), kernel by kernel and through the
+public API, plus the ``torch.library`` custom ops under ``torch.compile``.
+
+Runs on CPU tensors through the Triton interpreter (tests/conftest.py sets ``TRITON_INTERPRET=1`` before
+triton is imported) or on CUDA tensors where a GPU exists. Small shapes: N ≤ 64, K up to 4099 (not a
+multiple of the K-tile), fp32 and fp16 (the interpreter has no bf16 arithmetic). Bin counts must match
+exactly; values and gradients to float32 tolerance.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import calibkern
+from calibkern import reference as ref
+from conftest import random_labels, random_logits
+
+pytest.importorskip("triton", reason="triton is not installed (pip install 'calibkern[triton]')")
+if not calibkern.backends.is_available("triton"):
+    pytest.skip("the triton backend needs a CUDA device or TRITON_INTERPRET=1 set before triton is imported",
+                allow_module_level=True)
+
+from calibkern.ops import custom_ops  # noqa: E402,F401  (registers torch.ops.calibkern.*)
+from calibkern.ops import triton as tri  # noqa: E402
+from calibkern.ops.triton import common  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+IGNORE = -100
+ATOL, RTOL = 2e-6, 1e-5  # float32 math on values of order 1
+DTYPES = [torch.float32, torch.float16]
+
+# (N, K, max K-tile): one tile, several tiles with a ragged last one, K = 4099 over the default 4096 tile
+SHAPES = [(64, 4, None), (17, 37, 16), (33, 4099, None), (5, 2, None)]
+
+
+@pytest.fixture
+def max_block_k(request, monkeypatch):
+    """Narrow the K-tile so that small K still runs the online softmax over several tiles."""
+    if request.param is not None:
+        monkeypatch.setattr(common, "MAX_BLOCK_K", request.param)
+    return request.param
+
+
+def inputs(n, k, dtype, seed=0):
+    logits = random_logits(n, k, dtype=dtype, seed=seed).to(DEVICE)
+    labels = random_labels(n, k, ignore_frac=0.2, seed=seed + 1).to(DEVICE)
+    return logits, labels
+
+
+def em_params(m, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    log_pi = torch.log_softmax(torch.randn(m, generator=g), 0)
+    mu = (torch.arange(m) + 0.5) / m
+    sigma = torch.full((m,), 0.5 / m) * (0.5 + torch.rand(m, generator=g))
+    theta = torch.rand(m, generator=g)
+    return [t.float().to(DEVICE) for t in (log_pi, mu, sigma, theta)]
+
+
+def bin_accuracy(m, seed=0):
+    acc = torch.rand(m, generator=torch.Generator().manual_seed(seed))
+    acc[-1] = 1.0  # d = 0: all non-max targets 0
+    acc[0] = 0.0
+    return acc.to(DEVICE)
+
+
+def assert_stats_equal(got, want):
+    counts, sum_conf, sum_correct = got
+    assert counts.dtype == torch.int64 and sum_conf.dtype == sum_correct.dtype == torch.float64
+    torch.testing.assert_close(counts, want[0], rtol=0, atol=0)
+    torch.testing.assert_close(sum_correct, want[2], rtol=0, atol=0)
+    torch.testing.assert_close(sum_conf, want[1], rtol=RTOL, atol=1e-5)
+
+
+def assert_close(got, want):
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        torch.testing.assert_close(g, w, rtol=RTOL, atol=ATOL)
+
+
+# ------------------------------------------------------------------------------------------------ kernels
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,k,max_block_k", SHAPES, indirect=["max_block_k"])
+@pytest.mark.parametrize("classwise", [False, True])
+def test_binned_stats_matches_reference(n, k, max_block_k, dtype, classwise):
+    logits, labels = inputs(n, k, dtype)
+    for n_bins, temperature in [(10, 1.0), (7, 0.7)]:
+        args = (logits, labels, n_bins, temperature, IGNORE, classwise)
+        assert_stats_equal(tri.binned_stats(*args), ref.binned_stats(*args))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,k,max_block_k", SHAPES, indirect=["max_block_k"])
+def test_target_losses_match_reference(n, k, max_block_k, dtype):
+    logits, labels = inputs(n, k, dtype, seed=3)
+    acc = bin_accuracy(10)
+    assert_close(tri.hard_bin_loss(logits, labels, acc, IGNORE), ref.hard_bin_loss(logits, labels, acc, IGNORE))
+    log_pi, mu, sigma, theta = em_params(6)
+    got = tri.em_target_loss(logits, labels, log_pi, mu, sigma, theta, IGNORE)
+    want = ref.em_target_loss(logits, labels, log_pi, mu, sigma, theta, IGNORE)
+    assert_close(got[:2], want[:2])
+    torch.testing.assert_close(got[2], want[2], rtol=RTOL, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,k,max_block_k", SHAPES, indirect=["max_block_k"])
+def test_em_kernels_match_reference(n, k, max_block_k, dtype):
+    logits, labels = inputs(n, k, dtype, seed=5)
+    log_pi, mu, sigma, theta = em_params(70)  # more components than one step of the loop over M
+    got = tri.em_stats(logits, labels, log_pi, mu, sigma, IGNORE)
+    assert got.dtype == torch.float64 and got.shape == (4, 70)
+    torch.testing.assert_close(got, ref.em_stats(logits, labels, log_pi, mu, sigma, IGNORE), rtol=RTOL, atol=1e-5)
+    coef = theta - 0.5
+    assert_close([tri.em_ece_grad(logits, labels, log_pi, mu, sigma, coef, IGNORE)],
+                 [ref.em_ece_grad(logits, labels, log_pi, mu, sigma, coef, IGNORE)])
+
+
+@pytest.mark.parametrize("n,k,max_block_k", SHAPES, indirect=["max_block_k"])
+def test_cross_entropy_in_place_matches_reference(n, k, max_block_k):
+    logits, targets = inputs(n, k, torch.float32, seed=7)
+    got_logits, want_logits = logits.clone(), logits.clone()
+    assert_close([tri.cross_entropy_(got_logits, targets, IGNORE), got_logits],
+                 [ref.cross_entropy_(want_logits, targets, IGNORE), want_logits])
+
+
+# ------------------------------------------------------------------------------------------------ edge cases
+
+def edge_logits(dtype):
+    """Rows for ties (within and across K-tiles of width 16), exact bin edges and extreme logits (K = 40)."""
+    big = torch.finfo(dtype).max / 2
+    rows = torch.zeros(12, 40, dtype=torch.float64)
+    rows[1, [3, 20, 37]] = 2.0  # tied maxima in three tiles: ŷ = 3
+    rows[2, [20, 21]] = 5.0  # tie inside one tile
+    rows[3, [5, 30]] = 1.0  # second max tied with the max across tiles
+    rows[4, 0] = 1e4  # c = 1 exactly: last bin; q2 underflows to 0
+    rows[5, 39], rows[5, :39] = big, -big  # largest finite logits
+    rows[6, :20] = 50.0  # c = 1/20: exact edge for M = 20
+    rows[7, :] = torch.linspace(-30, 30, 40)
+    rows[8, 17] = 30.0  # q2 tiny but positive
+    rows[9, :] = -big  # all equal and extreme: c = 1/40
+    rows[10, :8] = 3.0  # c = 1/8 exact
+    rows[11, 2] = 0.5
+    return rows.to(dtype).to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("max_block_k", [16], indirect=True)
+def test_ties_bin_edges_and_extreme_logits(max_block_k, dtype):
+    logits = edge_logits(dtype)
+    labels = torch.tensor([0, 3, 20, 5, 0, 39, 0, 39, 17, 0, IGNORE, 2], device=DEVICE)
+    for n_bins in (8, 20, 10):
+        got = tri.binned_stats(logits, labels, n_bins, 1.0, IGNORE, False)
+        assert_stats_equal(got, ref.binned_stats(logits, labels, n_bins, 1.0, IGNORE, False))
+        assert_stats_equal(tri.binned_stats(logits, labels, n_bins, 1.0, IGNORE, True),
+                           ref.binned_stats(logits, labels, n_bins, 1.0, IGNORE, True))
+    assert got[0].sum() == 11 and got[2].sum() == 11  # every kept row is correct, ties broken low
+    for n_bins in (8, 20):
+        acc = torch.linspace(0, 1, n_bins, device=DEVICE)
+        assert_close(tri.hard_bin_loss(logits, labels, acc, IGNORE), ref.hard_bin_loss(logits, labels, acc, IGNORE))
+    log_pi, mu, sigma, theta = em_params(10)
+    got = tri.em_target_loss(logits, labels, log_pi, mu, sigma, theta, IGNORE)
+    assert_close(got[:2], ref.em_target_loss(logits, labels, log_pi, mu, sigma, theta, IGNORE)[:2])
+    assert torch.isfinite(got[0]).all() and torch.isfinite(got[1]).all()
+    if dtype == torch.float32:  # against torch's own softmax: exact where logsumexp(z) rounds to max z
+        z, keep = logits.clone(), (labels != IGNORE)[:, None]
+        want_loss = torch.nn.functional.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="none")
+        want_grad = (torch.softmax(logits, 1) - torch.nn.functional.one_hot(labels.clamp(0), 40)) * keep
+        assert_close([tri.cross_entropy_(z, labels, IGNORE), z], [want_loss, want_grad])
+
+
+def test_empty_batch_and_all_rows_ignored():
+    empty = torch.zeros(0, 5, device=DEVICE)
+    no_labels = torch.zeros(0, dtype=torch.int64, device=DEVICE)
+    counts, sum_conf, _ = tri.binned_stats(empty, no_labels, 10, 1.0, IGNORE, True)
+    assert counts.shape == (5, 10) and counts.sum() == 0 and sum_conf.sum() == 0
+    assert tri.hard_bin_loss(empty, no_labels, bin_accuracy(10), IGNORE)[1].shape == (0, 5)
+    logits, _ = inputs(9, 5, torch.float32)
+    ignored = torch.full((9,), IGNORE, device=DEVICE)
+    assert tri.binned_stats(logits, ignored, 10, 1.0, IGNORE, False)[0].sum() == 0
+    loss, grad = tri.hard_bin_loss(logits, ignored, bin_accuracy(10), IGNORE)
+    assert not loss.any() and not grad.any()
+
+
+def test_statistics_are_bitwise_reproducible():
+    logits, labels = inputs(64, 37, torch.float32)
+    first = tri.binned_stats(logits, labels, 10, 1.0, IGNORE, True)
+    second = tri.binned_stats(logits, labels, 10, 1.0, IGNORE, True)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+# ------------------------------------------------------------------------------------------------ public API
+
+def test_triton_is_listed_and_calibkern_imports_without_triton():
+    assert "triton" in calibkern.available_backends()
+    code = "import sys, calibkern; assert 'triton' not in sys.modules, 'calibkern imported triton eagerly'"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+def test_public_api_with_backend_triton():
+    logits, labels = inputs(48, 6, torch.float32, seed=11)
+    for mode in ("top1", "classwise"):
+        got = calibkern.binned_stats(logits, labels, 10, mode=mode, backend="triton")
+        want = calibkern.binned_stats(logits, labels, 10, mode=mode, backend="torch")
+        assert_stats_equal((got.counts, got.sum_conf, got.sum_correct),
+                           (want.counts, want.sum_conf, want.sum_correct))
+    torch.testing.assert_close(calibkern.ece(logits, labels, 10, backend="triton"),
+                               calibkern.ece(logits, labels, 10, backend="torch"))
+
+    def loss_and_grad(fn, backend):
+        x = logits.clone().requires_grad_()
+        loss = fn(x, backend)
+        loss.backward()
+        return loss.detach(), x.grad
+
+    acc = bin_accuracy(10)
+    state = calibkern.EMState(n_components=10)
+    losses = [lambda x, b: calibkern.calibration_loss(x, labels, acc, n_bins=10, backend=b),
+              lambda x, b: calibkern.em_regularizer(x, labels, state, backend=b),
+              lambda x, b: calibkern.em_regularizer(x, labels, state, form="ece", backend=b)]
+    for fn in losses:
+        assert_close(loss_and_grad(fn, "triton"), loss_and_grad(fn, "torch"))
+
+
+# ------------------------------------------------------------------------------------------------ custom ops
+
+def custom_op_args(logits, labels):
+    log_pi, mu, sigma, theta = em_params(5)
+    x = logits.clone().requires_grad_()
+    return {
+        "hard_bin_loss": (x, labels, bin_accuracy(5), IGNORE),
+        "em_target_loss": (x, labels, log_pi, mu, sigma, theta, IGNORE),
+        "em_ece_loss": (x, labels, log_pi, mu, sigma, theta, IGNORE, "smooth_abs"),
+        "em_ece_grad": (logits, labels, log_pi, mu, sigma, theta, IGNORE),
+        "em_stats": (logits, labels, log_pi, mu, sigma, IGNORE),
+        "binned_stats": (logits, labels, 5, 1.0, IGNORE, True),
+        "cross_entropy_": (logits.clone(), labels, IGNORE),
+    }
+
+
+OPCHECKS = ("test_schema", "test_autograd_registration", "test_faketensor")  # tracing: the compile test
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_custom_ops_pass_opcheck(backend):
+    logits, labels = inputs(8, 4, torch.float32)
+    for name, args in custom_op_args(logits, labels).items():
+        torch.library.opcheck(getattr(torch.ops.calibkern, name), (*args, backend), test_utils=OPCHECKS)
+
+
+def test_torch_compile_traces_a_training_step_without_graph_breaks():
+    logits, labels = inputs(16, 4, torch.float32)
+    weight = torch.randn(4, 4, device=DEVICE)
+    log_pi, mu, sigma, theta = em_params(5)
+    acc = bin_accuracy(5)
+
+    def step(x, backend):
+        z = x @ weight
+        hard, _ = torch.ops.calibkern.hard_bin_loss(z, labels, acc, IGNORE, backend)
+        target, _, _ = torch.ops.calibkern.em_target_loss(z, labels, log_pi, mu, sigma, theta, IGNORE, backend)
+        ece, _, _ = torch.ops.calibkern.em_ece_loss(z, labels, log_pi, mu, sigma, theta, IGNORE, "square", backend)
+        return hard.mean() + target.mean() + ece
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    for backend in ("triton", "torch"):
+        x_compiled, x_eager = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+        loss = compiled(x_compiled, backend)
+        loss.backward()
+        step(x_eager, backend).backward()
+        torch.testing.assert_close(loss, step(logits, backend))
+        torch.testing.assert_close(x_compiled.grad, x_eager.grad)
