@@ -110,10 +110,10 @@ def _add_option_grad(grad_z, hidden, weight, rows, option_ids, chunk_size, grad_
     for start, end in _chunks(rows.shape[0], chunk_size):
         chunk_rows, g = rows[start:end], grad_z[start:end]
         if grad_hidden is not None:
-            grad_hidden.index_add_(0, chunk_rows, g @ weight_options)
+            grad_hidden.index_put_((chunk_rows,), g @ weight_options, accumulate=True)
         if grad_weight is not None:
             grad_weight_options.addmm_(g.t(), hidden.index_select(0, chunk_rows).to(g.dtype))
     if grad_weight is not None:
-        grad_weight.index_add_(0, option_ids, grad_weight_options)
+        grad_weight.index_put_((option_ids,), grad_weight_options, accumulate=True)
     if grad_bias is not None:
-        grad_bias.index_add_(0, option_ids, grad_z.sum(0))
+        grad_bias.index_put_((option_ids,), grad_z.sum(0), accumulate=True)
