@@ -79,7 +79,8 @@ def fused_linear_calibration_loss(hidden, weight, labels, *, option_ids, bias=No
         chunk_size = default_chunk_size(hidden_2d.shape[0], hidden_2d.shape[1], vocab_size, hidden.element_size())
 
     loss_sum, option_logits = FusedLinearCrossEntropy.apply(
-        hidden_2d, weight, bias, rows, row_targets, option_ids, chunk_size, kernels, ignore_index)
+        hidden_2d, weight, bias, rows, row_targets, option_ids, chunk_size, kernels, ignore_index,
+        torch.is_grad_enabled())
     sft_loss = loss_sum / _denominator(num_items_in_batch, rows.shape[0], device)
     cal_loss = _calibration_term(calibration, option_logits, option_labels, bin_accuracy, em_state, n_bins,
                                  ignore_index, backend)

@@ -169,6 +169,28 @@ def test_frozen_weight_only_hidden_gets_a_gradient():
     torch.testing.assert_close(grad.double(), want, atol=2e-5, rtol=2e-5)
 
 
+def test_no_grad_gives_the_same_values():
+    hidden, weight, bias, labels = make_batch()
+    args = dict(option_ids=OPTIONS, bias=bias, calibration="em", **calibration_args("em"))
+    want = fused_linear_calibration_loss(hidden, weight, labels, **args)
+    with torch.no_grad():
+        got = fused_linear_calibration_loss(hidden.requires_grad_(), weight, labels, **args)
+    assert got.loss.grad_fn is None
+    torch.testing.assert_close(got.loss, want.loss)
+
+
+def test_autocast_runs_the_products_in_bfloat16():
+    hidden, weight, bias, labels = make_batch()
+    inputs = [x.clone().requires_grad_() for x in (hidden, weight, bias)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fused_linear_calibration_loss(inputs[0], inputs[1], labels, option_ids=OPTIONS, bias=inputs[2],
+                                            calibration=None)
+    out.loss.backward()
+    want = eager(hidden.double(), weight.double(), bias.double(), labels, calibration=None)[0]
+    torch.testing.assert_close(out.loss.double(), want, atol=5e-2, rtol=5e-2)
+    assert all(x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all() for x in inputs)
+
+
 def test_module_matches_function():
     hidden, weight, bias, labels = make_batch()
     cal = calibration_args("hard_bin")

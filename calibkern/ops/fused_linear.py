@@ -42,19 +42,20 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
 
     ``targets [n]`` are the target tokens of those rows (none ignored), ``option_ids [K]`` the columns
     returned as ``option_logits [n, K]`` (float32). ``kernels`` is a backend module with ``cross_entropy_``.
+    ``grad_enabled`` is the caller's grad mode: without it no gradient is accumulated (evaluation).
     Backward may run once (the gradients are scaled in place).
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, rows, targets, option_ids, chunk_size: int, kernels: ModuleType,
-                ignore_index: int):
+                ignore_index: int, grad_enabled: bool):
         acc = torch.float32
         device = hidden.device
         n, k = rows.shape[0], option_ids.shape[0]
         weight_t = weight.t()
         loss_sum = torch.zeros((), dtype=acc, device=device)
         option_logits = torch.empty((n, k), dtype=acc, device=device)
-        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        need_hidden, need_weight, need_bias = (grad_enabled and need for need in ctx.needs_input_grad[:3])
         grad_hidden = torch.zeros(hidden.shape, dtype=acc, device=device) if need_hidden else None
         grad_weight = torch.zeros(weight.shape, dtype=acc, device=device) if need_weight else None
         grad_bias = torch.zeros(bias.shape, dtype=acc, device=device) if need_bias else None
@@ -96,7 +97,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             _add_option_grad(grad_option_logits.float(), hidden, weight, rows, option_ids, ctx.chunk_size,
                              grad_hidden, grad_weight, grad_bias)
         return (_cast(grad_hidden, hidden.dtype), _cast(grad_weight, weight.dtype), _cast(grad_bias, weight.dtype),
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None)
 
 
 def _cast(grad, dtype):
