@@ -2,9 +2,9 @@
 
 Top-1: one program per block of rows reads each row once (online softmax over K-tiles), takes
 ``c = 1/s``, ``ŷ``, ``b(c)`` and writes its own partial ``(count, Σ c, Σ correct)`` per bin; the partials
-are summed in program order afterwards. Classwise: a row pass stores ``m`` and ``s``; then a grid of
+are summed in a fixed order afterwards. Classwise: a row pass stores ``m`` and ``s``; then a grid of
 (row chunk, class tile) programs bins ``p_j = exp(z_j − m) / s`` of every class, each program owning its
-partial ``[BLOCK_K, M]`` block, again summed in chunk order. No gradients (statistics only).
+partial ``[BLOCK_K, M]`` block, summed the same way. No gradients (statistics only).
 """
 import torch
 import triton

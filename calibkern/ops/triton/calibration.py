@@ -20,7 +20,7 @@ Gradients (τ, r and θ detached):
   ``⟨g, p⟩ = 2 (Σ_j p_j² − a c − (d / ((K − 1) + U)) Σ_{j≠ŷ} p_j (1 + u_j))``, so a second pass over K
   accumulates ``U``, ``Σ p (1 + u)`` and ``Σ p²`` and a third writes the gradient and the loss;
 * ``em_ece_grad``: ``w · ∂c/∂z = w · c · (e_ŷ − p)`` with ``w = Σ_k r_k coef_k``.
-E-step statistics per program (summed in program order afterwards): ``S = Σ r``, ``C = Σ r c``,
+E-step statistics per program (summed in a fixed order afterwards): ``S = Σ r``, ``C = Σ r c``,
 ``Q = Σ r c²``, ``R = Σ r · 1[ŷ = y]`` over kept rows, in float64. Ignored rows: loss 0, gradient 0.
 """
 import math

@@ -4,7 +4,7 @@
 * ``online_softmax``: one read of each row in K-tiles, giving ``m = max z``, ``s = Σ exp(z − m)``, the
   first argmax ``ŷ`` and (optionally) the largest logit other than at ``ŷ``;
 * ``bin_index``: ``b(c) = min(floor(c · M), M − 1)`` with ``c · M`` a float32 product;
-* ``sum_partials``: per-program partial sums reduced in program order (deterministic).
+* ``sum_partials``: per-program partial sums reduced in a fixed order (deterministic).
 
 Offsets are int64 (rows × K overflows int32 at real sizes); all math is float32 after loading.
 """
@@ -78,25 +78,25 @@ def bin_index(c, M):
 
 
 @triton.jit
-def _sum_partials_kernel(partials_ptr, out_ptr, P, L, BLOCK: tl.constexpr):
-    """out[l] = Σ_p partials[p, l], added in program order p = 0, 1, …, P − 1."""
-    cols = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < L
-    ptrs = partials_ptr + cols
-    acc = tl.load(ptrs, mask=mask, other=0)
-    for _ in range(1, P):
-        ptrs += L
-        acc += tl.load(ptrs, mask=mask, other=0)
-    tl.store(out_ptr + cols, acc, mask=mask)
+def _sum_partials_kernel(partials_ptr, out_ptr, P, L, BLOCK_P: tl.constexpr, BLOCK_L: tl.constexpr):
+    """out[l] = Σ_p partials[p, l]: BLOCK_P programs' partials at a time by a fixed tree, those tiles
+    added in program order — the same order on every run."""
+    cols = tl.program_id(0).to(tl.int64) * BLOCK_L + tl.arange(0, BLOCK_L)
+    acc = tl.zeros([BLOCK_L], out_ptr.dtype.element_ty)
+    for p0 in range(0, P, BLOCK_P):
+        progs = p0 + tl.arange(0, BLOCK_P)
+        mask = (progs < P)[:, None] & (cols < L)[None, :]
+        acc += tl.sum(tl.load(partials_ptr + progs.to(tl.int64)[:, None] * L + cols[None, :], mask=mask, other=0),
+                      axis=0)
+    tl.store(out_ptr + cols, acc, mask=cols < L)
 
 
 def sum_partials(partials: torch.Tensor) -> torch.Tensor:
-    """Sum a [P, ...] tensor of per-program partials over P in program order (bitwise reproducible)."""
+    """Sum a [P, ...] tensor of per-program partials over P in a fixed order (bitwise reproducible)."""
     P, shape = partials.shape[0], partials.shape[1:]
     out = torch.empty(shape, dtype=partials.dtype, device=partials.device)
     L = out.numel()
-    if P == 0:
-        return out.zero_()
-    block = min(triton.next_power_of_2(max(L, 1)), 1024)
-    _sum_partials_kernel[(triton.cdiv(L, block),)](partials, out, P, L, BLOCK=block)
+    block_l = min(triton.next_power_of_2(L), 256)
+    block_p = min(triton.next_power_of_2(P), MAX_TILE // block_l)
+    _sum_partials_kernel[(triton.cdiv(L, block_l),)](partials, out, P, L, BLOCK_P=block_p, BLOCK_L=block_l)
     return out
