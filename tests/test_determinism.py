@@ -1,0 +1,125 @@
+"""Deterministic mode (SPEC §5): with ``calibkern.set_deterministic(True)`` or
+``torch.use_deterministic_algorithms(True)``, statistics, losses and gradients are bitwise identical across
+runs and across thread counts (1 and 2), on every backend that runs on CPU tensors here (``cpp`` once its
+extension is built; ``triton`` under ``TRITON_INTERPRET=1``).
+"""
+
+import contextlib
+
+import pytest
+import torch
+
+import calibkern as ck
+
+from conftest import random_labels, random_logits
+
+M = 10
+# Large enough that the CPU kernels split rows (and the reference's reductions) over threads; the Triton
+# interpreter runs every program in Python, so it gets small shapes.
+SHAPES = {"triton": [(200, 4), (16, 300)]}
+DEFAULT_SHAPES = [(20_000, 4), (200, 1000)]
+
+
+def cpu_backends():
+    return [name for name in ck.available_backends()
+            if name != "triton" or not torch.cuda.is_available()]
+
+
+@contextlib.contextmanager
+def deterministic(switch: str):
+    if switch == "calibkern":
+        ck.set_deterministic(True)
+    else:
+        torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        ck.set_deterministic(False)
+        torch.use_deterministic_algorithms(False)
+
+
+@contextlib.contextmanager
+def num_threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _em_state():
+    state = ck.EMState(M)
+    g = torch.Generator().manual_seed(3)
+    state.pi = torch.softmax(torch.randn(M, generator=g, dtype=torch.float64), 0)
+    state.sigma = state.sigma * (0.5 + torch.rand(M, generator=g, dtype=torch.float64))
+    state.theta = torch.rand(M, generator=g, dtype=torch.float64)
+    return state
+
+
+def everything(logits, labels, backend):
+    """Every statistic, loss and gradient of the public ops, as one flat list of tensors."""
+    out = []
+    for mode in ("top1", "classwise"):
+        stats = ck.binned_stats(logits, labels, M, mode=mode, temperature=1.5, backend=backend)
+        out += [stats.counts, stats.sum_conf, stats.sum_correct]
+    accuracy = torch.linspace(0.05, 0.95, M)
+    for loss_of in (
+        lambda z: ck.calibration_loss(z, labels, accuracy, backend=backend),
+        lambda z: ck.em_regularizer(z, labels, state, form="target", accumulate=True, backend=backend),
+        lambda z: ck.em_regularizer(z, labels, state, form="ece", accumulate=True, backend=backend),
+    ):
+        state = _em_state()
+        z = logits.clone().requires_grad_(True)
+        loss = loss_of(z)
+        loss.backward()
+        out += [loss.detach(), z.grad, state.accum.clone()]
+        state.mstep()
+        out += [state.pi, state.mu, state.sigma, state.theta]
+    return out
+
+
+@pytest.mark.parametrize("switch", ["calibkern", "torch"])
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_bitwise_identical_across_runs_and_thread_counts(backend, switch):
+    for n, k in SHAPES.get(backend, DEFAULT_SHAPES):
+        logits = random_logits(n, k, scale=3.0, seed=n + k)
+        labels = random_labels(n, k, ignore_frac=0.1, seed=k)
+        runs = []
+        with deterministic(switch):
+            assert ck.is_deterministic()
+            for threads in (1, 2, 2):
+                with num_threads(threads):
+                    runs.append(everything(logits, labels, backend))
+        first = runs[0]
+        assert all(torch.isfinite(t.double()).all() for t in first)
+        for run in runs[1:]:
+            for i, (a, b) in enumerate(zip(first, run, strict=True)):
+                assert a.dtype == b.dtype and torch.equal(a, b), f"output {i} differs (N={n}, K={k})"
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_fused_linear_loss_is_bitwise_reproducible(backend):
+    """The fused linear loss (chunked matrix products + the backend's cross-entropy) repeats exactly."""
+    n_tokens, d, vocab = (24, 16, 64) if backend == "triton" else (512, 32, 500)
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(n_tokens, d, generator=g)
+    weight = torch.randn(vocab, d, generator=g) * 0.2
+    labels = torch.randint(0, vocab, (n_tokens,), generator=g)
+    option_ids = torch.tensor([7, 8, 9, 10])
+    labels[::3] = option_ids[torch.randint(0, 4, (len(labels[::3]),), generator=g)]
+    labels[1::5] = -100
+
+    def run():
+        h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        out = ck.fused_linear_calibration_loss(h, w, labels, option_ids=option_ids,
+                                               bin_accuracy=torch.linspace(0.05, 0.95, M), chunk_size=64,
+                                               backend=backend)
+        out.loss.backward()
+        return [out.loss.detach(), out.sft_loss.detach(), out.cal_loss.detach(), h.grad, w.grad,
+                out.bin_stats.counts, out.bin_stats.sum_conf]
+
+    with deterministic("calibkern"):
+        first, second = run(), run()
+    for i, (a, b) in enumerate(zip(first, second, strict=True)):
+        assert torch.equal(a, b), f"output {i} differs between runs"
