@@ -3,6 +3,7 @@ and generated multiple-choice questions. Nothing is downloaded."""
 
 from __future__ import annotations
 
+import functools
 import random
 
 import torch
@@ -29,6 +30,7 @@ def make_examples(n: int, n_options: int = 4, seed: int = 0) -> list[MCQExample]
     return examples
 
 
+@functools.lru_cache(maxsize=None)
 def make_tokenizer(template: str = DEFAULT_TEMPLATE, letters_as_tokens: bool = True):
     """A byte-level BPE tokenizer trained on prompts. With ``letters_as_tokens`` the corpus repeats the answer
     letters so that ``" A"`` becomes one token (GPT-2 style); without, the space stays a separate token."""

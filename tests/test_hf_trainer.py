@@ -1,0 +1,260 @@
+"""CalibrationTrainer: one decoder pass per step, no lm_head call, LoRA, accumulation, logging, exact resume."""
+
+import copy
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+from transformers import TrainingArguments  # noqa: E402
+
+import calibkern  # noqa: E402
+from calibkern.hf import CalibrationConfig, CalibrationTrainer, build_sft_dataset, compute_loss_func  # noqa: E402
+from calibkern.hf.data import MCQCollator, detect_option_ids  # noqa: E402
+from calibkern.hf.trainer import STATE_FILE  # noqa: E402
+from hf_tiny import make_examples, make_model, make_tokenizer  # noqa: E402
+
+BIN_ACCURACY = [0.05 + 0.1 * k for k in range(10)]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    tokenizer = make_tokenizer()
+    option_ids = detect_option_ids(tokenizer, 4)
+    examples = make_examples(16)
+    return tokenizer, option_ids, examples
+
+
+def _args(tmp_path, **overrides):
+    options = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=8,
+        num_train_epochs=1,
+        learning_rate=1e-2,
+        logging_steps=2,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        data_seed=0,
+    )
+    options.update(overrides)
+    return TrainingArguments(**options)
+
+
+def _config(option_ids, method, **overrides):
+    if method == "cft":
+        overrides.setdefault("bin_accuracy", BIN_ACCURACY)
+    return CalibrationConfig(method=method, option_ids=option_ids, **overrides)
+
+
+def _trainer(setup, tmp_path, method="cft", model=None, supervise=None, config=None, **args):
+    tokenizer, option_ids, examples = setup
+    supervise = supervise or ("completion" if method == "cft" else "full")
+    dataset = build_sft_dataset(tokenizer, examples, option_ids, supervise=supervise)
+    model = model if model is not None else make_model(tokenizer)
+    config = config or _config(option_ids, method)
+    return CalibrationTrainer(model, _args(tmp_path, **args), dataset, calibration=config)
+
+
+def _count_calls(module):
+    calls = []
+    module.register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+@pytest.mark.parametrize("method, em", [("cft", {}), ("rcft", {"refresh": "stream"})])
+def test_one_decoder_pass_per_step_and_no_lm_head(setup, tmp_path, method, em):
+    tokenizer, option_ids, _ = setup
+    model = make_model(tokenizer)
+    decoder_calls = _count_calls(model.get_decoder())
+    head_calls = _count_calls(model.get_output_embeddings())
+    config = _config(option_ids, method, **({"em": em} if em else {}))
+    trainer = _trainer(setup, tmp_path, method, model=model, config=config)
+    trainer.train()
+    assert trainer.state.global_step == 4
+    assert len(decoder_calls) == 4
+    assert head_calls == []
+    logged = [entry for entry in trainer.state.log_history if "calib_ece" in entry]
+    assert len(logged) == 2
+    for entry in logged:
+        assert 0.0 <= entry["calib_ece"] <= 1.0 and 0.0 <= entry["calib_accuracy"] <= 1.0
+        assert 0.0 < entry["calib_mean_confidence"] <= 1.0 and entry["calib_term"] >= 0.0
+    if method == "rcft":
+        assert int(trainer.em_state.n_msteps) == 4  # streaming: one M-step per optimizer step
+
+
+def test_cft_estimates_bin_accuracy_in_one_pass_before_training(setup, tmp_path):
+    tokenizer, option_ids, examples = setup
+    model = make_model(tokenizer)
+    reference_model = copy.deepcopy(model)
+    decoder_calls = _count_calls(model.get_decoder())
+    config = CalibrationConfig(method="cft", option_ids=option_ids)
+    trainer = _trainer(setup, tmp_path, "cft", model=model, config=config)
+    trainer.train()
+    assert len(decoder_calls) == 2 + 4  # 16 rows in eval batches of 8, then 4 training steps
+    logits, labels = calibkern.hf.evaluation.collect_option_logits(
+        reference_model, tokenizer, examples, option_ids, progress=False
+    )
+    stats = calibkern.binned_stats(logits, labels, 10)
+    expected = (stats.sum_correct / stats.counts.clamp_min(1)).float()
+    torch.testing.assert_close(trainer.bin_accuracy.cpu(), expected, atol=1e-6, rtol=0)
+    assert torch.equal(trainer.bin_counts.cpu(), stats.counts)
+
+
+def test_rcft_epoch_refresh_runs_outside_training_steps(setup, tmp_path):
+    tokenizer, option_ids, _ = setup
+    model = make_model(tokenizer)
+    decoder_calls = _count_calls(model.get_decoder())
+    trainer = _trainer(setup, tmp_path, "rcft", model=model, num_train_epochs=2)
+    trainer.train()
+    # per epoch: 2 refresh batches (16 rows / eval batch 8) + 4 training steps
+    assert len(decoder_calls) == 2 * (2 + 4)
+    assert trainer.em_refreshed_epoch == 1 and int(trainer.em_state.n_msteps) == 2
+
+
+def test_lora_training_changes_only_adapter_weights(setup, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    tokenizer, option_ids, _ = setup
+    model = get_peft_model(make_model(tokenizer), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    # B starts at zero: give it values so that A's gradient is not zero either
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.02)
+    decoder_calls = _count_calls(model.get_base_model().get_decoder())
+    head_calls = _count_calls(model.get_base_model().get_output_embeddings())
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    trainer = _trainer(setup, tmp_path, "cft", model=model)
+    trainer.train()
+    after = model.state_dict()
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed and all("lora_" in name for name in changed)
+    assert any("lora_A" in name for name in changed) and any("lora_B" in name for name in changed)
+    assert len(decoder_calls) == 4 and head_calls == []
+
+
+def test_gradient_checkpointing_and_bf16_autocast(setup, tmp_path):
+    tokenizer, _, _ = setup
+    model = make_model(tokenizer)
+    decoder_calls = _count_calls(model.get_decoder())
+    head_calls = _count_calls(model.get_output_embeddings())
+    trainer = _trainer(setup, tmp_path, "cft", model=model, gradient_checkpointing=True, bf16=True)
+    result = trainer.train()
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    assert len(decoder_calls) == 4 and head_calls == []
+    assert model.get_decoder().gradient_checkpointing
+
+
+def _one_step_parameters(setup, tmp_path, batch_size, accumulation):
+    tokenizer, option_ids, _ = setup
+    trainer = _trainer(
+        setup,
+        tmp_path,
+        "cft",
+        model=make_model(tokenizer),
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=accumulation,
+        max_steps=1,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        config=_config(option_ids, "cft", lam=5.0),
+    )
+    trainer.train()
+    return {name: value.detach().clone() for name, value in trainer.model.named_parameters()}
+
+
+def test_gradient_accumulation_matches_one_large_batch(setup, tmp_path):
+    whole = _one_step_parameters(setup, tmp_path / "a", batch_size=8, accumulation=1)
+    accumulated = _one_step_parameters(setup, tmp_path / "b", batch_size=4, accumulation=2)
+    initial = dict(make_model(setup[0]).named_parameters())
+    for name in whole:
+        assert not torch.equal(whole[name], initial[name]) or "norm" in name
+        torch.testing.assert_close(accumulated[name], whole[name], atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["cft", "rcft"])
+def test_compute_loss_func_equals_trainer_loss(setup, tmp_path, method):
+    tokenizer, option_ids, examples = setup
+    config = _config(option_ids, method, lam=3.0, **({"em": {"refresh": "epoch"}} if method == "rcft" else {}))
+    trainer = _trainer(setup, tmp_path, method, config=config)
+    if method == "rcft":
+        trainer._refresh_em(epoch=0)  # a fitted EM state, so the regulariser is not trivial
+    loss_func = compute_loss_func(config, em_state=trainer.em_state)
+    batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(6)]))
+    model = trainer.model
+    expected = trainer.compute_loss(model, batch)
+    outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    actual = loss_func(outputs, batch["labels"])
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+    n_items = batch["labels"][:, 1:].ne(-100).sum()
+    expected = trainer.compute_loss(model, batch, num_items_in_batch=n_items)
+    torch.testing.assert_close(loss_func(outputs, batch["labels"], num_items_in_batch=n_items), expected)
+
+
+def test_official_compat_combination(setup, tmp_path):
+    tokenizer, option_ids, _ = setup
+    config = CalibrationConfig(method="cft", option_ids=option_ids, official_compat=True)
+    trainer = _trainer(setup, tmp_path, "cft", config=config)
+    batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(4)]))
+    loss, parts = trainer.compute_loss(trainer.model, batch, return_outputs=True)
+    assert trainer.bin_counts is not None and int(trainer.bin_counts.sum()) == 16
+    torch.testing.assert_close(loss.detach(), 0.5 * parts["sft_loss"] + 0.5e-3 * parts["cal_loss"])
+
+
+def test_save_and_resume_restore_the_em_state_exactly(setup, tmp_path):
+    tokenizer, _, _ = setup
+    options = dict(num_train_epochs=2, save_strategy="steps", save_steps=3)
+    full = _trainer(setup, tmp_path / "full", "rcft", model=make_model(tokenizer), **options)
+    full.train()
+    checkpoint = tmp_path / "full" / "checkpoint-3"  # mid-way through the first epoch (4 steps per epoch)
+    saved = torch.load(checkpoint / STATE_FILE, weights_only=False)
+    assert saved["em_refreshed_epoch"] == 0
+
+    resumed = _trainer(setup, tmp_path / "full", "rcft", model=make_model(tokenizer, seed=7), **options)
+    resumed.load_calibration_state(saved)
+    for name, value in saved["em_state"].items():
+        assert torch.equal(resumed.em_state.state_dict()[name], value)
+    resumed = _trainer(setup, tmp_path / "full", "rcft", model=make_model(tokenizer, seed=7), **options)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.em_refreshed_epoch == full.em_refreshed_epoch == 1
+    for name, value in full.em_state.state_dict().items():
+        assert torch.equal(resumed.em_state.state_dict()[name], value), name
+    for (name, a), b in zip(full.model.named_parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_missing_calibration_state_on_resume_is_an_error(setup, tmp_path):
+    trainer = _trainer(setup, tmp_path, "cft")
+    os.makedirs(tmp_path / "checkpoint-1")
+    with pytest.raises(FileNotFoundError, match=STATE_FILE):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="method"):
+        CalibrationConfig(method="sft", option_ids=[1, 2])
+    with pytest.raises(ValueError, match="bin_accuracy"):
+        CalibrationConfig(method="cft", option_ids=[1, 2], bin_accuracy=[0.5] * 3)
+    with pytest.raises(ValueError, match="official_compat"):
+        CalibrationConfig(method="rcft", option_ids=[1, 2], official_compat=True)
+    with pytest.raises(ValueError, match="refresh"):
+        CalibrationConfig(method="rcft", option_ids=[1, 2], em={"refresh": "stream"}, calibration_dataset=[{}])
+
+
+def test_collator_pads_every_field():
+    batch = MCQCollator(pad_token_id=0)(
+        [
+            {"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1], "labels": [-100, -100, 7], "answer_mask": [0, 0, 1]},
+            {"input_ids": [5, 6], "attention_mask": [1, 1], "labels": [-100, 6], "answer_mask": [0, 1]},
+        ]
+    )
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [5, 6, 0]]
+    assert batch["labels"].tolist() == [[-100, -100, 7], [-100, 6, -100]]
+    assert batch["answer_mask"].dtype == torch.bool and batch["answer_mask"].tolist()[1] == [False, True, False]
