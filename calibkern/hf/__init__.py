@@ -1,6 +1,8 @@
 """Hugging Face integration (SPEC §6): the calibration-aware trainer, multiple-choice data, evaluation,
 DPO alignment and the baselines. Needs the ``hf`` extra (transformers, trl, peft, datasets)."""
 
+from .alignment import PreferencePair, preference_dataset, train_dpo
+from .baselines import fit_temperature, temperature_scaling, train_label_smoothing
 from .config import CalibrationConfig
 from .data import (
     DEFAULT_TEMPLATE,
@@ -12,12 +14,14 @@ from .data import (
     encode_example,
     format_prompt,
     load_mcq,
+    resolve_pad_token_id,
 )
 from .evaluation import EvaluationResult, calibration_metrics, evaluate, write_evaluation
 from .trainer import CalibrationTrainer, compute_loss_func
 
 __all__ = [
     "DEFAULT_TEMPLATE",
+    "PreferencePair",
     "CalibrationConfig",
     "CalibrationTrainer",
     "EvaluationResult",
@@ -30,7 +34,13 @@ __all__ = [
     "detect_option_ids",
     "encode_example",
     "evaluate",
+    "fit_temperature",
     "format_prompt",
     "load_mcq",
+    "preference_dataset",
+    "resolve_pad_token_id",
+    "temperature_scaling",
+    "train_dpo",
+    "train_label_smoothing",
     "write_evaluation",
 ]

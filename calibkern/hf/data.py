@@ -44,6 +44,7 @@ __all__ = [
     "encode_example",
     "build_sft_dataset",
     "MCQCollator",
+    "resolve_pad_token_id",
 ]
 
 DEFAULT_TEMPLATE = (
@@ -315,6 +316,15 @@ def build_sft_dataset(
         for example in examples
     ]
     return datasets.Dataset.from_list(rows)
+
+
+def resolve_pad_token_id(model=None, tokenizer=None) -> int:
+    """The tokenizer's pad id, else the model config's, else 0 (padded positions are masked anyway)."""
+    for source in (tokenizer, getattr(model, "config", None)):
+        pad = getattr(source, "pad_token_id", None)
+        if pad is not None:
+            return int(pad)
+    return 0
 
 
 class MCQCollator:

@@ -23,7 +23,7 @@ import torch
 
 import calibkern
 
-from .data import DEFAULT_TEMPLATE, MCQCollator, MCQExample, detect_option_ids, encode_prompt
+from .data import DEFAULT_TEMPLATE, MCQCollator, MCQExample, detect_option_ids, encode_prompt, resolve_pad_token_id
 from .modeling import final_hidden_states, option_logits_at
 
 __all__ = [
@@ -80,7 +80,7 @@ def collect_option_logits(
         raise ValueError("examples is empty")
     n_options = _common_n_options(examples)
     option_ids = list(option_ids)[:n_options]
-    collate = MCQCollator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+    collate = MCQCollator(resolve_pad_token_id(model, tokenizer))
     device = _model_device(model)
     was_training = model.training
     model.eval()

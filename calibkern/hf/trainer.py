@@ -46,7 +46,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 import calibkern
 
 from .config import CalibrationConfig
-from .data import MCQCollator
+from .data import MCQCollator, resolve_pad_token_id
 from .modeling import final_hidden_states, option_logits_at, output_projection
 
 __all__ = ["CalibrationTrainer", "compute_loss_func", "answer_positions", "STATE_FILE"]
@@ -103,7 +103,7 @@ class CalibrationTrainer(Trainer):
             raise TypeError(f"calibration must be a CalibrationConfig, got {type(calibration).__name__}")
         next_class = type(self).__mro__[type(self).__mro__.index(CalibrationTrainer) + 1]
         if kwargs.get("data_collator") is None and next_class is Trainer:
-            kwargs["data_collator"] = MCQCollator(_pad_token_id(model, kwargs.get("processing_class")))
+            kwargs["data_collator"] = MCQCollator(resolve_pad_token_id(model, kwargs.get("processing_class")))
         super().__init__(model=model, args=args, train_dataset=train_dataset, **kwargs)
         self.calibration = calibration
         device = self.args.device
@@ -323,14 +323,6 @@ class CalibrationTrainer(Trainer):
 
 
 _CALIBRATION_FORM = {"cft": "hard_bin", "rcft": "em"}
-
-
-def _pad_token_id(model, processing_class) -> int:
-    for source in (processing_class, getattr(model, "config", None)):
-        pad = getattr(source, "pad_token_id", None)
-        if pad is not None:
-            return int(pad)
-    return 0
 
 
 # ----------------------------------------------------------------------------------------------- logits API
