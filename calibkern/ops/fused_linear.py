@@ -73,7 +73,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                 grad_weight.addmm_(grad_logits.t(), h.to(acc))
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(0)
-            del logits, grad_logits, h
+            del logits, grad_logits, h  # free this chunk before the next one is allocated
         ctx.save_for_backward(hidden, weight, rows, option_ids, grad_hidden, grad_weight, grad_bias)
         ctx.chunk_size = chunk_size
         ctx.used = False
@@ -87,8 +87,9 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                                "(its gradients are scaled in place); do not use retain_graph with it")
         ctx.used = True
         hidden, weight, rows, option_ids, grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
-        grads = [g for g in (grad_hidden, grad_weight, grad_bias) if g is not None]
-        for g in grads:
+        for g in (grad_hidden, grad_weight, grad_bias):
+            if g is None:
+                continue
             if grad_loss_sum is None:
                 g.zero_()
             else:
