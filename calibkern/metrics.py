@@ -300,6 +300,7 @@ class CalibrationMeter:
         self.sum_nll = torch.zeros((), dtype=torch.float64)
         self.sum_brier = torch.zeros((), dtype=torch.float64)
 
+    @torch.no_grad()
     def update(self, logits, labels) -> None:
         kwargs = dict(temperature=self.temperature, ignore_index=self.ignore_index, nonfinite=self.nonfinite,
                       backend=self.backend)
