@@ -51,9 +51,9 @@ def _calibration_rows_kernel(
         N, K, M, ignore_index, gamma0,
         EM: tl.constexpr, LOSS: tl.constexpr, STATS: tl.constexpr, ECE_GRAD: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Rows [pid·BLOCK_N, (pid+1)·BLOCK_N): loss and gradient of the target loss (LOSS), w·∂c/∂z
-    (ECE_GRAD), partial E-step statistics into stats[pid, 4, M] (STATS); acc_ptr is the per-bin accuracy
-    (hard bins) or θ (EM)."""
+    """Rows [pid·BLOCK_N, (pid+1)·BLOCK_N): L = Σ_j (p_j − τ_j)² and ∂L/∂z = p ⊙ (g − ⟨g, p⟩), g = 2(p − τ)
+    (LOSS); w · ∂c/∂z = w · c · (e_ŷ − p) (ECE_GRAD); partial E-step statistics into stats[pid, 4, M]
+    (STATS). acc_ptr is the per-bin accuracy (hard bins) or θ (EM)."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     in_range = rows < N
