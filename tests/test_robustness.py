@@ -1,0 +1,256 @@
+"""Numerical robustness against the reference on every available backend (SPEC §2–§5): logits of ±1e4,
+all-equal rows (ties → lowest index), bf16 / fp16 inputs, N = 1, every row ignored, empty input, and a
+streaming CalibrationMeter over 10⁷ rows whose memory stays flat.
+"""
+
+import ctypes
+import os
+
+import pytest
+import torch
+
+import calibkern as ck
+from calibkern import reference as ref
+
+from conftest import random_labels, random_logits
+
+M = 10
+IGNORE = -100
+ACCURACY = torch.linspace(0.0, 1.0, M)  # includes a = 0 and a = 1 (no non-max target mass)
+BACKENDS = ck.available_backends()
+
+
+def em_state():
+    state = ck.EMState(M)
+    g = torch.Generator().manual_seed(4)
+    state.pi = torch.softmax(torch.randn(M, generator=g, dtype=torch.float64), 0)
+    state.theta = torch.rand(M, generator=g, dtype=torch.float64)
+    return state
+
+
+def outputs(logits, labels, backend):
+    """Statistics, losses (sum reduction), gradients and E-step statistics of every op, by name."""
+    out = {}
+    for mode in ("top1", "classwise"):
+        stats = ck.binned_stats(logits, labels, M, mode=mode, backend=backend)
+        out.update({f"{mode}.counts": stats.counts, f"{mode}.sum_conf": stats.sum_conf,
+                    f"{mode}.sum_correct": stats.sum_correct})
+    for name, loss_of in {
+        "hard_bin": lambda z, st: ck.calibration_loss(z, labels, ACCURACY, reduction="sum", backend=backend),
+        "em_target": lambda z, st: ck.em_regularizer(z, labels, st, reduction="sum", accumulate=True,
+                                                     backend=backend),
+        "em_ece": lambda z, st: ck.em_regularizer(z, labels, st, form="ece", accumulate=True, backend=backend),
+    }.items():
+        state = em_state()
+        z = logits.clone().requires_grad_(True)
+        loss = loss_of(z, state)
+        loss.backward()
+        out.update({f"{name}.loss": loss.detach(), f"{name}.grad": z.grad, f"{name}.stats": state.accum})
+    return out
+
+
+def assert_matches_reference(logits, labels, backend):
+    got, want = outputs(logits, labels, backend), outputs(logits, labels, "torch")
+    for name, value in got.items():
+        assert not value.is_floating_point() or torch.isfinite(value).all(), f"{backend} {name} is not finite"
+        if value.is_floating_point():
+            tol = {} if value.dtype in (torch.bfloat16, torch.float16) else dict(rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(value, want[name], **tol, msg=lambda m: f"{backend} {name}: {m}")
+        else:
+            assert torch.equal(value, want[name]), f"{backend} {name}: {value} != {want[name]}"
+    return got
+
+
+def extreme_logits(n, k, dtype=torch.float32, seed=0):
+    """Rows mixing ±1e4, 0 and large random values, several with exact ties at the maximum."""
+    g = torch.Generator().manual_seed(seed)
+    choices = torch.tensor([-1e4, -9999.0, 0.0, 9999.0, 1e4])
+    logits = choices[torch.randint(0, len(choices), (n, k), generator=g)]
+    logits[::3] = torch.randn(len(logits[::3]), k, generator=g) * 1e4
+    return logits.clamp(-1e4, 1e4).to(dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_logits_of_plus_minus_1e4(backend, dtype):
+    logits = extreme_logits(64, 5, dtype)
+    labels = random_labels(64, 5, ignore_frac=0.2)
+    got = assert_matches_reference(logits, labels, backend)
+    kept = int((labels != IGNORE).sum())
+    assert int(got["top1.counts"].sum()) == kept
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_ties_pick_the_lowest_index(backend, dtype):
+    k = 4
+    logits = torch.tensor([[2.0, 2.0, 2.0, 2.0],       # all equal: ŷ = 0, c = 1/K
+                           [0.0, 0.0, 0.0, 0.0],
+                           [-1e4, -1e4, -1e4, -1e4],
+                           [1.0, 3.0, 3.0, 0.0],       # tie at the maximum: ŷ = 1
+                           [5.0, -1.0, 5.0, 5.0]], dtype=dtype)  # ŷ = 0
+    pred = torch.tensor([0, 0, 0, 1, 0])
+    for labels in (pred, (pred + 1) % k):
+        got = assert_matches_reference(logits, labels, backend)
+        n_correct = int((labels == pred).sum())
+        assert float(got["top1.sum_correct"].sum()) == n_correct
+    # the all-equal rows have confidence exactly 1/K (bin floor(M/K)), the two-way ties 1/2 or less
+    assert int(got["top1.counts"][int(M / k)]) == 3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs(backend, dtype):
+    logits = random_logits(300, 7, scale=4.0, dtype=dtype, seed=2)
+    labels = random_labels(300, 7, ignore_frac=0.1, seed=3)
+    got = assert_matches_reference(logits, labels, backend)
+    for name in ("hard_bin.grad", "em_target.grad", "em_ece.grad"):
+        assert got[name].dtype == dtype  # the gradient comes back in the logits' dtype
+    # the statistics are those of the upcast values: half precision only rounds the input
+    exact = ck.binned_stats(logits.float(), labels, M, backend="torch")
+    assert torch.equal(got["top1.counts"], exact.counts)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("k", [2, 5, 1000])
+def test_a_single_row(backend, k):
+    logits = random_logits(1, k, seed=k)
+    for label in (0, k - 1):
+        got = assert_matches_reference(logits, torch.tensor([label]), backend)
+        assert int(got["top1.counts"].sum()) == 1
+    assert ck.ece(logits, torch.tensor([0]), backend=backend).item() == pytest.approx(
+        abs(float(ref.softmax_parts(logits)[1]) - float(logits.argmax() == 0)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_row_ignored(backend):
+    logits = random_logits(9, 4, seed=6)
+    labels = torch.full((9,), IGNORE)
+    got = assert_matches_reference(logits, labels, backend)
+    for name, value in got.items():
+        assert torch.count_nonzero(value) == 0, f"{name} is not zero"
+    for form in ("target", "ece"):
+        z = logits.clone().requires_grad_(True)
+        loss = ck.em_regularizer(z, labels, ck.EMState(M), form=form, backend=backend)  # mean over 0 rows
+        loss.backward()
+        assert loss.item() == 0.0 and torch.count_nonzero(z.grad) == 0
+    z = logits.clone().requires_grad_(True)
+    loss = ck.calibration_loss(z, labels, ACCURACY, backend=backend)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.count_nonzero(z.grad) == 0
+    assert ck.ece(logits, labels, backend=backend).item() == 0.0
+    state = ck.EMState(M)
+    state.estep(logits, labels, backend=backend)
+    state.mstep()  # no mass anywhere: the components stay, θ falls back to the prior mean
+    assert all(torch.isfinite(t).all() for t in state.state_dict().values())
+    torch.testing.assert_close(state.mu, ck.EMState(M).mu)
+    torch.testing.assert_close(state.theta, torch.full((M,), 0.5, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nonfinite_rows_skipped_all_of_them(backend):
+    logits = torch.full((5, 3), float("nan"))
+    labels = torch.tensor([0, 1, 2, 0, 1])
+    stats = ck.binned_stats(logits, labels, M, nonfinite="skip", backend=backend)
+    assert int(stats.n_skipped) == 5 and int(stats.total()) == 0
+    z = logits.clone().requires_grad_(True)
+    loss = ck.calibration_loss(z, labels, ACCURACY, nonfinite="skip", backend=backend)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.count_nonzero(z.grad) == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_input_is_defined_or_a_clear_error(backend):
+    logits, labels = torch.empty(0, 4), torch.empty(0, dtype=torch.long)
+    # statistics and losses of no rows: zeros (an empty batch adds nothing)
+    got = outputs(logits, labels, backend)
+    for name, value in got.items():
+        assert torch.count_nonzero(value) == 0, name
+    meter = ck.CalibrationMeter(M, backend=backend)
+    meter.update(logits, labels)
+    assert all(torch.isfinite(v).all() and v.item() == 0 for v in meter.compute().values())
+    # a metric of no rows is undefined: an error naming the argument
+    for metric in (ck.ece, ck.classwise_ece):
+        with pytest.raises(ValueError, match="logits is empty"):
+            metric(logits, labels, backend=backend)
+    for metric in (ck.adaptive_ece, ck.nll, ck.brier):
+        with pytest.raises(ValueError, match="logits is empty"):
+            metric(logits, labels)
+    with pytest.raises(ValueError, match="before any update"):
+        ck.CalibrationMeter(M).compute()
+
+
+def test_meter_does_not_keep_the_autograd_graph():
+    """Training logits carry a graph; the meter's running sums must not hold on to it."""
+    meter = ck.CalibrationMeter(M)
+    logits = random_logits(50, 4).requires_grad_(True)
+    meter.update(logits, random_labels(50, 4))
+    assert not any(v.requires_grad for v in meter.compute().values())
+
+
+# -------------------------------------------------------------------------------------- streaming 10⁷ rows
+
+STREAM_ROWS, STREAM_CHUNK, STREAM_K = 10_000_000, 1_000_000, 4
+
+
+def _rss_bytes() -> int:
+    """Resident set size, after handing freed heap pages back to the system where glibc allows it."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _chunks():
+    """The 10⁷ rows, generated chunk by chunk (never all at once), with ignored rows."""
+    g = torch.Generator().manual_seed(7)
+    for _ in range(STREAM_ROWS // STREAM_CHUNK):
+        logits = torch.randn(STREAM_CHUNK, STREAM_K, generator=g) * 2.0
+        labels = torch.randint(0, STREAM_K, (STREAM_CHUNK,), generator=g)
+        labels[torch.rand(STREAM_CHUNK, generator=g) < 0.05] = IGNORE
+        yield logits, labels
+
+
+def _state_bytes(meter) -> int:
+    tensors = [meter.sum_nll, meter.sum_brier, meter.stats.counts, meter.stats.sum_conf,
+               meter.stats.sum_correct, meter.stats.n_skipped]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="RSS is read from /proc")
+def test_streaming_meter_over_ten_million_rows_has_flat_memory():
+    """The fastest CPU backend streams the rows; the reference merges its per-chunk statistics."""
+    backend = "cpp" if "cpp" in BACKENDS else "torch"
+    meter = ck.CalibrationMeter(M, backend=backend)
+    expected = ck.BinStats.empty(M)
+    sum_nll = torch.zeros((), dtype=torch.float64)
+    sum_brier = torch.zeros((), dtype=torch.float64)
+    state_bytes, rss = [], []
+    for logits, labels in _chunks():
+        meter.update(logits, labels)
+        expected = expected + ck.binned_stats(logits, labels, M, backend="torch")
+        log_p = torch.log_softmax(logits[labels != IGNORE].double(), 1)
+        kept = labels[labels != IGNORE]
+        sum_nll -= log_p.gather(1, kept[:, None]).sum()
+        sum_brier += (log_p.exp() - torch.nn.functional.one_hot(kept, STREAM_K)).square().sum()
+        state_bytes.append(_state_bytes(meter))
+        del logits, labels, log_p, kept
+        rss.append(_rss_bytes())
+    assert len(set(state_bytes)) == 1 and state_bytes[0] < 1024  # O(M) state, the same after every chunk
+    growth = max(rss[3:]) - max(rss[:3])  # after three chunks of warm-up
+    chunk_bytes = STREAM_CHUNK * STREAM_K * 4
+    assert growth < 2 * chunk_bytes, f"RSS grew by {growth / 2 ** 20:.1f} MiB while streaming: {rss}"
+
+    result = meter.compute()
+    n = int((expected.counts.sum()))
+    assert int(result["n"]) == n and 0.94 * STREAM_ROWS < n < 0.96 * STREAM_ROWS
+    assert torch.equal(meter.stats.counts, expected.counts)
+    torch.testing.assert_close(meter.stats.sum_conf, expected.sum_conf, rtol=1e-9, atol=0)
+    assert torch.equal(meter.stats.sum_correct, expected.sum_correct)  # integers, exact in float64
+    torch.testing.assert_close(result["ece"], expected.ece(), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(result["accuracy"], expected.accuracy(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(result["nll"], sum_nll / n, rtol=1e-6, atol=0)
+    torch.testing.assert_close(result["brier"], sum_brier / n, rtol=1e-6, atol=0)
