@@ -105,3 +105,21 @@ def test_alignment_uses_trl_dpo_trainer(setup, tmp_path):
     assert p_after.mean() > p_before.mean()  # DPO moved probability onto the chosen answers
     with pytest.raises(ValueError, match="two different options"):
         PreferencePair(examples[0], 1, 1)
+
+
+def test_label_smoothing_baseline_trains_with_the_smoothing_factor(setup, tmp_path):
+    from transformers import TrainingArguments
+
+    from calibkern.hf import build_sft_dataset, train_label_smoothing
+
+    tokenizer, option_ids, examples = setup
+    dataset = build_sft_dataset(tokenizer, examples[:8], option_ids)
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=1, report_to=[], save_strategy="no",
+        use_cpu=True, disable_tqdm=True,
+    )
+    model = make_model(tokenizer, seed=5)
+    before = model.lm_head.weight.detach().clone()
+    trainer = train_label_smoothing(model, dataset, args, epsilon=0.2, tokenizer=tokenizer)
+    assert trainer.label_smoother is not None and trainer.label_smoother.epsilon == 0.2
+    assert not torch.equal(model.lm_head.weight, before)

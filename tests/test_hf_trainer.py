@@ -258,3 +258,29 @@ def test_collator_pads_every_field():
     assert batch["input_ids"].tolist() == [[5, 6, 7], [5, 6, 0]]
     assert batch["labels"].tolist() == [[-100, -100, 7], [-100, 6, -100]]
     assert batch["answer_mask"].dtype == torch.bool and batch["answer_mask"].tolist()[1] == [False, True, False]
+
+
+def test_mixin_with_trl_sft_trainer(setup, tmp_path):
+    import datasets
+    from trl import SFTConfig, SFTTrainer
+
+    from calibkern.hf.data import answer_continuation, format_prompt
+
+    class CalibrationSFTTrainer(CalibrationTrainer, SFTTrainer):
+        pass
+
+    tokenizer, option_ids, examples = setup
+    rows = [{"prompt": format_prompt(e), "completion": answer_continuation(e.answer)} for e in examples[:8]]
+    model = make_model(tokenizer)
+    head_calls = _count_calls(model.get_output_embeddings())
+    args = SFTConfig(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, logging_steps=1, report_to=[],
+        save_strategy="no", use_cpu=True, disable_tqdm=True, gradient_checkpointing=False, bf16=False,
+    )
+    trainer = CalibrationSFTTrainer(
+        model=model, args=args, train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer,
+        calibration=CalibrationConfig(method="cft", option_ids=option_ids),
+    )
+    trainer.train()
+    assert head_calls == [] and int(trainer.bin_counts.sum()) == 8  # answers found by their option ids
+    assert any("calib_ece" in entry for entry in trainer.state.log_history)
