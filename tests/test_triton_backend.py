@@ -131,18 +131,19 @@ def test_cross_entropy_in_place_matches_reference(n, k, max_block_k):
 def edge_logits(dtype):
     """Rows for ties (within and across K-tiles of width 16), exact bin edges and extreme logits (K = 40)."""
     big = torch.finfo(dtype).max / 2
-    rows = torch.zeros(12, 40, dtype=torch.float64)
+    rows = torch.zeros(13, 40, dtype=torch.float64)
     rows[1, [3, 20, 37]] = 2.0  # tied maxima in three tiles: ŷ = 3
     rows[2, [20, 21]] = 5.0  # tie inside one tile
     rows[3, [5, 30]] = 1.0  # second max tied with the max across tiles
     rows[4, 0] = 1e4  # c = 1 exactly: last bin; q2 underflows to 0
     rows[5, 39], rows[5, :39] = big, -big  # largest finite logits
-    rows[6, :20] = 50.0  # c = 1/20: exact edge for M = 20
+    rows[6, :20] = 50.0  # c = 1/20: the edge 1/M for M = 20
     rows[7, :] = torch.linspace(-30, 30, 40)
     rows[8, 17] = 30.0  # q2 tiny but positive
     rows[9, :] = -big  # all equal and extreme: c = 1/40
-    rows[10, :8] = 3.0  # c = 1/8 exact
+    rows[10, :8] = 100.0  # c = 1/8: the edge 1/M for M = 8
     rows[11, 2] = 0.5
+    rows[12, [30, 35]] = 100.0  # c = 1/2: an edge for every even M
     return rows.to(dtype).to(DEVICE)
 
 
@@ -150,13 +151,14 @@ def edge_logits(dtype):
 @pytest.mark.parametrize("max_block_k", [16], indirect=True)
 def test_ties_bin_edges_and_extreme_logits(max_block_k, dtype):
     logits = edge_logits(dtype)
-    labels = torch.tensor([0, 3, 20, 5, 0, 39, 0, 39, 17, 0, IGNORE, 2], device=DEVICE)
-    for n_bins in (8, 20, 10):
+    labels = torch.tensor([0, 3, 20, 5, 0, 39, 0, 39, 17, 0, 0, IGNORE, 30], device=DEVICE)
+    for n_bins in (10, 20, 8):
         got = tri.binned_stats(logits, labels, n_bins, 1.0, IGNORE, False)
         assert_stats_equal(got, ref.binned_stats(logits, labels, n_bins, 1.0, IGNORE, False))
         assert_stats_equal(tri.binned_stats(logits, labels, n_bins, 1.0, IGNORE, True),
                            ref.binned_stats(logits, labels, n_bins, 1.0, IGNORE, True))
-    assert got[0].sum() == 11 and got[2].sum() == 11  # every kept row is correct, ties broken low
+    # M = 8: c = 1/8 opens bin 1, c = 1/2 bin 4, c = 1 closes bin 7; ties broken low, so every kept row is correct
+    assert got[0].tolist() == [5, 1, 0, 1, 1, 0, 1, 3] and torch.equal(got[2], got[0].double())
     for n_bins in (8, 20):
         acc = torch.linspace(0, 1, n_bins, device=DEVICE)
         assert_close(tri.hard_bin_loss(logits, labels, acc, IGNORE), ref.hard_bin_loss(logits, labels, acc, IGNORE))
@@ -272,3 +274,11 @@ def test_torch_compile_traces_a_training_step_without_graph_breaks():
         step(x_eager, backend).backward()
         torch.testing.assert_close(loss, step(logits, backend))
         torch.testing.assert_close(x_compiled.grad, x_eager.grad)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device exists: gpu_check would run for real")
+def test_gpu_check_fails_clearly_without_cuda():
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "gpu_check.py")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True)
+    assert done.returncode == 2 and "no CUDA device" in done.stderr
