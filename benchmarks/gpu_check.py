@@ -29,6 +29,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # `python benchmarks/gpu_check.py` from a checkout that is not installed
+    sys.path.insert(1, str(REPO_ROOT))
 IGNORE = -100
 N_BINS = 15
 COPY_GOAL = 0.70  # binned_stats GB/s ÷ copy GB/s
