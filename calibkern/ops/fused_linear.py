@@ -53,7 +53,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         device = hidden.device
         n, k = rows.shape[0], option_ids.shape[0]
         weight_t = weight.t()
-        loss_sum = torch.zeros((), dtype=acc, device=device)
+        row_loss = torch.empty(n, dtype=acc, device=device)
         option_logits = torch.empty((n, k), dtype=acc, device=device)
         need_hidden, need_weight, need_bias = (grad_enabled and need for need in ctx.needs_input_grad[:3])
         grad_hidden = torch.zeros(hidden.shape, dtype=acc, device=device) if need_hidden else None
@@ -64,8 +64,8 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             h = hidden.index_select(0, chunk_rows)
             logits = h @ weight_t if bias is None else torch.addmm(bias, h, weight_t)
             logits = logits.to(acc)
-            option_logits[start:end] = logits[:, option_ids]
-            loss_sum += kernels.cross_entropy_(logits, targets[start:end], ignore_index).sum()
+            torch.index_select(logits, 1, option_ids, out=option_logits[start:end])
+            row_loss[start:end] = kernels.cross_entropy_(logits, targets[start:end], ignore_index)
             grad_logits = logits  # overwritten in place by cross_entropy_
             if grad_hidden is not None:
                 grad_hidden.index_copy_(0, chunk_rows, (grad_logits.to(weight.dtype) @ weight).to(acc))
@@ -78,7 +78,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         ctx.chunk_size = chunk_size
         ctx.used = False
         ctx.set_materialize_grads(False)
-        return loss_sum, option_logits
+        return row_loss.sum(), option_logits
 
     @staticmethod
     def backward(ctx, grad_loss_sum, grad_option_logits):
