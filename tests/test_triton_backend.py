@@ -3,8 +3,9 @@ public API, plus the ``torch.library`` custom ops under ``torch.compile``.
 
 Runs on CPU tensors through the Triton interpreter (tests/conftest.py sets ``TRITON_INTERPRET=1`` before
 triton is imported) or on CUDA tensors where a GPU exists. Small shapes: N ≤ 64, K up to 4099 (not a
-multiple of the K-tile), fp32 and fp16 (the interpreter has no bf16 arithmetic). Bin counts must match
-exactly; values and gradients to float32 tolerance.
+multiple of the K-tile), fp32 and fp16, and one bf16 case (the interpreter has no bf16 arithmetic, but the
+kernels only load bf16 and convert it). Bin counts must match exactly; values and gradients to float32
+tolerance.
 """
 
 import os
@@ -124,6 +125,18 @@ def test_cross_entropy_in_place_matches_reference(n, k, max_block_k):
     got_logits, want_logits = logits.clone(), logits.clone()
     assert_close([tri.cross_entropy_(got_logits, targets, IGNORE), got_logits],
                  [ref.cross_entropy_(want_logits, targets, IGNORE), want_logits])
+
+
+@pytest.mark.parametrize("max_block_k", [16], indirect=True)
+def test_bfloat16_inputs_are_loaded_as_float32(max_block_k):
+    """bf16 logits (the GPU's training dtype): the kernels only convert them, so the interpreter runs them."""
+    logits, labels = inputs(17, 37, torch.bfloat16, seed=9)
+    for classwise in (False, True):
+        args = (logits, labels, 10, 1.0, IGNORE, classwise)
+        assert_stats_equal(tri.binned_stats(*args), ref.binned_stats(*args))
+    log_pi, mu, sigma, theta = em_params(10)
+    assert_close(tri.em_target_loss(logits, labels, log_pi, mu, sigma, theta, IGNORE)[:2],
+                 ref.em_target_loss(logits, labels, log_pi, mu, sigma, theta, IGNORE)[:2])
 
 
 # ------------------------------------------------------------------------------------------------ edge cases
