@@ -21,13 +21,14 @@ from types import ModuleType
 
 import torch
 
-MIN_CHUNK_ROWS = 32
+MIN_CHUNK_ROWS = 128
 
 
 def default_chunk_size(n_rows: int, hidden_dim: int, vocab_size: int, hidden_itemsize: int) -> int:
     """Rows per chunk such that a chunk's float32 logits are about the size of ``hidden`` in bytes.
 
-    At least ``MIN_CHUNK_ROWS`` rows (tiny models would otherwise run one matrix product per row).
+    At least ``MIN_CHUNK_ROWS`` rows: every chunk reads and writes all of ``grad_weight`` (``V × D``) for
+    ``2 · rows · V · D`` flops, so fewer rows would make that accumulation memory-bound.
     """
     rows = math.ceil(n_rows * hidden_dim * hidden_itemsize / (vocab_size * 4))
     return max(MIN_CHUNK_ROWS, rows)
