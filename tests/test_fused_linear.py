@@ -124,11 +124,12 @@ def test_chunk_sizes(chunk_size):
     check_against_eager("torch", hidden, weight, bias, labels, calibration="em", chunk_size=chunk_size)
 
 
-def test_answer_mask_overrides_default():
+@pytest.mark.parametrize("shift", [True, False])
+def test_answer_mask_overrides_default(shift):
     hidden, weight, bias, labels = make_batch(seed=3)
     answer_mask = torch.zeros(B, T, dtype=torch.bool)
     answer_mask[0, 8] = answer_mask[1, 6] = True  # two of the four option-token positions
-    out = check_against_eager("torch", hidden, weight, bias, labels, calibration="hard_bin",
+    out = check_against_eager("torch", hidden, weight, bias, labels, calibration="hard_bin", shift=shift,
                               answer_mask=answer_mask, chunk_size=5)
     assert int(out.bin_stats.counts.sum()) == 2
 
