@@ -24,7 +24,7 @@ import torch
 import calibkern
 
 from .data import DEFAULT_TEMPLATE, MCQCollator, MCQExample, detect_option_ids, encode_prompt, resolve_pad_token_id
-from .modeling import final_hidden_states, option_logits_at
+from .modeling import decoder_forward, option_logits_at
 
 __all__ = [
     "EvaluationResult",
@@ -94,10 +94,10 @@ def collect_option_logits(
                 ids = encode_prompt(tokenizer, example, template)
                 features.append({"input_ids": ids, "attention_mask": [1] * len(ids)})
             batch = {key: value.to(device) for key, value in collate(features).items()}
-            hidden = final_hidden_states(model, batch)
+            hidden, weight, bias = decoder_forward(model, batch)
             last = batch["attention_mask"].sum(dim=1) - 1
             rows = hidden[torch.arange(hidden.shape[0], device=device), last]
-            chunks.append(option_logits_at(rows, model, option_ids).cpu())
+            chunks.append(option_logits_at(rows, weight, bias, option_ids).cpu())
     finally:
         model.train(was_training)
     labels = torch.tensor([example.answer for example in examples], dtype=torch.long)

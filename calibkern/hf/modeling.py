@@ -3,7 +3,7 @@
 The calibration losses need the final hidden states ``h`` and the output-embedding weight ``W`` (SPEC §6):
 the fused loss computes ``h · Wᵀ`` only where it needs it, so the ``[tokens, V]`` logits never exist.
 
-:func:`final_hidden_states` calls the *outermost* model (``DistributedDataParallel``, a PEFT wrapper, …) with
+:func:`decoder_forward` calls the *outermost* model (``DistributedDataParallel``, a PEFT wrapper, …) with
 the causal LM's ``forward`` swapped, for that one call, for its decoder's. Going through the wrappers keeps
 what they do on the way in — DDP's gradient-synchronisation set-up, PEFT's adapter hooks, gradient
 checkpointing, autocast set up by a PEFT wrapper — and the lm_head is never called. When Accelerate's
@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
-__all__ = ["causal_lm_of", "final_hidden_states", "output_projection", "option_logits_at"]
+__all__ = ["DecoderOutput", "causal_lm_of", "decoder_forward", "option_logits_at"]
 
 # Arguments the decoder takes from a causal-LM call; everything else (labels, loss kwargs, output flags that
 # PEFT fills with None) stays out.
@@ -46,14 +47,30 @@ def causal_lm_of(model: nn.Module) -> nn.Module:
     return seen
 
 
+class DecoderOutput(NamedTuple):
+    """Final hidden states ``[B, T, D]`` and the output projection ``weight [V, D]``, ``bias [V] | None``."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+
 @contextlib.contextmanager
 def _decoder_as_forward(causal_lm: nn.Module):
-    """Within the block, calling ``causal_lm`` runs only its decoder and returns the final hidden states."""
+    """Within the block, calling ``causal_lm`` runs only its decoder and returns a :class:`DecoderOutput`.
+
+    The weight and bias leave the forward as views, so the lm_head's parameters are part of the forward's
+    output graph: DDP (with ``find_unused_parameters``) then counts them as used instead of marking them
+    ready before the backward pass reaches them.
+    """
     decoder = causal_lm.get_decoder()
+    head = causal_lm.get_output_embeddings()
 
     def decoder_forward(*args, **kwargs):
         arguments = {key: kwargs[key] for key in DECODER_ARGUMENTS if kwargs.get(key) is not None}
-        return decoder(*args, **arguments, use_cache=False, return_dict=True).last_hidden_state
+        hidden = decoder(*args, **arguments, use_cache=False, return_dict=True).last_hidden_state
+        bias = getattr(head, "bias", None)
+        return DecoderOutput(hidden, head.weight.view_as(head.weight), None if bias is None else bias.view_as(bias))
 
     # Accelerate may already have set an instance ``forward`` (its autocast wrapper): put it back afterwards.
     previous = causal_lm.__dict__.get("forward")
@@ -67,25 +84,19 @@ def _decoder_as_forward(causal_lm: nn.Module):
             causal_lm.forward = previous
 
 
-def final_hidden_states(model: nn.Module, inputs: dict) -> torch.Tensor:
-    """``[B, T, D]`` final (normed) hidden states of ``model`` on ``inputs``, one decoder pass, no lm_head."""
+def decoder_forward(model: nn.Module, inputs: dict) -> DecoderOutput:
+    """One decoder pass of ``model`` on ``inputs`` (no lm_head): final (normed) hidden states and the output
+    projection to apply to them."""
     causal_lm = causal_lm_of(model)
     arguments = {key: inputs[key] for key in DECODER_ARGUMENTS if inputs.get(key) is not None}
     with _decoder_as_forward(causal_lm):
-        return model(**arguments)
-
-
-def output_projection(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(weight [V, D], bias [V] or None)`` of the model's output embeddings (the lm_head)."""
-    head = causal_lm_of(model).get_output_embeddings()
-    return head.weight, getattr(head, "bias", None)
+        return DecoderOutput(*model(**arguments))
 
 
 def option_logits_at(
-    hidden: torch.Tensor, model: nn.Module, option_ids: Sequence[int] | torch.Tensor
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, option_ids: Sequence[int] | torch.Tensor
 ) -> torch.Tensor:
     """Option logits ``h · W[option_ids]ᵀ (+ b[option_ids])`` in float32 for hidden rows ``[N, D]``."""
-    weight, bias = output_projection(model)
     index = torch.as_tensor(option_ids, dtype=torch.long, device=weight.device)
     logits = hidden.float() @ weight.index_select(0, index).float().t()
     if bias is not None:

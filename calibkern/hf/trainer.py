@@ -1,6 +1,6 @@
 """CalibrationTrainer: CFT / RCFT as a ``transformers.Trainer`` with one decoder pass per step (SPEC §6).
 
-Each training step runs the decoder once (:func:`calibkern.hf.modeling.final_hidden_states`) and hands the final
+Each training step runs the decoder once (:func:`calibkern.hf.modeling.decoder_forward`) and hands the final
 hidden states and the lm_head weight to :func:`calibkern.fused_linear_calibration_loss`, which computes
 
     loss = sft_weight · CE + lam · calibration term
@@ -47,7 +47,7 @@ import calibkern
 
 from .config import CalibrationConfig
 from .data import MCQCollator, resolve_pad_token_id
-from .modeling import final_hidden_states, option_logits_at, output_projection
+from .modeling import decoder_forward, option_logits_at
 
 __all__ = ["CalibrationTrainer", "compute_loss_func", "answer_positions", "STATE_FILE"]
 
@@ -147,8 +147,7 @@ class CalibrationTrainer(Trainer):
         labels = inputs["labels"]
         answer_mask = inputs.get("answer_mask")
         with self.accelerator.autocast():
-            hidden = final_hidden_states(model, inputs)
-        weight, bias = output_projection(model)
+            hidden, weight, bias = decoder_forward(model, inputs)
         form = None if calibration.official_compat else _CALIBRATION_FORM[calibration.method]
         fused = calibkern.fused_linear_calibration_loss(
             hidden,
@@ -172,7 +171,7 @@ class CalibrationTrainer(Trainer):
         streaming = self.em_state is not None and calibration.refresh == "stream"
         if calibration.official_compat or (streaming and model.training):
             mask, option_labels = answer_positions(labels, self.option_ids, answer_mask)
-            option_logits = option_logits_at(hidden[:, :-1][mask], model, self.option_ids)
+            option_logits = option_logits_at(hidden[:, :-1][mask], weight, bias, self.option_ids)
             if calibration.official_compat:
                 cal_loss = calibkern.calibration_loss(
                     option_logits,
@@ -250,9 +249,9 @@ class CalibrationTrainer(Trainer):
                 batch = self.data_collator([dataset[i] for i in indices[start : start + batch_size]])
                 batch = self._prepare_inputs(batch)
                 with self.accelerator.autocast():
-                    hidden = final_hidden_states(model, batch)
+                    hidden, weight, bias = decoder_forward(model, batch)
                 mask, option_labels = answer_positions(batch["labels"], self.option_ids, batch.get("answer_mask"))
-                yield option_logits_at(hidden[:, :-1][mask], model, self.option_ids), option_labels
+                yield option_logits_at(hidden[:, :-1][mask], weight, bias, self.option_ids), option_labels
         finally:
             model.train(was_training)
 
