@@ -126,10 +126,9 @@ def binned_stats(logits: torch.Tensor, labels: torch.Tensor, n_bins: int, temper
                                                    BLOCK_N=block_n, BLOCK_K=block_k,
                                                    num_warps=warps(block_n, block_k))
     # class tiles small enough for a [BLOCK_N, BLOCK_K, BLOCK_M] one-hot; chunks bounded by memory
-    class_block = min(triton.next_power_of_2(K), 64, common.MAX_BLOCK_K)
+    class_block = min(triton.next_power_of_2(K), common.MAX_CLASS_BLOCK, common.MAX_BLOCK_K)
     class_tiles = triton.cdiv(K, class_block)
-    # a quarter of the usual tile: the one-hot cell carries an int64 and two float64 accumulators
-    row_block = min(triton.next_power_of_2(N), max(1, common.MAX_TILE // (4 * class_block * block_m)))
+    row_block = min(triton.next_power_of_2(N), max(1, common.MAX_ONEHOT // (class_block * block_m)))
     chunks = max(1, min(triton.cdiv(N, row_block), triton.cdiv(common.MIN_PROGRAMS, class_tiles),
                         PARTIAL_BUDGET // (K * M)))
     rows_per_chunk = triton.cdiv(N, chunks)

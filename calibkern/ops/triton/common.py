@@ -19,6 +19,10 @@ MAX_BLOCK_K = 4096  # widest K-tile; tests lower it to exercise many tiles at sm
 MAX_TILE = 65536 if INTERPRETED else 4096  # elements per [BLOCK_N, BLOCK_K] tile (numpy likes them big)
 MIN_PROGRAMS = 1 if INTERPRETED else 1024  # the interpreter runs programs one after another
 MAX_BLOCK_M = 64  # bins (or mixture components) handled per step of a loop over M
+# classwise binning: classes per program, and cells of its [rows, classes, bins] one-hot (on a GPU each
+# cell holds an int64 and two float64 sums)
+MAX_CLASS_BLOCK = 1024 if INTERPRETED else 64
+MAX_ONEHOT = 262144 if INTERPRETED else 1024
 
 
 def row_blocks(n_rows: int, width: int) -> tuple[int, int]:
@@ -96,7 +100,7 @@ def sum_partials(partials: torch.Tensor) -> torch.Tensor:
     P, shape = partials.shape[0], partials.shape[1:]
     out = torch.empty(shape, dtype=partials.dtype, device=partials.device)
     L = out.numel()
-    block_l = min(triton.next_power_of_2(L), 256)
+    block_l = min(triton.next_power_of_2(L), MAX_TILE // 16)
     block_p = min(triton.next_power_of_2(P), MAX_TILE // block_l)
     _sum_partials_kernel[(triton.cdiv(L, block_l),)](partials, out, P, L, BLOCK_P=block_p, BLOCK_L=block_l)
     return out
