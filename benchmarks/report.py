@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import textwrap
 
 COLUMNS = ("benchmark", "quantity", "candidate", "baseline", "candidate value", "baseline value",
            "gain (baseline ÷ candidate)", "goal", "result")
@@ -82,6 +83,22 @@ def _finite(value):
     return value
 
 
+def _restored(value):
+    """The inverse of :func:`_finite`."""
+    if isinstance(value, str) and value in ("inf", "-inf", "nan"):
+        return float(value)
+    if isinstance(value, dict):
+        return {key: _restored(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_restored(item) for item in value]
+    return value
+
+
+def read_json(path: str) -> dict:
+    with open(path) as source:
+        return _restored(json.load(source))
+
+
 def write_json(path: str, document: dict) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as out:
@@ -138,6 +155,8 @@ def write_chart(path: str, rows: list[dict], title: str) -> bool:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.lines import Line2D
+        from matplotlib.patches import Patch
     except ImportError:
         return False
     shown = [row for row in rows if not row["skipped"] and row["gain"] is not None]
@@ -146,8 +165,8 @@ def write_chart(path: str, rows: list[dict], title: str) -> bool:
     cap = 1e4
     gains = [min(row["gain"], cap) for row in shown]
     colours = ["tab:green" if row["met"] else "tab:red" if row["met"] is False else "tab:gray" for row in shown]
-    labels = [f"{row['name']}\n{row['quantity']}" for row in shown]
-    figure, axes = plt.subplots(figsize=(10, 0.62 * len(shown) + 1.4))
+    labels = [textwrap.fill(row["name"], 48) + "\n" + row["quantity"] for row in shown]
+    figure, axes = plt.subplots(figsize=(11, 0.75 * len(shown) + 1.6))
     positions = range(len(shown))
     axes.barh(positions, gains, color=colours)
     for position, row in zip(positions, shown):
@@ -158,7 +177,10 @@ def write_chart(path: str, rows: list[dict], title: str) -> bool:
     axes.set_xscale("log")
     axes.set_yticks(list(positions), labels, fontsize=7)
     axes.invert_yaxis()
-    axes.set_xlabel("gain = baseline ÷ candidate (log scale); black tick: goal; green met, red missed, gray no goal")
+    axes.set_xlabel("gain = baseline ÷ candidate (log scale)")
+    legend = [Patch(color="tab:green", label="goal met"), Patch(color="tab:red", label="goal missed"),
+              Patch(color="tab:gray", label="no goal"), Line2D([], [], color="black", linewidth=2, label="goal")]
+    axes.legend(handles=legend, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     axes.set_title(title, fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=110)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import re
@@ -138,8 +137,7 @@ def run_suite(suite: str, module_name: str, quick: bool) -> tuple[list[dict], st
 
 def previous_results(path: str) -> dict:
     try:
-        with open(path) as previous:
-            return json.load(previous)
+        return report.read_json(path)
     except (OSError, ValueError):
         return {"rows": [], "suites": {}}
 
