@@ -193,7 +193,8 @@ def main(argv=None) -> int:
     charted = report.write_chart(chart_path, rows, title)
     chart_name = os.path.relpath(chart_path, os.path.dirname(os.path.abspath(args.markdown))) if charted else None
     report.write_markdown(args.markdown, document, chart_name)
-    print(f"\nwrote {json_path}, {args.markdown}" + (f", {chart_path}" if charted else " (no chart: matplotlib missing)"))
+    total = sum(suite["seconds"] for suite in suites.values())
+    print(f"\n{len(suites)} suites in {total:.0f} s; wrote {json_path}, {args.markdown}" + (f", {chart_path}" if charted else " (no chart: matplotlib missing)"))
     if busy:
         print(f"warning: load average {max(load_start, load_end):.1f} on {os.cpu_count()} CPUs — the machine was "
               "busy; rerun on a quiet machine for representative numbers")
