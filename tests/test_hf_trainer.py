@@ -15,7 +15,7 @@ import calibkern  # noqa: E402
 from calibkern.hf import CalibrationConfig, CalibrationTrainer, build_sft_dataset, compute_loss_func  # noqa: E402
 from calibkern.hf.data import MCQCollator, detect_option_ids  # noqa: E402
 from calibkern.hf.trainer import STATE_FILE  # noqa: E402
-from hf_tiny import make_examples, make_model, make_tokenizer  # noqa: E402
+from hf_tiny import one_torch_thread, make_examples, make_model, make_tokenizer  # noqa: E402, F401
 
 BIN_ACCURACY = [0.05 + 0.1 * k for k in range(10)]
 
@@ -24,7 +24,7 @@ BIN_ACCURACY = [0.05 + 0.1 * k for k in range(10)]
 def setup():
     tokenizer = make_tokenizer()
     option_ids = detect_option_ids(tokenizer, 4)
-    examples = make_examples(16)
+    examples = make_examples(8)
     return tokenizer, option_ids, examples
 
 
@@ -35,7 +35,7 @@ def _args(tmp_path, **overrides):
         per_device_eval_batch_size=8,
         num_train_epochs=1,
         learning_rate=1e-2,
-        logging_steps=2,
+        logging_steps=1,
         report_to=[],
         save_strategy="no",
         use_cpu=True,
@@ -77,8 +77,8 @@ def test_one_decoder_pass_per_step_and_no_lm_head(setup, tmp_path, method, em):
     config = _config(option_ids, method, **({"em": em} if em else {}))
     trainer = _trainer(setup, tmp_path, method, model=model, config=config)
     trainer.train()
-    assert trainer.state.global_step == 4
-    assert len(decoder_calls) == 4
+    assert trainer.state.global_step == 2
+    assert len(decoder_calls) == 2
     assert head_calls == []
     logged = [entry for entry in trainer.state.log_history if "calib_ece" in entry]
     assert len(logged) == 2
@@ -86,7 +86,7 @@ def test_one_decoder_pass_per_step_and_no_lm_head(setup, tmp_path, method, em):
         assert 0.0 <= entry["calib_ece"] <= 1.0 and 0.0 <= entry["calib_accuracy"] <= 1.0
         assert 0.0 < entry["calib_mean_confidence"] <= 1.0 and entry["calib_term"] >= 0.0
     if method == "rcft":
-        assert int(trainer.em_state.n_msteps) == 4  # streaming: one M-step per optimizer step
+        assert int(trainer.em_state.n_msteps) == 2  # streaming: one M-step per optimizer step
 
 
 def test_cft_estimates_bin_accuracy_in_one_pass_before_training(setup, tmp_path):
@@ -97,7 +97,7 @@ def test_cft_estimates_bin_accuracy_in_one_pass_before_training(setup, tmp_path)
     config = CalibrationConfig(method="cft", option_ids=option_ids)
     trainer = _trainer(setup, tmp_path, "cft", model=model, config=config)
     trainer.train()
-    assert len(decoder_calls) == 2 + 4  # 16 rows in eval batches of 8, then 4 training steps
+    assert len(decoder_calls) == 1 + 2  # 8 rows in one eval batch, then 2 training steps
     logits, labels = calibkern.hf.evaluation.collect_option_logits(
         reference_model, tokenizer, examples, option_ids, progress=False
     )
@@ -107,15 +107,18 @@ def test_cft_estimates_bin_accuracy_in_one_pass_before_training(setup, tmp_path)
     assert torch.equal(trainer.bin_counts.cpu(), stats.counts)
 
 
-def test_rcft_epoch_refresh_runs_outside_training_steps(setup, tmp_path):
+def test_rcft_epoch_refresh_on_a_held_out_split_runs_outside_training_steps(setup, tmp_path):
     tokenizer, option_ids, _ = setup
+    held_out = build_sft_dataset(tokenizer, make_examples(5, seed=9), option_ids, supervise="full")
     model = make_model(tokenizer)
     decoder_calls = _count_calls(model.get_decoder())
-    trainer = _trainer(setup, tmp_path, "rcft", model=model, num_train_epochs=2)
+    config = CalibrationConfig(method="rcft", option_ids=option_ids, calibration_dataset=held_out)
+    trainer = _trainer(setup, tmp_path, "rcft", model=model, num_train_epochs=2, config=config)
     trainer.train()
-    # per epoch: 2 refresh batches (16 rows / eval batch 8) + 4 training steps
-    assert len(decoder_calls) == 2 * (2 + 4)
+    # per epoch: 1 refresh batch (5 held-out rows) + 2 training steps (8 rows in batches of 4)
+    assert len(decoder_calls) == 2 * (1 + 2)
     assert trainer.em_refreshed_epoch == 1 and int(trainer.em_state.n_msteps) == 2
+    assert float(trainer.em_state.running[0].sum()) == pytest.approx(5.0)  # Σ_k S_k = held-out answers
 
 
 def test_lora_training_changes_only_adapter_weights(setup, tmp_path):
@@ -136,7 +139,7 @@ def test_lora_training_changes_only_adapter_weights(setup, tmp_path):
     changed = {name for name in before if not torch.equal(before[name], after[name])}
     assert changed and all("lora_" in name for name in changed)
     assert any("lora_A" in name for name in changed) and any("lora_B" in name for name in changed)
-    assert len(decoder_calls) == 4 and head_calls == []
+    assert len(decoder_calls) == 2 and head_calls == []
 
 
 def test_gradient_checkpointing_and_bf16_autocast(setup, tmp_path):
@@ -147,7 +150,7 @@ def test_gradient_checkpointing_and_bf16_autocast(setup, tmp_path):
     trainer = _trainer(setup, tmp_path, "cft", model=model, gradient_checkpointing=True, bf16=True)
     result = trainer.train()
     assert torch.isfinite(torch.tensor(result.training_loss))
-    assert len(decoder_calls) == 4 and head_calls == []
+    assert len(decoder_calls) == 2 and head_calls == []
     assert model.get_decoder().gradient_checkpointing
 
 
@@ -204,18 +207,18 @@ def test_official_compat_combination(setup, tmp_path):
     trainer = _trainer(setup, tmp_path, "cft", config=config)
     batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(4)]))
     loss, parts = trainer.compute_loss(trainer.model, batch, return_outputs=True)
-    assert trainer.bin_counts is not None and int(trainer.bin_counts.sum()) == 16
+    assert trainer.bin_counts is not None and int(trainer.bin_counts.sum()) == 8
     torch.testing.assert_close(loss.detach(), 0.5 * parts["sft_loss"] + 0.5e-3 * parts["cal_loss"])
 
 
 def test_save_and_resume_restore_the_em_state_exactly(setup, tmp_path):
     tokenizer, _, _ = setup
-    options = dict(num_train_epochs=2, save_strategy="steps", save_steps=3)
+    options = dict(num_train_epochs=3, save_strategy="steps", save_steps=3)
     full = _trainer(setup, tmp_path / "full", "rcft", model=make_model(tokenizer), **options)
     full.train()
-    checkpoint = tmp_path / "full" / "checkpoint-3"  # mid-way through the first epoch (4 steps per epoch)
+    checkpoint = tmp_path / "full" / "checkpoint-3"  # mid-way through the second epoch (2 steps per epoch)
     saved = torch.load(checkpoint / STATE_FILE, weights_only=False)
-    assert saved["em_refreshed_epoch"] == 0
+    assert saved["em_refreshed_epoch"] == 1
 
     resumed = _trainer(setup, tmp_path / "full", "rcft", model=make_model(tokenizer, seed=7), **options)
     resumed.load_calibration_state(saved)
@@ -223,7 +226,7 @@ def test_save_and_resume_restore_the_em_state_exactly(setup, tmp_path):
         assert torch.equal(resumed.em_state.state_dict()[name], value)
     resumed = _trainer(setup, tmp_path / "full", "rcft", model=make_model(tokenizer, seed=7), **options)
     resumed.train(resume_from_checkpoint=str(checkpoint))
-    assert resumed.em_refreshed_epoch == full.em_refreshed_epoch == 1
+    assert resumed.em_refreshed_epoch == full.em_refreshed_epoch == 2  # the third epoch's refresh ran once
     for name, value in full.em_state.state_dict().items():
         assert torch.equal(resumed.em_state.state_dict()[name], value), name
     for (name, a), b in zip(full.model.named_parameters(), resumed.model.parameters()):
