@@ -105,7 +105,8 @@ def _split_medians_row(row: dict) -> list[dict]:
     if "peak_mem_bytes" in row:
         goal, min_gain = goals.get("memory", ("", None))
         base = row.get("baseline_peak_mem_bytes")
-        out.append({**common, "quantity": "peak memory", "unit": "MiB", "candidate_value": row["peak_mem_bytes"] / 2**20,
+        out.append({**common, "quantity": "peak memory", "unit": "MiB",
+                    "candidate_value": row["peak_mem_bytes"] / 2**20,
                     "baseline_value": None if base is None else base / 2**20, "goal": goal, "min_gain": min_gain})
     return out
 
@@ -194,7 +195,9 @@ def main(argv=None) -> int:
     chart_name = os.path.relpath(chart_path, os.path.dirname(os.path.abspath(args.markdown))) if charted else None
     report.write_markdown(args.markdown, document, chart_name)
     total = sum(suite["seconds"] for suite in suites.values())
-    print(f"\n{len(suites)} suites in {total:.0f} s; wrote {json_path}, {args.markdown}" + (f", {chart_path}" if charted else " (no chart: matplotlib missing)"))
+    written = ", ".join([json_path, args.markdown] + ([chart_path] if charted else []))
+    print(f"\n{len(suites)} suites in {total:.0f} s; wrote {written}"
+          + ("" if charted else " (no chart: no matplotlib)"))
     if busy:
         print(f"warning: load average {max(load_start, load_end):.1f} on {os.cpu_count()} CPUs — the machine was "
               "busy; rerun on a quiet machine for representative numbers")

@@ -83,8 +83,8 @@ def in_subprocess(module: str, function: str, timeout: float = 600.0, env: dict 
     code = ("import json, sys; sys.path[:0] = sys.argv[1].split('|'); import importlib; "
             "result = getattr(importlib.import_module(sys.argv[2]), sys.argv[3])(**json.loads(sys.argv[4])); "
             "print('\\nRESULT ' + json.dumps(result))")
-    done = subprocess.run([sys.executable, "-c", code, f"{BENCH_DIR}|{REPO_ROOT}", module, function, json.dumps(kwargs)],
-                          capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    command = [sys.executable, "-c", code, f"{BENCH_DIR}|{REPO_ROOT}", module, function, json.dumps(kwargs)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
     results = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not results:
         tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
