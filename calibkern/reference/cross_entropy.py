@@ -1,7 +1,8 @@
 """In-place cross-entropy pass used by the fused linear loss.
 
-``loss_i = logsumexp(z_i) − z_{i,y_i}``; ``z_i`` is overwritten with ``∂loss_i/∂z_i = softmax(z_i) − e_{y_i}``.
-Ignored rows give loss 0 and gradient 0.
+``loss_i = logsumexp(z_i) − z_{i,y_i}``, computed as ``log s − (z_{i,y_i} − m)`` with ``m = max z_i`` and
+``s = Σ exp(z_i − m)`` (exact even when every logit is huge); ``z_i`` is overwritten with
+``∂loss_i/∂z_i = exp(z_i − m)/s − e_{y_i}``. Ignored rows give loss 0 and gradient 0.
 """
 
 from __future__ import annotations
@@ -12,9 +13,12 @@ import torch
 def cross_entropy_(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
     keep = targets != ignore_index
     safe = torch.where(keep, targets, torch.zeros_like(targets))
-    lse = torch.logsumexp(logits, dim=1)
-    loss = (lse - logits.gather(1, safe[:, None]).squeeze(1)) * keep
-    logits.sub_(lse[:, None]).exp_()
-    logits.scatter_add_(1, safe[:, None], -torch.ones_like(lse)[:, None])
+    m = logits.amax(dim=1, keepdim=True)
+    z_y = logits.gather(1, safe[:, None])
+    logits.sub_(m).exp_()
+    s = logits.sum(dim=1, keepdim=True)
+    loss = (s.log() - (z_y - m)).squeeze(1) * keep
+    logits.div_(s)
+    logits.scatter_add_(1, safe[:, None], -torch.ones_like(s))
     logits.mul_(keep[:, None])
     return loss
