@@ -1,0 +1,47 @@
+"""The ``cpp`` backend: the kernel contract of docs/backends.md on CPU tensors, computed by the compiled
+extension ``calibkern._C`` (csrc/). Importing this module raises ImportError when the extension was not
+built, which :mod:`calibkern.backends` reports as "cpp unavailable".
+
+Each function is a thin wrapper; the kernels are single-pass per row, OpenMP-parallel over fixed blocks of
+rows, float32 math with float64 statistics, and bitwise identical for any number of threads.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from calibkern import _C
+
+
+def binned_stats(logits: torch.Tensor, labels: torch.Tensor, n_bins: int, temperature: float,
+                 ignore_index: int, classwise: bool):
+    """(counts, Σ conf, Σ correct) per bin — [M] for top-1, [K, M] classwise."""
+    return _C.binned_stats(logits, labels, int(n_bins), float(temperature), int(ignore_index), bool(classwise))
+
+
+def hard_bin_loss(logits: torch.Tensor, labels: torch.Tensor, bin_accuracy: torch.Tensor, ignore_index: int):
+    """(loss [N], ∂loss/∂logits [N, K]) of ``Σ_j (p_j − τ_j)²`` with ``a = bin_accuracy[b(c)]``."""
+    return _C.hard_bin_loss(logits, labels, bin_accuracy, int(ignore_index))
+
+
+def em_target_loss(logits: torch.Tensor, labels: torch.Tensor, log_pi: torch.Tensor, mu: torch.Tensor,
+                   sigma: torch.Tensor, theta: torch.Tensor, ignore_index: int):
+    """(loss [N], grad [N, K], stats [4, M]) of the EM target form, ``a = Σ_k r_k θ_k``."""
+    return _C.em_target_loss(logits, labels, log_pi, mu, sigma, theta, int(ignore_index))
+
+
+def em_stats(logits: torch.Tensor, labels: torch.Tensor, log_pi: torch.Tensor, mu: torch.Tensor,
+             sigma: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """E-step statistics ``S = Σ r, C = Σ r c, Q = Σ r c², R = Σ r·correct`` as float64 [4, M]."""
+    return _C.em_stats(logits, labels, log_pi, mu, sigma, int(ignore_index))
+
+
+def em_ece_grad(logits: torch.Tensor, labels: torch.Tensor, log_pi: torch.Tensor, mu: torch.Tensor,
+                sigma: torch.Tensor, coef: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """``w · c · (e_ŷ − p)`` with ``w = Σ_k r_k coef_k``, float32 [N, K]."""
+    return _C.em_ece_grad(logits, labels, log_pi, mu, sigma, coef, int(ignore_index))
+
+
+def cross_entropy_(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """``loss_i = logsumexp(z_i) − z_{i,y_i}``; overwrites float32 ``logits`` with ``softmax(z) − e_y``."""
+    return _C.cross_entropy_(logits, targets, int(ignore_index))

@@ -1,0 +1,81 @@
+// pybind11 module calibkern._C: the cpp backend's kernels (docs/backends.md) for CPU tensors.
+// The checks here are the contract's preconditions (the public ops validate user input before this).
+#include <torch/extension.h>
+
+#include <omp.h>
+
+#include "cpu/kernels.h"
+
+namespace {
+
+void check_rows(const at::Tensor& logits, const at::Tensor& labels) {
+  TORCH_CHECK(logits.device().is_cpu() && labels.device().is_cpu(), "calibkern._C: tensors must be on the CPU");
+  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous() && logits.size(1) >= 2,
+              "calibkern._C: logits must be a contiguous [N, K] tensor with K >= 2");
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == logits.size(0) && labels.scalar_type() == at::kLong &&
+                  labels.is_contiguous(),
+              "calibkern._C: labels must be a contiguous int64 [N] tensor");
+}
+
+void check_params(std::initializer_list<const at::Tensor*> params, int64_t M) {
+  for (const at::Tensor* t : params)
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == M && M >= 1 && t->scalar_type() == at::kFloat &&
+                    t->is_contiguous() && t->device().is_cpu(),
+                "calibkern._C: parameter vectors must be contiguous float32 [M] CPU tensors, M >= 1");
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace cpu = calibkern::cpu;
+  m.doc() = "calibkern C++ CPU kernels (the cpp backend)";
+
+  m.def("binned_stats", [](const at::Tensor& logits, const at::Tensor& labels, int64_t n_bins, double temperature,
+                           int64_t ignore_index, bool classwise) {
+    check_rows(logits, labels);
+    TORCH_CHECK(n_bins >= 1 && temperature > 0, "calibkern._C: n_bins >= 1 and temperature > 0 required");
+    return cpu::binned_stats(logits, labels, n_bins, temperature, ignore_index, classwise);
+  }, py::arg("logits"), py::arg("labels"), py::arg("n_bins"), py::arg("temperature"), py::arg("ignore_index"),
+     py::arg("classwise"));
+
+  m.def("hard_bin_loss", [](const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& bin_accuracy,
+                            int64_t ignore_index) {
+    check_rows(logits, labels);
+    check_params({&bin_accuracy}, bin_accuracy.size(0));
+    return cpu::hard_bin_loss(logits, labels, bin_accuracy, ignore_index);
+  }, py::arg("logits"), py::arg("labels"), py::arg("bin_accuracy"), py::arg("ignore_index"));
+
+  m.def("em_target_loss", [](const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& log_pi,
+                             const at::Tensor& mu, const at::Tensor& sigma, const at::Tensor& theta,
+                             int64_t ignore_index) {
+    check_rows(logits, labels);
+    check_params({&log_pi, &mu, &sigma, &theta}, mu.size(0));
+    return cpu::em_target_loss(logits, labels, log_pi, mu, sigma, theta, ignore_index);
+  }, py::arg("logits"), py::arg("labels"), py::arg("log_pi"), py::arg("mu"), py::arg("sigma"), py::arg("theta"),
+     py::arg("ignore_index"));
+
+  m.def("em_stats", [](const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& log_pi,
+                       const at::Tensor& mu, const at::Tensor& sigma, int64_t ignore_index) {
+    check_rows(logits, labels);
+    check_params({&log_pi, &mu, &sigma}, mu.size(0));
+    return cpu::em_stats(logits, labels, log_pi, mu, sigma, ignore_index);
+  }, py::arg("logits"), py::arg("labels"), py::arg("log_pi"), py::arg("mu"), py::arg("sigma"),
+     py::arg("ignore_index"));
+
+  m.def("em_ece_grad", [](const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& log_pi,
+                          const at::Tensor& mu, const at::Tensor& sigma, const at::Tensor& coef,
+                          int64_t ignore_index) {
+    check_rows(logits, labels);
+    check_params({&log_pi, &mu, &sigma, &coef}, mu.size(0));
+    return cpu::em_ece_grad(logits, labels, log_pi, mu, sigma, coef, ignore_index);
+  }, py::arg("logits"), py::arg("labels"), py::arg("log_pi"), py::arg("mu"), py::arg("sigma"), py::arg("coef"),
+     py::arg("ignore_index"));
+
+  m.def("cross_entropy_", [](at::Tensor& logits, const at::Tensor& targets, int64_t ignore_index) {
+    check_rows(logits, targets);
+    return cpu::cross_entropy_(logits, targets, ignore_index);
+  }, py::arg("logits"), py::arg("targets"), py::arg("ignore_index"));
+
+  m.def("max_threads", []() { return omp_get_max_threads(); },
+        "OpenMP threads the kernels use (follows torch.set_num_threads).");
+}

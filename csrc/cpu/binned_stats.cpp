@@ -1,0 +1,158 @@
+// binned_stats: per-bin counts, Σ confidence and Σ correct (SPEC §3), top-1 or classwise.
+//
+// Top-1 reads every row once: long rows with the online softmax of row_softmax.h, short rows (K ≤ 64)
+// sixteen at a time across SIMD lanes. Rows go in fixed blocks whose float64 partials are reduced in
+// block order. Classwise first finds each row's max and Σ exp, then splits the classes into fixed column
+// chunks, each accumulated over the rows in order by one thread.
+#include "dispatch.h"
+#include "kernels.h"
+#include "row_group.h"
+#include "row_softmax.h"
+
+#include <omp.h>
+
+#include <vector>
+
+namespace calibkern::cpu {
+namespace {
+
+/// Per-block bin partials, reduced in block order.
+struct BinPartials {
+  int64_t n_bins;
+  std::vector<int64_t> counts;
+  std::vector<double> conf, correct;
+
+  BinPartials(int64_t n_blocks, int64_t M)
+      : n_bins(M), counts(n_blocks * M, 0), conf(n_blocks * M, 0.0), correct(n_blocks * M, 0.0) {}
+
+  void add(int64_t block, float c, bool is_correct) {
+    const int64_t k = block * n_bins + bin_of(c, (float)n_bins, (int32_t)n_bins);
+    counts[k] += 1;
+    conf[k] += (double)c;
+    correct[k] += is_correct ? 1.0 : 0.0;
+  }
+
+  void reduce_into(int64_t* out_counts, double* out_conf, double* out_correct) const {
+    const int64_t n_blocks = (int64_t)counts.size() / n_bins;
+    for (int64_t k = 0; k < n_bins; ++k) {
+      int64_t n = 0;
+      double c = 0.0, a = 0.0;
+      for (int64_t b = 0; b < n_blocks; ++b) {
+        n += counts[b * n_bins + k];
+        c += conf[b * n_bins + k];
+        a += correct[b * n_bins + k];
+      }
+      out_counts[k] = n;
+      out_conf[k] = c;
+      out_correct[k] = a;
+    }
+  }
+};
+
+constexpr int64_t kRowBlock = 16;     // rows per block, long rows
+constexpr int64_t kGroupBlock = 1024; // rows per block, short rows in lanes
+constexpr int64_t kColumnChunk = 256; // classes per chunk, classwise
+
+template <class T>
+void top1_long_rows(const T* x, const int64_t* labels, int64_t N, int64_t K, float inv_t, int64_t ignore_index,
+                    BinPartials& partials) {
+  const int64_t n_blocks = (N + kRowBlock - 1) / kRowBlock;
+#pragma omp parallel for schedule(static)
+  for (int64_t b = 0; b < n_blocks; ++b) {
+    for (int64_t i = b * kRowBlock; i < std::min(N, (b + 1) * kRowBlock); ++i) {
+      if (labels[i] == ignore_index) continue;
+      const RowSoftmax rs = row_softmax(x + i * K, K, inv_t);
+      partials.add(b, 1.0f / rs.sum, rs.argmax == labels[i]);
+    }
+  }
+}
+
+template <class T>
+void top1_short_rows(const T* x, const int64_t* labels, int64_t N, int64_t K, float inv_t, int64_t ignore_index,
+                     BinPartials& partials) {
+  const int64_t n_blocks = (N + kGroupBlock - 1) / kGroupBlock;
+#pragma omp parallel
+  {
+    std::vector<vf> p(K);
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < n_blocks; ++b) {
+      for (int64_t r0 = b * kGroupBlock; r0 < std::min(N, (b + 1) * kGroupBlock); r0 += kLanes) {
+        const RowGroup<T, vf> g(x, labels, N, K, r0, ignore_index, inv_t);
+        const GroupSoftmax<T, vf> sm(g, p.data(), /*probabilities=*/false);
+        for (int i = 0; i < g.n_rows; ++i)
+          if (g.label[i] >= 0) partials.add(b, sm.conf[i], sm.pred[i] == g.label[i]);
+      }
+    }
+  }
+}
+
+template <class T>
+void classwise(const T* x, const int64_t* labels, int64_t N, int64_t K, int64_t M, float inv_t,
+               int64_t ignore_index, int64_t* counts, double* conf, double* correct) {
+  std::vector<float> row_max(N), row_sum(N);
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < N; ++i) {
+    if (labels[i] == ignore_index) continue;
+    const RowSoftmax rs = row_softmax(x + i * K, K, inv_t);
+    row_max[i] = rs.max;
+    row_sum[i] = rs.sum;
+  }
+  const int64_t n_chunks = (K + kColumnChunk - 1) / kColumnChunk;
+  const float m_float = (float)M;
+#pragma omp parallel
+  {
+    alignas(64) float p[kColumnChunk];
+#pragma omp for schedule(static)
+    for (int64_t chunk = 0; chunk < n_chunks; ++chunk) {
+      const int64_t j0 = chunk * kColumnChunk, j1 = std::min(K, j0 + kColumnChunk);
+      for (int64_t i = 0; i < N; ++i) {
+        if (labels[i] == ignore_index) continue;
+        const T* row = x + i * K;
+        const float m = row_max[i], s = row_sum[i];
+        int64_t j = j0;
+        for (; j + kLanes <= j1; j += kLanes) {
+          const vf pj = exp_(load16(row + j) * inv_t - m) / s;
+          std::memcpy(p + (j - j0), &pj, sizeof(pj));
+        }
+        for (; j < j1; ++j) p[j - j0] = exp_(load1(row + j) * inv_t - m) / s;
+        for (j = j0; j < j1; ++j) {
+          const int64_t k = j * M + bin_of(p[j - j0], m_float, (int32_t)M);
+          counts[k] += 1;
+          conf[k] += (double)p[j - j0];
+          if (j == labels[i]) correct[k] += 1.0;
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> binned_stats(const at::Tensor& logits, const at::Tensor& labels,
+                                                            int64_t n_bins, double temperature,
+                                                            int64_t ignore_index, bool classwise_mode) {
+  const int64_t N = logits.size(0), K = logits.size(1), M = n_bins;
+  const float inv_t = (float)(1.0 / temperature);
+  const auto f64 = logits.options().dtype(at::kDouble);
+  const auto i64 = logits.options().dtype(at::kLong);
+  const std::vector<int64_t> shape = classwise_mode ? std::vector<int64_t>{K, M} : std::vector<int64_t>{M};
+  at::Tensor counts = at::zeros(shape, i64), conf = at::zeros(shape, f64), correct = at::zeros(shape, f64);
+  const int64_t* y = labels.data_ptr<int64_t>();
+  with_float_type(logits, [&](auto tag) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
+    const T* x = static_cast<const T*>(logits.const_data_ptr());
+    if (classwise_mode) {
+      classwise(x, y, N, K, M, inv_t, ignore_index, counts.data_ptr<int64_t>(), conf.data_ptr<double>(),
+                correct.data_ptr<double>());
+      return;
+    }
+    const bool short_rows = K <= kGroupK;
+    BinPartials partials((N + (short_rows ? kGroupBlock : kRowBlock) - 1) / (short_rows ? kGroupBlock : kRowBlock), M);
+    if (short_rows) top1_short_rows(x, y, N, K, inv_t, ignore_index, partials);
+    else top1_long_rows(x, y, N, K, inv_t, ignore_index, partials);
+    partials.reduce_into(counts.data_ptr<int64_t>(), conf.data_ptr<double>(), correct.data_ptr<double>());
+  });
+  return {counts, conf, correct};
+}
+
+}  // namespace calibkern::cpu

@@ -1,0 +1,39 @@
+// The cpp backend's kernel contract (docs/backends.md): one function per kernel, CPU tensors in and out.
+// Callers (calibkern.ops) have validated shapes, dtypes, devices and label ranges.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+
+#include <tuple>
+
+namespace calibkern::cpu {
+
+/// Top-1: (counts int64[M], Σ conf float64[M], Σ correct float64[M]); classwise: the same per class [K, M].
+std::tuple<at::Tensor, at::Tensor, at::Tensor> binned_stats(const at::Tensor& logits, const at::Tensor& labels,
+                                                            int64_t n_bins, double temperature,
+                                                            int64_t ignore_index, bool classwise);
+
+/// Hard-bin target loss: (loss float32[N], ∂loss/∂logits float32[N, K]).
+std::tuple<at::Tensor, at::Tensor> hard_bin_loss(const at::Tensor& logits, const at::Tensor& labels,
+                                                 const at::Tensor& bin_accuracy, int64_t ignore_index);
+
+/// EM target-form loss: (loss float32[N], grad float32[N, K], E-step statistics float64[4, M]).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> em_target_loss(const at::Tensor& logits, const at::Tensor& labels,
+                                                              const at::Tensor& log_pi, const at::Tensor& mu,
+                                                              const at::Tensor& sigma, const at::Tensor& theta,
+                                                              int64_t ignore_index);
+
+/// E-step statistics S, C, Q, R as float64[4, M].
+at::Tensor em_stats(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& log_pi,
+                    const at::Tensor& mu, const at::Tensor& sigma, int64_t ignore_index);
+
+/// EM ece-form gradient w · c · (e_ŷ − p), w = Σ_k r_k coef_k, as float32[N, K].
+at::Tensor em_ece_grad(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& log_pi,
+                       const at::Tensor& mu, const at::Tensor& sigma, const at::Tensor& coef, int64_t ignore_index);
+
+/// Cross-entropy per row; overwrites float32 logits [n, V] with softmax − one-hot (0 for ignored rows).
+at::Tensor cross_entropy_(at::Tensor& logits, const at::Tensor& targets, int64_t ignore_index);
+
+}  // namespace calibkern::cpu

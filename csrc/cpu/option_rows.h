@@ -1,0 +1,188 @@
+// Per-row losses, gradients and E-step statistics over option logits [N, K] (docs/backends.md):
+// the hard-bin target loss, the EM target loss, the EM statistics alone and the EM `ece`-form gradient
+// share one pass per row: softmax → target accuracy a (bin table or responsibilities) → loss and
+// gradient. Rows go in fixed blocks of kBlockRows; the float64 statistics are summed per block and the
+// blocks reduced in order, so results do not depend on the number of threads.
+#pragma once
+
+#include "row_group.h"
+
+#include <omp.h>
+
+#include <cmath>
+#include <vector>
+
+namespace calibkern::cpu {
+
+enum class RowTask { kHardBin, kEMTarget, kEMStats, kEMEceGrad };
+
+struct RowTaskArgs {
+  int64_t n_bins = 0;                    // M: bins (hard-bin) or mixture components (EM)
+  const float* bin_accuracy = nullptr;   // hard-bin: a per bin [M]
+  const float* log_pi = nullptr;         // EM mixture [M]
+  const float* mu = nullptr;
+  const float* sigma = nullptr;
+  const float* weight = nullptr;         // EM: theta (target form) or coef (ece form) [M]
+  float* loss = nullptr;                 // [N]
+  float* grad = nullptr;                 // [N, K]
+  double* stats = nullptr;               // [4, M]: S, C, Q, R
+};
+
+namespace detail {
+
+constexpr int64_t kBlockRows = 256;
+
+template <class V> inline V gather(const float* table, typename Lane<V>::I index) {
+  if constexpr (Lane<V>::n == 1) {
+    return table[index];
+  } else {
+    alignas(64) float t[kLanes];
+    for (int i = 0; i < kLanes; ++i) t[i] = table[index[i]];
+    return load_lanes<V>(t);
+  }
+}
+
+
+/// Writes lane i of v to base[(r0 + i) · stride + j] for the lanes that hold a row.
+template <class V> inline void store_rows(float* base, int64_t stride, int64_t r0, int n_rows, int64_t j, V v) {
+  for (int i = 0; i < n_rows; ++i) base[(r0 + i) * stride + j] = lane(v, i);
+}
+
+/// The target vector τ for target accuracy a (τ_ŷ = a, order-preserving non-max targets that sum to 1 − a),
+/// L = Σ (p − τ)² and ∂L/∂z = p ⊙ (g − ⟨g, p⟩) with g = 2 (p − τ), written to out[0..K). Returns L.
+template <class V>
+inline V target_loss(const V* p, int64_t K, typename Lane<V>::I pred, V q2, V a, float gamma0, V* out) {
+  using D = typename Lane<V>::D;
+  const V d = 1.0f - a;
+  const V d_safe = vmax(d, splat<V>(1e-12f));
+  const V q2_safe = q2 > 0.0f ? q2 : splat<V>(1.0f);
+  D u_sum = {};
+  for (int64_t j = 0; j < K; ++j) {
+    const V u = tanh_(gamma0 * (p[j] / q2_safe) / d_safe);
+    out[j] = pred == (int32_t)j ? V{} : u;
+    u_sum += to_double(out[j]);
+  }
+  const V d_pos = vmax(d, V{});
+  const V denom = (float)(K - 1) + narrow_lanes(u_sum);
+  D loss = {}, gp = {};
+  for (int64_t j = 0; j < K; ++j) {
+    const V tau = pred == (int32_t)j ? a : d_pos * (1.0f + out[j]) / denom;
+    const V diff = p[j] - tau;
+    out[j] = tau;
+    loss += to_double(diff * diff);
+    gp += to_double(2.0f * diff * p[j]);
+  }
+  const V gpf = narrow_lanes(gp);
+  for (int64_t j = 0; j < K; ++j) out[j] = p[j] * (2.0f * (p[j] - out[j]) - gpf);
+  return narrow_lanes(loss);
+}
+
+/// EM responsibilities r[k] = softmax_k(log π_k − log σ_k − (c − μ_k)² / (2σ_k²)), in log space.
+template <class V>
+inline void responsibilities(V conf, const float* log_prior, const float* mu, const float* two_var, int64_t M, V* r) {
+  V top = splat<V>(-INFINITY);
+  for (int64_t k = 0; k < M; ++k) {
+    const V dc = conf - mu[k];
+    r[k] = log_prior[k] - dc * dc / two_var[k];
+    top = vmax(top, r[k]);
+  }
+  V sum = {};
+  for (int64_t k = 0; k < M; ++k) {
+    r[k] = exp_(r[k] - top);
+    sum += r[k];
+  }
+  for (int64_t k = 0; k < M; ++k) r[k] = r[k] / sum;
+}
+
+template <RowTask task, class T, class V>
+void option_rows_impl(const T* x, const int64_t* labels, int64_t N, int64_t K, int64_t ignore_index,
+                      const RowTaskArgs& args) {
+  using D = typename Lane<V>::D;
+  constexpr int L = Lane<V>::n;
+  constexpr bool has_loss = task == RowTask::kHardBin || task == RowTask::kEMTarget;
+  constexpr bool has_stats = task == RowTask::kEMTarget || task == RowTask::kEMStats;
+  constexpr bool has_grad = task != RowTask::kEMStats;
+  const int64_t M = args.n_bins;
+  const float gamma0 = (float)std::log((double)(K - 1));
+  const int64_t n_blocks = (N + kBlockRows - 1) / kBlockRows;
+
+  // EM per-component constants: log π − log σ and 2σ²
+  std::vector<float> log_prior, two_var;
+  if constexpr (task != RowTask::kHardBin) {
+    log_prior.resize(M);
+    two_var.resize(M);
+    for (int64_t k = 0; k < M; ++k) {
+      log_prior[k] = args.log_pi[k] - std::log(args.sigma[k]);
+      two_var[k] = 2.0f * args.sigma[k] * args.sigma[k];
+    }
+  }
+  std::vector<double> partials(has_stats ? n_blocks * 4 * M : 0);
+
+#pragma omp parallel
+  {
+    std::vector<V> p(K), out(has_grad ? K : 0), r(task == RowTask::kHardBin ? 0 : M);
+    std::vector<D> acc(has_stats ? 4 * M : 0);
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < n_blocks; ++b) {
+      std::fill(acc.begin(), acc.end(), D{});
+      const int64_t end = std::min(N, (b + 1) * kBlockRows);
+      for (int64_t r0 = b * kBlockRows; r0 < end; r0 += L) {
+        const RowGroup<T, V> g(x, labels, N, K, r0, ignore_index, 1.0f);
+        const GroupSoftmax<T, V> sm(g, p.data());
+        const auto keep = g.kept();
+        V a = {};
+        if constexpr (task == RowTask::kHardBin) {
+          a = gather<V>(args.bin_accuracy, bin_of(sm.conf, (float)M, (int32_t)M));
+        } else {
+          responsibilities(sm.conf, log_prior.data(), args.mu, two_var.data(), M, r.data());
+          if constexpr (task != RowTask::kEMStats)
+            for (int64_t k = 0; k < M; ++k) a += r[k] * args.weight[k];
+        }
+        if constexpr (has_stats) {
+          const D c = to_double(sm.conf);
+          const D correct = to_double(sm.pred == g.label ? splat<V>(1.0f) : V{});
+          for (int64_t k = 0; k < M; ++k) {
+            const D w = to_double(keep ? r[k] : V{});
+            acc[k] += w;
+            acc[M + k] += w * c;
+            acc[2 * M + k] += w * c * c;
+            acc[3 * M + k] += w * correct;
+          }
+        }
+        if constexpr (has_loss) {
+          const V loss = target_loss(p.data(), K, sm.pred, sm.q2, a, gamma0, out.data());
+          store_rows(args.loss, 1, r0, g.n_rows, 0, keep ? loss : V{});
+        }
+        if constexpr (task == RowTask::kEMEceGrad) {
+          const V wc = a * sm.conf;  // a holds w = Σ r_k coef_k here
+          for (int64_t j = 0; j < K; ++j)
+            out[j] = wc * ((sm.pred == (int32_t)j ? splat<V>(1.0f) : V{}) - p[j]);
+        }
+        if constexpr (has_grad) {
+          for (int64_t j = 0; j < K; ++j) store_rows(args.grad, K, r0, g.n_rows, j, keep ? out[j] : V{});
+        }
+      }
+      if constexpr (has_stats) {
+        for (int64_t q = 0; q < 4 * M; ++q) partials[b * 4 * M + q] = hsum(acc[q]);
+      }
+    }
+  }
+  if constexpr (has_stats) {
+    for (int64_t q = 0; q < 4 * M; ++q) {
+      double s = 0.0;
+      for (int64_t b = 0; b < n_blocks; ++b) s += partials[b * 4 * M + q];
+      args.stats[q] = s;
+    }
+  }
+}
+
+}  // namespace detail
+
+template <RowTask task, class T>
+void option_rows(const T* x, const int64_t* labels, int64_t N, int64_t K, int64_t ignore_index,
+                 const RowTaskArgs& args) {
+  if (K <= kGroupK) detail::option_rows_impl<task, T, vf>(x, labels, N, K, ignore_index, args);
+  else detail::option_rows_impl<task, T, float>(x, labels, N, K, ignore_index, args);
+}
+
+}  // namespace calibkern::cpu

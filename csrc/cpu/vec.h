@@ -1,0 +1,153 @@
+// Lane arithmetic shared by every CPU kernel.
+//
+// A "lane value" V is either `float` (one row) or `vf` (16 rows, or 16 columns of one row), written with
+// GCC/Clang vector extensions so one source compiles to AVX-512, AVX2 or SSE code depending on -march.
+// exp_ and tanh_ are the Cephes single-precision algorithms (Cody-Waite range reduction and a minimax
+// polynomial, about 1 ulp), branch-free so that they vectorise.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace calibkern::cpu {
+
+constexpr int kLanes = 16;
+typedef float vf __attribute__((vector_size(4 * kLanes)));
+typedef int32_t vi __attribute__((vector_size(4 * kLanes)));
+typedef uint32_t vu __attribute__((vector_size(4 * kLanes)));
+typedef double vd __attribute__((vector_size(8 * kLanes)));
+typedef uint16_t vu16 __attribute__((vector_size(2 * kLanes)));
+
+template <class V> struct Lane;
+template <> struct Lane<float> {
+  using I = int32_t;   // lane integer type
+  using D = double;    // lane float64 accumulator type
+  static constexpr int n = 1;
+};
+template <> struct Lane<vf> {
+  using I = vi;
+  using D = vd;
+  static constexpr int n = kLanes;
+};
+
+// ---- conversions between lane types ------------------------------------------------------------------
+inline int32_t as_bits(float x) { int32_t i; std::memcpy(&i, &x, 4); return i; }
+inline vi as_bits(vf x) { return (vi)x; }
+inline float from_bits(int32_t i) { float x; std::memcpy(&x, &i, 4); return x; }
+inline vf from_bits(vi i) { return (vf)i; }
+inline int32_t trunc_int(float x) { return (int32_t)x; }
+inline vi trunc_int(vf x) { return __builtin_convertvector(x, vi); }
+inline float to_float(int32_t i) { return (float)i; }
+inline vf to_float(vi i) { return __builtin_convertvector(i, vf); }
+inline double to_double(float x) { return x; }
+inline vd to_double(vf x) { return __builtin_convertvector(x, vd); }
+inline float narrow_lanes(double x) { return (float)x; }
+inline vf narrow_lanes(const vd& x) { return __builtin_convertvector(x, vf); }
+
+template <class V> inline V splat(float s) { return V{} + s; }
+template <class V> inline typename Lane<V>::I splat_int(int32_t s) { return typename Lane<V>::I{} + s; }
+
+// lane `i` of a lane value, and a lane value from memory
+inline float lane(float x, int) { return x; }
+inline float lane(const vf& x, int i) { return x[i]; }
+inline int32_t lane(int32_t x, int) { return x; }
+inline int32_t lane(const vi& x, int i) { return x[i]; }
+inline double lane(double x, int) { return x; }
+inline double lane(const vd& x, int i) { return x[i]; }
+template <class V> inline V load_lanes(const float* p) { V v; std::memcpy(&v, p, sizeof(V)); return v; }
+template <class V> inline typename Lane<V>::I load_lanes(const int32_t* p) {
+  typename Lane<V>::I v; std::memcpy(&v, p, sizeof(v)); return v;
+}
+
+// ---- element loads: fp32 / bf16 / fp16 storage, fp32 math ----------------------------------------------
+inline float load1(const float* p) { return *p; }
+inline float load1(const c10::BFloat16* p) {
+  uint16_t h; std::memcpy(&h, p, 2); return from_bits((int32_t)((uint32_t)h << 16));
+}
+inline float load1(const c10::Half* p) {
+#ifdef __FLT16_MAX__
+  _Float16 h; std::memcpy(&h, p, 2); return (float)h;
+#else
+  return static_cast<float>(*p);
+#endif
+}
+
+// 16 consecutive elements
+inline vf load16(const float* p) { vf v; std::memcpy(&v, p, sizeof(v)); return v; }
+inline vf load16(const c10::BFloat16* p) {
+  vu16 h; std::memcpy(&h, p, sizeof(h));
+  return (vf)(__builtin_convertvector(h, vu) << 16);
+}
+inline vf load16(const c10::Half* p) {
+#ifdef __FLT16_MAX__
+  typedef _Float16 vh __attribute__((vector_size(2 * kLanes)));
+  vh h; std::memcpy(&h, p, sizeof(h));
+  return __builtin_convertvector(h, vf);
+#else
+  vf v;
+  for (int i = 0; i < kLanes; ++i) v[i] = load1(p + i);
+  return v;
+#endif
+}
+
+// ---- math -------------------------------------------------------------------------------------------
+template <class V> inline V vmax(V a, V b) { return a > b ? a : b; }
+template <class V> inline V vmin(V a, V b) { return a < b ? a : b; }
+
+/// exp(x) in float32, ~1 ulp; 0 below ln(2^-126) (no subnormals), finite input up to 88.
+template <class V> inline V exp_(V x) {
+  using I = typename Lane<V>::I;
+  const float lo = -87.33654475f, hi = 88.0f, magic = 12582912.0f;  // magic = 1.5 · 2^23
+  V xc = vmin(vmax(x, splat<V>(lo)), splat<V>(hi));
+  V t = xc * 1.44269504088896341f + magic;        // round(x / ln 2) in the low mantissa bits
+  V n = t - magic;
+  V r = xc - n * 0.693359375f;                    // Cody-Waite: ln 2 = C1 + C2
+  r = r - n * -2.12194440e-4f;
+  V p = splat<V>(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  V y = p * (r * r) + r + 1.0f;
+  I e = as_bits(t) - as_bits(magic);              // n as an integer
+  V scale = from_bits((e + 127) << 23);
+  return x < lo ? V{} : y * scale;
+}
+
+/// tanh(x) in float32, ~1-2 ulp: odd polynomial for |x| < 0.625, else (1 − e)/(1 + e), e = exp(−2|x|).
+template <class V> inline V tanh_(V x) {
+  V ax = x < 0.0f ? -x : x;
+  V z = x * x;
+  V small = splat<V>(-5.70498872745e-3f);
+  small = small * z + 2.06390887954e-2f;
+  small = small * z - 5.37397155531e-2f;
+  small = small * z + 1.33314422036e-1f;
+  small = small * z - 3.33332819422e-1f;
+  small = small * z * x + x;
+  V e = exp_(-2.0f * ax);
+  V big = (1.0f - e) / (1.0f + e);
+  big = x < 0.0f ? -big : big;
+  return ax < 0.625f ? small : big;
+}
+
+// fixed-order horizontal reductions (lane 0 first)
+inline float hmax(float x) { return x; }
+inline float hmax(const vf& x) { float m = x[0]; for (int i = 1; i < kLanes; ++i) m = x[i] > m ? x[i] : m; return m; }
+inline float hsum(float x) { return x; }
+inline float hsum(const vf& x) { float s = x[0]; for (int i = 1; i < kLanes; ++i) s += x[i]; return s; }
+inline double hsum(double x) { return x; }
+inline double hsum(const vd& x) { double s = x[0]; for (int i = 1; i < kLanes; ++i) s += x[i]; return s; }
+
+/// Equal-width bin of a float32 confidence: min(floor(c · M), M − 1) (c ≥ 0).
+template <class V> inline typename Lane<V>::I bin_of(V c, float m_float, int32_t m_bins) {
+  using I = typename Lane<V>::I;
+  I b = trunc_int(c * m_float);
+  return b < m_bins - 1 ? b : splat_int<V>(m_bins - 1);
+}
+
+}  // namespace calibkern::cpu
