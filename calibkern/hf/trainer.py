@@ -168,28 +168,31 @@ class CalibrationTrainer(Trainer):
             backend=calibration.backend,
         )
         loss, cal_loss, stats = fused.loss, fused.cal_loss, fused.bin_stats
-        streaming = self.em_state is not None and calibration.refresh == "stream"
-        if calibration.official_compat or (streaming and model.training):
-            mask, option_labels = answer_positions(labels, self.option_ids, answer_mask)
-            option_logits = option_logits_at(hidden[:, :-1][mask], weight, bias, self.option_ids)
-            if calibration.official_compat:
-                cal_loss = calibkern.calibration_loss(
-                    option_logits,
-                    option_labels,
-                    self.bin_accuracy,
-                    n_bins=calibration.n_bins,
-                    bin_counts=self.bin_counts.double(),
-                    official_compat=True,
-                    backend="torch",
-                )
-                loss = loss + lam * cal_loss
-            if streaming and model.training:
-                self.em_state.estep(option_logits.detach(), option_labels)
+        if calibration.official_compat:
+            option_logits, option_labels = self._answer_option_logits(hidden, weight, bias, labels, answer_mask)
+            cal_loss = calibkern.calibration_loss(
+                option_logits,
+                option_labels,
+                self.bin_accuracy,
+                n_bins=calibration.n_bins,
+                bin_counts=self.bin_counts.double(),
+                official_compat=True,
+                backend="torch",
+            )
+            loss = loss + lam * cal_loss
+        if self.em_state is not None and calibration.refresh == "stream" and model.training:
+            with torch.no_grad():
+                self.em_state.estep(*self._answer_option_logits(hidden, weight, bias, labels, answer_mask))
         if model.training and torch.is_grad_enabled():
             self._record(stats, cal_loss)
         if return_outputs:
             return loss, {"sft_loss": fused.sft_loss.detach(), "cal_loss": cal_loss.detach()}
         return loss
+
+    def _answer_option_logits(self, hidden, weight, bias, labels, answer_mask):
+        """``(option_logits [n, K], option_labels [n])`` of the answer rows, from the hidden states."""
+        mask, option_labels = answer_positions(labels, self.option_ids, answer_mask)
+        return option_logits_at(hidden[:, :-1][mask], weight, bias, self.option_ids), option_labels
 
     # ------------------------------------------------------------------------------------------- logging
 
@@ -250,8 +253,7 @@ class CalibrationTrainer(Trainer):
                 batch = self._prepare_inputs(batch)
                 with self.accelerator.autocast():
                     hidden, weight, bias = decoder_forward(model, batch)
-                mask, option_labels = answer_positions(batch["labels"], self.option_ids, batch.get("answer_mask"))
-                yield option_logits_at(hidden[:, :-1][mask], weight, bias, self.option_ids), option_labels
+                yield self._answer_option_logits(hidden, weight, bias, batch["labels"], batch.get("answer_mask"))
         finally:
             model.train(was_training)
 
