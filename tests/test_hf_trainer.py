@@ -287,3 +287,30 @@ def test_mixin_with_trl_sft_trainer(setup, tmp_path):
     trainer.train()
     assert head_calls == [] and int(trainer.bin_counts.sum()) == 8  # answers found by their option ids
     assert any("calib_ece" in entry for entry in trainer.state.log_history)
+
+
+def test_resume_keeps_the_starting_models_bin_accuracy(setup, tmp_path):
+    tokenizer, option_ids, _ = setup
+    config = CalibrationConfig(method="cft", option_ids=option_ids)
+    options = dict(max_steps=2, save_strategy="steps", save_steps=1)
+    first = _trainer(setup, tmp_path, "cft", model=make_model(tokenizer), config=config, **options)
+    first.train()
+    resumed = _trainer(setup, tmp_path, "cft", model=make_model(tokenizer, seed=3), config=config, **options)
+    resumed.train(resume_from_checkpoint=True)  # the last checkpoint: nothing left to train, state loaded
+    assert torch.equal(resumed.bin_accuracy, first.bin_accuracy) and torch.equal(resumed.bin_counts, first.bin_counts)
+
+
+def test_compute_loss_func_trains_a_plain_trainer(setup, tmp_path):
+    from transformers import Trainer
+
+    tokenizer, option_ids, examples = setup
+    config = _config(option_ids, "cft")
+    dataset = build_sft_dataset(tokenizer, examples, option_ids)
+    model = make_model(tokenizer)
+    before = model.lm_head.weight.detach().clone()
+    trainer = Trainer(
+        model=model, args=_args(tmp_path, max_steps=1), train_dataset=dataset,
+        data_collator=MCQCollator(tokenizer.pad_token_id), compute_loss_func=compute_loss_func(config),
+    )
+    trainer.train()
+    assert not torch.equal(model.lm_head.weight, before)
