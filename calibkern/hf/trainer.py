@@ -49,27 +49,26 @@ from .config import CalibrationConfig
 from .data import MCQCollator, resolve_pad_token_id
 from .modeling import decoder_forward, option_logits_at
 
-__all__ = ["CalibrationTrainer", "compute_loss_func", "answer_positions", "STATE_FILE"]
+__all__ = ["CalibrationTrainer", "compute_loss_func", "answer_option_labels", "STATE_FILE"]
 
 STATE_FILE = "calibkern_state.pt"
 IGNORE_INDEX = -100
 
 
-def answer_positions(
+def answer_option_labels(
     labels: torch.Tensor, option_ids: torch.Tensor, answer_mask: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(mask [B, T-1], option_labels [n])`` over *predicting* positions (position t predicts ``labels[t+1]``).
+) -> torch.Tensor:
+    """``[B·(T-1)]`` option label per *predicting* position (position t predicts ``labels[t+1]``): the index of
+    the answer in ``option_ids`` where the next token is the answer, ``-100`` elsewhere.
 
-    ``mask`` selects the rows whose next token is the answer: ``answer_mask[:, 1:]`` when given, otherwise the
-    supervised targets that are option ids. ``option_labels`` is each answer's index in ``option_ids``.
+    Answer positions: ``answer_mask[:, 1:]`` when given, otherwise the supervised targets that are option ids.
+    Shapes stay static (no boolean indexing), so this costs no host synchronisation.
     """
     target = labels[:, 1:]
-    if answer_mask is not None:
-        mask = answer_mask[:, 1:].bool()
-    else:
-        mask = torch.isin(target, option_ids)
-    option_labels = (target[mask].unsqueeze(1) == option_ids.unsqueeze(0)).long().argmax(dim=1)
-    return mask, option_labels
+    match = target.unsqueeze(-1) == option_ids
+    is_answer = match.any(-1) if answer_mask is None else answer_mask[:, 1:].bool()
+    index = match.long().argmax(-1)
+    return torch.where(is_answer, index, torch.full_like(index, IGNORE_INDEX)).reshape(-1)
 
 
 class _CalibrationCallback(TrainerCallback):
@@ -190,9 +189,11 @@ class CalibrationTrainer(Trainer):
         return loss
 
     def _answer_option_logits(self, hidden, weight, bias, labels, answer_mask):
-        """``(option_logits [n, K], option_labels [n])`` of the answer rows, from the hidden states."""
-        mask, option_labels = answer_positions(labels, self.option_ids, answer_mask)
-        return option_logits_at(hidden[:, :-1][mask], weight, bias, self.option_ids), option_labels
+        """``(option_logits [B·(T-1), K], option_labels)`` at every predicting position, non-answers ignored
+        (``-100``): a ``[tokens, K]`` product, cheap next to the decoder, with static shapes."""
+        option_labels = answer_option_labels(labels, self.option_ids, answer_mask)
+        hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+        return option_logits_at(hidden, weight, bias, self.option_ids), option_labels
 
     # ------------------------------------------------------------------------------------------- logging
 
@@ -369,8 +370,8 @@ def compute_loss_func(
             ce = ce / target.ne(IGNORE_INDEX).sum().clamp_min(1)
             scale = lam
         option_ids = torch.tensor(calibration.option_ids, dtype=torch.long, device=logits.device)
-        mask, option_labels = answer_positions(labels, option_ids)
-        option_logits = shifted[mask][:, option_ids]
+        option_labels = answer_option_labels(labels, option_ids)
+        option_logits = shifted[..., option_ids].reshape(-1, len(option_ids))
         if calibration.method == "cft":
             bin_accuracy = torch.as_tensor(calibration.bin_accuracy, dtype=torch.float32, device=logits.device)
             cal = calibkern.calibration_loss(
