@@ -78,7 +78,7 @@ def test_csv_errors_name_file_and_line(tmp_path):
     with pytest.raises(MCQDataError, match=rf"^{path}:2: the choices column"):
         load_mcq(path)
     path.write_text("question,A,B,answer\nq?,p,q,A,extra\n")
-    with pytest.raises(MCQDataError, match=rf"^{path}:2: row has"):
+    with pytest.raises(MCQDataError, match=rf"^{path}:2: row has 5 cells but the header has 4"):
         load_mcq(path)
     path.write_text("prompt,answer\nq?,A\n")
     with pytest.raises(MCQDataError, match=rf"^{path}:1: the CSV header"):
@@ -88,7 +88,10 @@ def test_csv_errors_name_file_and_line(tmp_path):
 def test_datasets_directory(tmp_path):
     import datasets
 
-    rows = [{"question": "q?", "choices": ["a", "b"], "answer": 1}, {"question": "r?", "choices": ["a", "b"], "answer": 5}]
+    rows = [
+        {"question": "q?", "choices": ["a", "b"], "answer": 1},
+        {"question": "r?", "choices": ["a", "b"], "answer": 5},
+    ]
     datasets.Dataset.from_list(rows[:1]).save_to_disk(str(tmp_path / "good"))
     assert load_mcq(tmp_path / "good")[0].answer == 1
     datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "bad"))

@@ -64,7 +64,9 @@ class CalibrationConfig:
         if self.official_compat and self.method != "cft":
             raise ValueError("official_compat applies to method='cft' only")
         if self.official_compat and self.bin_accuracy is not None:
-            raise ValueError("official_compat estimates bin_accuracy and the counts N⁰_k itself; leave bin_accuracy None")
+            raise ValueError(
+                "official_compat estimates bin_accuracy and the counts N⁰_k itself; leave bin_accuracy None"
+            )
         if self.method == "rcft" and self.bin_accuracy is not None:
             raise ValueError("bin_accuracy applies to method='cft' only")
         if self.bin_accuracy is not None and len(self.bin_accuracy) != self.n_bins:

@@ -169,7 +169,9 @@ def _load_csv(path: str) -> list[MCQExample]:
         for row in reader:
             where = f"{path}:{reader.line_num}"
             if None in row or any(value is None for value in row.values()):
-                raise MCQDataError(f"{where}: row has {len(row) - (None in row)} cells but the header has {len(header)}")
+                cells = sum(value is not None for key, value in row.items() if key is not None)
+                cells += len(row.get(None, []))
+                raise MCQDataError(f"{where}: row has {cells} cells but the header has {len(header)}")
             record = {"question": row["question"], "answer": row["answer"]}
             record["choices"] = _csv_choices(row, header, where)
             examples.append(_make_example(record, where))

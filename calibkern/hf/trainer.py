@@ -307,7 +307,8 @@ class CalibrationTrainer(Trainer):
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
         if self.args.should_save:
-            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            folder = os.path.join(self._get_output_dir(trial=trial), folder)
             torch.save(self.calibration_state(), os.path.join(folder, STATE_FILE))
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
@@ -319,7 +320,9 @@ class CalibrationTrainer(Trainer):
         if resume_from_checkpoint:
             path = os.path.join(resume_from_checkpoint, STATE_FILE)
             if not os.path.exists(path):
-                raise FileNotFoundError(f"{path}: checkpoint has no calibkern state (not written by CalibrationTrainer?)")
+                raise FileNotFoundError(
+                    f"{path}: checkpoint has no calibkern state (not written by CalibrationTrainer?)"
+                )
             self.load_calibration_state(torch.load(path, map_location="cpu", weights_only=False))
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
