@@ -314,3 +314,15 @@ def test_compute_loss_func_trains_a_plain_trainer(setup, tmp_path):
     )
     trainer.train()
     assert not torch.equal(model.lm_head.weight, before)
+
+
+def test_statistics_without_answer_positions_are_an_error(setup, tmp_path):
+    tokenizer, option_ids, _ = setup
+    wrong_ids = [tokenizer.convert_tokens_to_ids(token) for token in ("A", "B", "C", "D")]  # no leading space
+    trainer = _trainer(setup, tmp_path, "cft", config=CalibrationConfig(method="cft", option_ids=wrong_ids))
+    with pytest.raises(ValueError, match="no answer positions"):
+        trainer.train()
+    config = CalibrationConfig(method="rcft", option_ids=option_ids, calibration_dataset=[{"question": "q"}])
+    trainer = _trainer(setup, tmp_path, "rcft", config=config)
+    with pytest.raises(TypeError, match="build_sft_dataset"):
+        trainer.train()

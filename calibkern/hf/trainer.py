@@ -61,12 +61,14 @@ def answer_option_labels(
     """``[B·(T-1)]`` option label per *predicting* position (position t predicts ``labels[t+1]``): the index of
     the answer in ``option_ids`` where the next token is the answer, ``-100`` elsewhere.
 
-    Answer positions: ``answer_mask[:, 1:]`` when given, otherwise the supervised targets that are option ids.
-    Shapes stay static (no boolean indexing), so this costs no host synchronisation.
+    Answer positions: the supervised targets that are option ids, restricted to ``answer_mask[:, 1:]`` when
+    given. Shapes stay static (no boolean indexing), so this costs no host synchronisation.
     """
     target = labels[:, 1:]
     match = target.unsqueeze(-1) == option_ids
-    is_answer = match.any(-1) if answer_mask is None else answer_mask[:, 1:].bool()
+    is_answer = match.any(-1)
+    if answer_mask is not None:
+        is_answer = is_answer & answer_mask[:, 1:].bool()
     index = match.long().argmax(-1)
     return torch.where(is_answer, index, torch.full_like(index, IGNORE_INDEX)).reshape(-1)
 
@@ -235,6 +237,12 @@ class CalibrationTrainer(Trainer):
                 dataset = self._remove_unused_columns(dataset, description="statistics")
         except ImportError:
             pass
+        first = dataset[0] if len(dataset) else {}
+        if not (isinstance(first, dict) and "input_ids" in first and "labels" in first):
+            raise TypeError(
+                "the statistics rows (train_dataset or calibration_dataset) must be tokenised features with "
+                "input_ids and labels, e.g. from calibkern.hf.build_sft_dataset"
+            )
         return dataset
 
     @torch.no_grad()
@@ -262,14 +270,13 @@ class CalibrationTrainer(Trainer):
         """cft: per-bin accuracies ``A_k`` and counts ``N⁰_k`` of the starting model (once, unless given)."""
         if self.calibration.method != "cft" or self.bin_accuracy is not None:
             return
-        stats = None
+        stats = calibkern.BinStats.empty(self.calibration.n_bins, device=self.args.device)
         for option_logits, option_labels in self._answer_logits():
-            batch_stats = calibkern.binned_stats(option_logits, option_labels, self.calibration.n_bins)
-            stats = batch_stats if stats is None else stats + batch_stats
-        if stats is None:
-            raise ValueError("no answer positions in the statistics dataset: cannot estimate per-bin accuracies")
+            stats = stats + calibkern.binned_stats(option_logits, option_labels, self.calibration.n_bins)
         if self.accelerator.num_processes > 1:
             stats.all_reduce()
+        if int(stats.counts.sum()) == 0:
+            raise ValueError(_NO_ANSWERS)
         counts = stats.counts.to(torch.float64)
         self.bin_accuracy = (stats.sum_correct / counts.clamp_min(1)).to(torch.float32)
         self.bin_counts = stats.counts
@@ -281,6 +288,8 @@ class CalibrationTrainer(Trainer):
         for option_logits, option_labels in self._answer_logits():
             self.em_state.estep(option_logits, option_labels)
         self.em_state.mstep()
+        if float(self.em_state.running[0].sum()) == 0.0:
+            raise ValueError(_NO_ANSWERS)
         self.em_refreshed_epoch = epoch
 
     # ------------------------------------------------------------------------------------------- checkpoints
@@ -328,6 +337,10 @@ class CalibrationTrainer(Trainer):
 
 
 _CALIBRATION_FORM = {"cft": "hard_bin", "rcft": "em"}
+_NO_ANSWERS = (
+    "no answer positions in the statistics rows: no supervised label is one of option_ids "
+    "(check option_ids against the tokenizer, or pass answer_mask)"
+)
 
 
 # ----------------------------------------------------------------------------------------------- logits API
