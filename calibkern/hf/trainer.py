@@ -147,27 +147,28 @@ class CalibrationTrainer(Trainer):
             self._prepare_statistics()
         labels = inputs["labels"]
         answer_mask = inputs.get("answer_mask")
+        form = None if calibration.official_compat else _CALIBRATION_FORM[calibration.method]
+        # The products with the lm_head weight run under the same autocast as the decoder, as nn.Linear would.
         with self.accelerator.autocast():
             hidden, weight, bias = decoder_forward(model, inputs)
-        form = None if calibration.official_compat else _CALIBRATION_FORM[calibration.method]
-        fused = calibkern.fused_linear_calibration_loss(
-            hidden,
-            weight,
-            labels,
-            option_ids=self.option_ids,
-            bias=bias,
-            calibration=form,
-            bin_accuracy=self.bin_accuracy if form == "hard_bin" else None,
-            em_state=self.em_state if form == "em" else None,
-            lam=lam,
-            sft_weight=sft_weight,
-            n_bins=calibration.n_bins,
-            shift=True,
-            answer_mask=answer_mask,
-            num_items_in_batch=num_items_in_batch,
-            chunk_size=calibration.chunk_size,
-            backend=calibration.backend,
-        )
+            fused = calibkern.fused_linear_calibration_loss(
+                hidden,
+                weight,
+                labels,
+                option_ids=self.option_ids,
+                bias=bias,
+                calibration=form,
+                bin_accuracy=self.bin_accuracy if form == "hard_bin" else None,
+                em_state=self.em_state if form == "em" else None,
+                lam=lam,
+                sft_weight=sft_weight,
+                n_bins=calibration.n_bins,
+                shift=True,
+                answer_mask=answer_mask,
+                num_items_in_batch=num_items_in_batch,
+                chunk_size=calibration.chunk_size,
+                backend=calibration.backend,
+            )
         loss, cal_loss, stats = fused.loss, fused.cal_loss, fused.bin_stats
         if calibration.official_compat:
             option_logits, option_labels = self._answer_option_logits(hidden, weight, bias, labels, answer_mask)
