@@ -32,6 +32,12 @@ struct BinPartials {
     correct[k] += is_correct ? 1.0 : 0.0;
   }
 
+  void add_sums(int64_t block, int64_t bin, int64_t n, double sum_conf, double sum_correct) {
+    counts[block * n_bins + bin] += n;
+    conf[block * n_bins + bin] += sum_conf;
+    correct[block * n_bins + bin] += sum_correct;
+  }
+
   void reduce_into(int64_t* out_counts, double* out_conf, double* out_correct) const {
     const int64_t n_blocks = (int64_t)counts.size() / n_bins;
     for (int64_t k = 0; k < n_bins; ++k) {
@@ -67,21 +73,39 @@ void top1_long_rows(const T* x, const int64_t* labels, int64_t N, int64_t K, flo
   }
 }
 
+/// Short rows, 16 per SIMD group. Each lane adds to its own slot per bin (no store-to-load chains
+/// between consecutive rows); the slots are summed in lane order at the end of the block.
 template <class T>
 void top1_short_rows(const T* x, const int64_t* labels, int64_t N, int64_t K, float inv_t, int64_t ignore_index,
                      BinPartials& partials) {
-  const int64_t n_blocks = (N + kGroupBlock - 1) / kGroupBlock;
+  const int64_t n_blocks = (N + kGroupBlock - 1) / kGroupBlock, M = partials.n_bins;
+  const float m_float = (float)M;
 #pragma omp parallel
   {
     std::vector<vf> p(K);
+    std::vector<float> tile(kLanes * K);
+    std::vector<int64_t> counts(M * kLanes);
+    std::vector<double> conf(M * kLanes), correct(M * kLanes);
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < n_blocks; ++b) {
+      std::fill(counts.begin(), counts.end(), 0);
+      std::fill(conf.begin(), conf.end(), 0.0);
+      std::fill(correct.begin(), correct.end(), 0.0);
       for (int64_t r0 = b * kGroupBlock; r0 < std::min(N, (b + 1) * kGroupBlock); r0 += kLanes) {
-        const RowGroup<T, vf> g(x, labels, N, K, r0, ignore_index, inv_t);
+        const RowGroup<T, vf> g(x, labels, N, K, r0, ignore_index, inv_t, tile.data());
         const GroupSoftmax<T, vf> sm(g, p.data(), /*probabilities=*/false);
-        for (int i = 0; i < g.n_rows; ++i)
-          if (g.label[i] >= 0) partials.add(b, sm.conf[i], sm.pred[i] == g.label[i]);
+        const vi slot = bin_of(sm.conf, m_float, (int32_t)M) * kLanes + lane_index();
+        const vi keep = g.kept();
+        const vf is_correct = sm.pred == g.label ? splat<vf>(1.0f) : vf{};
+        for (int i = 0; i < kLanes; ++i) {
+          counts[slot[i]] += keep[i] & 1;
+          conf[slot[i]] += keep[i] ? (double)sm.conf[i] : 0.0;
+          correct[slot[i]] += (double)is_correct[i];
+        }
       }
+      for (int64_t k = 0; k < M; ++k)
+        for (int i = 0; i < kLanes; ++i)
+          partials.add_sums(b, k, counts[k * kLanes + i], conf[k * kLanes + i], correct[k * kLanes + i]);
     }
   }
 }
@@ -111,10 +135,10 @@ void classwise(const T* x, const int64_t* labels, int64_t N, int64_t K, int64_t 
         const float m = row_max[i], s = row_sum[i];
         int64_t j = j0;
         for (; j + kLanes <= j1; j += kLanes) {
-          const vf pj = exp_(load16(row + j) * inv_t - m) / s;
+          const vf pj = exp_(scaled16(row + j, inv_t) - m) / s;
           std::memcpy(p + (j - j0), &pj, sizeof(pj));
         }
-        for (; j < j1; ++j) p[j - j0] = exp_(load1(row + j) * inv_t - m) / s;
+        for (; j < j1; ++j) p[j - j0] = exp_(scaled1(row + j, inv_t) - m) / s;
         for (j = j0; j < j1; ++j) {
           const int64_t k = j * M + bin_of(p[j - j0], m_float, (int32_t)M);
           counts[k] += 1;

@@ -1,5 +1,5 @@
 // cross_entropy_: per-row cross-entropy for the fused linear loss, gradient written over the logits.
-// loss = m + log s − z_y with the online softmax of row_softmax.h; then z ← exp(z − m)/s − e_y.
+// loss = log s − (z_y − m) (exact for huge logits) with the online softmax of row_softmax.h; then z ← exp(z − m)/s − e_y.
 #include "kernels.h"
 #include "row_softmax.h"
 
@@ -25,7 +25,7 @@ at::Tensor cross_entropy_(at::Tensor& logits, const at::Tensor& targets, int64_t
       continue;
     }
     const RowSoftmax rs = row_softmax(z, V, 1.0f);
-    out[i] = (rs.max + std::log(rs.sum)) - z[y[i]];
+    out[i] = std::log(rs.sum) - (z[y[i]] - rs.max);
     const float inv_s = 1.0f / rs.sum;
     const vf m = splat<vf>(rs.max);
     int64_t j = 0;

@@ -121,13 +121,14 @@ void option_rows_impl(const T* x, const int64_t* labels, int64_t N, int64_t K, i
 #pragma omp parallel
   {
     std::vector<V> p(K), out(has_grad ? K : 0), r(task == RowTask::kHardBin ? 0 : M);
+    std::vector<float> tile(L == 1 ? 0 : L * K);
     std::vector<D> acc(has_stats ? 4 * M : 0);
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < n_blocks; ++b) {
       std::fill(acc.begin(), acc.end(), D{});
       const int64_t end = std::min(N, (b + 1) * kBlockRows);
       for (int64_t r0 = b * kBlockRows; r0 < end; r0 += L) {
-        const RowGroup<T, V> g(x, labels, N, K, r0, ignore_index, 1.0f);
+        const RowGroup<T, V> g(x, labels, N, K, r0, ignore_index, 1.0f, tile.data());
         const GroupSoftmax<T, V> sm(g, p.data());
         const auto keep = g.kept();
         V a = {};

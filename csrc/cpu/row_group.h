@@ -5,8 +5,14 @@
 
 #include "vec.h"
 
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 namespace calibkern::cpu {
 
@@ -16,32 +22,56 @@ constexpr int64_t kGroupK = 64;
 template <class T, class V> struct RowGroup {
   using I = typename Lane<V>::I;
   static constexpr int L = Lane<V>::n;
-  const T* row[L];
+  const T* row;         // L = 1: the row
+  const float* tile;    // L = 16: the group's rows as row-major float32 (the input itself when it is fp32)
+  I offset;             // L = 16: lane i reads tile[offset_i + j], offset_i = min(i, n_rows − 1) · K
   int64_t K;
   float inv_t;
-  I label;  // the row's label, −1 for ignored rows and for lanes past the last row
-  int n_rows;  // lanes that hold a row (≤ L)
+  I label;              // the row's label, −1 for ignored rows and for lanes past the last row
+  int n_rows;           // lanes that hold a row (≤ L)
 
-  RowGroup(const T* x, const int64_t* labels, int64_t N, int64_t K_, int64_t r0, int64_t ignore_index, float inv_t_)
-      : K(K_), inv_t(inv_t_), n_rows((int)std::min<int64_t>(L, N - r0)) {
-    int32_t lab[L];
+  /// `scratch` (16 · K floats) receives the converted rows of bf16/fp16 input when L = 16.
+  RowGroup(const T* x, const int64_t* labels, int64_t N, int64_t K_, int64_t r0, int64_t ignore_index,
+           float inv_t_, float* scratch)
+      : row(x + r0 * K_), tile(nullptr), K(K_), inv_t(inv_t_), n_rows((int)std::min<int64_t>(L, N - r0)) {
+    int32_t lab[L], off[L];
     for (int i = 0; i < L; ++i) {
-      const int64_t r = std::min(r0 + i, N - 1);
-      row[i] = x + r * K;
+      const int64_t r = r0 + std::min(i, n_rows - 1);
+      off[i] = (int32_t)((r - r0) * K);
       lab[i] = (i < n_rows && labels[r] != ignore_index) ? (int32_t)labels[r] : -1;
     }
-    if constexpr (L == 1) label = lab[0];
-    else label = load_lanes<V>(lab);
+    if constexpr (L == 1) {
+      label = lab[0];
+    } else {
+      label = load_lanes<V>(lab);
+      offset = load_lanes<V>(off);
+      if constexpr (std::is_same_v<T, float>) {
+        tile = row;
+      } else {
+        const int64_t n = n_rows * K;
+        int64_t j = 0;
+        for (; j + kLanes <= n; j += kLanes) {
+          const vf v = load16(row + j);
+          std::memcpy(scratch + j, &v, sizeof(v));
+        }
+        for (; j < n; ++j) scratch[j] = load1(row + j);
+        tile = scratch;
+      }
+    }
   }
 
   /// z_j = float(x_j) · inv_t for every lane
   V z(int64_t j) const {
     if constexpr (L == 1) {
-      return load1(row[0] + j) * inv_t;
+      return scaled1(row + j, inv_t);
     } else {
-      alignas(64) float t[L];
-      for (int i = 0; i < L; ++i) t[i] = load1(row[i] + j);
-      return load_lanes<V>(t) * inv_t;
+#ifdef __AVX512F__
+      const vf v = (vf)_mm512_i32gather_ps((__m512i)offset, tile + j, 4);
+#else
+      vf v;
+      for (int i = 0; i < L; ++i) v[i] = tile[offset[i] + j];
+#endif
+      return rounded(v * inv_t);
     }
   }
 

@@ -28,23 +28,23 @@ template <class T> inline float chunk_max(const T* x, int64_t begin, int64_t end
   int64_t j = begin;
   float m = -std::numeric_limits<float>::infinity();
   if (end - j >= 4 * kLanes) {
-    vf m0 = load16(x + j) * inv_t, m1 = m0, m2 = m0, m3 = m0;
+    vf m0 = scaled16(x + j, inv_t), m1 = m0, m2 = m0, m3 = m0;
     for (; j + 4 * kLanes <= end; j += 4 * kLanes) {
-      m0 = vmax(m0, load16(x + j) * inv_t);
-      m1 = vmax(m1, load16(x + j + kLanes) * inv_t);
-      m2 = vmax(m2, load16(x + j + 2 * kLanes) * inv_t);
-      m3 = vmax(m3, load16(x + j + 3 * kLanes) * inv_t);
+      m0 = vmax(m0, scaled16(x + j, inv_t));
+      m1 = vmax(m1, scaled16(x + j + kLanes, inv_t));
+      m2 = vmax(m2, scaled16(x + j + 2 * kLanes, inv_t));
+      m3 = vmax(m3, scaled16(x + j + 3 * kLanes, inv_t));
     }
     m = hmax(vmax(vmax(m0, m1), vmax(m2, m3)));
   }
-  for (; j + kLanes <= end; j += kLanes) m = std::max(m, hmax(load16(x + j) * inv_t));
-  for (; j < end; ++j) m = std::max(m, load1(x + j) * inv_t);
+  for (; j + kLanes <= end; j += kLanes) m = std::max(m, hmax(scaled16(x + j, inv_t)));
+  for (; j < end; ++j) m = std::max(m, scaled1(x + j, inv_t));
   return m;
 }
 
 template <class T> inline int64_t first_index_of(const T* x, int64_t begin, int64_t end, float inv_t, float value) {
   for (int64_t j = begin; j < end; ++j)
-    if (load1(x + j) * inv_t == value) return j;
+    if (scaled1(x + j, inv_t) == value) return j;
   return begin;  // unreachable for finite input
 }
 
@@ -54,14 +54,14 @@ template <class T> inline vf chunk_sum_exp(const T* x, int64_t begin, int64_t en
   const vf mv = splat<vf>(m);
   int64_t j = begin;
   for (; j + 4 * kLanes <= end; j += 4 * kLanes) {
-    s0 += exp_(load16(x + j) * inv_t - mv);
-    s1 += exp_(load16(x + j + kLanes) * inv_t - mv);
-    s2 += exp_(load16(x + j + 2 * kLanes) * inv_t - mv);
-    s3 += exp_(load16(x + j + 3 * kLanes) * inv_t - mv);
+    s0 += exp_(scaled16(x + j, inv_t) - mv);
+    s1 += exp_(scaled16(x + j + kLanes, inv_t) - mv);
+    s2 += exp_(scaled16(x + j + 2 * kLanes, inv_t) - mv);
+    s3 += exp_(scaled16(x + j + 3 * kLanes, inv_t) - mv);
   }
-  for (; j + kLanes <= end; j += kLanes) s0 += exp_(load16(x + j) * inv_t - mv);
+  for (; j + kLanes <= end; j += kLanes) s0 += exp_(scaled16(x + j, inv_t) - mv);
   float tail = 0.0f;
-  for (; j < end; ++j) tail += exp_(load1(x + j) * inv_t - m);
+  for (; j < end; ++j) tail += exp_(scaled1(x + j, inv_t) - m);
   vf s = (s0 + s1) + (s2 + s3);
   s[0] += tail;
   return s;

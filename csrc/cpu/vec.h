@@ -58,6 +58,8 @@ inline int32_t lane(int32_t x, int) { return x; }
 inline int32_t lane(const vi& x, int i) { return x[i]; }
 inline double lane(double x, int) { return x; }
 inline double lane(const vd& x, int i) { return x[i]; }
+/// {0, 1, …, 15}
+inline vi lane_index() { vi v; for (int i = 0; i < kLanes; ++i) v[i] = i; return v; }
 template <class V> inline V load_lanes(const float* p) { V v; std::memcpy(&v, p, sizeof(V)); return v; }
 template <class V> inline typename Lane<V>::I load_lanes(const int32_t* p) {
   typename Lane<V>::I v; std::memcpy(&v, p, sizeof(v)); return v;
@@ -93,6 +95,32 @@ inline vf load16(const c10::Half* p) {
   return v;
 #endif
 }
+
+// ---- scaled logits ---------------------------------------------------------------------------------
+#if defined(__AVX512F__)
+constexpr size_t kRegisterBytes = 64;
+#elif defined(__AVX__)
+constexpr size_t kRegisterBytes = 32;
+#else
+constexpr size_t kRegisterBytes = 16;
+#endif
+
+/// v, as an opaque value: the compiler may not fuse the operation that produced it into the next one
+/// (with -ffp-contract=fast, x · inv_t − m would become one FMA and z would not be the rounded float32
+/// product the reference computes, which breaks ties between equal logits).
+template <class V> inline V rounded(V v) {
+#if defined(__x86_64__) || defined(__i386__)
+  if constexpr (sizeof(V) <= kRegisterBytes) __asm__("" : "+v"(v));
+  else __asm__("" : "+m"(v));
+#else
+  __asm__("" : "+m"(v));
+#endif
+  return v;
+}
+
+/// z = float(x) · inv_t for one element and for 16 consecutive elements
+template <class T> inline float scaled1(const T* p, float inv_t) { return rounded(load1(p) * inv_t); }
+template <class T> inline vf scaled16(const T* p, float inv_t) { return rounded(load16(p) * inv_t); }
 
 // ---- math -------------------------------------------------------------------------------------------
 template <class V> inline V vmax(V a, V b) { return a > b ? a : b; }

@@ -1,0 +1,164 @@
+"""The cpp backend (calibkern._C) against the torch reference, kernel by kernel (docs/backends.md).
+
+Bin counts must be equal exactly; sums, losses and gradients to float32 tolerance; and every result
+bitwise identical with 1 and 2 OpenMP threads (fixed-block reductions).
+"""
+
+import pytest
+import torch
+
+_C = pytest.importorskip("calibkern._C", reason="the C++ extension calibkern._C is not built")
+
+from calibkern import _cpp as cpp  # noqa: E402
+from calibkern import reference as ref  # noqa: E402
+
+IGNORE = -100
+M_BINS = 10
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# (N, K): every K at small N, the long rows (32000) and the large N only where they matter
+SHAPES = ([(1, k) for k in (2, 3, 4, 5, 31, 32000)] + [(47, k) for k in (2, 3, 4, 5, 31, 32000)]
+          + [(1000, k) for k in (2, 5, 31, 100)] + [(65536, 4)])
+KINDS = ["random", "extreme", "ties"]
+
+
+def make_rows(n: int, k: int, dtype: torch.dtype, kind: str, seed: int = 0):
+    """Logits [n, k] and labels [n] (every 5th row ignored). ``extreme``: ±1e4 mixed with ordinary values;
+    ``ties``: every 3rd row all equal (confidence 1/k exactly, on a bin edge when k divides M) and the rest
+    with the maximum repeated."""
+    gen = torch.Generator().manual_seed(seed * 1000003 + n * 101 + k)
+    z = torch.randn(n, k, generator=gen) * 3.0
+    if kind == "extreme":
+        signs = torch.randint(0, 2, (n, k), generator=gen) * 2.0 - 1.0
+        z = torch.where(torch.rand(n, k, generator=gen) < 0.3, signs * 1e4, z)
+    elif kind == "ties":
+        z = z.round()
+        z[:, 1] = z.max(dim=1).values
+        z[::3] = 0.5
+    labels = torch.randint(0, k, (n,), generator=gen)
+    labels[::5] = IGNORE
+    return z.to(dtype), labels
+
+
+def em_params(m: int = 7, seed: int = 1):
+    gen = torch.Generator().manual_seed(seed)
+    log_pi = torch.log_softmax(torch.randn(m, generator=gen), dim=0)
+    mu = (torch.arange(m) + 0.5) / m + 0.02 * torch.randn(m, generator=gen)
+    sigma = torch.rand(m, generator=gen) * 0.1 + 1.0 / (4 * m)
+    weight = torch.rand(m, generator=gen)
+    return log_pi, mu, sigma, weight
+
+
+def assert_same(got, want, what):
+    got = got if isinstance(got, (tuple, list)) else (got,)
+    want = want if isinstance(want, (tuple, list)) else (want,)
+    assert len(got) == len(want), what
+    for index, (g, w) in enumerate(zip(got, want)):
+        assert g.dtype == w.dtype and g.shape == w.shape, f"{what}[{index}]: {g.dtype}{tuple(g.shape)}"
+        if g.dtype == torch.int64:
+            assert torch.equal(g, w), f"{what}[{index}]: counts differ"
+        elif g.dtype == torch.float64:  # sums over rows
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5, msg=lambda m: f"{what}[{index}]: {m}")
+        else:  # per-row float32 losses and gradients
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=2e-6, msg=lambda m: f"{what}[{index}]: {m}")
+
+
+def run_all(backend, x, y, bins=M_BINS):
+    """Every kernel of the contract on one input with one backend module, as {name: result}."""
+    acc = torch.linspace(0.05, 1.0, bins)
+    log_pi, mu, sigma, weight = em_params()
+    em = (x, y, log_pi, mu, sigma)
+    out = {}
+    for classwise in (False, True):
+        for temperature in (1.0, 1.7):
+            out[f"binned_stats cw={classwise} T={temperature}"] = backend.binned_stats(
+                x, y, bins, temperature, IGNORE, classwise)
+    out["hard_bin_loss"] = backend.hard_bin_loss(x, y, acc, IGNORE)
+    out["em_target_loss"] = backend.em_target_loss(*em, weight, IGNORE)
+    out["em_stats"] = backend.em_stats(*em, IGNORE)
+    out["em_ece_grad"] = backend.em_ece_grad(*em, weight - 0.5, IGNORE)
+    if x.dtype == torch.float32:
+        z = x.clone()
+        out["cross_entropy_"] = (backend.cross_entropy_(z, y, IGNORE), z)
+    return out
+
+
+def assert_backends_agree(x, y, what):
+    want = run_all(ref, x, y)
+    for name, got in run_all(cpp, x, y).items():
+        assert_same(got, want[name], f"{name} {what}")
+
+
+@pytest.mark.parametrize("n,k", SHAPES, ids=lambda v: str(v))
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("kind", KINDS)
+def test_kernels_match_reference(n, k, dtype, kind):
+    if n * k > 200_000 and (kind != "random" or dtype != torch.float32):
+        pytest.skip("large shapes run once (random fp32) to keep the file fast")
+    assert_backends_agree(*make_rows(n, k, dtype, kind), f"N={n} K={k}")
+
+
+@pytest.mark.parametrize("k,bins", [(2, 10), (4, 4), (4, 8), (5, 10), (10, 10), (8, 16), (100, 10), (80, 40)])
+def test_confidence_on_bin_edges(k, bins):
+    """All-equal rows give c = 1/k exactly; when c·M is an integer the row lands in bin c·M."""
+    x = torch.zeros(33, k)
+    y = torch.arange(33) % k
+    counts, sum_conf, _ = cpp.binned_stats(x, y, bins, 1.0, IGNORE, False)
+    want = ref.binned_stats(x, y, bins, 1.0, IGNORE, False)
+    assert_same((counts, sum_conf), want[:2], "edges")
+    assert counts[min(int(torch.tensor(1.0 / k) * bins), bins - 1)] == 33
+
+
+def test_confidence_one_lands_in_last_bin():
+    x = torch.tensor([[1e4, -1e4], [0.0, -1e4], [-1e4, 1e4, ], [3.0, 3.0]])
+    y = torch.tensor([0, 1, 1, 0])
+    counts, sum_conf, sum_correct = cpp.binned_stats(x, y, 10, 1.0, IGNORE, False)
+    assert counts.tolist() == [0, 0, 0, 0, 0, 1, 0, 0, 0, 3]
+    assert sum_conf[9].item() == 3.0 and sum_correct.tolist()[9] == 2.0
+
+
+def test_ignored_rows_contribute_nothing():
+    x, y = make_rows(300, 4, torch.float32, "random")
+    y[:] = IGNORE
+    counts, sum_conf, _ = cpp.binned_stats(x, y, M_BINS, 1.0, IGNORE, False)
+    assert counts.sum() == 0 and sum_conf.sum() == 0
+    loss, grad = cpp.hard_bin_loss(x, y, torch.rand(M_BINS), IGNORE)
+    assert not loss.any() and not grad.any()
+    z = x.clone()
+    assert not cpp.cross_entropy_(z, y, IGNORE).any() and not z.any()
+    assert not cpp.em_stats(x, y, *em_params()[:3], IGNORE).any()
+
+
+def test_empty_input():
+    assert_backends_agree(torch.zeros(0, 5), torch.zeros(0, dtype=torch.long), "N=0")
+
+
+def test_long_rows_keep_first_argmax_across_chunks():
+    """The online softmax finds the first maximum even when it repeats in a later chunk of the row."""
+    x = torch.randn(3, 262144)
+    x[:, 5000] = 50.0
+    x[:, 200000] = 50.0
+    y = torch.tensor([5000, 200000, 7])
+    got = cpp.binned_stats(x, y, M_BINS, 1.0, IGNORE, False)
+    assert_same(got, ref.binned_stats(x, y, M_BINS, 1.0, IGNORE, False), "K=262144")
+    assert got[2].sum() == 1.0
+
+
+def _with_threads(n, fn):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        assert _C.max_threads() == n
+        return fn()
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("n,k,dtype", [(20000, 4, torch.float32), (3000, 31, torch.bfloat16),
+                                       (300, 3000, torch.float32), (40, 32000, torch.float16)],
+                         ids=["short", "mid", "long", "vocab"])
+def test_bitwise_identical_for_any_thread_count(n, k, dtype):
+    x, y = make_rows(n, k, dtype, "random", seed=3)
+    one, two = (_with_threads(threads, lambda: run_all(cpp, x, y)) for threads in (1, 2))
+    for name in one:
+        for a, b in zip(torch.utils._pytree.tree_leaves(one[name]), torch.utils._pytree.tree_leaves(two[name])):
+            assert torch.equal(a, b), f"{name} differs between 1 and 2 threads"
