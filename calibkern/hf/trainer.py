@@ -344,6 +344,12 @@ _NO_ANSWERS = (
 )
 
 
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 # ----------------------------------------------------------------------------------------------- logits API
 
 
@@ -363,7 +369,8 @@ def compute_loss_func(
     ``calibration.em``); with ``refresh="stream"`` each training call adds its E-step statistics and runs the
     M-step after computing the loss; with ``refresh="epoch"`` refreshing the state is the caller's job. Under
     gradient accumulation pass ``gradient_accumulation_steps`` so the calibration term is divided as in the
-    trainer. ``official_compat`` is not supported here. The returned function has ``.em_state``.
+    trainer; under data parallelism with ``num_items_in_batch`` it is also divided by the number of processes,
+    which the Trainer multiplies the loss by (``average_tokens_across_devices=True``, its default). ``official_compat`` is not supported here. The returned function has ``.em_state``.
     """
     if calibration.official_compat:
         raise ValueError("compute_loss_func does not support official_compat; use CalibrationTrainer")
@@ -382,7 +389,8 @@ def compute_loss_func(
         )
         if num_items_in_batch is not None:
             ce = ce / num_items_in_batch
-            scale = lam / gradient_accumulation_steps
+            # The Trainer multiplies this loss by the number of processes (average_tokens_across_devices).
+            scale = lam / (gradient_accumulation_steps * _world_size())
         else:
             ce = ce / target.ne(IGNORE_INDEX).sum().clamp_min(1)
             scale = lam
