@@ -191,7 +191,7 @@ def test_meter_does_not_keep_the_autograd_graph():
 # -------------------------------------------------------------------------------------- streaming 10⁷ rows
 
 STREAM_ROWS, STREAM_CHUNK, STREAM_K = 10_000_000, 1_000_000, 4
-EDGE_TOL = 2e-6  # |c·M − round(c·M)|: a few float32 ulps of c·M
+EDGE_TOL = 2e-6  # |c·M − round(c·M)|: a few float32 ulps of c·M (c·M ≤ M = 10)
 
 
 def _rss_bytes() -> int:
@@ -223,30 +223,26 @@ def _state_bytes(meter) -> int:
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="RSS is read from /proc")
 def test_streaming_meter_over_ten_million_rows_has_flat_memory():
-    """The fastest CPU backend streams the rows; the reference merges its per-chunk statistics.
+    """The fastest CPU backend streams the rows; the reference's statistics of the same chunks are merged.
 
     Backends may round a confidence differently in its last float32 bit (their exp differs), so a sample
     whose confidence lies within that rounding of a bin edge may sit in either bin: such samples are counted
-    (in float64) and allowed to move.
+    and allowed to move. (NLL and Brier sums streamed against one shot: tests/test_properties.py.)
     """
     backend = "cpp" if "cpp" in BACKENDS else "torch"
     meter = ck.CalibrationMeter(M, backend=backend)
     expected = ck.BinStats.empty(M)
-    sum_nll = torch.zeros((), dtype=torch.float64)
-    sum_brier = torch.zeros((), dtype=torch.float64)
     at_edge = 0
     state_bytes, rss = [], []
     for logits, labels in _chunks():
         meter.update(logits, labels)
         expected = expected + ck.binned_stats(logits, labels, M, backend="torch")
-        log_p = torch.log_softmax(logits[labels != IGNORE].double(), 1)
-        kept = labels[labels != IGNORE]
-        sum_nll -= log_p.gather(1, kept[:, None]).sum()
-        sum_brier += (log_p.exp() - torch.nn.functional.one_hot(kept, STREAM_K)).square().sum()
-        scaled = log_p.amax(1).exp() * M
-        at_edge += int(((scaled - scaled.round()).abs() < EDGE_TOL).sum())
+        if backend != "torch":
+            scaled = logits[labels != IGNORE].softmax(1).amax(1) * M
+            at_edge += int(((scaled - scaled.round()).abs() < EDGE_TOL).sum())
+            del scaled
         state_bytes.append(_state_bytes(meter))
-        del logits, labels, log_p, kept, scaled
+        del logits, labels
         rss.append(_rss_bytes())
     assert len(set(state_bytes)) == 1 and state_bytes[0] < 1024  # O(M) state, the same after every chunk
     growth = max(rss[3:]) - max(rss[:3])  # after three chunks of warm-up
@@ -257,12 +253,11 @@ def test_streaming_meter_over_ten_million_rows_has_flat_memory():
     n = int(expected.counts.sum())
     assert int(result["n"]) == n and 0.94 * STREAM_ROWS < n < 0.96 * STREAM_ROWS
     got = meter.stats
-    assert at_edge < 100  # ≈ 10⁷ · 2·EDGE_TOL per edge
+    assert at_edge < 100  # ≈ 10⁷ · 2·EDGE_TOL / 0.75 per edge
     assert int((got.counts - expected.counts).abs().sum()) <= 2 * at_edge
     assert float((got.sum_correct - expected.sum_correct).abs().max()) <= at_edge
     assert ((got.sum_conf - expected.sum_conf).abs() <= 1e-9 * expected.sum_conf + at_edge).all()
     assert got.sum_correct.sum() == expected.sum_correct.sum()  # integers, exact in float64
     torch.testing.assert_close(result["ece"], expected.ece(), rtol=0, atol=2 * at_edge / n + 1e-12)
     torch.testing.assert_close(result["accuracy"], expected.accuracy(), rtol=1e-12, atol=0)
-    torch.testing.assert_close(result["nll"], sum_nll / n, rtol=1e-6, atol=0)
-    torch.testing.assert_close(result["brier"], sum_brier / n, rtol=1e-6, atol=0)
+    assert 0.0 < float(result["nll"]) < 10.0 and 0.0 <= float(result["brier"]) <= 2.0
