@@ -188,6 +188,44 @@ def test_meter_does_not_keep_the_autograd_graph():
     assert not any(v.requires_grad for v in meter.compute().values())
 
 
+def _fused_cases():
+    g = torch.Generator().manual_seed(8)
+    hidden = torch.randn(10, 8, generator=g)
+    answers = torch.tensor([3, 4, 5, 6, 7, 3, 4, 5, 6, 7])
+    return {
+        "every label ignored": (hidden, torch.full((10,), IGNORE)),
+        "empty": (hidden[:0], answers[:0]),
+        "no answer positions": (hidden, torch.randint(10, 50, (10,), generator=g)),
+        "one supervised row": (hidden[:2], torch.tensor([IGNORE, 4])),
+        "hidden of 1e4": (hidden.sign() * 1e4, answers),
+    }
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(_fused_cases()))
+@pytest.mark.parametrize("calibration", ["hard_bin", "em"])
+def test_fused_linear_loss_edge_cases(backend, case, calibration):
+    """Never NaN; an empty or fully ignored batch gives 0 and zero gradients; equal to the reference."""
+    hidden, labels = _fused_cases()[case]
+    weight = torch.randn(50, 8, generator=torch.Generator().manual_seed(9))
+
+    def run(name):
+        h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        state = {"bin_accuracy": ACCURACY} if calibration == "hard_bin" else {"em_state": em_state()}
+        out = ck.fused_linear_calibration_loss(h, w, labels, option_ids=torch.tensor([3, 4, 5, 6]), shift=False,
+                                               calibration=calibration, backend=name, **state)
+        out.loss.backward()
+        return {"loss": out.loss.detach(), "sft": out.sft_loss.detach(), "cal": out.cal_loss.detach(),
+                "grad_hidden": h.grad, "grad_weight": w.grad}
+
+    got, want = run(backend), run("torch")
+    for name, value in got.items():
+        assert torch.isfinite(value).all(), name
+        torch.testing.assert_close(value, want[name], rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    if (labels == IGNORE).all():
+        assert all(torch.count_nonzero(value) == 0 for value in got.values())
+
+
 # -------------------------------------------------------------------------------------- streaming 10⁷ rows
 
 STREAM_ROWS, STREAM_CHUNK, STREAM_K = 10_000_000, 1_000_000, 4
