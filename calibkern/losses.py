@@ -9,8 +9,8 @@
   ``z_t[option_ids]`` of the answer positions, whose option label is the index of ``y_t`` in ``option_ids``.
 
 The ``[tokens, V]`` logits are never held: unsupervised rows are dropped before any matrix product and the
-rest run in chunks (calibkern.ops.fused_linear). The only value read back to the host is the number of
-supervised rows, which sizes the work.
+rest run in chunks (calibkern.ops.fused_linear). On CUDA the one wait on the device is reading the number
+of supervised rows, which sizes the work; value checks are asynchronous device assertions.
 """
 
 from __future__ import annotations
@@ -50,9 +50,11 @@ def fused_linear_calibration_loss(hidden, weight, labels, *, option_ids, bias=No
                                   chunk_size=None, backend=None) -> CalibrationLossOutput:
     """SFT cross-entropy plus calibration term from ``hidden [N, D] | [B, T, D]`` and ``weight [V, D]``.
 
-    ``labels`` has ``hidden``'s leading shape. ``answer_mask`` (bool, ``labels``' shape, aligned with the
-    labels and shifted with them) overrides the default answer positions: the supervised positions whose
-    target is one of ``option_ids``. One backward pass per call.
+    ``labels`` has ``hidden``'s leading shape; with ``shift=True`` a 2-D ``hidden`` is one sequence.
+    ``answer_mask`` (bool, ``labels``' shape, aligned with the labels and shifted with them) overrides the
+    default answer positions: the supervised positions whose target is one of ``option_ids``. The
+    calibration term is the mean over the batch's answer positions (0 when there is none). One backward
+    pass per call.
     """
     hidden, weight, bias = _autocast(hidden, weight, bias)
     _check_inputs(hidden, weight, bias)
