@@ -188,6 +188,19 @@ def test_meter_does_not_keep_the_autograd_graph():
     assert not any(v.requires_grad for v in meter.compute().values())
 
 
+@pytest.mark.parametrize("call", [
+    lambda z, y: ck.binned_stats(z, y),
+    lambda z, y: ck.calibration_loss(z, y, ACCURACY),
+    lambda z, y: ck.em_regularizer(z, y, ck.EMState(M)),
+    lambda z, y: ck.EMState(M).estep(z, y),
+    lambda z, y: ck.CalibrationMeter(M).update(z, y),
+    lambda z, y: ck.adaptive_ece(z, y),
+], ids=["binned_stats", "calibration_loss", "em_regularizer", "estep", "meter", "adaptive_ece"])
+def test_labels_on_another_device_is_an_error(call):
+    with pytest.raises(ValueError, match="labels is on meta but logits is on cpu"):
+        call(random_logits(4, 3), torch.zeros(4, dtype=torch.long, device="meta"))
+
+
 def _fused_cases():
     g = torch.Generator().manual_seed(8)
     hidden = torch.randn(10, 8, generator=g)
