@@ -101,9 +101,30 @@ def test_binned_stats_equal_the_per_sample_definition(backend):
         logits, labels, m = batch
         for classwise in (False, True):
             stats = ck.binned_stats(logits, labels, m, mode="classwise" if classwise else "top1", backend=backend)
-            assert_stats_match_definition(stats, definition(logits, labels, m, classwise))
+            want = definition(logits, labels, m, classwise)
+            assert_stats_match_definition(stats, want)
+            if want[3] == 0:  # no sample at an edge: the ECE family of the definition's bins
+                for norm in ("l1", "l2", "max"):
+                    expected = ece_of(*want[:3], norm)
+                    assert float(stats.ece(norm)) == pytest.approx(expected, abs=1e-5), norm
 
     check()
+
+
+def ece_of(counts, sum_conf, sum_correct, norm):
+    """ECE by its definition, bin by bin (classwise: the mean over classes)."""
+    rows = [(counts, sum_conf, sum_correct)] if counts.dim() == 1 else list(zip(counts, sum_conf, sum_correct))
+    values = []
+    for n_k, s_k, a_k in rows:
+        n = int(n_k.sum())
+        gaps = [(int(c), abs(float(s) - float(a))) for c, s, a in zip(n_k, s_k, a_k) if c > 0]
+        if norm == "l1":
+            values.append(sum(g for _, g in gaps) / max(n, 1))
+        elif norm == "l2":
+            values.append(math.sqrt(sum(g * g / c for c, g in gaps) / max(n, 1)))
+        else:
+            values.append(max((g / c for c, g in gaps), default=0.0))
+    return sum(values) / len(values)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
