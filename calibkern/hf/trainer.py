@@ -327,7 +327,9 @@ class CalibrationTrainer(Trainer):
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
                 raise ValueError(f"no checkpoint found in {self.args.output_dir}")
-        if resume_from_checkpoint:
+        if not resume_from_checkpoint:
+            self.em_refreshed_epoch = -1  # epochs count from 0 again
+        else:
             path = os.path.join(resume_from_checkpoint, STATE_FILE)
             if not os.path.exists(path):
                 raise FileNotFoundError(
