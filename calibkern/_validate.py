@@ -18,8 +18,13 @@ NONFINITE_MODES = ("error", "skip")
 
 
 def require(condition: torch.Tensor, message: str) -> None:
-    """Raise ``ValueError(message)`` unless the boolean 0-dim tensor ``condition`` holds."""
-    if condition.device.type == "cpu":
+    """Raise ``ValueError(message)`` unless the boolean 0-dim tensor ``condition`` holds.
+
+    Under ``torch.compile`` (``torch.compiler.is_compiling()``) the check is ``torch._assert_async`` on
+    every device, so the compiled graph never guards on data: compiled code then raises a
+    ``RuntimeError`` carrying ``message`` from the assertion instead of a ``ValueError``.
+    """
+    if condition.device.type == "cpu" and not torch.compiler.is_compiling():
         if not bool(condition):
             raise ValueError(message)
     else:

@@ -4,7 +4,8 @@ Per sample, with ``a = A_{b(c)}`` the starting model's accuracy in the sample's 
 order-preserving non-max targets of docs/backends.md: ``L_i = (c_i − a)² + Σ_r (q_(r) − t_(r))²``.
 
 * default: targets detached, mean over the batch's kept samples (``reduction="mean"``), every bin, any
-  backend; the kernel writes ``∂L_i/∂z_i = p ⊙ (g − ⟨g, p⟩)``, ``g = 2 (p − τ)``, in the forward pass.
+  backend; the kernel writes ``∂L_i/∂z_i = p ⊙ (g − ⟨g, p⟩)``, ``g = 2 (p − τ)``, in the forward pass
+  (the custom op ``torch.ops.calibkern.hard_bin_loss``, so it traces under ``torch.compile``).
 * ``official_compat=True``: the published reference code — per-bin sums divided by ``N⁰_k``
   (``bin_counts``), the top bin skipped, gradients through the targets, float64; reference backend only.
 """
@@ -15,7 +16,6 @@ import torch
 
 from .. import _validate as V
 from ._dispatch import prepare
-from .row_loss import KernelRowLoss
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -75,6 +75,6 @@ def calibration_loss(option_logits, labels, bin_accuracy, *, n_bins=10, bin_coun
                                  torch.zeros((), dtype=torch.float64, device=device))
         return (loss * weight).sum()
 
-    (loss,) = KernelRowLoss.apply(rows.logits, rows.kernels.hard_bin_loss, rows.labels,
-                                  bin_accuracy.float(), ignore_index)
+    loss, _ = torch.ops.calibkern.hard_bin_loss(rows.logits, rows.labels, bin_accuracy.float(), ignore_index,
+                                                rows.backend)
     return reduce_rows(loss, keep, reduction)

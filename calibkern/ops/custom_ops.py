@@ -1,5 +1,7 @@
 """The kernel contract as PyTorch custom ops (``torch.ops.calibkern.*``), so ``torch.compile`` traces a
-training step through them without graph breaks.
+training step through them without graph breaks. The public differentiable ops (``calibration_loss``,
+``em_regularizer``) and the E-step run through these ops: this module holds their only autograd formulas.
+Importing :mod:`calibkern.ops` registers them (it never imports triton).
 
 Each op takes the backend by name (``"auto"`` picks triton for CUDA tensors, see
 :func:`calibkern.backends.resolve`) and runs that backend's kernel, which stays opaque to the compiler;

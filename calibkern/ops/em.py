@@ -5,13 +5,13 @@
 * ``ece`` form: ``L = Σ_k (S_k / N) ρ(C_k / S_k − θ_k)``. With r detached, ``∂L/∂C_k = ρ'(d_k) / N`` and
   ``∂C_k/∂c_i = r_ik``, so phase 1 computes the statistics (and L), phase 2 (backward) the per-row
   gradient ``(Σ_k r_ik ρ'(d_k)/N) · ∂c_i/∂z_i``.
+
+Each runs the ``torch.ops.calibkern`` custom op (calibkern/ops/custom_ops.py) of the backend ``rows.backend``.
 """
 
 from __future__ import annotations
 
 import torch
-
-from .row_loss import KernelRowLoss
 
 RHOS = ("square", "smooth_abs")
 SMOOTH_ABS_EPS = 1e-3
@@ -32,41 +32,18 @@ def rho_prime(x: torch.Tensor, kind: str) -> torch.Tensor:
 
 def em_target_rows(rows, log_pi, mu, sigma, theta, ignore_index):
     """Per-row target-form losses (differentiable) and the batch's E-step statistics [4, M]."""
-    return KernelRowLoss.apply(rows.logits, rows.kernels.em_target_loss, rows.labels, log_pi, mu, sigma, theta,
-                               ignore_index)
-
-
-class EMEceLoss(torch.autograd.Function):
-    """The ``ece`` form in two phases: statistics and loss forward, per-row gradient in backward."""
-
-    @staticmethod
-    def forward(ctx, logits, kernels, labels, log_pi, mu, sigma, theta, ignore_index, rho_kind):
-        stats = kernels.em_stats(logits.detach(), labels, log_pi, mu, sigma, ignore_index)
-        s, c = stats[0], stats[1]
-        n = s.sum().clamp_min(1.0)
-        filled = s > 0
-        d = torch.where(filled, c / s.clamp_min(1e-300) - theta.double(), torch.zeros_like(s))
-        loss = (s / n * rho(d, rho_kind)).sum()
-        coef = torch.where(filled, rho_prime(d, rho_kind) / n, torch.zeros_like(s))
-        ctx.save_for_backward(logits.detach(), labels, log_pi, mu, sigma, coef)
-        ctx.kernels, ctx.ignore_index = kernels, ignore_index
-        ctx.mark_non_differentiable(stats)
-        return loss.to(torch.float64 if logits.dtype == torch.float64 else torch.float32), stats
-
-    @staticmethod
-    def backward(ctx, grad_loss, _):
-        logits, labels, log_pi, mu, sigma, coef = ctx.saved_tensors
-        scaled = coef * grad_loss.double()
-        scaled = scaled if logits.dtype == torch.float64 else scaled.float()
-        grad = ctx.kernels.em_ece_grad(logits, labels, log_pi, mu, sigma, scaled, ctx.ignore_index)
-        return (grad.to(logits.dtype),) + (None,) * 8
+    loss, _, stats = torch.ops.calibkern.em_target_loss(rows.logits, rows.labels, log_pi, mu, sigma, theta,
+                                                        ignore_index, rows.backend)
+    return loss, stats
 
 
 def em_ece_loss(rows, log_pi, mu, sigma, theta, ignore_index, rho_kind):
     """Scalar ``ece``-form loss (differentiable) and the batch's E-step statistics [4, M]."""
-    return EMEceLoss.apply(rows.logits, rows.kernels, rows.labels, log_pi, mu, sigma, theta, ignore_index, rho_kind)
+    loss, stats, _ = torch.ops.calibkern.em_ece_loss(rows.logits, rows.labels, log_pi, mu, sigma, theta,
+                                                     ignore_index, rho_kind, rows.backend)
+    return loss, stats
 
 
 def em_stats(rows, log_pi, mu, sigma, ignore_index):
-    with torch.no_grad():
-        return rows.kernels.em_stats(rows.logits, rows.labels, log_pi, mu, sigma, ignore_index)
+    """The E-step statistics [4, M] alone (no gradient)."""
+    return torch.ops.calibkern.em_stats(rows.logits, rows.labels, log_pi, mu, sigma, ignore_index, rows.backend)
