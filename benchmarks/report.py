@@ -28,7 +28,9 @@ def format_value(value, unit: str) -> str:
 def format_gain(gain) -> str:
     if gain is None:
         return "—"
-    return "∞" if math.isinf(gain) else f"{gain:.3g}×"
+    if math.isinf(gain):
+        return "∞"
+    return f"{gain:,.0f}×" if gain >= 1000 else f"{gain:.3g}×"
 
 
 def result_of(row: dict) -> str:
@@ -148,6 +150,12 @@ def write_markdown(path: str, document: dict, chart_name: str | None) -> None:
         out.write("\n".join(lines))
 
 
+def _versus(row: dict) -> str:
+    """"quantity: candidate vs baseline", the candidate left out when its label is long."""
+    candidate = f"{row['candidate']} " if len(row["candidate"]) <= 16 else ""
+    return f"{row['quantity']}: {candidate}vs {row['baseline']}"
+
+
 def write_chart(path: str, rows: list[dict], title: str) -> bool:
     """Horizontal bars of each measured row's gain (log scale), its goal as a black tick; False without matplotlib."""
     try:
@@ -165,7 +173,7 @@ def write_chart(path: str, rows: list[dict], title: str) -> bool:
     cap = 1e4
     gains = [min(row["gain"], cap) for row in shown]
     colours = ["tab:green" if row["met"] else "tab:red" if row["met"] is False else "tab:gray" for row in shown]
-    labels = [textwrap.fill(row["name"], 48) + "\n" + row["quantity"] for row in shown]
+    labels = [textwrap.fill(row["name"], 48) + "\n" + textwrap.shorten(_versus(row), 64) for row in shown]
     figure, axes = plt.subplots(figsize=(11, 0.75 * len(shown) + 1.6))
     positions = range(len(shown))
     axes.barh(positions, gains, color=colours)

@@ -1,13 +1,13 @@
 """Runs every calibkern benchmark side by side and writes the report (SPEC §8; `make bench`).
 
-    python benchmarks/run_benchmarks.py [--quick] [--only SUITE[,SUITE]] [--out DIR]
+    python benchmarks/run_benchmarks.py [--quick] [--only SUITE[,SUITE]] [--out DIR] [--render]
 
 Each suite is a module ``benchmarks/<module>.py`` with ``rows(quick=False) -> list[dict]`` (rows as built by
 benchmarks/timing.py). A suite that is missing, fails to import (a backend not built, a package not
 installed) or raises is reported as a skipped row with the reason; the run goes on. Writes
 ``<out>/cpu.json`` (machine, rows, suites), ``<out>/cpu.png`` (the gains as bars) and
 ``benchmarks/RESULTS.md`` (the table, the machine named). With ``--only`` the other suites' rows already in
-``cpu.json`` are kept.
+``cpu.json`` are kept; ``--render`` rewrites the report and chart from ``cpu.json`` without running anything.
 """
 
 from __future__ import annotations
@@ -143,13 +143,36 @@ def previous_results(path: str) -> dict:
         return {"rows": [], "suites": {}}
 
 
+def publish(document: dict, out: str, markdown: str) -> None:
+    """Prints the table; writes ``<out>/cpu.json``, ``<out>/cpu.png`` and the Markdown report."""
+    machine, rows = document["machine"], document["rows"]
+    print()
+    print(report.terminal_table(rows))
+    json_path, chart_path = os.path.join(out, "cpu.json"), os.path.join(out, "cpu.png")
+    report.write_json(json_path, document)
+    title = (f"calibkern, {document['mode']} run: {machine['cpu_model']}, {machine['cpu_count']} CPUs, "
+             f"torch {machine['torch']}")
+    charted = report.write_chart(chart_path, rows, title)
+    chart_name = os.path.relpath(chart_path, os.path.dirname(os.path.abspath(markdown))) if charted else None
+    report.write_markdown(markdown, document, chart_name)
+    total = sum(suite["seconds"] for suite in document["suites"].values())
+    written = ", ".join([json_path, markdown] + ([chart_path] if charted else []))
+    print(f"\n{len(document['suites'])} suites in {total:.0f} s; wrote {written}"
+          + ("" if charted else " (no chart: no matplotlib)"))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes and few repeats: a smoke run")
     parser.add_argument("--only", default="", help=f"comma-separated suites out of {', '.join(SUITES)}")
     parser.add_argument("--out", default=os.path.join(BENCH_DIR, "results"), help="folder for cpu.json, cpu.png")
     parser.add_argument("--markdown", default=os.path.join(BENCH_DIR, "RESULTS.md"), help="the Markdown report")
+    parser.add_argument("--render", action="store_true", help="only rewrite the report and chart from cpu.json")
     args = parser.parse_args(argv)
+    json_path = os.path.join(args.out, "cpu.json")
+    if args.render:
+        publish(report.read_json(json_path), args.out, args.markdown)
+        return 0
     chosen = [name.strip() for name in args.only.split(",") if name.strip()] or list(SUITES)
     unknown = [name for name in chosen if name not in SUITES]
     if unknown:
@@ -169,14 +192,13 @@ def main(argv=None) -> int:
         rows += suite_rows
         suites[suite] = {"module": SUITES[suite], "status": status, "seconds": seconds, "mode": mode}
 
-    json_path = os.path.join(args.out, "cpu.json")
     if args.only:  # keep the other suites' rows from the last run
         previous = previous_results(json_path)
         kept = [row for row in previous["rows"] if row.get("source") not in chosen]
         rows = sorted(kept + rows, key=lambda row: list(SUITES).index(row["source"])
                       if row.get("source") in SUITES else len(SUITES))
-        suites = {name: suite for name, suite in {**previous.get("suites", {}), **suites}.items()}
-        suites = {name: suites[name] for name in SUITES if name in suites}
+        merged = {**previous.get("suites", {}), **suites}
+        suites = {name: merged[name] for name in SUITES if name in merged}
     load_end = os.getloadavg()[0]
     busy = max(load_start, load_end) > 0.5 * (os.cpu_count() or 1)
     command = "python benchmarks/run_benchmarks.py" + (" --quick" if args.quick else "") + (
@@ -186,18 +208,7 @@ def main(argv=None) -> int:
                 "command": command, "load_average": {"start": load_start, "end": load_end}, "busy": busy,
                 "suites": suites, "rows": rows}
 
-    print()
-    print(report.terminal_table(rows))
-    report.write_json(json_path, document)
-    chart_path = os.path.join(args.out, "cpu.png")
-    title = f"calibkern, {mode} run: {machine['cpu_model']}, {machine['cpu_count']} CPUs, torch {machine['torch']}"
-    charted = report.write_chart(chart_path, rows, title)
-    chart_name = os.path.relpath(chart_path, os.path.dirname(os.path.abspath(args.markdown))) if charted else None
-    report.write_markdown(args.markdown, document, chart_name)
-    total = sum(suite["seconds"] for suite in suites.values())
-    written = ", ".join([json_path, args.markdown] + ([chart_path] if charted else []))
-    print(f"\n{len(suites)} suites in {total:.0f} s; wrote {written}"
-          + ("" if charted else " (no chart: no matplotlib)"))
+    publish(document, args.out, args.markdown)
     if busy:
         print(f"warning: load average {max(load_start, load_end):.1f} on {os.cpu_count()} CPUs — the machine was "
               "busy; rerun on a quiet machine for representative numbers")
