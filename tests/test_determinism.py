@@ -17,7 +17,7 @@ M = 10
 # Large enough that the CPU kernels split rows (and the reference's reductions) over threads; the Triton
 # interpreter runs every program in Python, so it gets small shapes.
 SHAPES = {"triton": [(200, 4), (16, 300)]}
-DEFAULT_SHAPES = [(20_000, 4), (100, 1000)]
+DEFAULT_SHAPES = [(8192, 4), (64, 1000)]
 
 
 def cpu_backends():

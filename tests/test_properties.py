@@ -22,13 +22,13 @@ import calibkern as ck
 IGNORE = -100
 BACKENDS = ck.available_backends()
 # the Triton interpreter runs each program in Python: fewer examples there
-EXAMPLES = {"triton": 6}
+EXAMPLES = {"triton": 5}
 EDGE_TOL = 1e-4  # |c·M − round(c·M)| below this: float32 rounding may put c in either neighbouring bin
 SUM_TOL = 1e-5  # per-sample float32 error of a confidence
 
 
 def settings_for(backend):
-    return settings(max_examples=EXAMPLES.get(backend, 20), deadline=None, derandomize=True,
+    return settings(max_examples=EXAMPLES.get(backend, 15), deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 

@@ -16,7 +16,7 @@ from calibkern.hf import CalibrationConfig, CalibrationTrainer, build_sft_datase
 from calibkern.hf.data import detect_option_ids  # noqa: E402
 from hf_tiny import make_examples, make_model, make_tokenizer  # noqa: E402
 
-ROWS, BATCH, EPOCHS = 12, 4, 2
+ROWS, BATCH, EPOCHS = 8, 4, 2
 STEPS_PER_EPOCH = ROWS // BATCH
 CHECKPOINT_STEP = STEPS_PER_EPOCH + 1  # inside the second epoch
 
