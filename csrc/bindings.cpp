@@ -76,6 +76,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return cpu::cross_entropy_(logits, targets, ignore_index);
   }, py::arg("logits"), py::arg("targets"), py::arg("ignore_index"));
 
+  m.def("finite_rows", [](const at::Tensor& logits) {
+    TORCH_CHECK(logits.device().is_cpu() && logits.dim() == 2 && logits.is_contiguous(),
+                "calibkern._C: logits must be a contiguous [N, K] CPU tensor");
+    return cpu::finite_rows(logits);
+  }, py::arg("logits"), "Which rows of float32/bf16/fp16 logits [N, K] hold only finite values (bool [N]).");
+
   m.def("max_threads", []() { return omp_get_max_threads(); },
         "OpenMP threads the kernels use (follows torch.set_num_threads).");
 }

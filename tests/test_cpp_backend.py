@@ -128,6 +128,15 @@ def test_ignored_rows_contribute_nothing():
     assert not cpp.em_stats(x, y, *em_params()[:3], IGNORE).any()
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("k", [2, 17, 3000])
+def test_finite_rows(dtype, k):
+    x = torch.randn(40, k)
+    x[3, 0], x[7, k - 1], x[11, k // 2], x[12, 1] = float("nan"), float("inf"), -float("inf"), 1e38
+    x = x.to(dtype)
+    assert torch.equal(_C.finite_rows(x), torch.isfinite(x).all(dim=1))
+
+
 def test_empty_input():
     assert_backends_agree(torch.zeros(0, 5), torch.zeros(0, dtype=torch.long), "N=0")
 

@@ -1,0 +1,145 @@
+"""The cpp backend's ops against their baselines on CPU (issue 3; SPEC §8).
+
+Every comparison times its candidates side by side in one process with :func:`timing.median_times`
+(warm-up excluded, candidates alternated, medians of the rounds):
+
+* ``ece`` from logits, N = 4096, V = 128256, fp32: ``calibkern.ece(backend="cpp")`` against the torch
+  reference backend, torchmetrics' ``multiclass_calibration_error`` with its softmax included, and one plain
+  read of the tensor (``torch.sum``); plus the cpp kernel alone (``calibkern._cpp.binned_stats``, without the
+  public function's input validation) against the same read.
+* ``ece``, N = 10⁶, K = 4: cpp against torchmetrics and the reference.
+* ``calibration_loss`` forward + backward, N = 65536, K = 4: cpp against the reference and against the
+  per-bin Python loop of the published reference code (benchmarks/reference_style.py).
+* the EM ``target`` regulariser forward + backward, same size: cpp against the reference.
+
+``rows(quick)`` returns dicts ``{what, candidate, baseline, median_s, baseline_median_s, ratio, goal}``
+(``ratio = baseline / candidate``: how many times faster the candidate is); run this file to print them.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import timing  # noqa: E402
+
+N_BINS = 10
+
+
+def _row(what, times, candidate, baseline, goal):
+    cand, base = times[candidate]["median_s"], times[baseline]["median_s"]
+    return {"what": what, "candidate": candidate, "baseline": baseline, "median_s": cand,
+            "baseline_median_s": base, "ratio": base / cand if cand > 0 else float("inf"), "goal": goal}
+
+
+def _torchmetrics_ece(logits, labels):
+    from torchmetrics.functional.classification import multiclass_calibration_error
+
+    probs = torch.softmax(logits, dim=1)
+    return multiclass_calibration_error(probs, labels, num_classes=logits.shape[1], n_bins=N_BINS, norm="l1")
+
+
+def _rows_and_labels(n, k, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, k, generator=gen) * 2.0
+    return logits, torch.randint(0, k, (n,), generator=gen)
+
+
+def ece_vocab(quick: bool) -> list[dict]:
+    import calibkern
+    from calibkern import _cpp
+
+    n, v = (256, 128256) if quick else (4096, 128256)
+    logits, labels = _rows_and_labels(n, v)
+    what = f"ece from logits N={n} V={v} fp32"
+    times = timing.median_times({
+        "cpp": lambda: calibkern.ece(logits, labels, N_BINS, backend="cpp"),
+        "cpp kernel": lambda: _cpp.binned_stats(logits, labels, N_BINS, 1.0, -100, False),
+        "torch reference": lambda: calibkern.ece(logits, labels, N_BINS, backend="torch"),
+        "torchmetrics (softmax included)": lambda: _torchmetrics_ece(logits, labels),
+        "torch.sum (one read)": lambda: torch.sum(logits),
+    }, repeats=3 if quick else 5, warmup=1)
+    return [_row(what, times, "cpp", "torchmetrics (softmax included)", "≥ 15× faster"),
+            _row(what, times, "cpp", "torch reference", "≥ 8× faster"),
+            _row(what, times, "cpp", "torch.sum (one read)", "time ≤ 2.5×"),
+            _row(what, times, "cpp kernel", "torch.sum (one read)", "time ≤ 2.5×")]
+
+
+def ece_small_k(quick: bool) -> list[dict]:
+    import calibkern
+
+    n = 100_000 if quick else 1_000_000
+    logits, labels = _rows_and_labels(n, 4)
+    what = f"ece from logits N={n} K=4 fp32"
+    times = timing.median_times({
+        "cpp": lambda: calibkern.ece(logits, labels, N_BINS, backend="cpp"),
+        "torch reference": lambda: calibkern.ece(logits, labels, N_BINS, backend="torch"),
+        "torchmetrics (softmax included)": lambda: _torchmetrics_ece(logits, labels),
+    }, repeats=5 if quick else 11, warmup=2)
+    return [_row(what, times, "cpp", "torchmetrics (softmax included)", "≥ 15× faster"),
+            _row(what, times, "cpp", "torch reference", "")]
+
+
+def _fwd_bwd(loss_fn, logits):
+    def step():
+        z = logits.detach().requires_grad_()
+        loss_fn(z).backward()
+    return step
+
+
+def losses(quick: bool) -> list[dict]:
+    import calibkern
+    from reference_style import reference_style_calibration_loss
+
+    n = 8192 if quick else 65536
+    logits, labels = _rows_and_labels(n, 4, seed=1)
+    bin_accuracy = torch.linspace(0.3, 0.95, N_BINS)
+    bin_counts = torch.full((N_BINS,), n / N_BINS)
+    repeats, warmup = (5, 2) if quick else (21, 3)
+
+    def hard_bin(backend):
+        return _fwd_bwd(lambda z: calibkern.calibration_loss(z, labels, bin_accuracy, n_bins=N_BINS,
+                                                             backend=backend), logits)
+
+    what = f"calibration_loss fwd+bwd N={n} K=4"
+    times = timing.median_times({
+        "cpp": hard_bin("cpp"),
+        "torch reference": hard_bin("torch"),
+        "per-bin Python loop (published code)": _fwd_bwd(
+            lambda z: reference_style_calibration_loss(z, bin_accuracy, bin_counts, N_BINS), logits),
+    }, repeats=repeats, warmup=warmup)
+    rows = [_row(what, times, "cpp", "torch reference", "≥ 10× faster"),
+            _row(what, times, "cpp", "per-bin Python loop (published code)", "≥ 50× faster")]
+
+    state = calibkern.EMState(n_components=N_BINS)
+
+    def em(backend):
+        return _fwd_bwd(lambda z: calibkern.em_regularizer(z, labels, state, form="target", backend=backend),
+                        logits)
+
+    what = f"EM target regulariser fwd+bwd N={n} K=4"
+    times = timing.median_times({"cpp": em("cpp"), "torch reference": em("torch")},
+                                repeats=repeats, warmup=warmup)
+    return rows + [_row(what, times, "cpp", "torch reference", "")]
+
+
+def rows(quick: bool = False) -> list[dict]:
+    return ece_small_k(quick) + losses(quick) + ece_vocab(quick)
+
+
+def main() -> None:
+    quick = "--quick" in sys.argv
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
+    header = f"{'what':44} {'candidate':12} {'baseline':38} {'cand s':>9} {'base s':>9} {'ratio':>8}  goal"
+    print(header)
+    print("-" * len(header))
+    for row in rows(quick):
+        print(f"{row['what']:44} {row['candidate']:12} {row['baseline']:38} {row['median_s']:9.4f} "
+              f"{row['baseline_median_s']:9.4f} {row['ratio']:8.2f}  {row['goal']}")
+
+
+if __name__ == "__main__":
+    main()
