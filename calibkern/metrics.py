@@ -249,12 +249,11 @@ def proper_score_sums(logits, labels, *, temperature=1.0, ignore_index=-100):
     over kept rows, as float64 0-dim tensors (no host sync). ``Σ_j (p_j − e_y)² = Σ p² − 2 p_y + 1``."""
     from .reference.softmax import scaled
 
-    z = scaled(logits, temperature)
+    log_p = torch.log_softmax(scaled(logits, temperature), dim=1)
     keep = labels != ignore_index
-    safe = torch.where(keep, labels, torch.zeros_like(labels))
-    log_p_y = z.gather(1, safe[:, None]).squeeze(1) - torch.logsumexp(z, dim=1)
-    lse2 = torch.logsumexp(2.0 * z, dim=1) - 2.0 * torch.logsumexp(z, dim=1)
-    brier = lse2.exp() - 2.0 * log_p_y.exp() + 1.0
+    log_p_y = log_p.gather(1, torch.where(keep, labels, torch.zeros_like(labels))[:, None]).squeeze(1)
+    p = log_p.exp_()
+    brier = (p * p).sum(dim=1) - 2.0 * log_p_y.exp() + 1.0
     return (-log_p_y * keep).double().sum(), (brier * keep).double().sum()
 
 
@@ -302,14 +301,14 @@ class CalibrationMeter:
 
     @torch.no_grad()
     def update(self, logits, labels) -> None:
-        kwargs = dict(temperature=self.temperature, ignore_index=self.ignore_index, nonfinite=self.nonfinite,
-                      backend=self.backend)
-        batch = binned_stats(logits, labels, self.n_bins, **kwargs)
+        """Add one batch: validated once, binned by the backend's kernel, NLL/Brier summed in torch."""
+        rows = prepare(logits, labels, ignore_index=self.ignore_index, nonfinite=self.nonfinite, backend=self.backend)
+        args = (rows.logits, rows.labels, self.n_bins, self.temperature, self.ignore_index)
+        batch = BinStats(*rows.kernels.binned_stats(*args, False), rows.n_skipped)
         self.stats = batch if self.stats is None else self.stats + batch
         if self.classwise:
-            batch_cw = binned_stats(logits, labels, self.n_bins, mode="classwise", **kwargs)
+            batch_cw = BinStats(*rows.kernels.binned_stats(*args, True))
             self.class_stats = batch_cw if self.class_stats is None else self.class_stats + batch_cw
-        rows = prepare(logits, labels, ignore_index=self.ignore_index, nonfinite=self.nonfinite, backend="torch")
         s_nll, s_brier = proper_score_sums(rows.logits, rows.labels, temperature=self.temperature,
                                            ignore_index=self.ignore_index)
         self.sum_nll = self.sum_nll.to(s_nll.device) + s_nll
