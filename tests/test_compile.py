@@ -5,13 +5,17 @@
 Backend ``aot_eager`` (the autograd graph without code generation) keeps this fast on CPU.
 """
 
+import importlib
+
 import pytest
 import torch
 
 import calibkern
+from calibkern import backends
 from conftest import random_labels, random_logits
 
-BACKENDS = calibkern.available_backends()
+# the CPU backends; the triton custom ops under torch.compile: tests/test_triton_backend.py
+BACKENDS = [name for name in calibkern.available_backends() if name != "triton"]
 IGNORE = -100
 K, D, M = 4, 8, 5
 ACC = torch.linspace(0.1, 0.9, M)
@@ -54,14 +58,23 @@ def test_training_step_compiles_without_graph_breaks_and_equals_eager(backend):
 
 
 def test_compiled_value_checks_raise_from_the_assertion():
-    """Compiled code checks values with ``torch._assert_async``: a RuntimeError naming the problem."""
+    """Compiled code checks values with ``torch._assert_async``: a RuntimeError naming the problem (here with
+    the default backend, so the backend selection is traced as well)."""
     torch._dynamo.reset()
     compiled = torch.compile(training_step, fullgraph=True, backend="aot_eager")
     weight = random_logits(D, K, scale=0.5, seed=0)
     hidden, labels = batch(16, 1)
-    run(compiled, weight, hidden, labels, "torch")
+    run(compiled, weight, hidden, labels, None)
     hidden[2, 0] = float("nan")
     with pytest.raises(RuntimeError, match="NaN or infinite"):
-        run(compiled, weight, hidden, labels, "torch")
+        run(compiled, weight, hidden, labels, None)
     with pytest.raises(ValueError, match="NaN or infinite"):  # eager keeps its ValueError
-        run(training_step, weight, hidden, labels, "torch")
+        run(training_step, weight, hidden, labels, None)
+
+
+def test_importing_the_ops_loads_every_backend_module(monkeypatch):
+    """torch.compile cannot trace the import of a backend module: a compiled step may be the first call only
+    because importing calibkern.ops already loaded them all."""
+    monkeypatch.setattr(backends, "_probe_cache", {})
+    importlib.reload(calibkern.ops)
+    assert set(backends._probe_cache) == set(backends.BACKENDS)
