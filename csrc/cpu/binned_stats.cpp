@@ -73,8 +73,52 @@ void top1_long_rows(const T* x, const int64_t* labels, int64_t N, int64_t K, flo
   }
 }
 
-/// Short rows, 16 per SIMD group. Each lane adds to its own slot per bin (no store-to-load chains
-/// between consecutive rows); the slots are summed in lane order at the end of the block.
+/// Per-block bin sums of short rows, kept per lane (lane i only ever adds row r0 + i), so consecutive rows
+/// never wait on each other's additions; the lanes are summed in order when the block ends. Up to
+/// kMaskedBins bins, every bin is updated with a lane mask; above, each lane adds to its own slot.
+/// Both orders give the same sums: per (bin, lane), the rows in row order.
+constexpr int64_t kMaskedBins = 32;
+
+struct LaneBins {
+  int64_t M;
+  std::vector<vi> counts;
+  std::vector<vf> correct;
+  std::vector<vd> conf;
+
+  explicit LaneBins(int64_t M_) : M(M_), counts(M), correct(M), conf(M) {}
+
+  void clear() {
+    std::fill(counts.begin(), counts.end(), vi{});
+    std::fill(correct.begin(), correct.end(), vf{});
+    std::fill(conf.begin(), conf.end(), vd{});
+  }
+
+  void add(vi bin, vi keep, vf c, vf is_correct) {
+    if (M <= kMaskedBins) {
+      for (int64_t k = 0; k < M; ++k) {
+        const vi in = (bin == (int32_t)k) & keep;
+        counts[k] -= in;  // in is −1 where the row falls in bin k
+        correct[k] += in ? is_correct : vf{};
+        conf[k] += to_double(in ? c : vf{});
+      }
+    } else {
+      const vd cd = to_double(c);
+      for (int i = 0; i < kLanes; ++i) {
+        if (!keep[i]) continue;
+        counts[bin[i]][i] += 1;
+        correct[bin[i]][i] += is_correct[i];
+        conf[bin[i]][i] += cd[i];
+      }
+    }
+  }
+
+  void flush(BinPartials& partials, int64_t block) const {
+    for (int64_t k = 0; k < M; ++k)
+      for (int i = 0; i < kLanes; ++i) partials.add_sums(block, k, counts[k][i], conf[k][i], correct[k][i]);
+  }
+};
+
+/// Short rows, 16 per SIMD group (row_group.h).
 template <class T>
 void top1_short_rows(const T* x, const int64_t* labels, int64_t N, int64_t K, float inv_t, int64_t ignore_index,
                      BinPartials& partials) {
@@ -84,28 +128,17 @@ void top1_short_rows(const T* x, const int64_t* labels, int64_t N, int64_t K, fl
   {
     std::vector<vf> p(K);
     std::vector<float> tile(kLanes * K);
-    std::vector<int64_t> counts(M * kLanes);
-    std::vector<double> conf(M * kLanes), correct(M * kLanes);
+    LaneBins bins(M);
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < n_blocks; ++b) {
-      std::fill(counts.begin(), counts.end(), 0);
-      std::fill(conf.begin(), conf.end(), 0.0);
-      std::fill(correct.begin(), correct.end(), 0.0);
+      bins.clear();
       for (int64_t r0 = b * kGroupBlock; r0 < std::min(N, (b + 1) * kGroupBlock); r0 += kLanes) {
         const RowGroup<T, vf> g(x, labels, N, K, r0, ignore_index, inv_t, tile.data());
         const GroupSoftmax<T, vf> sm(g, p.data(), /*probabilities=*/false);
-        const vi slot = bin_of(sm.conf, m_float, (int32_t)M) * kLanes + lane_index();
-        const vi keep = g.kept();
-        const vf is_correct = sm.pred == g.label ? splat<vf>(1.0f) : vf{};
-        for (int i = 0; i < kLanes; ++i) {
-          counts[slot[i]] += keep[i] & 1;
-          conf[slot[i]] += keep[i] ? (double)sm.conf[i] : 0.0;
-          correct[slot[i]] += (double)is_correct[i];
-        }
+        bins.add(bin_of(sm.conf, m_float, (int32_t)M), g.kept(), sm.conf,
+                 sm.pred == g.label ? splat<vf>(1.0f) : vf{});
       }
-      for (int64_t k = 0; k < M; ++k)
-        for (int i = 0; i < kLanes; ++i)
-          partials.add_sums(b, k, counts[k * kLanes + i], conf[k * kLanes + i], correct[k * kLanes + i]);
+      bins.flush(partials, b);
     }
   }
 }

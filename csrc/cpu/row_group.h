@@ -34,6 +34,17 @@ template <class T, class V> struct RowGroup {
   RowGroup(const T* x, const int64_t* labels, int64_t N, int64_t K_, int64_t r0, int64_t ignore_index,
            float inv_t_, float* scratch)
       : row(x + r0 * K_), tile(nullptr), K(K_), inv_t(inv_t_), n_rows((int)std::min<int64_t>(L, N - r0)) {
+    if constexpr (L > 1) {
+      if (n_rows == L) {  // a full group: labels as one vector
+        typedef int64_t vl __attribute__((vector_size(8 * kLanes)));
+        vl lab;
+        std::memcpy(&lab, labels + r0, sizeof(lab));
+        label = __builtin_convertvector(lab != ignore_index ? lab : vl{} - 1, vi);
+        offset = lane_index() * (int32_t)K;
+        load_tile(scratch);
+        return;
+      }
+    }
     int32_t lab[L], off[L];
     for (int i = 0; i < L; ++i) {
       const int64_t r = r0 + std::min(i, n_rows - 1);
@@ -45,18 +56,23 @@ template <class T, class V> struct RowGroup {
     } else {
       label = load_lanes<V>(lab);
       offset = load_lanes<V>(off);
-      if constexpr (std::is_same_v<T, float>) {
-        tile = row;
-      } else {
-        const int64_t n = n_rows * K;
-        int64_t j = 0;
-        for (; j + kLanes <= n; j += kLanes) {
-          const vf v = load16(row + j);
-          std::memcpy(scratch + j, &v, sizeof(v));
-        }
-        for (; j < n; ++j) scratch[j] = load1(row + j);
-        tile = scratch;
+      load_tile(scratch);
+    }
+  }
+
+  /// L = 16: points tile at the group's rows as float32 (converting bf16/fp16 into scratch).
+  void load_tile(float* scratch) {
+    if constexpr (std::is_same_v<T, float>) {
+      tile = row;
+    } else {
+      const int64_t n = n_rows * K;
+      int64_t j = 0;
+      for (; j + kLanes <= n; j += kLanes) {
+        const vf v = load16(row + j);
+        std::memcpy(scratch + j, &v, sizeof(v));
       }
+      for (; j < n; ++j) scratch[j] = load1(row + j);
+      tile = scratch;
     }
   }
 

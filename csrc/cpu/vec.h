@@ -9,6 +9,10 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -126,14 +130,19 @@ template <class T> inline vf scaled16(const T* p, float inv_t) { return rounded(
 template <class V> inline V vmax(V a, V b) { return a > b ? a : b; }
 template <class V> inline V vmin(V a, V b) { return a < b ? a : b; }
 
-/// exp(x) in float32, ~1 ulp; 0 below ln(2^-126) (no subnormals), finite input up to 88.
+/// exp(x) in float32, ~1 ulp, for finite x ≤ 88 (−inf gives 0). With AVX-512 the 2^n scaling is one
+/// vscalefps (correct underflow through the subnormals); otherwise exponent bits, flushing below 2^−126.
 template <class V> inline V exp_(V x) {
-  using I = typename Lane<V>::I;
-  const float lo = -87.33654475f, hi = 88.0f, magic = 12582912.0f;  // magic = 1.5 · 2^23
-  V xc = vmin(vmax(x, splat<V>(lo)), splat<V>(hi));
-  V t = xc * 1.44269504088896341f + magic;        // round(x / ln 2) in the low mantissa bits
-  V n = t - magic;
-  V r = xc - n * 0.693359375f;                    // Cody-Waite: ln 2 = C1 + C2
+  const float magic = 12582912.0f;  // 1.5 · 2^23: adding it rounds to an integer in the low mantissa bits
+#ifdef __AVX512F__
+  const float lo = -104.0f;         // exp(−104) < 2^−150 rounds to 0
+#else
+  const float lo = -87.33654475f;   // ln 2^−126
+#endif
+  V xc = vmin(vmax(x, splat<V>(lo)), splat<V>(88.0f));
+  V t = xc * 1.44269504088896341f + magic;
+  V n = t - magic;                                 // round(x / ln 2)
+  V r = xc - n * 0.693359375f;                     // Cody-Waite: ln 2 = C1 + C2
   r = r - n * -2.12194440e-4f;
   V p = splat<V>(1.9875691500e-4f);
   p = p * r + 1.3981999507e-3f;
@@ -142,9 +151,13 @@ template <class V> inline V exp_(V x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   V y = p * (r * r) + r + 1.0f;
-  I e = as_bits(t) - as_bits(magic);              // n as an integer
-  V scale = from_bits((e + 127) << 23);
+#ifdef __AVX512F__
+  if constexpr (Lane<V>::n == 1) return _mm_cvtss_f32(_mm_scalef_ss(_mm_set_ss(y), _mm_set_ss(n)));
+  else return (vf)_mm512_scalef_ps((__m512)y, (__m512)n);
+#else
+  V scale = from_bits((as_bits(t) - (as_bits(magic) - 127)) << 23);
   return x < lo ? V{} : y * scale;
+#endif
 }
 
 /// tanh(x) in float32, ~1-2 ulp: odd polynomial for |x| < 0.625, else (1 − e)/(1 + e), e = exp(−2|x|).
