@@ -12,8 +12,8 @@ import torch
 import calibkern as ck
 
 from conftest import random_labels, random_logits
+from test_robustness import M, outputs
 
-M = 10
 # Large enough that the CPU kernels split rows (and the reference's reductions) over threads; the Triton
 # interpreter runs every program in Python, so it gets small shapes.
 SHAPES = {"triton": [(200, 4), (16, 300)]}
@@ -48,37 +48,6 @@ def num_threads(n: int):
         torch.set_num_threads(before)
 
 
-def _em_state():
-    state = ck.EMState(M)
-    g = torch.Generator().manual_seed(3)
-    state.pi = torch.softmax(torch.randn(M, generator=g, dtype=torch.float64), 0)
-    state.sigma = state.sigma * (0.5 + torch.rand(M, generator=g, dtype=torch.float64))
-    state.theta = torch.rand(M, generator=g, dtype=torch.float64)
-    return state
-
-
-def everything(logits, labels, backend):
-    """Every statistic, loss and gradient of the public ops, as one flat list of tensors."""
-    out = []
-    for mode in ("top1", "classwise"):
-        stats = ck.binned_stats(logits, labels, M, mode=mode, temperature=1.5, backend=backend)
-        out += [stats.counts, stats.sum_conf, stats.sum_correct]
-    accuracy = torch.linspace(0.05, 0.95, M)
-    for loss_of in (
-        lambda z: ck.calibration_loss(z, labels, accuracy, backend=backend),
-        lambda z: ck.em_regularizer(z, labels, state, form="target", accumulate=True, backend=backend),
-        lambda z: ck.em_regularizer(z, labels, state, form="ece", accumulate=True, backend=backend),
-    ):
-        state = _em_state()
-        z = logits.clone().requires_grad_(True)
-        loss = loss_of(z)
-        loss.backward()
-        out += [loss.detach(), z.grad, state.accum.clone()]
-        state.mstep()
-        out += [state.pi, state.mu, state.sigma, state.theta]
-    return out
-
-
 @pytest.mark.parametrize("switch", ["calibkern", "torch"])
 @pytest.mark.parametrize("backend", cpu_backends())
 def test_bitwise_identical_across_runs_and_thread_counts(backend, switch):
@@ -93,12 +62,13 @@ def test_bitwise_identical_across_runs_and_thread_counts(backend, switch):
             assert ck.is_deterministic()
             for threads in (1, 2, 2):
                 with num_threads(threads):
-                    runs.append(everything(logits, labels, backend))
+                    runs.append(outputs(logits, labels, backend))
         first = runs[0]
-        assert all(torch.isfinite(t.double()).all() for t in first)
+        assert all(torch.isfinite(t.double()).all() for t in first.values())
         for run in runs[1:]:
-            for i, (a, b) in enumerate(zip(first, run, strict=True)):
-                assert a.dtype == b.dtype and torch.equal(a, b), f"output {i} differs (N={n}, K={k})"
+            for name, value in first.items():
+                assert value.dtype == run[name].dtype and torch.equal(value, run[name]), \
+                    f"{name} differs (N={n}, K={k})"
 
 
 @pytest.mark.parametrize("backend", cpu_backends())

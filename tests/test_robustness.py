@@ -29,7 +29,8 @@ def em_state():
 
 
 def outputs(logits, labels, backend):
-    """Statistics, losses (sum reduction), gradients and E-step statistics of every op, by name."""
+    """Statistics, losses (sum reduction), gradients and E-step statistics of every op, by name (also the
+    outputs that tests/test_determinism.py repeats)."""
     out = {}
     for mode in ("top1", "classwise"):
         stats = ck.binned_stats(logits, labels, M, mode=mode, backend=backend)
