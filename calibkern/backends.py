@@ -92,11 +92,16 @@ def get_module(name: str) -> ModuleType:
     return loaded
 
 
-def resolve(backend: str | None, device: torch.device) -> tuple[str, ModuleType]:
-    """The (name, module) that runs an op on tensors of ``device``."""
+def resolve(backend: str | None, device: torch.device, dtype: torch.dtype | None = None) -> tuple[str, ModuleType]:
+    """The (name, module) that runs an op on tensors of ``device`` (and ``dtype``).
+
+    ``auto`` gives float64 inputs to the reference, the only backend that computes in float64.
+    """
     name = get_backend() if backend is None else _check_name(backend)
     if name == "auto":
-        if device.type == "cuda" and is_available("triton"):
+        if dtype == torch.float64:
+            name = "torch"
+        elif device.type == "cuda" and is_available("triton"):
             name = "triton"
         elif device.type == "cpu" and is_available("cpp"):
             name = "cpp"

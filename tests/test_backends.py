@@ -40,8 +40,9 @@ def test_missing_backend_says_how_to_get_it(monkeypatch):
 
 
 def test_package_imports_without_triton_being_imported():
-    code = "import sys, calibkern, torch; calibkern.ece(torch.randn(4, 3), torch.tensor([0, 1, 2, 0])); " \
-           "print('triton' in sys.modules)"
+    # Only the import is checked: the first custom-op call enters torch's dynamo machinery, which itself
+    # imports triton when it is installed, so TRITON_INTERPRET must be set before calibkern runs an op.
+    code = "import sys, calibkern, torch; print('triton' in sys.modules)"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -28,7 +28,7 @@ def prepare(logits, labels, *, ignore_index: int = -100, nonfinite: str = "error
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     labels = V.check_labels(labels, logits.shape[0], logits.shape[1], ignore_index, logits.device)
-    name, kernels = resolve(backend, logits.device)
+    name, kernels = resolve(backend, logits.device, logits.dtype)
     if logits.dtype == torch.float64 and name != "torch":
         raise TypeError(f"{logits_name} is float64, which only backend='torch' takes; backend {name!r} takes "
                         "float32, bfloat16 or float16")

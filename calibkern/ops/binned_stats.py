@@ -18,6 +18,6 @@ def binned_stats_tensors(logits, labels, n_bins=10, *, mode="top1", temperature=
     V.check_choice(mode, "mode", MODES)
     temperature = V.check_positive_float(temperature, "temperature")
     rows = prepare(logits, labels, ignore_index=ignore_index, nonfinite=nonfinite, backend=backend)
-    counts, sum_conf, sum_correct = rows.kernels.binned_stats(
-        rows.logits, rows.labels, n_bins, temperature, ignore_index, mode == "classwise")
+    counts, sum_conf, sum_correct = torch.ops.calibkern.binned_stats(
+        rows.logits, rows.labels, n_bins, temperature, ignore_index, mode == "classwise", rows.backend)
     return counts, sum_conf, sum_correct, rows.n_skipped

@@ -37,12 +37,14 @@ def calibration_loss(option_logits, labels, bin_accuracy, *, n_bins=10, bin_coun
 
     ``detach_targets=None`` means the variant's own choice: detached for the default, through the targets
     for ``official_compat``. Gradients through the targets are computed by autograd on the reference
-    backend only.
+    backend only, which ``backend=None`` then selects (asking for another backend is an error).
     """
     n_bins = V.check_n_bins(n_bins)
     V.check_choice(reduction, "reduction", REDUCTIONS)
     if detach_targets is None:
         detach_targets = not official_compat
+    if (official_compat or not detach_targets) and backend in (None, "auto"):
+        backend = "torch"
     rows = prepare(option_logits, labels, ignore_index=ignore_index, nonfinite=nonfinite, backend=backend,
                    logits_name="option_logits")
     device = rows.logits.device
