@@ -92,8 +92,8 @@ def assert_backends_agree(x, y, what):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("kind", KINDS)
 def test_kernels_match_reference(n, k, dtype, kind):
-    if n * k > 200_000 and (kind != "random" or dtype != torch.float32):
-        pytest.skip("large shapes run once (random fp32) to keep the file fast")
+    if (k > 1000 and kind != "random") or (n * k > 200_000 and dtype != torch.float32):
+        pytest.skip("long rows run with random logits, large shapes in fp32 only, to keep the file fast")
     assert_backends_agree(*make_rows(n, k, dtype, kind), f"N={n} K={k}")
 
 
