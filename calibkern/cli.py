@@ -93,7 +93,12 @@ def _parse_overrides(items: list[str], config):
         key, sep, value = item.partition("=")
         if not sep or key not in types:
             raise ValueError(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(types)}")
-        changes[key] = types[key](value)
+        if types[key] is bool:
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"--set {item!r}: {key} takes true or false")
+            changes[key] = value.lower() in ("true", "1")
+        else:
+            changes[key] = types[key](value)
     return config.replace(**changes)
 
 
@@ -108,7 +113,7 @@ def _train_options(args):
 
 def _run(args) -> None:
     from . import hf, pipeline
-    from .pipeline import io, stages
+    from .pipeline import io, report, runner, stages
 
     progress = not getattr(args, "no_progress", False)
     if args.command == "demo":
@@ -121,13 +126,13 @@ def _run(args) -> None:
               + (f"; claims not met: {'; '.join(failed)}" if failed else ""))
         return
     if args.command == "pipeline":
-        results = pipeline.runner.run_pipeline(pipeline.runner.load_config(args.config), progress=progress)
-        print(pipeline.report.markdown(results))
+        results = runner.run_pipeline(runner.load_config(args.config), progress=progress)
+        print(report.markdown(results))
         return
     if args.command == "report":
         results = pipeline.load_results(args.run_dir)
         pipeline.write_report(results, args.run_dir)
-        print(pipeline.report.markdown(results))
+        print(report.markdown(results))
         return
 
     if args.command == "align":

@@ -48,6 +48,7 @@ class DemoConfig:
     cft_epochs: float = 2.0
     cft_lr: float = 1e-3
     cft_lam: float = 1.0
+    cft_includes_new: bool = False
     label_smoothing: float = 0.1
     rcft_epochs: float = 10.0
     rcft_lr: float = 1e-3

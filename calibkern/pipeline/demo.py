@@ -127,7 +127,8 @@ def run_demo(config: DemoConfig, out_dir: str | os.PathLike, *, progress: bool =
         dpo, tokenizer, world.cft, option_ids, options(config.cft_epochs, config.cft_lr),
         epsilon=config.label_smoothing, template=template))
     clock.lap("label_smoothing")
-    results["cft"] = evaluate(stages.cft(dpo, tokenizer, world.cft, option_ids,
+    cft_rows = world.cft + world.new if config.cft_includes_new else world.cft
+    results["cft"] = evaluate(stages.cft(dpo, tokenizer, cft_rows, option_ids,
                                          options(config.cft_epochs, config.cft_lr), lam=config.cft_lam,
                                          n_bins=n_bins, template=template))
     clock.lap("cft")

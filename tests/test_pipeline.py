@@ -1,0 +1,152 @@
+"""The embedded demo pipeline: every stage end to end on the small configuration, and its parts."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("trl")
+
+from calibkern import hf  # noqa: E402
+from calibkern.pipeline import DemoConfig, build_world, load_results, run_demo, stages, synthetic, write_report  # noqa: E402
+from calibkern.pipeline.demo import tokenizer_corpus  # noqa: E402
+from calibkern.pipeline.model import tiny_llama  # noqa: E402
+from calibkern.pipeline.report import STAGE_ORDER  # noqa: E402
+from calibkern.pipeline.tokenizer import train_tokenizer  # noqa: E402
+
+METRIC_KEYS = {"ece", "ece_l2", "mce", "cw_ece", "accuracy", "mean_confidence", "nll", "brier", "n", "ece_ci"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    return out, run_demo(DemoConfig.small(), out, progress=False)
+
+
+@pytest.fixture(scope="module")
+def small_world():
+    config = DemoConfig.small()
+    world = build_world(config)
+    tokenizer = train_tokenizer(tokenizer_corpus(world, config.template), config.vocab_size)
+    option_ids = hf.detect_option_ids(tokenizer, 4, config.template)
+    return config, world, tokenizer, option_ids
+
+
+def test_demo_writes_every_stage(demo_run):
+    out, results = demo_run
+    on_disk = json.loads((out / "results.json").read_text())
+    assert set(on_disk) >= {"config", "timings", "stages"}
+    assert on_disk["config"]["n_known"] == DemoConfig.small().n_known
+    assert set(on_disk["stages"]) == set(STAGE_ORDER)
+    for name, metrics in on_disk["stages"].items():
+        assert METRIC_KEYS <= set(metrics), name
+        assert 0.0 <= metrics["ece"] <= 1.0 and 0.0 <= metrics["accuracy"] <= 1.0
+        low, high = metrics["ece_ci"]
+        assert low <= high
+        assert metrics["n"] == (DemoConfig.small().n_known + DemoConfig.small().n_new) * DemoConfig.small().test_per_fact
+    assert on_disk["stages"]["temperature_scaling"]["temperature"] > 0
+    assert on_disk["stages"]["temperature_scaling"]["accuracy"] == on_disk["stages"]["dpo"]["accuracy"]
+    assert all(t >= 0 for t in on_disk["timings"].values())
+    assert {c["claim"] for c in on_disk["checks"]} and all(isinstance(c["holds"], bool) for c in on_disk["checks"])
+    markdown = (out / "results.md").read_text()
+    for name in STAGE_ORDER:
+        assert f"| {name} |" in markdown
+        assert (out / f"reliability_{name}.png").stat().st_size > 1000
+    assert (out / "reliability_all.png").stat().st_size > 1000
+    assert (out / "models" / "dpo" / "config.json").is_file()
+    assert len((out / "data" / "test.jsonl").read_text().splitlines()) == on_disk["stages"]["base"]["n"]
+
+
+def test_report_is_rebuilt_from_results_json(demo_run, tmp_path):
+    out, _ = demo_run
+    results = load_results(out)
+    write_report(results, tmp_path)
+    assert (tmp_path / "results.md").read_text() == (out / "results.md").read_text()
+    assert (tmp_path / "reliability_all.png").is_file()
+
+
+def test_load_results_names_the_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="results.json"):
+        load_results(tmp_path)
+
+
+def test_world_splits():
+    config = DemoConfig.small()
+    world = build_world(config)
+    n_facts = config.n_known + config.n_new
+    assert len(world.facts) == n_facts
+    assert len(world.test) == n_facts * config.test_per_fact
+    assert len(world.cft) == config.n_known * config.cft_per_fact
+    assert len(world.new) == config.n_new * config.new_per_fact
+    assert len(world.pairs) == config.dpo_pairs
+    known_questions = {f.question for f in world.facts if f.known}
+    assert {e.question for e in world.cft} == known_questions
+    assert not {e.question for e in world.new} & known_questions
+    for pair in world.pairs:
+        fact = next(f for f in world.facts if f.question == pair.example.question)
+        assert fact.answer_probs[pair.chosen] >= fact.answer_probs[pair.rejected]
+
+
+def test_quantised_rows_follow_the_distribution():
+    facts = synthetic.make_facts(5, 0, seed=3)
+    rows = synthetic.quantised_rows(facts, range(5), 40)
+    for f, fact in enumerate(facts):
+        counts = np.bincount([r["answer"] for r in rows if r["fact"] == f], minlength=4)
+        assert counts.sum() == 40
+        assert np.abs(counts / 40 - fact.answer_probs).max() <= 1 / 40
+
+
+def test_facts_vary_in_entropy():
+    facts = synthetic.make_facts(200, 0, seed=0)
+    top = np.array([f.answer_probs.max() for f in facts])
+    assert top.min() < 0.4 and top.max() > 0.9
+
+
+def test_tokenizer_gives_single_token_option_letters(small_world):
+    config, _, tokenizer, option_ids = small_world
+    assert len(set(option_ids)) == 4
+    assert tokenizer.convert_ids_to_tokens(option_ids) == ["ĠA", "ĠB", "ĠC", "ĠD"]
+    assert tokenizer.pad_token_id is not None
+
+
+def test_training_stages_copy_the_model(small_world):
+    config, world, tokenizer, option_ids = small_world
+    model = tiny_llama(tokenizer)
+    before = [p.detach().clone() for p in model.parameters()]
+    options = stages.TrainOptions(epochs=1, lr=1e-2, batch_size=16, progress=False)
+    trained = stages.cft(model, tokenizer, world.cft, option_ids, options, template=config.template)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(before, trained.parameters()))
+    assert "forward" not in trained.__dict__
+
+
+def test_lora_stage_returns_a_merged_plain_model(small_world):
+    config, world, tokenizer, option_ids = small_world
+    model = tiny_llama(tokenizer)
+    options = stages.TrainOptions(epochs=1, lr=1e-2, batch_size=16, progress=False,
+                                  lora=stages.LoraOptions(r=4, target_modules=["q_proj", "v_proj"]))
+    trained = stages.rcft(model, tokenizer, world.cft, world.calibration, option_ids, options,
+                          template=config.template)
+    assert type(trained) is type(model)
+    changed = {n for (n, a), b in zip(model.named_parameters(), trained.parameters()) if not torch.equal(a, b)}
+    assert changed and all("q_proj" in n or "v_proj" in n for n in changed)
+
+
+def test_dpo_stage_makes_later_training_possible(small_world):
+    """The aligned model carries no Accelerate wrapper: a copy of it trains its own weights."""
+    config, world, tokenizer, option_ids = small_world
+    model = tiny_llama(tokenizer)
+    options = stages.TrainOptions(epochs=1, lr=1e-2, batch_size=16, progress=False)
+    aligned = stages.align(model, tokenizer, world.pairs[:32], options, template=config.template)
+    assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), aligned.parameters()))
+    smoothed = stages.label_smoothing(aligned, tokenizer, world.cft, option_ids, options, template=config.template)
+    assert any(not torch.equal(a, b) for a, b in zip(aligned.parameters(), smoothed.parameters()))
