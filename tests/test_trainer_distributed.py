@@ -1,8 +1,8 @@
 """CalibrationTrainer under ``torchrun --nproc_per_node 2`` (gloo, CPU, a tiny Llama) — SPEC §6.
 
 The test launches this file under torchrun; each rank trains CFT (per-bin accuracies estimated by the
-trainer), RCFT with the EM refreshed at the epoch start and RCFT with the EM refreshed by streaming after
-every step, and saves what it logged and ended with. Checked here:
+trainer) and RCFT (EM refreshed at the epoch start) and saves what it logged and ended with. (Streaming
+RCFT, whose step under DDP equals one step in one process: tests/test_hf_distributed.py.) Checked here:
 
 * every rank logs the same loss and ``calib_*`` statistics, and ends with the same weights, per-bin
   accuracies and EM state;
@@ -30,8 +30,7 @@ from calibkern.hf.evaluation import collect_option_logits  # noqa: E402
 from hf_tiny import make_examples, make_model, make_tokenizer  # noqa: E402
 
 WORLD, ROWS, PER_DEVICE = 2, 16, 8  # one optimizer step = every row once
-# run name: (method, em options, epochs); "rcft" refreshes once, with the starting model
-RUNS = {"cft": ("cft", {}, 3), "rcft": ("rcft", {}, 1), "rcft-stream": ("rcft", {"refresh": "stream"}, 2)}
+EPOCHS = {"cft": 3, "rcft": 1}  # rcft: one refresh, by the starting model
 STAT_KEYS = ("loss", "calib_ece", "calib_accuracy", "calib_mean_confidence", "calib_term")
 
 
@@ -41,22 +40,22 @@ def fixtures():
 
 
 def train_on_this_rank(out_dir: Path) -> None:
-    """Runs under torchrun: trains every run of RUNS and saves this rank's logs and end state."""
+    """Runs under torchrun: trains both methods and saves this rank's logs and end state."""
     tokenizer, option_ids, examples = fixtures()
     results = {}
-    for name, (method, em, epochs) in RUNS.items():
+    for method, epochs in EPOCHS.items():
         args = TrainingArguments(
-            output_dir=str(out_dir / name), per_device_train_batch_size=PER_DEVICE,
+            output_dir=str(out_dir / method), per_device_train_batch_size=PER_DEVICE,
             per_device_eval_batch_size=PER_DEVICE, num_train_epochs=epochs, learning_rate=1e-2, logging_steps=1,
             save_strategy="no", report_to=[], use_cpu=True, ddp_backend="gloo", disable_tqdm=True, seed=0,
             data_seed=0,
         )
         dataset = build_sft_dataset(tokenizer, examples, option_ids,
                                     supervise="completion" if method == "cft" else "full")
-        config = CalibrationConfig(method=method, option_ids=option_ids, em=em)
+        config = CalibrationConfig(method=method, option_ids=option_ids)
         trainer = CalibrationTrainer(make_model(tokenizer), args, dataset, calibration=config)
         trainer.train()
-        results[name] = {
+        results[method] = {
             "logs": [{key: entry[key] for key in STAT_KEYS} for entry in trainer.state.log_history
                      if "calib_ece" in entry],
             "weights": {name: value.detach().cpu() for name, value in trainer.model.named_parameters()},
@@ -84,10 +83,10 @@ def starting_model_on_all_rows():
     return collect_option_logits(make_model(tokenizer), tokenizer, examples, option_ids, progress=False)
 
 
-@pytest.mark.parametrize("run", list(RUNS))
-def test_every_rank_logs_and_ends_with_the_same_values(ranks, run):
-    first, second = (rank[run] for rank in ranks)
-    assert len(first["logs"]) == RUNS[run][2]  # one log per optimizer step
+@pytest.mark.parametrize("method", list(EPOCHS))
+def test_every_rank_logs_and_ends_with_the_same_values(ranks, method):
+    first, second = (rank[method] for rank in ranks)
+    assert len(first["logs"]) == EPOCHS[method]  # one log per optimizer step
     assert first["logs"] == second["logs"]
     for name, value in first["weights"].items():
         assert torch.equal(value, second["weights"][name]), name
@@ -96,15 +95,14 @@ def test_every_rank_logs_and_ends_with_the_same_values(ranks, run):
     if first["em_state"] is not None:
         for name, value in first["em_state"].items():
             assert torch.equal(value, second["em_state"][name]), name
-        # one M-step per epoch (epoch refresh) or per optimizer step (stream): one step per epoch here
-        assert int(first["em_state"]["n_msteps"]) == RUNS[run][2]
+        assert int(first["em_state"]["n_msteps"]) == EPOCHS[method]  # one refresh per epoch
 
 
-@pytest.mark.parametrize("run", list(RUNS))
-def test_logged_statistics_cover_every_rank(ranks, starting_model_on_all_rows, run):
+@pytest.mark.parametrize("method", list(EPOCHS))
+def test_logged_statistics_cover_every_rank(ranks, starting_model_on_all_rows, method):
     logits, labels = starting_model_on_all_rows
     stats = ck.binned_stats(logits, labels, 10)
-    first_step = ranks[0][run]["logs"][0]  # the forward pass of step 1 runs the starting model
+    first_step = ranks[0][method]["logs"][0]  # the forward pass of step 1 runs the starting model
     assert first_step["calib_ece"] == pytest.approx(float(stats.ece()), abs=1e-5)
     assert first_step["calib_accuracy"] == pytest.approx(float(stats.accuracy()), abs=1e-12)
     assert first_step["calib_mean_confidence"] == pytest.approx(float(stats.mean_confidence()), abs=1e-5)
