@@ -30,16 +30,16 @@ class DemoConfig:
     hidden_size: int = 64
     n_layers: int = 2
     # base model: cross-entropy against the pretraining stream's answer distribution
-    base_steps: int = 800
+    base_steps: int = 600
     base_batch_size: int = 64
     base_lr: float = 1e-2
     # DPO (trl.DPOTrainer)
-    dpo_pairs: int = 3200
+    dpo_pairs: int = 2400
     dpo_batch_size: int = 16
     dpo_lr: float = 1e-3
     dpo_beta: float = 0.1
     # splits
-    cft_per_fact: int = 16
+    cft_per_fact: int = 8
     new_per_fact: int = 4
     calibration_per_fact: int = 4
     test_per_fact: int = 20
@@ -50,7 +50,7 @@ class DemoConfig:
     cft_lam: float = 1.0
     cft_includes_new: bool = False
     label_smoothing: float = 0.1
-    rcft_epochs: float = 10.0
+    rcft_epochs: float = 6.0
     rcft_lr: float = 1e-3
     rcft_lam: float = 1.0
 
