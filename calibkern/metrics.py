@@ -146,6 +146,7 @@ class BinStats:
         if dist.is_available() and dist.is_initialized():
             for tensor in (self.counts, self.sum_conf, self.sum_correct, self.n_skipped):
                 dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+        self.updated = True
         return self
 
     def to(self, device) -> "BinStats":
@@ -281,42 +282,49 @@ class CalibrationMeter:
     ``update(logits, labels)`` adds a batch's bin statistics and NLL/Brier sums; ``compute()`` returns a
     dict of 0-dim tensors (ece, ece_l2, mce, accuracy, mean_confidence, nll, brier, n, and cw_ece when
     classwise); ``all_reduce()`` sums the state over torch.distributed ranks. No host synchronisation.
+    The state starts empty on ``device`` (and moves to the first batch's device), so a rank that saw no
+    data still joins ``all_reduce``; with ``classwise=True`` that needs ``n_classes``.
     """
 
-    def __init__(self, n_bins=10, classwise=False, *, temperature=1.0, ignore_index=-100, nonfinite="error",
-                 backend=None):
+    def __init__(self, n_bins=10, classwise=False, *, n_classes=None, temperature=1.0, ignore_index=-100,
+                 nonfinite="error", backend=None, device=None):
         self.n_bins = V.check_n_bins(n_bins)
         self.classwise = bool(classwise)
+        self.n_classes = None if n_classes is None else V.check_n_bins(n_classes, "n_classes")
         self.temperature = V.check_positive_float(temperature, "temperature")
         self.ignore_index = ignore_index
         self.nonfinite = V.check_choice(nonfinite, "nonfinite", V.NONFINITE_MODES)
         self.backend = backend
+        self.device = torch.device("cpu") if device is None else torch.device(device)
         self.reset()
 
     def reset(self) -> None:
-        self.stats: BinStats | None = None
-        self.class_stats: BinStats | None = None
-        self.sum_nll = torch.zeros((), dtype=torch.float64)
-        self.sum_brier = torch.zeros((), dtype=torch.float64)
+        self.updated = False
+        self.stats = BinStats.empty(self.n_bins, device=self.device)
+        self.class_stats = None if not (self.classwise and self.n_classes) else BinStats.empty(
+            self.n_bins, self.n_classes, device=self.device)
+        self.sum_nll = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.sum_brier = torch.zeros((), dtype=torch.float64, device=self.device)
 
     @torch.no_grad()
     def update(self, logits, labels) -> None:
         """Add one batch: validated once, binned by the backend's kernel, NLL/Brier summed in torch."""
         rows = prepare(logits, labels, ignore_index=self.ignore_index, nonfinite=self.nonfinite, backend=self.backend)
         args = (rows.logits, rows.labels, self.n_bins, self.temperature, self.ignore_index)
-        batch = BinStats(*rows.kernels.binned_stats(*args, False), rows.n_skipped)
-        self.stats = batch if self.stats is None else self.stats + batch
+        device = rows.logits.device
+        self.stats = self.stats.to(device) + BinStats(*rows.kernels.binned_stats(*args, False), rows.n_skipped)
         if self.classwise:
             batch_cw = BinStats(*rows.kernels.binned_stats(*args, True))
-            self.class_stats = batch_cw if self.class_stats is None else self.class_stats + batch_cw
+            self.class_stats = batch_cw if self.class_stats is None else self.class_stats.to(device) + batch_cw
         s_nll, s_brier = proper_score_sums(rows.logits, rows.labels, temperature=self.temperature,
                                            ignore_index=self.ignore_index)
-        self.sum_nll = self.sum_nll.to(s_nll.device) + s_nll
-        self.sum_brier = self.sum_brier.to(s_brier.device) + s_brier
+        self.sum_nll = self.sum_nll.to(device) + s_nll
+        self.sum_brier = self.sum_brier.to(device) + s_brier
+        self.updated = True
 
     def compute(self) -> dict:
-        if self.stats is None:
-            raise ValueError("CalibrationMeter.compute() called before any update()")
+        if not self.updated:
+            raise ValueError("CalibrationMeter.compute() called before any update() or all_reduce()")
         n = self.stats.counts.sum()
         denom = n.clamp_min(1).double()
         out = {
@@ -337,12 +345,14 @@ class CalibrationMeter:
     def all_reduce(self, group=None) -> "CalibrationMeter":
         import torch.distributed as dist
 
-        if self.stats is None:
-            raise ValueError("CalibrationMeter.all_reduce() called before any update()")
+        if self.classwise and self.class_stats is None:
+            raise ValueError("CalibrationMeter.all_reduce(): a classwise meter that saw no data needs n_classes "
+                             "at construction to take part in the all-reduce")
         self.stats.all_reduce(group)
         if self.class_stats is not None:
             self.class_stats.all_reduce(group)
         if dist.is_available() and dist.is_initialized():
             for tensor in (self.sum_nll, self.sum_brier):
                 dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+        self.updated = True
         return self

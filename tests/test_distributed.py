@@ -78,6 +78,11 @@ def _worker(rank, port, out_dir):
         torch.set_num_threads(1)
         logits, labels = shard(rank)
         result = compute(logits, labels, lambda r: em_batch(logits, labels, r))
+        # a rank that saw no data still joins the meter's all-reduce: rank 0 holds every row, rank 1 none
+        idle = ck.CalibrationMeter(M, classwise=True, n_classes=K, nonfinite="skip")
+        if rank == 0:
+            idle.update(*data())
+        result["meter_idle_rank"] = idle.all_reduce().compute()
         torch.save(result, f"{out_dir}/rank{rank}.pt")
         dist.barrier()
     finally:
@@ -133,6 +138,12 @@ def test_meter_all_reduce_equals_single_process(results):
     ranks, whole = results
     for rank in ranks:
         _assert_same(rank["meter"], whole["meter"], "meter")
+
+
+def test_meter_all_reduce_with_a_rank_that_saw_no_data(results):
+    ranks, whole = results
+    for rank in ranks:
+        _assert_same(rank["meter_idle_rank"], whole["meter"], "meter_idle_rank")
 
 
 @pytest.mark.parametrize("refresh", ["epoch", "stream"])
