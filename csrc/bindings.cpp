@@ -82,6 +82,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return cpu::finite_rows(logits);
   }, py::arg("logits"), "Which rows of float32/bf16/fp16 logits [N, K] hold only finite values (bool [N]).");
 
+  m.def("all_finite", [](const at::Tensor& logits) {
+    TORCH_CHECK(logits.device().is_cpu() && logits.is_contiguous(), "calibkern._C: logits must be a contiguous CPU tensor");
+    return cpu::all_finite(logits);
+  }, py::arg("logits"), "Whether every value of float32/bf16/fp16 logits is finite.");
+
+  m.def("labels_in_range", [](const at::Tensor& labels, int64_t n_classes, int64_t ignore_index) {
+    TORCH_CHECK(labels.device().is_cpu() && labels.is_contiguous() && labels.scalar_type() == at::kLong,
+                "calibkern._C: labels must be a contiguous int64 CPU tensor");
+    return cpu::labels_in_range(labels, n_classes, ignore_index);
+  }, py::arg("labels"), py::arg("n_classes"), py::arg("ignore_index"),
+     "Whether every label lies in [0, n_classes) or equals ignore_index.");
+
   m.def("max_threads", []() { return omp_get_max_threads(); },
         "OpenMP threads the kernels use (follows torch.set_num_threads).");
 }

@@ -135,6 +135,18 @@ def test_finite_rows(dtype, k):
     x[3, 0], x[7, k - 1], x[11, k // 2], x[12, 1] = float("nan"), float("inf"), -float("inf"), 1e38
     x = x.to(dtype)
     assert torch.equal(_C.finite_rows(x), torch.isfinite(x).all(dim=1))
+    assert not _C.all_finite(x) and _C.all_finite(x[13:])
+    assert _C.all_finite(x[:0])
+
+
+def test_labels_in_range():
+    y = torch.randint(0, 7, (200_000,))
+    y[::9] = IGNORE
+    assert _C.labels_in_range(y, 7, IGNORE)
+    for bad in (7, -1, -101):
+        z = y.clone()
+        z[150_001] = bad
+        assert not _C.labels_in_range(z, 7, IGNORE)
 
 
 def test_empty_input():

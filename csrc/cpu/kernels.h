@@ -33,8 +33,11 @@ at::Tensor em_stats(const at::Tensor& logits, const at::Tensor& labels, const at
 at::Tensor em_ece_grad(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& log_pi,
                        const at::Tensor& mu, const at::Tensor& sigma, const at::Tensor& coef, int64_t ignore_index);
 
-/// Which rows hold only finite values, as bool[N] (the input check of the public ops, one parallel read).
+/// Input checks of the public ops, one parallel read each: which rows hold only finite values (bool[N]);
+/// whether every value is finite; whether every label lies in [0, K) or equals ignore_index.
 at::Tensor finite_rows(const at::Tensor& logits);
+bool all_finite(const at::Tensor& logits);
+bool labels_in_range(const at::Tensor& labels, int64_t n_classes, int64_t ignore_index);
 
 /// Cross-entropy per row; overwrites float32 logits [n, V] with softmax − one-hot (0 for ignored rows).
 at::Tensor cross_entropy_(at::Tensor& logits, const at::Tensor& targets, int64_t ignore_index);
