@@ -64,8 +64,12 @@ def check_labels(labels, n_rows: int, n_classes: int, ignore_index: int, device:
     check_same_device(device, labels, name)
     labels = labels.long()
     if n_rows:
-        ok = ((labels >= 0) & (labels < n_classes)) | (labels == ignore_index)
-        require(ok.all(), f"{name} must lie in [0, {n_classes}) or equal ignore_index={ignore_index}")
+        fast = _cpu_checks(labels)
+        if fast is not None:
+            ok = torch.tensor(fast.labels_in_range(labels.contiguous(), n_classes, ignore_index))
+        else:
+            ok = (((labels >= 0) & (labels < n_classes)) | (labels == ignore_index)).all()
+        require(ok, f"{name} must lie in [0, {n_classes}) or equal ignore_index={ignore_index}")
     return labels
 
 
@@ -119,18 +123,23 @@ def check_vector(x, name: str, length: int, device: torch.device, *, low=None, h
     return x
 
 
-def _finite_rows(logits: torch.Tensor) -> torch.Tensor:
-    """``isfinite(logits).all(dim=1)``; on CPU through the C++ extension when built (one parallel read,
-    no [N, K] temporary — the check otherwise costs several times the op it guards)."""
-    if (logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.bfloat16, torch.float16)
-            and not torch.compiler.is_compiling()):
-        try:
-            from calibkern import _C
-        except ImportError:
-            _C = None
-        if _C is not None:
-            return _C.finite_rows(logits.contiguous())
-    return torch.isfinite(logits).all(dim=1)
+def _cpu_checks(t: torch.Tensor):
+    """``calibkern._C`` when it can check ``t`` (a CPU tensor, eager mode, the extension built), else None.
+
+    Its checks read the tensor once in parallel without an [N, K] temporary; the torch expressions they
+    replace cost several times the op they guard.
+    """
+    if t.device.type != "cpu" or torch.compiler.is_compiling():
+        return None
+    try:
+        from calibkern import _C
+    except ImportError:
+        return None
+    return _C
+
+
+def _float_kernel_dtype(logits: torch.Tensor) -> bool:
+    return logits.dtype in (torch.float32, torch.bfloat16, torch.float16)
 
 
 def handle_nonfinite(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, nonfinite: str,
@@ -142,11 +151,14 @@ def handle_nonfinite(logits: torch.Tensor, labels: torch.Tensor, ignore_index: i
     Returns ``(logits, labels, n_skipped)``.
     """
     check_choice(nonfinite, "nonfinite", NONFINITE_MODES)
-    finite_rows = _finite_rows(logits)
+    fast = _cpu_checks(logits) if _float_kernel_dtype(logits) else None
     if nonfinite == "error":
-        require(finite_rows.all(), f"{name} contains NaN or infinite values (pass nonfinite='skip' to skip "
+        ok = (torch.tensor(fast.all_finite(logits.contiguous())) if fast is not None
+              else torch.isfinite(logits).all())
+        require(ok, f"{name} contains NaN or infinite values (pass nonfinite='skip' to skip "
                                    "such rows)")
         return logits, labels, torch.zeros((), dtype=torch.int64, device=logits.device)
+    finite_rows = fast.finite_rows(logits.contiguous()) if fast is not None else torch.isfinite(logits).all(dim=1)
     bad = ~finite_rows
     logits = torch.where(bad[:, None], torch.zeros((), dtype=logits.dtype, device=logits.device), logits)
     labels = torch.where(bad, torch.full_like(labels, ignore_index), labels)
