@@ -181,5 +181,9 @@ def test_bitwise_identical_for_any_thread_count(n, k, dtype):
     x, y = make_rows(n, k, dtype, "random", seed=3)
     one, two = (_with_threads(threads, lambda: run_all(cpp, x, y)) for threads in (1, 2))
     for name in one:
-        for a, b in zip(torch.utils._pytree.tree_leaves(one[name]), torch.utils._pytree.tree_leaves(two[name])):
+        for a, b in zip(_tensors(one[name]), _tensors(two[name]), strict=True):
             assert torch.equal(a, b), f"{name} differs between 1 and 2 threads"
+
+
+def _tensors(result):
+    return [result] if isinstance(result, torch.Tensor) else [t for part in result for t in _tensors(part)]
