@@ -39,19 +39,19 @@ class DemoConfig:
     dpo_lr: float = 1e-3
     dpo_beta: float = 0.1
     # splits
-    cft_per_fact: int = 16
+    cft_per_fact: int = 8
     new_per_fact: int = 4
     calibration_per_fact: int = 4
     test_per_fact: int = 20
     # CFT / label smoothing / RCFT
     batch_size: int = 32
     cft_epochs: float = 2.0
-    cft_lr: float = 5e-4
+    cft_lr: float = 1e-3
     cft_lam: float = 1.0
     cft_includes_new: bool = False
     label_smoothing: float = 0.1
     rcft_epochs: float = 6.0
-    rcft_lr: float = 5e-4
+    rcft_lr: float = 1e-3
     rcft_lam: float = 0.3
 
     @classmethod
