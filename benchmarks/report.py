@@ -123,7 +123,7 @@ def write_markdown(path: str, document: dict, chart_name: str | None) -> None:
         f"Measured on **{machine_line(machine)}**, {machine['date']} (git {machine['git']}).",
         "",
         f"Run: `{document['command']}` ({document['mode']} run). Load average (1 min) {load['start']:.2f} at the "
-        f"start, {load['end']:.2f} at the end"
+        f"start, {load['end']:.2f} at the end (the end includes the benchmarks' own threads)"
         + (" — **the machine was busy: these numbers are not representative**." if document["busy"] else "."),
         "",
         "Each row compares a calibkern candidate with the baseline a user would otherwise pick. "
