@@ -22,6 +22,16 @@ def _seed_and_restore_backend():
     calibkern.set_deterministic(False)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models on a loaded 2-core machine spend their time in thread hand-offs: one thread (restored).
+    A module opts in with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def random_logits(n, k, scale=3.0, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(n, k, generator=g, dtype=torch.float64) * scale).to(dtype)

@@ -6,19 +6,9 @@ from __future__ import annotations
 import functools
 import random
 
-import pytest
 import torch
 
 from calibkern.hf.data import DEFAULT_TEMPLATE, MCQExample, answer_continuation, format_prompt
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models on a loaded 2-core machine spend their time in thread hand-offs: use one thread (restored)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 WORDS = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree", "rock", "fish", "bird", "star"]
 

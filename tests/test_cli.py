@@ -5,7 +5,6 @@ import runpy
 import sys
 
 import pytest
-import torch
 
 pytest.importorskip("trl")
 
@@ -20,12 +19,7 @@ TEMPLATE = DemoConfig.small().template
 TRAINING = ["--epochs", "1", "--batch-size", "16", "--no-progress", "--template", TEMPLATE]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,9 @@ from calibkern.hf.data import (  # noqa: E402
     format_prompt,
     load_mcq,
 )
-from hf_tiny import one_torch_thread, make_tokenizer  # noqa: E402, F401
+from hf_tiny import make_tokenizer  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _write_jsonl(path, rows):

@@ -15,7 +15,9 @@ import calibkern  # noqa: E402
 from calibkern.hf import CalibrationConfig, CalibrationTrainer, build_sft_dataset, compute_loss_func  # noqa: E402
 from calibkern.hf.data import MCQCollator, detect_option_ids  # noqa: E402
 from calibkern.hf.trainer import STATE_FILE  # noqa: E402
-from hf_tiny import one_torch_thread, make_examples, make_model, make_tokenizer  # noqa: E402, F401
+from hf_tiny import make_examples, make_model, make_tokenizer  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 BIN_ACCURACY = [0.05 + 0.1 * k for k in range(10)]
 

@@ -18,12 +18,7 @@ from calibkern.pipeline.tokenizer import train_tokenizer  # noqa: E402
 METRIC_KEYS = {"ece", "ece_l2", "mce", "cw_ece", "accuracy", "mean_confidence", "nll", "brier", "n", "ece_ci"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
