@@ -84,7 +84,11 @@ class BinStats:
             raise ValueError(f"confidences and correct must be 1-D of one length, got {tuple(confidences.shape)} "
                              f"and {tuple(correct.shape)}")
         V.require(((confidences >= 0) & (confidences <= 1)).all(), "confidences must lie in [0, 1]")
-        bins = bin_index(confidences, n_bins)
+        return cls.from_bins(bin_index(confidences, n_bins), confidences, correct, n_bins)
+
+    @classmethod
+    def from_bins(cls, bins, confidences, correct, n_bins: int) -> "BinStats":
+        """Top-1 statistics from an explicit bin index per sample (int64 in [0, M)), e.g. equal-mass bins."""
         stats = cls.empty(n_bins, device=confidences.device)
         stats.counts.scatter_add_(0, bins, torch.ones_like(bins))
         stats.sum_conf.scatter_add_(0, bins, confidences.double())
@@ -204,12 +208,7 @@ def adaptive_ece(logits, labels, n_bins=10, norm="l1", *, temperature=1.0, ignor
     order = torch.sort(conf, stable=True).indices
     n = conf.shape[0]
     bins = torch.div(torch.arange(n, device=conf.device) * n_bins, max(n, 1), rounding_mode="floor")
-    counts = torch.zeros(n_bins, dtype=torch.int64, device=conf.device).scatter_add_(0, bins, torch.ones_like(bins))
-    sum_conf = torch.zeros(n_bins, dtype=torch.float64, device=conf.device).scatter_add_(
-        0, bins, conf[order].double())
-    sum_correct = torch.zeros(n_bins, dtype=torch.float64, device=conf.device).scatter_add_(
-        0, bins, correct[order].double())
-    return _ece_from_sums(counts, sum_conf, sum_correct, norm)
+    return BinStats.from_bins(bins, conf[order], correct[order], n_bins).ece(norm)
 
 
 def ece_confidence_interval(logits, labels, n_bins=10, norm="l1", *, n_boot=1000, confidence=0.95, seed=0,
