@@ -100,6 +100,19 @@ def test_quantised_rows_follow_the_distribution():
         assert np.abs(counts / 40 - fact.answer_probs).max() <= 1 / 40
 
 
+def test_world_does_not_depend_on_the_string_hash():
+    """The same seed gives the same facts in any process (a set's order follows PYTHONHASHSEED)."""
+    import subprocess
+    import sys
+
+    code = ("import importlib.util as u, sys; s = u.spec_from_file_location('s', sys.argv[1]); m = u.module_from_spec(s); "
+            "sys.modules['s'] = m; s.loader.exec_module(m); "
+            "print([(f.question, f.choices) for f in m.make_facts(30, 10, seed=1)])")
+    outputs = {subprocess.run([sys.executable, "-c", code, synthetic.__file__], capture_output=True, text=True, check=True,
+                              env={"PYTHONHASHSEED": str(h)}).stdout for h in (1, 2, 3)}
+    assert len(outputs) == 1
+
+
 def test_facts_vary_in_entropy():
     facts = synthetic.make_facts(200, 0, seed=0)
     top = np.array([f.answer_probs.max() for f in facts])

@@ -45,7 +45,10 @@ def _names(rng: np.random.Generator, n: int) -> list[str]:
     names: set[str] = set()
     while len(names) < n:
         names.add("".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(3)).capitalize())
-    return sorted(names, key=lambda _: rng.random())
+    # A set's iteration order follows the per-process string hash (PYTHONHASHSEED): sort before the seeded
+    # shuffle, or the same seed would give different worlds in different processes.
+    order = sorted(names)
+    return [order[i] for i in rng.permutation(len(order))]
 
 
 def make_facts(n_known: int, n_new: int, seed: int, concentration_range=(0.25, 4.0)) -> list[Fact]:
