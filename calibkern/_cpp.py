@@ -15,7 +15,8 @@ from calibkern import _C
 
 def binned_stats(logits: torch.Tensor, labels: torch.Tensor, n_bins: int, temperature: float,
                  ignore_index: int, classwise: bool):
-    """(counts, Σ conf, Σ correct) per bin — [M] for top-1, [K, M] classwise."""
+    """(counts, Σ conf, Σ correct) per bin — [M] for top-1, [K, M] classwise — and the number of kept rows
+    left out for holding NaN or ±inf (found by the softmax pass itself)."""
     return _C.binned_stats(logits, labels, int(n_bins), float(temperature), int(ignore_index), bool(classwise))
 
 

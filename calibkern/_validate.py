@@ -142,6 +142,11 @@ def _float_kernel_dtype(logits: torch.Tensor) -> bool:
     return logits.dtype in (torch.float32, torch.bfloat16, torch.float16)
 
 
+def nonfinite_message(name: str, scaled: bool = False) -> str:
+    what = "NaN or infinite values" + (" (after division by temperature)" if scaled else "")
+    return f"{name} contains {what}; pass nonfinite='skip' to skip such rows"
+
+
 def handle_nonfinite(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, nonfinite: str,
                      name: str = "logits"):
     """Apply the ``nonfinite`` policy to rows holding NaN or ±inf.
@@ -155,8 +160,7 @@ def handle_nonfinite(logits: torch.Tensor, labels: torch.Tensor, ignore_index: i
     if nonfinite == "error":
         ok = (torch.tensor(fast.all_finite(logits.contiguous())) if fast is not None
               else torch.isfinite(logits).all())
-        require(ok, f"{name} contains NaN or infinite values (pass nonfinite='skip' to skip "
-                                   "such rows)")
+        require(ok, nonfinite_message(name))
         return logits, labels, torch.zeros((), dtype=torch.int64, device=logits.device)
     finite_rows = fast.finite_rows(logits.contiguous()) if fast is not None else torch.isfinite(logits).all(dim=1)
     bad = ~finite_rows

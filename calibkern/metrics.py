@@ -311,9 +311,9 @@ class CalibrationMeter:
         rows = prepare(logits, labels, ignore_index=self.ignore_index, nonfinite=self.nonfinite, backend=self.backend)
         args = (rows.logits, rows.labels, self.n_bins, self.temperature, self.ignore_index)
         device = rows.logits.device
-        self.stats = self.stats.to(device) + BinStats(*rows.kernels.binned_stats(*args, False), rows.n_skipped)
+        self.stats = self.stats.to(device) + BinStats(*rows.kernels.binned_stats(*args, False)[:3], rows.n_skipped)
         if self.classwise:
-            batch_cw = BinStats(*rows.kernels.binned_stats(*args, True))
+            batch_cw = BinStats(*rows.kernels.binned_stats(*args, True)[:3])
             self.class_stats = batch_cw if self.class_stats is None else self.class_stats.to(device) + batch_cw
         s_nll, s_brier = proper_score_sums(rows.logits, rows.labels, temperature=self.temperature,
                                            ignore_index=self.ignore_index)

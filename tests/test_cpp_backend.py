@@ -102,7 +102,7 @@ def test_confidence_on_bin_edges(k, bins):
     """All-equal rows give c = 1/k exactly; when c·M is an integer the row lands in bin c·M."""
     x = torch.zeros(33, k)
     y = torch.arange(33) % k
-    counts, sum_conf, _ = cpp.binned_stats(x, y, bins, 1.0, IGNORE, False)
+    counts, sum_conf, _, _ = cpp.binned_stats(x, y, bins, 1.0, IGNORE, False)
     want = ref.binned_stats(x, y, bins, 1.0, IGNORE, False)
     assert_same((counts, sum_conf), want[:2], "edges")
     assert counts[min(int(torch.tensor(1.0 / k) * bins), bins - 1)] == 33
@@ -111,7 +111,7 @@ def test_confidence_on_bin_edges(k, bins):
 def test_confidence_one_lands_in_last_bin():
     x = torch.tensor([[1e4, -1e4], [0.0, -1e4], [-1e4, 1e4, ], [3.0, 3.0]])
     y = torch.tensor([0, 1, 1, 0])
-    counts, sum_conf, sum_correct = cpp.binned_stats(x, y, 10, 1.0, IGNORE, False)
+    counts, sum_conf, sum_correct, _ = cpp.binned_stats(x, y, 10, 1.0, IGNORE, False)
     assert counts.tolist() == [0, 0, 0, 0, 0, 1, 0, 0, 0, 3]
     assert sum_conf[9].item() == 3.0 and sum_correct.tolist()[9] == 2.0
 
@@ -119,7 +119,7 @@ def test_confidence_one_lands_in_last_bin():
 def test_ignored_rows_contribute_nothing():
     x, y = make_rows(300, 4, torch.float32, "random")
     y[:] = IGNORE
-    counts, sum_conf, _ = cpp.binned_stats(x, y, M_BINS, 1.0, IGNORE, False)
+    counts, sum_conf, _, _ = cpp.binned_stats(x, y, M_BINS, 1.0, IGNORE, False)
     assert counts.sum() == 0 and sum_conf.sum() == 0
     loss, grad = cpp.hard_bin_loss(x, y, torch.rand(M_BINS), IGNORE)
     assert not loss.any() and not grad.any()
@@ -137,6 +137,23 @@ def test_finite_rows(dtype, k):
     assert torch.equal(_C.finite_rows(x), torch.isfinite(x).all(dim=1))
     assert not _C.all_finite(x) and _C.all_finite(x[13:])
     assert _C.all_finite(x[:0])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("k", [2, 4, 17, 64, 65, 3000])
+@pytest.mark.parametrize("classwise", [False, True], ids=["top1", "classwise"])
+def test_binned_stats_leaves_out_and_counts_nonfinite_rows(dtype, k, classwise):
+    """The kernel's own pass finds kept rows holding NaN/±inf (anywhere in the row, including a chunk's
+    scalar tail), leaves them out and counts them exactly like the reference; ignored rows are never read."""
+    x, y = make_rows(70, k, torch.float32, "random")
+    x[3, 0], x[7, k - 1], x[11, k // 2], x[12, 1], x[40, k - 1] = float("nan"), float("inf"), -float("inf"), 1e30, 1e38
+    y[5], x[5, 0] = IGNORE, float("nan")
+    x = x.to(dtype)
+    for temperature in (1.0, 1e-10):  # 1e38 · 1e10 overflows to inf only after scaling
+        got = cpp.binned_stats(x, y, M_BINS, temperature, IGNORE, classwise)
+        want = ref.binned_stats(x, y, M_BINS, temperature, IGNORE, classwise)
+        assert_same(got, want, f"K={k} T={temperature}")
+        assert got[3] == (3 if temperature == 1.0 and dtype != torch.float16 else 4)  # row 40 is ignored
 
 
 def test_labels_in_range():

@@ -68,7 +68,8 @@ def bin_accuracy(m, seed=0):
 
 
 def assert_stats_equal(got, want):
-    counts, sum_conf, sum_correct = got
+    counts, sum_conf, sum_correct, n_nonfinite = got
+    assert torch.equal(n_nonfinite, want[3])
     assert counts.dtype == torch.int64 and sum_conf.dtype == sum_correct.dtype == torch.float64
     torch.testing.assert_close(counts, want[0], rtol=0, atol=0)
     torch.testing.assert_close(sum_correct, want[2], rtol=0, atol=0)
@@ -186,10 +187,21 @@ def test_ties_bin_edges_and_extreme_logits(max_block_k, dtype):
         assert_close([tri.cross_entropy_(z, labels, IGNORE), z], [want_loss, want_grad])
 
 
+@pytest.mark.parametrize("classwise", [False, True], ids=["top1", "classwise"])
+def test_binned_stats_leaves_out_and_counts_nonfinite_rows(classwise):
+    logits, labels = inputs(30, 6, torch.float32)
+    labels[1] = 0
+    labels[9] = IGNORE
+    logits[1, 2], logits[4, 0], logits[9, 5] = float("nan"), -float("inf"), float("inf")
+    got = tri.binned_stats(logits, labels, 10, 1.0, IGNORE, classwise)
+    assert_stats_equal(got, ref.binned_stats(logits, labels, 10, 1.0, IGNORE, classwise))
+    assert got[3] == int((labels[[1, 4]] != IGNORE).sum())
+
+
 def test_empty_batch_and_all_rows_ignored():
     empty = torch.zeros(0, 5, device=DEVICE)
     no_labels = torch.zeros(0, dtype=torch.int64, device=DEVICE)
-    counts, sum_conf, _ = tri.binned_stats(empty, no_labels, 10, 1.0, IGNORE, True)
+    counts, sum_conf, _, _ = tri.binned_stats(empty, no_labels, 10, 1.0, IGNORE, True)
     assert counts.shape == (5, 10) and counts.sum() == 0 and sum_conf.sum() == 0
     assert tri.hard_bin_loss(empty, no_labels, bin_accuracy(10), IGNORE)[1].shape == (0, 5)
     logits, _ = inputs(9, 5, torch.float32)
@@ -220,8 +232,8 @@ def test_public_api_with_backend_triton():
     for mode in ("top1", "classwise"):
         got = calibkern.binned_stats(logits, labels, 10, mode=mode, backend="triton")
         want = calibkern.binned_stats(logits, labels, 10, mode=mode, backend="torch")
-        assert_stats_equal((got.counts, got.sum_conf, got.sum_correct),
-                           (want.counts, want.sum_conf, want.sum_correct))
+        assert_stats_equal((got.counts, got.sum_conf, got.sum_correct, got.n_skipped),
+                           (want.counts, want.sum_conf, want.sum_correct, want.n_skipped))
     torch.testing.assert_close(calibkern.ece(logits, labels, 10, backend="triton"),
                                calibkern.ece(logits, labels, 10, backend="torch"))
 

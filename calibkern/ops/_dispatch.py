@@ -24,6 +24,7 @@ class RowInputs:
 
 def prepare(logits, labels, *, ignore_index: int = -100, nonfinite: str = "error", backend=None,
             logits_name: str = "logits", allow_empty: bool = True) -> RowInputs:
+    """``nonfinite=None`` leaves non-finite rows to the kernel (``binned_stats`` counts them itself)."""
     V.check_logits(logits, logits_name, allow_empty=allow_empty)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
@@ -32,5 +33,8 @@ def prepare(logits, labels, *, ignore_index: int = -100, nonfinite: str = "error
     if logits.dtype == torch.float64 and name != "torch":
         raise TypeError(f"{logits_name} is float64, which only backend='torch' takes; backend {name!r} takes "
                         "float32, bfloat16 or float16")
-    logits, labels, n_skipped = V.handle_nonfinite(logits, labels, ignore_index, nonfinite, logits_name)
+    if nonfinite is None:
+        n_skipped = torch.zeros((), dtype=torch.int64, device=logits.device)
+    else:
+        logits, labels, n_skipped = V.handle_nonfinite(logits, labels, ignore_index, nonfinite, logits_name)
     return RowInputs(logits.contiguous(), labels.contiguous(), n_skipped, name, kernels)

@@ -13,11 +13,20 @@ MODES = ("top1", "classwise")
 @torch.no_grad()
 def binned_stats_tensors(logits, labels, n_bins=10, *, mode="top1", temperature=1.0, ignore_index=-100,
                          nonfinite="error", backend=None):
-    """Returns ``(counts, sum_conf, sum_correct, n_skipped)``; [M] tensors for top-1, [K, M] for classwise."""
+    """Returns ``(counts, sum_conf, sum_correct, n_skipped)``; [M] tensors for top-1, [K, M] for classwise.
+
+    The kernel itself leaves out and counts the kept rows with non-finite values (no separate read of the
+    logits), so the ``nonfinite`` policy is applied to its count: ``"error"`` raises when it is not 0,
+    ``"skip"`` reports it as ``n_skipped``. Rows with ``ignore_index`` are never read.
+    """
     n_bins = V.check_n_bins(n_bins)
     V.check_choice(mode, "mode", MODES)
+    V.check_choice(nonfinite, "nonfinite", V.NONFINITE_MODES)
     temperature = V.check_positive_float(temperature, "temperature")
-    rows = prepare(logits, labels, ignore_index=ignore_index, nonfinite=nonfinite, backend=backend)
-    counts, sum_conf, sum_correct = torch.ops.calibkern.binned_stats(
+    rows = prepare(logits, labels, ignore_index=ignore_index, nonfinite=None, backend=backend)
+    counts, sum_conf, sum_correct, n_nonfinite = torch.ops.calibkern.binned_stats(
         rows.logits, rows.labels, n_bins, temperature, ignore_index, mode == "classwise", rows.backend)
-    return counts, sum_conf, sum_correct, rows.n_skipped
+    if nonfinite == "error":
+        V.require(n_nonfinite == 0, V.nonfinite_message("logits", scaled=temperature != 1.0))
+        n_nonfinite = torch.zeros_like(n_nonfinite)
+    return counts, sum_conf, sum_correct, n_nonfinite

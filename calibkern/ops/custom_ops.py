@@ -149,8 +149,9 @@ def _(logits, labels, log_pi, mu, sigma, ignore_index, backend="auto"):
 
 @torch.library.custom_op("calibkern::binned_stats", mutates_args=())
 def binned_stats(logits: Tensor, labels: Tensor, n_bins: int, temperature: float, ignore_index: int,
-                 classwise: bool, backend: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
-    """(counts int64, Σ conf float64, Σ correct float64), [M] or [K, M] (classwise)."""
+                 classwise: bool, backend: str = "auto") -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(counts int64, Σ conf float64, Σ correct float64), [M] or [K, M] (classwise), and n_nonfinite (int64,
+    0-dim): kept rows whose scaled logits hold NaN or ±inf are left out of the bins and counted."""
     return tuple(_kernels(backend, logits).binned_stats(logits, labels, n_bins, temperature, ignore_index,
                                                         classwise))
 
@@ -159,7 +160,7 @@ def binned_stats(logits: Tensor, labels: Tensor, n_bins: int, temperature: float
 def _(logits, labels, n_bins, temperature, ignore_index, classwise, backend="auto"):
     shape = (logits.shape[1], n_bins) if classwise else (n_bins,)
     return (logits.new_empty(shape, dtype=torch.int64), logits.new_empty(shape, dtype=torch.float64),
-            logits.new_empty(shape, dtype=torch.float64))
+            logits.new_empty(shape, dtype=torch.float64), logits.new_empty((), dtype=torch.int64))
 
 
 @torch.library.custom_op("calibkern::cross_entropy_", mutates_args=("logits",))

@@ -11,7 +11,26 @@ def _scatter(index: torch.Tensor, weight: torch.Tensor, size: int, dtype: torch.
     return torch.zeros(size, dtype=dtype, device=index.device).scatter_add_(0, index, weight.to(dtype))
 
 
+def drop_nonfinite_rows(logits, labels, temperature: float, ignore_index: int):
+    """Rows whose scaled logits ``z`` hold NaN or ±inf become ignored rows with zero logits.
+
+    Returns ``(logits, labels, n_nonfinite)`` with the number of such rows that were kept (label ≠
+    ``ignore_index``) as an int64 0-dim tensor (no host sync).
+    """
+    bad = ~torch.isfinite(scaled(logits, temperature)).all(dim=1)
+    n_nonfinite = (bad & (labels != ignore_index)).sum()
+    logits = torch.where(bad[:, None], torch.zeros((), dtype=logits.dtype, device=logits.device), logits)
+    labels = torch.where(bad, torch.full_like(labels, ignore_index), labels)
+    return logits, labels, n_nonfinite
+
+
 def binned_stats(logits, labels, n_bins: int, temperature: float, ignore_index: int, classwise: bool):
+    """(counts, Σ conf, Σ correct, n_nonfinite): kept rows with non-finite ``z`` are left out and counted."""
+    logits, labels, n_nonfinite = drop_nonfinite_rows(logits, labels, temperature, ignore_index)
+    return (*_binned_sums(logits, labels, n_bins, temperature, ignore_index, classwise), n_nonfinite)
+
+
+def _binned_sums(logits, labels, n_bins: int, temperature: float, ignore_index: int, classwise: bool):
     keep = labels != ignore_index
     if not classwise:
         z = scaled(logits, temperature)

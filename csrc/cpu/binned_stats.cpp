@@ -3,7 +3,8 @@
 // Top-1 reads every row once: long rows with the online softmax of row_softmax.h, short rows (K ≤ 64)
 // sixteen at a time across SIMD lanes. Rows go in fixed blocks whose float64 partials are reduced in
 // block order. Classwise first finds each row's max and Σ exp, then splits the classes into fixed column
-// chunks, each accumulated over the rows in order by one thread.
+// chunks, each accumulated over the rows in order by one thread. A kept row whose scaled logits hold NaN or
+// ±inf is left out of the bins and counted (the softmax pass detects it, so the check costs no extra read).
 #include "dispatch.h"
 #include "kernels.h"
 #include "row_group.h"
@@ -59,18 +60,25 @@ constexpr int64_t kRowBlock = 16;     // rows per block, long rows
 constexpr int64_t kGroupBlock = 1024; // rows per block, short rows in lanes
 constexpr int64_t kColumnChunk = 256; // classes per chunk, classwise
 
+/// Returns the number of kept rows with non-finite values.
 template <class T>
-void top1_long_rows(const T* x, const int64_t* labels, int64_t N, int64_t K, float inv_t, int64_t ignore_index,
-                    BinPartials& partials) {
+int64_t top1_long_rows(const T* x, const int64_t* labels, int64_t N, int64_t K, float inv_t, int64_t ignore_index,
+                       BinPartials& partials) {
   const int64_t n_blocks = (N + kRowBlock - 1) / kRowBlock;
-#pragma omp parallel for schedule(static)
+  int64_t n_nonfinite = 0;
+#pragma omp parallel for schedule(static) reduction(+ : n_nonfinite)
   for (int64_t b = 0; b < n_blocks; ++b) {
     for (int64_t i = b * kRowBlock; i < std::min(N, (b + 1) * kRowBlock); ++i) {
       if (labels[i] == ignore_index) continue;
       const RowSoftmax rs = row_softmax(x + i * K, K, inv_t);
+      if (!rs.finite) {
+        ++n_nonfinite;
+        continue;
+      }
       partials.add(b, 1.0f / rs.sum, rs.argmax == labels[i]);
     }
   }
+  return n_nonfinite;
 }
 
 /// Per-block bin sums of short rows, kept per lane (lane i only ever adds row r0 + i), so consecutive rows
@@ -118,13 +126,14 @@ struct LaneBins {
   }
 };
 
-/// Short rows, 16 per SIMD group (row_group.h).
+/// Short rows, 16 per SIMD group (row_group.h). Returns the number of kept rows with non-finite values.
 template <class T>
-void top1_short_rows(const T* x, const int64_t* labels, int64_t N, int64_t K, float inv_t, int64_t ignore_index,
-                     BinPartials& partials) {
+int64_t top1_short_rows(const T* x, const int64_t* labels, int64_t N, int64_t K, float inv_t, int64_t ignore_index,
+                        BinPartials& partials) {
   const int64_t n_blocks = (N + kGroupBlock - 1) / kGroupBlock, M = partials.n_bins;
   const float m_float = (float)M;
-#pragma omp parallel
+  int64_t n_nonfinite = 0;
+#pragma omp parallel reduction(+ : n_nonfinite)
   {
     std::vector<vf> p(K);
     std::vector<float> tile(kLanes * K);
@@ -135,24 +144,32 @@ void top1_short_rows(const T* x, const int64_t* labels, int64_t N, int64_t K, fl
       for (int64_t r0 = b * kGroupBlock; r0 < std::min(N, (b + 1) * kGroupBlock); r0 += kLanes) {
         const RowGroup<T, vf> g(x, labels, N, K, r0, ignore_index, inv_t, tile.data());
         const GroupSoftmax<T, vf> sm(g, p.data(), /*probabilities=*/false);
-        bins.add(bin_of(sm.conf, m_float, (int32_t)M), g.kept(), sm.conf,
+        const vi kept = g.kept();
+        n_nonfinite -= hsum_int(kept & ~sm.finite);  // masks are −1 where true
+        bins.add(bin_of(sm.conf, m_float, (int32_t)M), kept & sm.finite, sm.conf,
                  sm.pred == g.label ? splat<vf>(1.0f) : vf{});
       }
       bins.flush(partials, b);
     }
   }
+  return n_nonfinite;
 }
 
+/// Returns the number of kept rows with non-finite values.
 template <class T>
-void classwise(const T* x, const int64_t* labels, int64_t N, int64_t K, int64_t M, float inv_t,
-               int64_t ignore_index, int64_t* counts, double* conf, double* correct) {
+int64_t classwise(const T* x, const int64_t* labels, int64_t N, int64_t K, int64_t M, float inv_t,
+                  int64_t ignore_index, int64_t* counts, double* conf, double* correct) {
   std::vector<float> row_max(N), row_sum(N);
-#pragma omp parallel for schedule(static)
+  std::vector<char> binned(N, 0);
+  int64_t n_nonfinite = 0;
+#pragma omp parallel for schedule(static) reduction(+ : n_nonfinite)
   for (int64_t i = 0; i < N; ++i) {
     if (labels[i] == ignore_index) continue;
     const RowSoftmax rs = row_softmax(x + i * K, K, inv_t);
     row_max[i] = rs.max;
     row_sum[i] = rs.sum;
+    binned[i] = rs.finite;
+    n_nonfinite += !rs.finite;
   }
   const int64_t n_chunks = (K + kColumnChunk - 1) / kColumnChunk;
   const float m_float = (float)M;
@@ -163,7 +180,7 @@ void classwise(const T* x, const int64_t* labels, int64_t N, int64_t K, int64_t 
     for (int64_t chunk = 0; chunk < n_chunks; ++chunk) {
       const int64_t j0 = chunk * kColumnChunk, j1 = std::min(K, j0 + kColumnChunk);
       for (int64_t i = 0; i < N; ++i) {
-        if (labels[i] == ignore_index) continue;
+        if (!binned[i]) continue;
         const T* row = x + i * K;
         const float m = row_max[i], s = row_sum[i];
         int64_t j = j0;
@@ -181,13 +198,14 @@ void classwise(const T* x, const int64_t* labels, int64_t N, int64_t K, int64_t 
       }
     }
   }
+  return n_nonfinite;
 }
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> binned_stats(const at::Tensor& logits, const at::Tensor& labels,
-                                                            int64_t n_bins, double temperature,
-                                                            int64_t ignore_index, bool classwise_mode) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> binned_stats(
+    const at::Tensor& logits, const at::Tensor& labels, int64_t n_bins, double temperature, int64_t ignore_index,
+    bool classwise_mode) {
   const int64_t N = logits.size(0), K = logits.size(1), M = n_bins;
   const float inv_t = (float)(1.0 / temperature);
   const auto f64 = logits.options().dtype(at::kDouble);
@@ -195,21 +213,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> binned_stats(const at::Tensor& lo
   const std::vector<int64_t> shape = classwise_mode ? std::vector<int64_t>{K, M} : std::vector<int64_t>{M};
   at::Tensor counts = at::zeros(shape, i64), conf = at::zeros(shape, f64), correct = at::zeros(shape, f64);
   const int64_t* y = labels.data_ptr<int64_t>();
+  int64_t n_nonfinite = 0;
   with_float_type(logits, [&](auto tag) {
     using T = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
     const T* x = static_cast<const T*>(logits.const_data_ptr());
     if (classwise_mode) {
-      classwise(x, y, N, K, M, inv_t, ignore_index, counts.data_ptr<int64_t>(), conf.data_ptr<double>(),
-                correct.data_ptr<double>());
+      n_nonfinite = classwise(x, y, N, K, M, inv_t, ignore_index, counts.data_ptr<int64_t>(),
+                              conf.data_ptr<double>(), correct.data_ptr<double>());
       return;
     }
     const bool short_rows = K <= kGroupK;
     BinPartials partials((N + (short_rows ? kGroupBlock : kRowBlock) - 1) / (short_rows ? kGroupBlock : kRowBlock), M);
-    if (short_rows) top1_short_rows(x, y, N, K, inv_t, ignore_index, partials);
-    else top1_long_rows(x, y, N, K, inv_t, ignore_index, partials);
+    n_nonfinite = short_rows ? top1_short_rows(x, y, N, K, inv_t, ignore_index, partials)
+                             : top1_long_rows(x, y, N, K, inv_t, ignore_index, partials);
     partials.reduce_into(counts.data_ptr<int64_t>(), conf.data_ptr<double>(), correct.data_ptr<double>());
   });
-  return {counts, conf, correct};
+  return {counts, conf, correct, at::scalar_tensor(n_nonfinite, i64)};
 }
 
 }  // namespace calibkern::cpu

@@ -4,16 +4,18 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/scalar_tensor.h>
 #include <ATen/ops/zeros.h>
 
 #include <tuple>
 
 namespace calibkern::cpu {
 
-/// Top-1: (counts int64[M], Σ conf float64[M], Σ correct float64[M]); classwise: the same per class [K, M].
-std::tuple<at::Tensor, at::Tensor, at::Tensor> binned_stats(const at::Tensor& logits, const at::Tensor& labels,
-                                                            int64_t n_bins, double temperature,
-                                                            int64_t ignore_index, bool classwise);
+/// Top-1: (counts int64[M], Σ conf float64[M], Σ correct float64[M], n_nonfinite int64[]); classwise: the
+/// same per class [K, M]. Kept rows whose scaled logits hold NaN or ±inf are left out and counted.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> binned_stats(
+    const at::Tensor& logits, const at::Tensor& labels, int64_t n_bins, double temperature, int64_t ignore_index,
+    bool classwise);
 
 /// Hard-bin target loss: (loss float32[N], ∂loss/∂logits float32[N, K]).
 std::tuple<at::Tensor, at::Tensor> hard_bin_loss(const at::Tensor& logits, const at::Tensor& labels,

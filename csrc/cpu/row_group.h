@@ -94,25 +94,30 @@ template <class T, class V> struct RowGroup {
   auto kept() const { return label >= 0; }
 };
 
-/// Lane-wise softmax of a row group: fills p[0..K) with the probabilities, and holds confidence c = 1/s, first argmax ŷ and
-/// q2 = max_{j≠ŷ} p_j. Σ exp is accumulated in float64.
+/// Lane-wise softmax of a row group: fills p[0..K) with the probabilities, and holds confidence c = 1/s, first argmax ŷ,
+/// q2 = max_{j≠ŷ} p_j and whether the row's z are all finite (Σ z_j · 0 = 0; the other read-outs are
+/// meaningless where it is false). Σ exp is accumulated in float64.
 template <class T, class V> struct GroupSoftmax {
   using I = typename Lane<V>::I;
   V conf;
   I pred;
   V q2;
+  I finite;
 
   /// With probabilities=false only conf and pred are computed (p then holds exp(z − m)).
   GroupSoftmax(const RowGroup<T, V>& g, V* p, bool probabilities = true) {
     using D = typename Lane<V>::D;
     V m = p[0] = g.z(0);
+    V poison = p[0] * 0.0f;
     pred = splat_int<V>(0);
     for (int64_t j = 1; j < g.K; ++j) {
       p[j] = g.z(j);
+      poison += p[j] * 0.0f;
       const auto gt = p[j] > m;
       m = gt ? p[j] : m;
       pred = gt ? splat_int<V>((int32_t)j) : pred;
     }
+    finite = poison == 0.0f;
     D s = {};
     for (int64_t j = 0; j < g.K; ++j) {
       p[j] = exp_(p[j] - m);

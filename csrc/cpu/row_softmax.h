@@ -3,7 +3,8 @@
 // The row is walked in chunks that stay in L1: a chunk's maximum first, then, if it beats the running
 // maximum m, the running sum is rescaled by exp(m_old − m_new), then Σ exp(z − m) over the chunk.
 // Sums are carried per lane in float64, so s is accurate for any K up to 262144 and the result depends
-// only on the row (never on the thread that computed it).
+// only on the row (never on the thread that computed it). The max pass also accumulates Σ z·0, which is 0
+// exactly when every z is finite (NaN or ±inf give NaN): the finiteness check costs no extra read.
 #pragma once
 
 #include "vec.h"
@@ -18,27 +19,45 @@ struct RowSoftmax {
   float max;        // m = max_j z_j
   int64_t argmax;   // first j with z_j = m
   float sum;        // s = Σ_j exp(z_j − m)
+  bool finite;      // every z_j is finite (max, argmax and sum are meaningless otherwise)
 };
 
 namespace detail {
 
 constexpr int64_t kChunk = 2048;
 
-template <class T> inline float chunk_max(const T* x, int64_t begin, int64_t end, float inv_t) {
+/// max_j z_j over [begin, end); adds Σ z_j · 0 (NaN unless every z_j is finite) to `poison`.
+template <class T> inline float chunk_max(const T* x, int64_t begin, int64_t end, float inv_t, vf& poison) {
   int64_t j = begin;
   float m = -std::numeric_limits<float>::infinity();
   if (end - j >= 4 * kLanes) {
     vf m0 = scaled16(x + j, inv_t), m1 = m0, m2 = m0, m3 = m0;
+    vf q0 = {}, q1 = {}, q2 = {}, q3 = {};
     for (; j + 4 * kLanes <= end; j += 4 * kLanes) {
-      m0 = vmax(m0, scaled16(x + j, inv_t));
-      m1 = vmax(m1, scaled16(x + j + kLanes, inv_t));
-      m2 = vmax(m2, scaled16(x + j + 2 * kLanes, inv_t));
-      m3 = vmax(m3, scaled16(x + j + 3 * kLanes, inv_t));
+      const vf z0 = scaled16(x + j, inv_t), z1 = scaled16(x + j + kLanes, inv_t);
+      const vf z2 = scaled16(x + j + 2 * kLanes, inv_t), z3 = scaled16(x + j + 3 * kLanes, inv_t);
+      m0 = vmax(m0, z0);
+      m1 = vmax(m1, z1);
+      m2 = vmax(m2, z2);
+      m3 = vmax(m3, z3);
+      q0 += z0 * 0.0f;
+      q1 += z1 * 0.0f;
+      q2 += z2 * 0.0f;
+      q3 += z3 * 0.0f;
     }
     m = hmax(vmax(vmax(m0, m1), vmax(m2, m3)));
+    poison += (q0 + q1) + (q2 + q3);
   }
-  for (; j + kLanes <= end; j += kLanes) m = std::max(m, hmax(scaled16(x + j, inv_t)));
-  for (; j < end; ++j) m = std::max(m, scaled1(x + j, inv_t));
+  for (; j + kLanes <= end; j += kLanes) {
+    const vf z = scaled16(x + j, inv_t);
+    m = std::max(m, hmax(z));
+    poison += z * 0.0f;
+  }
+  for (; j < end; ++j) {
+    const float z = scaled1(x + j, inv_t);
+    m = std::max(m, z);
+    poison[0] += z * 0.0f;
+  }
   return m;
 }
 
@@ -69,14 +88,15 @@ template <class T> inline vf chunk_sum_exp(const T* x, int64_t begin, int64_t en
 
 }  // namespace detail
 
-/// m, first argmax and Σ exp(z − m) of z = x · inv_t over one row of length K ≥ 1.
+/// m, first argmax, Σ exp(z − m) and finiteness of z = x · inv_t over one row of length K ≥ 1.
 template <class T> inline RowSoftmax row_softmax(const T* x, int64_t K, float inv_t) {
   float m = -std::numeric_limits<float>::infinity();
   int64_t argmax = 0;
   vd acc = {};
+  vf poison = {};
   for (int64_t begin = 0; begin < K; begin += detail::kChunk) {
     const int64_t end = std::min(K, begin + detail::kChunk);
-    const float chunk_m = detail::chunk_max(x, begin, end, inv_t);
+    const float chunk_m = detail::chunk_max(x, begin, end, inv_t, poison);
     if (chunk_m > m) {
       argmax = detail::first_index_of(x, begin, end, inv_t, chunk_m);
       if (begin > 0) acc *= std::exp((double)m - (double)chunk_m);
@@ -84,7 +104,7 @@ template <class T> inline RowSoftmax row_softmax(const T* x, int64_t K, float in
     }
     acc += to_double(detail::chunk_sum_exp(x, begin, end, inv_t, m));
   }
-  return {m, argmax, (float)hsum(acc)};
+  return {m, argmax, (float)hsum(acc), hsum(poison) == 0.0f};
 }
 
 }  // namespace calibkern::cpu

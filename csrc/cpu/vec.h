@@ -183,6 +183,7 @@ inline float hsum(float x) { return x; }
 inline float hsum(const vf& x) { float s = x[0]; for (int i = 1; i < kLanes; ++i) s += x[i]; return s; }
 inline double hsum(double x) { return x; }
 inline double hsum(const vd& x) { double s = x[0]; for (int i = 1; i < kLanes; ++i) s += x[i]; return s; }
+inline int32_t hsum_int(const vi& x) { int32_t s = 0; for (int i = 0; i < kLanes; ++i) s += x[i]; return s; }
 
 /// Equal-width bin of a float32 confidence: min(floor(c · M), M − 1) (c ≥ 0).
 template <class V> inline typename Lane<V>::I bin_of(V c, float m_float, int32_t m_bins) {

@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ...reference.binned_stats import drop_nonfinite_rows
 from . import common
 from .common import bin_index, bins_block, load_tile, online_softmax, row_blocks, sum_partials, warps
 
@@ -100,7 +101,15 @@ def _partials(P: int, shape: tuple, device) -> tuple[torch.Tensor, torch.Tensor,
 
 def binned_stats(logits: torch.Tensor, labels: torch.Tensor, n_bins: int, temperature: float,
                  ignore_index: int, classwise: bool):
-    """(counts int64, Σ conf float64, Σ correct float64), shaped [M] (top-1) or [K, M] (classwise)."""
+    """(counts int64, Σ conf float64, Σ correct float64, n_nonfinite int64 0-dim), shaped [M] (top-1) or
+    [K, M] (classwise). Non-finite kept rows are found by the reference's torch pass before the kernels (one
+    more read of the logits on the GPU)."""
+    logits, labels, n_nonfinite = drop_nonfinite_rows(logits, labels, temperature, ignore_index)
+    return (*_binned_sums(logits, labels, n_bins, temperature, ignore_index, classwise), n_nonfinite)
+
+
+def _binned_sums(logits: torch.Tensor, labels: torch.Tensor, n_bins: int, temperature: float,
+                 ignore_index: int, classwise: bool):
     N, K = logits.shape
     M = n_bins
     shape = (K, M) if classwise else (M,)
