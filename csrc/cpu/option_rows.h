@@ -45,32 +45,46 @@ template <class V> inline V gather(const float* table, typename Lane<V>::I index
 
 /// Writes lane i of v to base[(r0 + i) · stride + j] for the lanes that hold a row.
 template <class V> inline void store_rows(float* base, int64_t stride, int64_t r0, int n_rows, int64_t j, V v) {
+#ifdef __AVX512F__
+  if constexpr (Lane<V>::n > 1) {
+    const __mmask16 lanes = (__mmask16)((1u << n_rows) - 1u);
+    if (stride == 1 && n_rows == kLanes) {
+      _mm512_storeu_ps(base + r0 + j, (__m512)v);
+    } else {
+      const vi offset = lane_index() * (int32_t)stride;
+      _mm512_mask_i32scatter_ps(base + r0 * stride + j, lanes, (__m512i)offset, (__m512)v, 4);
+    }
+    return;
+  }
+#endif
   for (int i = 0; i < n_rows; ++i) base[(r0 + i) * stride + j] = lane(v, i);
 }
 
 /// The target vector τ for target accuracy a (τ_ŷ = a, order-preserving non-max targets that sum to 1 − a),
 /// L = Σ (p − τ)² and ∂L/∂z = p ⊙ (g − ⟨g, p⟩) with g = 2 (p − τ), written to out[0..K). Returns L.
+/// u_j = tanh((p_j / q₂) · (γ₀ / d)) — p_j / q₂ ≤ 1 off the argmax, so no product overflows — and
+/// τ_j = d (1 + u_j) · 1/(K − 1 + Σ u).
 template <class V>
 inline V target_loss(const V* p, int64_t K, typename Lane<V>::I pred, V q2, V a, float gamma0, V* out) {
-  using D = typename Lane<V>::D;
+  using S = typename Lane<V>::S;
   const V d = 1.0f - a;
   const V d_safe = vmax(d, splat<V>(1e-12f));
   const V q2_safe = q2 > 0.0f ? q2 : splat<V>(1.0f);
-  D u_sum = {};
+  const V scale = gamma0 / d_safe;
+  S u_sum = {};
   for (int64_t j = 0; j < K; ++j) {
-    const V u = tanh_(gamma0 * (p[j] / q2_safe) / d_safe);
+    const V u = tanh_((p[j] / q2_safe) * scale);
     out[j] = pred == (int32_t)j ? V{} : u;
-    u_sum += to_double(out[j]);
+    u_sum += row_sum_term(out[j]);
   }
-  const V d_pos = vmax(d, V{});
-  const V denom = (float)(K - 1) + narrow_lanes(u_sum);
-  D loss = {}, gp = {};
+  const V share = vmax(d, V{}) * recip((float)(K - 1) + narrow_lanes(u_sum));
+  S loss = {}, gp = {};
   for (int64_t j = 0; j < K; ++j) {
-    const V tau = pred == (int32_t)j ? a : d_pos * (1.0f + out[j]) / denom;
+    const V tau = pred == (int32_t)j ? a : share * (1.0f + out[j]);
     const V diff = p[j] - tau;
     out[j] = tau;
-    loss += to_double(diff * diff);
-    gp += to_double(2.0f * diff * p[j]);
+    loss += row_sum_term(diff * diff);
+    gp += row_sum_term(2.0f * diff * p[j]);
   }
   const V gpf = narrow_lanes(gp);
   for (int64_t j = 0; j < K; ++j) out[j] = p[j] * (2.0f * (p[j] - out[j]) - gpf);

@@ -96,7 +96,8 @@ template <class T, class V> struct RowGroup {
 
 /// Lane-wise softmax of a row group: fills p[0..K) with the probabilities, and holds confidence c = 1/s, first argmax ŷ,
 /// q2 = max_{j≠ŷ} p_j and whether the row's z are all finite (Σ z_j · 0 = 0; the other read-outs are
-/// meaningless where it is false). Σ exp is accumulated in float64.
+/// meaningless where it is false). Σ exp is accumulated in float64 for a long row, float32 for a row group;
+/// p_j = exp(z_j − m) · c.
 template <class T, class V> struct GroupSoftmax {
   using I = typename Lane<V>::I;
   V conf;
@@ -106,7 +107,6 @@ template <class T, class V> struct GroupSoftmax {
 
   /// With probabilities=false only conf and pred are computed (p then holds exp(z − m)).
   GroupSoftmax(const RowGroup<T, V>& g, V* p, bool probabilities = true) {
-    using D = typename Lane<V>::D;
     V m = p[0] = g.z(0);
     V poison = p[0] * 0.0f;
     pred = splat_int<V>(0);
@@ -118,17 +118,17 @@ template <class T, class V> struct GroupSoftmax {
       pred = gt ? splat_int<V>((int32_t)j) : pred;
     }
     finite = poison == 0.0f;
-    D s = {};
+    typename Lane<V>::S s = {};
     for (int64_t j = 0; j < g.K; ++j) {
       p[j] = exp_(p[j] - m);
-      s += to_double(p[j]);
+      s += row_sum_term(p[j]);
     }
     const V sf = narrow_lanes(s);
     conf = 1.0f / sf;
     q2 = V{};
     if (!probabilities) return;
     for (int64_t j = 0; j < g.K; ++j) {
-      p[j] = p[j] / sf;
+      p[j] = p[j] * conf;
       q2 = (pred != (int32_t)j) & (p[j] > q2) ? p[j] : q2;
     }
   }

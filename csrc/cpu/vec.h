@@ -27,14 +27,19 @@ typedef double vd __attribute__((vector_size(8 * kLanes)));
 typedef uint16_t vu16 __attribute__((vector_size(2 * kLanes)));
 
 template <class V> struct Lane;
+// S accumulates a sum over one row's K values: float64 for a long row (K up to 262144), float32 for the
+// K ≤ 64 values of a lane-wise row group (the float32 reference sums those in float32 too; float64 lanes
+// would cost two conversions and twice the registers per element).
 template <> struct Lane<float> {
   using I = int32_t;   // lane integer type
   using D = double;    // lane float64 accumulator type
+  using S = double;    // row-sum accumulator
   static constexpr int n = 1;
 };
 template <> struct Lane<vf> {
   using I = vi;
   using D = vd;
+  using S = vf;
   static constexpr int n = kLanes;
 };
 
@@ -51,6 +56,8 @@ inline double to_double(float x) { return x; }
 inline vd to_double(vf x) { return __builtin_convertvector(x, vd); }
 inline float narrow_lanes(double x) { return (float)x; }
 inline vf narrow_lanes(const vd& x) { return __builtin_convertvector(x, vf); }
+inline vf narrow_lanes(const vf& x) { return x; }
+template <class V> inline typename Lane<V>::S row_sum_term(V x) { return x; }
 
 template <class V> inline V splat(float s) { return V{} + s; }
 template <class V> inline typename Lane<V>::I splat_int(int32_t s) { return typename Lane<V>::I{} + s; }
@@ -160,6 +167,18 @@ template <class V> inline V exp_(V x) {
 #endif
 }
 
+/// 1/b to about 1 ulp without a divide: AVX-512 rcp14 (14 bits) and one Newton step; exact division
+/// otherwise. For values that only feed losses and gradients — never for a confidence that is binned.
+template <class V> inline V recip(V b) {
+#ifdef __AVX512F__
+  if constexpr (Lane<V>::n > 1) {
+    const V r = (vf)_mm512_rcp14_ps((__m512)b);
+    return r * (2.0f - b * r);
+  }
+#endif
+  return 1.0f / b;
+}
+
 /// tanh(x) in float32, ~1-2 ulp: odd polynomial for |x| < 0.625, else (1 − e)/(1 + e), e = exp(−2|x|).
 template <class V> inline V tanh_(V x) {
   V ax = x < 0.0f ? -x : x;
@@ -170,8 +189,8 @@ template <class V> inline V tanh_(V x) {
   small = small * z + 1.33314422036e-1f;
   small = small * z - 3.33332819422e-1f;
   small = small * z * x + x;
-  V e = exp_(-2.0f * ax);
-  V big = (1.0f - e) / (1.0f + e);
+  V e = exp_(-2.0f * vmin(ax, splat<V>(10.0f)));  // tanh(10) rounds to 1; keeps e normal
+  V big = (1.0f - e) * recip(1.0f + e);
   big = x < 0.0f ? -big : big;
   return ax < 0.625f ? small : big;
 }
