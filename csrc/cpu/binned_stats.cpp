@@ -12,6 +12,10 @@
 
 #include <omp.h>
 
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
 #include <vector>
 
 namespace calibkern::cpu {
@@ -102,6 +106,24 @@ struct LaneBins {
   }
 
   void add(vi bin, vi keep, vf c, vf is_correct) {
+#ifdef __AVX512F__
+    if (M <= kMaskedBins) {  // the same masked updates with AVX-512 mask registers, float64 halves apart
+      const __mmask16 kept = _mm512_test_epi32_mask((__m512i)keep, (__m512i)keep);
+      const __m512d c_lo = _mm512_cvtps_pd(_mm512_castps512_ps256((__m512)c));
+      const __m512d c_hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd((__m512)c), 1)));
+      const __m512i one = _mm512_set1_epi32(1);
+      for (int64_t k = 0; k < M; ++k) {
+        const __mmask16 in = _mm512_mask_cmpeq_epi32_mask(kept, (__m512i)bin, _mm512_set1_epi32((int32_t)k));
+        counts[k] = (vi)_mm512_mask_add_epi32((__m512i)counts[k], in, (__m512i)counts[k], one);
+        correct[k] = (vf)_mm512_mask_add_ps((__m512)correct[k], in, (__m512)correct[k], (__m512)is_correct);
+        double* sums = reinterpret_cast<double*>(&conf[k]);
+        _mm512_storeu_pd(sums, _mm512_mask_add_pd(_mm512_loadu_pd(sums), (__mmask8)in, _mm512_loadu_pd(sums), c_lo));
+        _mm512_storeu_pd(sums + 8, _mm512_mask_add_pd(_mm512_loadu_pd(sums + 8), (__mmask8)(in >> 8),
+                                                      _mm512_loadu_pd(sums + 8), c_hi));
+      }
+      return;
+    }
+#endif
     if (M <= kMaskedBins) {
       for (int64_t k = 0; k < M; ++k) {
         const vi in = (bin == (int32_t)k) & keep;
