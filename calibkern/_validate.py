@@ -65,11 +65,12 @@ def check_labels(labels, n_rows: int, n_classes: int, ignore_index: int, device:
     labels = labels.long()
     if n_rows:
         fast = _cpu_checks(labels)
+        message = f"{name} must lie in [0, {n_classes}) or equal ignore_index={ignore_index}"
         if fast is not None:
-            ok = torch.tensor(fast.labels_in_range(labels.contiguous(), n_classes, ignore_index))
+            if not fast.labels_in_range(labels.contiguous(), n_classes, ignore_index):
+                raise ValueError(message)
         else:
-            ok = (((labels >= 0) & (labels < n_classes)) | (labels == ignore_index)).all()
-        require(ok, f"{name} must lie in [0, {n_classes}) or equal ignore_index={ignore_index}")
+            require((((labels >= 0) & (labels < n_classes)) | (labels == ignore_index)).all(), message)
     return labels
 
 
@@ -158,9 +159,11 @@ def handle_nonfinite(logits: torch.Tensor, labels: torch.Tensor, ignore_index: i
     check_choice(nonfinite, "nonfinite", NONFINITE_MODES)
     fast = _cpu_checks(logits) if _float_kernel_dtype(logits) else None
     if nonfinite == "error":
-        ok = (torch.tensor(fast.all_finite(logits.contiguous())) if fast is not None
-              else torch.isfinite(logits).all())
-        require(ok, nonfinite_message(name))
+        if fast is not None:
+            if not fast.all_finite(logits.contiguous()):
+                raise ValueError(nonfinite_message(name))
+        else:
+            require(torch.isfinite(logits).all(), nonfinite_message(name))
         return logits, labels, torch.zeros((), dtype=torch.int64, device=logits.device)
     finite_rows = fast.finite_rows(logits.contiguous()) if fast is not None else torch.isfinite(logits).all(dim=1)
     bad = ~finite_rows
