@@ -3,7 +3,7 @@
 It implements the kernel contract of docs/backends.md, vectorised (no Python loop over rows or bins).
 """
 
-from .binned_stats import binned_stats, drop_nonfinite_rows
+from .binned_stats import binned_stats
 from .cross_entropy import cross_entropy_
 from .em import em_ece_grad, em_stats, em_target_loss, responsibilities
 from .softmax import bin_index, softmax_parts
@@ -13,7 +13,6 @@ __all__ = [
     "bin_index",
     "binned_stats",
     "cross_entropy_",
-    "drop_nonfinite_rows",
     "em_ece_grad",
     "em_stats",
     "em_target_loss",

@@ -4,13 +4,13 @@ Top-1: one program per block of rows reads each row once (online softmax over K-
 ``c = 1/s``, ``ŷ``, ``b(c)`` and writes its own partial ``(count, Σ c, Σ correct)`` per bin; the partials
 are summed in a fixed order afterwards. Classwise: a row pass stores ``m`` and ``s``; then a grid of
 (row chunk, class tile) programs bins ``p_j = exp(z_j − m) / s`` of every class, each program owning its
-partial ``[BLOCK_K, M]`` block, summed the same way. No gradients (statistics only).
+partial ``[BLOCK_K, M]`` block, summed the same way. A kept row whose z holds NaN or ±inf is found by
+the softmax pass (``online_softmax``'s finiteness flag), left out and counted. No gradients.
 """
 import torch
 import triton
 import triton.language as tl
 
-from ...reference.binned_stats import drop_nonfinite_rows
 from . import common
 from .common import bin_index, bins_block, load_tile, online_softmax, row_blocks, sum_partials, warps
 
@@ -18,17 +18,20 @@ PARTIAL_BUDGET = 1 << 22  # classwise partial cells (chunks × K × M) kept at o
 
 
 @triton.jit
-def _top1_kernel(logits_ptr, labels_ptr, counts_ptr, conf_ptr, correct_ptr,
+def _top1_kernel(logits_ptr, labels_ptr, counts_ptr, conf_ptr, correct_ptr, nonfinite_ptr,
                  N, K, M, inv_t, ignore_index,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Partial top-1 bin statistics of rows [pid·BLOCK_N, (pid+1)·BLOCK_N) into row pid of [P, M]."""
+    """Partial top-1 bin statistics of rows [pid·BLOCK_N, (pid+1)·BLOCK_N) into row pid of [P, M]; the
+    number of kept rows with non-finite z, left out of the bins, into nonfinite[pid]."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     in_range = rows < N
     rows = tl.minimum(rows, N - 1)  # clamped rows are read but never counted
     labels = tl.load(labels_ptr + rows)
     keep = in_range & (labels != ignore_index)
-    m, s, top, _ = online_softmax(logits_ptr, rows.to(tl.int64) * K, K, inv_t, BLOCK_N, BLOCK_K, False)
+    m, s, top, _, finite = online_softmax(logits_ptr, rows.to(tl.int64) * K, K, inv_t, BLOCK_N, BLOCK_K, False)
+    tl.store(nonfinite_ptr + pid, tl.sum((keep & ~finite).to(tl.int64), axis=0))
+    keep = keep & finite
     conf = 1.0 / s
     b = bin_index(conf, M)
     conf64 = conf.to(tl.float64)
@@ -46,13 +49,14 @@ def _top1_kernel(logits_ptr, labels_ptr, counts_ptr, conf_ptr, correct_ptr,
 @triton.jit
 def _row_softmax_kernel(logits_ptr, max_ptr, sum_ptr, N, K, inv_t,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """m_i = max_j z_ij and s_i = Σ_j exp(z_ij − m_i), one read of each row."""
+    """m_i = max_j z_ij and s_i = Σ_j exp(z_ij − m_i), one read of each row; s_i = NaN marks a row with
+    non-finite z."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     in_range = rows < N
     rows = tl.minimum(rows, N - 1)
-    m, s, _, _ = online_softmax(logits_ptr, rows.to(tl.int64) * K, K, inv_t, BLOCK_N, BLOCK_K, False)
+    m, s, _, _, finite = online_softmax(logits_ptr, rows.to(tl.int64) * K, K, inv_t, BLOCK_N, BLOCK_K, False)
     tl.store(max_ptr + rows, m, mask=in_range)
-    tl.store(sum_ptr + rows, s, mask=in_range)
+    tl.store(sum_ptr + rows, tl.where(finite, s, float("nan")), mask=in_range)
 
 
 @triton.jit
@@ -77,9 +81,10 @@ def _classwise_kernel(logits_ptr, labels_ptr, max_ptr, sum_ptr, counts_ptr, conf
             in_range = rows < end
             rows = tl.minimum(rows, end - 1)
             labels = tl.load(labels_ptr + rows)
-            keep = in_range & (labels != ignore_index)
+            row_sum = tl.load(sum_ptr + rows)
+            keep = in_range & (labels != ignore_index) & (row_sum == row_sum)  # NaN: non-finite row
             z = load_tile(logits_ptr, rows.to(tl.int64) * K, cols, K, inv_t)
-            p = tl.exp(z - tl.load(max_ptr + rows)[:, None]) / tl.load(sum_ptr + rows)[:, None]
+            p = tl.exp(z - tl.load(max_ptr + rows)[:, None]) / row_sum[:, None]
             b = bin_index(p, M)
             valid = keep[:, None] & col_ok[None, :]
             hit = (b[:, :, None] == bins[None, None, :]) & valid[:, :, None]
@@ -101,28 +106,22 @@ def _partials(P: int, shape: tuple, device) -> tuple[torch.Tensor, torch.Tensor,
 
 def binned_stats(logits: torch.Tensor, labels: torch.Tensor, n_bins: int, temperature: float,
                  ignore_index: int, classwise: bool):
-    """(counts int64, Σ conf float64, Σ correct float64, n_nonfinite int64 0-dim), shaped [M] (top-1) or
-    [K, M] (classwise). Non-finite kept rows are found by the reference's torch pass before the kernels (one
-    more read of the logits on the GPU)."""
-    logits, labels, n_nonfinite = drop_nonfinite_rows(logits, labels, temperature, ignore_index)
-    return (*_binned_sums(logits, labels, n_bins, temperature, ignore_index, classwise), n_nonfinite)
-
-
-def _binned_sums(logits: torch.Tensor, labels: torch.Tensor, n_bins: int, temperature: float,
-                 ignore_index: int, classwise: bool):
+    """(counts int64, Σ conf float64, Σ correct float64), shaped [M] (top-1) or [K, M] (classwise), and the
+    number of kept rows with non-finite z (int64, 0-dim), which the softmax pass finds and leaves out."""
     N, K = logits.shape
     M = n_bins
     shape = (K, M) if classwise else (M,)
     if N == 0:
         return (torch.zeros(shape, dtype=torch.int64, device=logits.device),
                 torch.zeros(shape, dtype=torch.float64, device=logits.device),
-                torch.zeros(shape, dtype=torch.float64, device=logits.device))
+                torch.zeros(shape, dtype=torch.float64, device=logits.device),
+                torch.zeros((), dtype=torch.int64, device=logits.device))
     inv_t = float(torch.tensor(1.0 / temperature, dtype=torch.float32))
     block_m = bins_block(M)
     if not classwise:
         block_n, block_k = row_blocks(N, K)
         P = triton.cdiv(N, block_n)
-        parts = _partials(P, shape, logits.device)
+        parts = (*_partials(P, shape, logits.device), torch.empty(P, dtype=torch.int64, device=logits.device))
         _top1_kernel[(P,)](logits, labels, *parts, N, K, M, inv_t, ignore_index,
                            BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_M=block_m,
                            num_warps=warps(block_n, block_k))
@@ -147,4 +146,5 @@ def _binned_sums(logits: torch.Tensor, labels: torch.Tensor, n_bins: int, temper
     _classwise_kernel[grid](logits, labels, row_max, row_sum, *parts, N, K, M, inv_t, ignore_index,
                             rows_per_chunk, BLOCK_N=row_block, BLOCK_K=class_block, BLOCK_M=block_m,
                             num_warps=warps(row_block, class_block))
-    return tuple(sum_partials(t) for t in parts)
+    n_nonfinite = (torch.isnan(row_sum) & (labels != ignore_index)).sum()
+    return (*(sum_partials(t) for t in parts), n_nonfinite)

@@ -61,7 +61,7 @@ def _calibration_rows_kernel(
     row_off = rows.to(tl.int64) * K
     labels = tl.load(labels_ptr + rows)
     keep = in_range & (labels != ignore_index)
-    m, s, top, m2 = online_softmax(logits_ptr, row_off, K, 1.0, BLOCK_N, BLOCK_K, LOSS)
+    m, s, top, m2, _ = online_softmax(logits_ptr, row_off, K, 1.0, BLOCK_N, BLOCK_K, LOSS)
     conf = 1.0 / s
 
     target = tl.zeros([BLOCK_N], tl.float32)

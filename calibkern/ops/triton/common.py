@@ -2,7 +2,7 @@
 
 * ``load_tile``: ``z = logits[rows, cols].float() * inv_t`` with padded columns at ``-inf``;
 * ``online_softmax``: one read of each row in K-tiles, giving ``m = max z``, ``s = Σ exp(z − m)``, the
-  first argmax ``ŷ`` and (optionally) the largest logit other than at ``ŷ``;
+  first argmax ``ŷ``, (optionally) the largest logit other than at ``ŷ``, and whether the row is finite;
 * ``bin_index``: ``b(c) = min(floor(c · M), M − 1)`` with ``c · M`` a float32 product;
 * ``sum_partials``: per-program partial sums reduced in a fixed order (deterministic).
 
@@ -54,15 +54,18 @@ def load_tile(logits_ptr, row_off, cols, K, inv_t):
 @triton.jit
 def online_softmax(logits_ptr, row_off, K, inv_t,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SECOND_MAX: tl.constexpr):
-    """One pass over K in tiles: (m, s, ŷ, m2) per row with m = max z, s = Σ exp(z − m) (rescaled by
-    exp(m_old − m_new) when the max grows), ŷ the first index attaining m, m2 = max_{j≠ŷ} z_j."""
+    """One pass over K in tiles: (m, s, ŷ, m2, finite) per row with m = max z, s = Σ exp(z − m) (rescaled
+    by exp(m_old − m_new) when the max grows), ŷ the first index attaining m, m2 = max_{j≠ŷ} z_j, and
+    whether every z_j is finite (Σ z_j · 0 = 0; the other outputs are meaningless where it is not)."""
     m = tl.full([BLOCK_N], float("-inf"), tl.float32)
     m2 = tl.full([BLOCK_N], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK_N], tl.float32)
+    poison = tl.zeros([BLOCK_N], tl.float32)
     top = tl.zeros([BLOCK_N], tl.int32)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         z = load_tile(logits_ptr, row_off, cols, K, inv_t)
+        poison += tl.sum(tl.where((cols < K)[None, :], z * 0.0, 0.0), axis=1)
         tile_max = tl.max(z, axis=1)
         tile_top = tl.argmax(z, axis=1, tie_break_left=True) + k0
         new_m = tl.maximum(m, tile_max)
@@ -72,7 +75,7 @@ def online_softmax(logits_ptr, row_off, K, inv_t,
             m2 = tl.maximum(tl.maximum(m2, tile_m2), tl.minimum(m, tile_max))
         top = tl.where(tile_max > m, tile_top, top)  # ties keep the earlier (lower) index
         m = new_m
-    return m, s, top, m2
+    return m, s, top, m2, poison == 0.0
 
 
 @triton.jit

@@ -21,7 +21,7 @@ def _cross_entropy_kernel(logits_ptr, targets_ptr, loss_ptr, N, V, ignore_index,
     row_off = rows.to(tl.int64) * V
     targets = tl.load(targets_ptr + rows)
     keep = in_range & (targets != ignore_index)
-    m, s, _, _ = online_softmax(logits_ptr, row_off, V, 1.0, BLOCK_N, BLOCK_K, False)
+    m, s, _, _, _ = online_softmax(logits_ptr, row_off, V, 1.0, BLOCK_N, BLOCK_K, False)
     target_logit = tl.load(logits_ptr + row_off + tl.where(keep, targets, 0)).to(tl.float32)
     tl.store(loss_ptr + rows, tl.where(keep, tl.log(s) - (target_logit - m), 0.0), mask=in_range)
     for k0 in range(0, V, BLOCK_K):
