@@ -67,12 +67,17 @@ template <class T> inline int64_t first_index_of(const T* x, int64_t begin, int6
   return begin;  // unreachable for finite input
 }
 
-/// Σ exp(z − m) over [begin, end), per lane (the scalar tail goes to lane 0).
+/// Σ exp(z − m) over [begin, end), per lane (the scalar tail goes to lane 0). While it computes (from
+/// L1), it prefetches the memory that follows the chunk — the next chunk or the next row — so the
+/// stream from DRAM overlaps the exp work instead of waiting for the next max pass.
 template <class T> inline vf chunk_sum_exp(const T* x, int64_t begin, int64_t end, float inv_t, float m) {
   vf s0 = {}, s1 = {}, s2 = {}, s3 = {};
   const vf mv = splat<vf>(m);
+  const char* ahead = reinterpret_cast<const char*>(x + end);
+  constexpr int64_t kStepBytes = 4 * kLanes * sizeof(T);
   int64_t j = begin;
-  for (; j + 4 * kLanes <= end; j += 4 * kLanes) {
+  for (; j + 4 * kLanes <= end; j += 4 * kLanes, ahead += kStepBytes) {
+    for (int64_t b = 0; b < kStepBytes; b += 64) __builtin_prefetch(ahead + b);
     s0 += exp_(scaled16(x + j, inv_t) - mv);
     s1 += exp_(scaled16(x + j + kLanes, inv_t) - mv);
     s2 += exp_(scaled16(x + j + 2 * kLanes, inv_t) - mv);
