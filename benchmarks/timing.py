@@ -1,8 +1,12 @@
 """What every calibkern benchmark shares: side-by-side timing, process memory, and the result row.
 
-Timing (:func:`median_times`): every candidate first runs ``warmup`` times untimed; then ``repeats`` rounds,
-each running every candidate once with the order rotated by one per round (no candidate always runs first
-or right after another), timed with ``time.perf_counter``. The reported time is the median of the rounds.
+Timing (:func:`median_times`): every candidate first runs ``warmup`` times untimed (at least once); then
+``repeats`` rounds, each timing every candidate with the order rotated by one per round (no candidate
+always runs first or right after another), with ``time.perf_counter``. A sample is one call, or — for a
+candidate whose warm-up call took less than ``MIN_SAMPLE_S`` — the mean of enough back-to-back calls to
+last about that long, so that a sub-millisecond op is not timed against the clock's resolution, the cache
+misses of the ``gc.collect()`` before the sample and the wake-up of sleeping worker threads alone. The
+reported time is the median of the rounds.
 
 Memory: resident set size of the process (``/proc/self/status``). :func:`in_subprocess` runs a function in a
 fresh Python process, so that one candidate's allocations, allocator caches and peak never mix with
@@ -31,22 +35,32 @@ REPO_ROOT = os.path.dirname(BENCH_DIR)
 UNCACHED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
 
 
+MIN_SAMPLE_S = 0.02
+
+
 def median_times(candidates: dict[str, Callable[[], object]], *, repeats: int = 5,
                  warmup: int = 1) -> dict[str, dict]:
-    """``{name: {"median_s", "samples_s"}}`` for callables timed side by side (module docstring)."""
+    """``{name: {"median_s", "samples_s", "calls_per_sample"}}`` for callables timed side by side (module
+    docstring)."""
     names = list(candidates)
+    calls = {}
     for name in names:
-        for _ in range(warmup):
+        for _ in range(max(warmup, 1)):
+            start = time.perf_counter()
             candidates[name]()
+            once = time.perf_counter() - start
+        calls[name] = max(1, min(1000, round(MIN_SAMPLE_S / max(once, 1e-9))))
     samples = {name: [] for name in names}
     for round_index in range(repeats):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
             gc.collect()
             start = time.perf_counter()
-            candidates[name]()
-            samples[name].append(time.perf_counter() - start)
-    return {name: {"median_s": median(values), "samples_s": values} for name, values in samples.items()}
+            for _ in range(calls[name]):
+                candidates[name]()
+            samples[name].append((time.perf_counter() - start) / calls[name])
+    return {name: {"median_s": median(values), "samples_s": values, "calls_per_sample": calls[name]}
+            for name, values in samples.items()}
 
 
 def _status_kib(field: str) -> float:
