@@ -104,9 +104,27 @@ def test_cft_estimates_bin_accuracy_in_one_pass_before_training(setup, tmp_path)
         reference_model, tokenizer, examples, option_ids, progress=False
     )
     stats = calibkern.binned_stats(logits, labels, 10)
-    expected = (stats.sum_correct / stats.counts.clamp_min(1)).float()
+    overall = stats.sum_correct.sum() / stats.counts.sum()
+    # a bin the starting model leaves empty takes the overall accuracy
+    expected = torch.where(stats.counts > 0, stats.sum_correct / stats.counts.clamp_min(1), overall).float()
+    assert bool((stats.counts == 0).any())
     torch.testing.assert_close(trainer.bin_accuracy.cpu(), expected, atol=1e-6, rtol=0)
     assert torch.equal(trainer.bin_counts.cpu(), stats.counts)
+
+
+def test_cft_bin_prior_shrinks_towards_the_overall_accuracy(setup, tmp_path):
+    tokenizer, option_ids, examples = setup
+    model = make_model(tokenizer)
+    logits, labels = calibkern.hf.evaluation.collect_option_logits(model, tokenizer, examples, option_ids,
+                                                                    progress=False)
+    stats = calibkern.binned_stats(logits, labels, 10)
+    config = CalibrationConfig(method="cft", option_ids=option_ids, bin_prior=4.0)
+    trainer = _trainer(setup, tmp_path, "cft", model=model, config=config)
+    trainer._prepare_statistics()
+    counts, correct = stats.counts.double(), stats.sum_correct.double()
+    overall = correct.sum() / counts.sum()
+    expected = ((correct + 4.0 * overall) / (counts + 4.0)).float()
+    torch.testing.assert_close(trainer.bin_accuracy.cpu(), expected, atol=1e-6, rtol=0)
 
 
 def test_rcft_epoch_refresh_on_a_held_out_split_runs_outside_training_steps(setup, tmp_path):
@@ -242,6 +260,21 @@ def test_missing_calibration_state_on_resume_is_an_error(setup, tmp_path):
         trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
 
 
+def test_rcft_refresh_steps_reruns_the_e_step_within_epochs(setup, tmp_path):
+    tokenizer, option_ids, _ = setup
+    held_out = build_sft_dataset(tokenizer, make_examples(5, seed=9), option_ids, supervise="full")
+    model = make_model(tokenizer)
+    decoder_calls = _count_calls(model.get_decoder())
+    config = CalibrationConfig(method="rcft", option_ids=option_ids, calibration_dataset=held_out, refresh_steps=1)
+    trainer = _trainer(setup, tmp_path, "rcft", model=model, num_train_epochs=2, config=config)
+    trainer.train()
+    # refreshes before steps 1, 2, 3, 4 (the epoch-start refresh of epoch 2 is the one after step 2; none after
+    # the last step) + 4 training steps
+    assert len(decoder_calls) == 4 + 4
+    assert int(trainer.em_state.n_msteps) == 4
+    assert trainer.em_refreshed_epoch == 1 and trainer.em_refreshed_step == 3
+
+
 def test_config_errors():
     with pytest.raises(ValueError, match="method"):
         CalibrationConfig(method="sft", option_ids=[1, 2])
@@ -251,6 +284,12 @@ def test_config_errors():
         CalibrationConfig(method="rcft", option_ids=[1, 2], official_compat=True)
     with pytest.raises(ValueError, match="refresh"):
         CalibrationConfig(method="rcft", option_ids=[1, 2], em={"refresh": "stream"}, calibration_dataset=[{}])
+    with pytest.raises(ValueError, match="refresh_steps"):
+        CalibrationConfig(method="rcft", option_ids=[1, 2], em={"refresh": "stream"}, refresh_steps=5)
+    with pytest.raises(ValueError, match="refresh_steps"):
+        CalibrationConfig(method="rcft", option_ids=[1, 2], refresh_steps=0)
+    with pytest.raises(ValueError, match="bin_prior"):
+        CalibrationConfig(method="cft", option_ids=[1, 2], bin_prior=-1.0)
 
 
 def test_collator_pads_every_field():

@@ -19,7 +19,10 @@ class CalibrationConfig:
 
     * ``method="cft"``: loss ``sft_weight · L_SFT + lam · L_hard-bin`` (SPEC §4.2) — feed completion-only
       labels (``L_SFT1``). The per-bin accuracies ``A_k`` (and counts ``N⁰_k``) come from one no-grad pass over
-      the training set (or ``calibration_dataset``) with the starting model, unless ``bin_accuracy`` is given.
+      the training set (or ``calibration_dataset``) with the starting model, unless ``bin_accuracy`` is given:
+      ``A_k = (a_k + bin_prior · Ā) / (n_k + bin_prior)`` with ``Ā`` the overall accuracy of that pass — a bin
+      the starting model leaves empty takes ``Ā`` (any ``bin_prior``, 0 included), and ``bin_prior > 0``
+      shrinks sparsely filled bins towards it (their accuracy is a few rows' noise).
     * ``method="rcft"``: loss ``sft_weight · L_SFT + lam · L_EM`` (SPEC §4.3) — feed full-sequence labels
       (``L_SFT2``). ``em`` holds the :class:`calibkern.EMState` options (``refresh="epoch"|"stream"``,
       ``momentum``, ``prior``, ``fixed_components``); ``n_components = n_bins``. With ``refresh="epoch"`` the
@@ -27,6 +30,9 @@ class CalibrationConfig:
       ``calibration_dataset`` when given (prefer a held-out split once the model can memorise the training
       set: there the training accuracy → 1 and the targets follow it). With ``refresh="stream"`` each training
       batch's statistics update the state after every optimizer step (no extra passes).
+      ``refresh_steps`` (``refresh="epoch"`` only): also rerun the E-step pass and the M-step after every
+      ``refresh_steps`` optimizer steps, so the statistics follow a model whose confidence moves within an
+      epoch (each refresh costs one no-grad pass over the statistics rows).
     * ``official_compat=True`` (cft only): the published reference code's loss,
       ``(1 − α)·L_SFT + α·1e-3·L_cal`` with α = 0.5, the hard-bin term in its ``official_compat`` form
       (per-bin sums over ``N⁰_k``, top bin excluded, gradients through the targets), on the torch backend;
@@ -48,6 +54,8 @@ class CalibrationConfig:
     chunk_size: int | None = None
     backend: str | None = None
     refresh_batch_size: int | None = None
+    refresh_steps: int | None = None
+    bin_prior: float = 0.0
 
     def __post_init__(self):
         if self.method not in ("cft", "rcft"):
@@ -77,6 +85,14 @@ class CalibrationConfig:
             raise ValueError(f"em['refresh'] must be 'epoch' or 'stream', got {self.em['refresh']!r}")
         if self.em.get("refresh") == "stream" and self.calibration_dataset is not None:
             raise ValueError("calibration_dataset needs em refresh='epoch' (streaming uses the training batches)")
+
+        if not self.bin_prior >= 0:
+            raise ValueError(f"bin_prior must be ≥ 0, got {self.bin_prior!r}")
+        if self.refresh_steps is not None:
+            if isinstance(self.refresh_steps, bool) or not isinstance(self.refresh_steps, int) or self.refresh_steps < 1:
+                raise ValueError(f"refresh_steps must be a positive int or None, got {self.refresh_steps!r}")
+            if self.method != "rcft" or self.em.get("refresh", "epoch") != "epoch":
+                raise ValueError("refresh_steps applies to method='rcft' with em refresh='epoch'")
 
     @property
     def refresh(self) -> str:

@@ -83,12 +83,17 @@ class _CalibrationCallback(TrainerCallback):
         self.trainer._prepare_statistics()
 
     def on_epoch_begin(self, args, state, control, **kwargs):
-        self.trainer._refresh_em(epoch=math.floor((state.epoch or 0.0) + 1e-6))
+        self.trainer._refresh_em(epoch=math.floor((state.epoch or 0.0) + 1e-6), step=state.global_step)
 
     def on_step_end(self, args, state, control, **kwargs):
         trainer = self.trainer
-        if trainer.em_state is not None and trainer.calibration.refresh == "stream":
+        if trainer.em_state is None:
+            return
+        if trainer.calibration.refresh == "stream":
             trainer.em_state.mstep()
+        every = trainer.calibration.refresh_steps
+        if every and state.global_step % every == 0 and state.global_step < state.max_steps:
+            trainer._refresh_em_pass(step=state.global_step)
 
 
 class CalibrationTrainer(Trainer):
@@ -117,6 +122,7 @@ class CalibrationTrainer(Trainer):
         if calibration.method == "rcft":
             self.em_state = calibkern.EMState(n_components=calibration.n_bins, **calibration.em)
         self.em_refreshed_epoch = -1
+        self.em_refreshed_step = -1
         # num_items_in_batch is what makes CE exact under accumulation: ask for it whatever the model accepts,
         # counted over labels[..., 1:] since the loss shifts.
         self.model_accepts_loss_kwargs = True
@@ -279,19 +285,36 @@ class CalibrationTrainer(Trainer):
         if int(stats.counts.sum()) == 0:
             raise ValueError(_NO_ANSWERS)
         counts = stats.counts.to(torch.float64)
-        self.bin_accuracy = (stats.sum_correct / counts.clamp_min(1)).to(torch.float32)
+        correct = stats.sum_correct.to(torch.float64)
+        if self.calibration.official_compat:
+            accuracy = correct / counts.clamp_min(1)
+        else:
+            # A Beta prior centred on the overall accuracy, worth `bin_prior` rows per bin: a bin the starting
+            # model left empty takes the overall accuracy (not 0/0 → 0, which would tell every row whose
+            # confidence moves into it that it is always wrong), and a bin with a few rows is shrunk towards it.
+            overall = correct.sum() / counts.sum()
+            prior = float(self.calibration.bin_prior)
+            accuracy = torch.where(counts > 0, (correct + prior * overall) / (counts + prior).clamp_min(1e-12), overall)
+        self.bin_accuracy = accuracy.to(torch.float32)
         self.bin_counts = stats.counts
 
-    def _refresh_em(self, epoch: int):
-        """rcft, refresh="epoch": one E-step pass and an M-step at the start of each epoch, once per epoch."""
+    def _refresh_em(self, epoch: int, step: int = 0):
+        """rcft, refresh="epoch": one E-step pass and an M-step at the start of each epoch, once per epoch
+        (skipped when a ``refresh_steps`` refresh already ran at this step: the model has not changed)."""
         if self.em_state is None or self.calibration.refresh != "epoch" or epoch <= self.em_refreshed_epoch:
             return
+        if self.em_refreshed_step != step:
+            self._refresh_em_pass(step)
+        self.em_refreshed_epoch = epoch
+
+    def _refresh_em_pass(self, step: int):
+        """One no-grad E-step pass over the statistics rows, then the M-step (rcft, refresh="epoch")."""
         for option_logits, option_labels in self._answer_logits():
             self.em_state.estep(option_logits, option_labels)
         self.em_state.mstep()
         if float(self.em_state.running[0].sum()) == 0.0:
             raise ValueError(_NO_ANSWERS)
-        self.em_refreshed_epoch = epoch
+        self.em_refreshed_step = step
 
     # ------------------------------------------------------------------------------------------- checkpoints
 
@@ -302,6 +325,7 @@ class CalibrationTrainer(Trainer):
             "bin_counts": self.bin_counts,
             "em_state": None if self.em_state is None else self.em_state.state_dict(),
             "em_refreshed_epoch": self.em_refreshed_epoch,
+            "em_refreshed_step": self.em_refreshed_step,
         }
 
     def load_calibration_state(self, state: dict):
@@ -313,6 +337,7 @@ class CalibrationTrainer(Trainer):
                 raise ValueError("the checkpoint holds an EM state but this trainer's method is not 'rcft'")
             self.em_state.load_state_dict(state["em_state"])
         self.em_refreshed_epoch = state["em_refreshed_epoch"]
+        self.em_refreshed_step = state.get("em_refreshed_step", -1)
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
@@ -328,7 +353,8 @@ class CalibrationTrainer(Trainer):
             if resume_from_checkpoint is None:
                 raise ValueError(f"no checkpoint found in {self.args.output_dir}")
         if not resume_from_checkpoint:
-            self.em_refreshed_epoch = -1  # epochs count from 0 again
+            self.em_refreshed_epoch = -1  # epochs and steps count from 0 again
+            self.em_refreshed_step = -1
         else:
             path = os.path.join(resume_from_checkpoint, STATE_FILE)
             if not os.path.exists(path):
