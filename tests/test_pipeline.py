@@ -81,10 +81,12 @@ def test_world_splits():
     assert len(world.facts) == n_facts
     assert len(world.test) == n_facts * config.test_per_fact
     assert len(world.cft) == config.n_known * config.cft_per_fact
+    assert len(world.rcft_known) == config.n_known * config.rcft_known_per_fact
     assert len(world.new) == config.n_new * config.new_per_fact
     assert len(world.pairs) == config.dpo_pairs
     known_questions = {f.question for f in world.facts if f.known}
     assert {e.question for e in world.cft} == known_questions
+    assert {e.question for e in world.rcft_known} == known_questions
     assert not {e.question for e in world.new} & known_questions
     for pair in world.pairs:
         fact = next(f for f in world.facts if f.question == pair.example.question)
@@ -98,6 +100,15 @@ def test_quantised_rows_follow_the_distribution():
         counts = np.bincount([r["answer"] for r in rows if r["fact"] == f], minlength=4)
         assert counts.sum() == 40
         assert np.abs(counts / 40 - fact.answer_probs).max() <= 1 / 40
+
+
+def test_rcft_known_rows_are_the_first_cft_rows_of_each_fact():
+    config = DemoConfig.small().replace(cft_per_fact=4, rcft_known_per_fact=3)
+    world = build_world(config)
+    expected = [e for i, e in enumerate(world.cft) if i % 4 < 3]
+    assert world.rcft_known == expected
+    with pytest.raises(ValueError, match="rcft_known_per_fact"):
+        build_world(config.replace(rcft_known_per_fact=5))
 
 
 def test_world_does_not_depend_on_the_string_hash():

@@ -15,7 +15,8 @@ class DemoConfig:
     World (``calibkern.pipeline.synthetic``): ``n_known`` facts the pretraining stream teaches, ``n_new`` facts
     it carries without answer information. Splits, all drawn fresh from each fact's answer distribution:
     ``dpo_pairs`` preference pairs (known facts), ``cft_per_fact`` SFT rows per known fact (CFT, label
-    smoothing, and the known half of RCFT's data), ``new_per_fact`` rows per new fact (RCFT's added
+    smoothing; the first ``rcft_known_per_fact`` of them are the known half of RCFT's data),
+    ``new_per_fact`` rows per new fact (RCFT's added
     knowledge), ``calibration_per_fact`` held-out rows per fact (temperature fit, RCFT's E-step), and
     ``test_per_fact`` test rows per fact whose answers follow the distribution in exact proportion.
     """
@@ -39,26 +40,28 @@ class DemoConfig:
     dpo_lr: float = 1e-3
     dpo_beta: float = 0.1
     # splits
-    cft_per_fact: int = 8
+    cft_per_fact: int = 16
+    rcft_known_per_fact: int = 8
     new_per_fact: int = 4
     calibration_per_fact: int = 4
     test_per_fact: int = 20
     # CFT / label smoothing / RCFT
     batch_size: int = 32
     cft_epochs: float = 2.0
-    cft_lr: float = 1e-3
+    cft_lr: float = 3e-4
     cft_lam: float = 1.0
     cft_includes_new: bool = False
     label_smoothing: float = 0.1
     rcft_epochs: float = 6.0
     rcft_lr: float = 1e-3
     rcft_lam: float = 0.3
+    rcft_refresh_steps: int = 10
 
     @classmethod
     def small(cls, seed: int = 0) -> "DemoConfig":
         """A few-second configuration for tests: every stage runs, numbers mean nothing."""
         return cls(seed=seed, n_known=24, n_new=8, vocab_size=400, base_steps=20, base_batch_size=16,
-                   dpo_pairs=64, cft_per_fact=2, new_per_fact=2, calibration_per_fact=2, test_per_fact=4,
+                   dpo_pairs=64, cft_per_fact=2, rcft_known_per_fact=2, new_per_fact=2, calibration_per_fact=2, test_per_fact=4,
                    batch_size=16, cft_epochs=1.0, rcft_epochs=2.0)
 
     def replace(self, **changes) -> "DemoConfig":

@@ -39,6 +39,7 @@ class World:
     facts: list
     pairs: list
     cft: list
+    rcft_known: list
     new: list
     calibration: list
     test: list
@@ -59,10 +60,17 @@ def build_world(config: DemoConfig) -> World:
     pair_rows = synthetic.preference_pairs(facts, known, config.dpo_pairs, rng)
     pairs = [PreferencePair(e, chosen=r["answer"], rejected=r["rejected"])
              for e, r in zip(_examples(pair_rows, "dpo"), pair_rows)]
+    if not 1 <= config.rcft_known_per_fact <= config.cft_per_fact:
+        raise ValueError(f"rcft_known_per_fact must be in [1, cft_per_fact={config.cft_per_fact}], "
+                         f"got {config.rcft_known_per_fact}")
+    cft_rows = synthetic.sample_rows(facts, known, config.cft_per_fact, rng)
+    # sample_rows groups the rows by fact: RCFT's known rows are the first rcft_known_per_fact of each fact's
+    rcft_rows = [r for i, r in enumerate(cft_rows) if i % config.cft_per_fact < config.rcft_known_per_fact]
     return World(
         facts=facts,
         pairs=pairs,
-        cft=_examples(synthetic.sample_rows(facts, known, config.cft_per_fact, rng), "cft"),
+        cft=_examples(cft_rows, "cft"),
+        rcft_known=_examples(rcft_rows, "cft"),
         new=_examples(synthetic.sample_rows(facts, new, config.new_per_fact, rng), "new"),
         calibration=_examples(synthetic.sample_rows(facts, every, config.calibration_per_fact, rng), "calibration"),
         test=_examples(synthetic.quantised_rows(facts, every, config.test_per_fact), "test"),
@@ -133,9 +141,9 @@ def run_demo(config: DemoConfig, out_dir: str | os.PathLike, *, progress: bool =
                                          n_bins=n_bins, template=template))
     clock.lap("cft")
     for name, lam in (("rcft", config.rcft_lam), ("rcft_no_reg", 0.0)):
-        results[name] = evaluate(stages.rcft(dpo, tokenizer, world.cft + world.new, world.calibration, option_ids,
+        results[name] = evaluate(stages.rcft(dpo, tokenizer, world.rcft_known + world.new, world.calibration, option_ids,
                                              options(config.rcft_epochs, config.rcft_lr), lam=lam, n_bins=n_bins,
-                                             template=template))
+                                             template=template, refresh_steps=config.rcft_refresh_steps))
         clock.lap(name)
 
     out_dir = os.fspath(out_dir)

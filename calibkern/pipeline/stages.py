@@ -9,7 +9,8 @@ merged back so every stage's output is a plain causal LM:
 * :func:`cft` — :class:`calibkern.hf.CalibrationTrainer`, ``method="cft"``: completion-only SFT + ``lam`` ·
   hard-bin term, bin accuracies from one pass of the starting model over the training rows;
 * :func:`rcft` — ``method="rcft"``: full-sequence SFT + ``lam`` · EM regulariser, the E-step refreshed at every
-  epoch start on a held-out calibration split (``lam = 0`` is the ablation ``rcft_no_reg``);
+  epoch start (and every ``refresh_steps`` steps) on a held-out calibration split (``lam = 0`` is the ablation
+  ``rcft_no_reg``);
 * :func:`temperature_scaling` — T fitted by NLL on the calibration split (no training).
 """
 
@@ -143,9 +144,11 @@ def _calibration_trainer(model, tokenizer, dataset, calibration: hf.CalibrationC
 
 
 def cft(model, tokenizer, examples: Sequence[MCQExample], option_ids, options: TrainOptions, *, lam: float = 1.0,
-        n_bins: int = 10, template: str = hf.DEFAULT_TEMPLATE):
-    """CFT: completion-only SFT + ``lam`` · hard-bin calibration term (SPEC §4.2)."""
-    calibration = hf.CalibrationConfig(method="cft", option_ids=option_ids, n_bins=n_bins, lam=lam)
+        n_bins: int = 10, template: str = hf.DEFAULT_TEMPLATE, bin_prior: float = 0.0):
+    """CFT: completion-only SFT + ``lam`` · hard-bin calibration term (SPEC §4.2); ``bin_prior``: see
+    :class:`calibkern.hf.CalibrationConfig`."""
+    calibration = hf.CalibrationConfig(method="cft", option_ids=option_ids, n_bins=n_bins, lam=lam,
+                                       bin_prior=bin_prior)
     dataset = _sft_dataset(tokenizer, examples, option_ids, template, "completion")
     with tempfile.TemporaryDirectory() as scratch:
         trainer = _calibration_trainer(model, tokenizer, dataset, calibration, options, scratch)
@@ -155,12 +158,14 @@ def cft(model, tokenizer, examples: Sequence[MCQExample], option_ids, options: T
 
 def rcft(model, tokenizer, examples: Sequence[MCQExample], calibration_examples: Sequence[MCQExample], option_ids,
          options: TrainOptions, *, lam: float = 1.0, n_bins: int = 10, template: str = hf.DEFAULT_TEMPLATE,
-         em: dict | None = None):
+         em: dict | None = None, refresh_steps: int | None = None):
     """RCFT: full-sequence SFT + ``lam`` · EM regulariser (SPEC §4.3), E-step on ``calibration_examples``
-    (a held-out split) at every epoch start."""
+    (a held-out split) at every epoch start and, with ``refresh_steps``, after every ``refresh_steps`` optimizer
+    steps (skipped at ``lam = 0``, where the EM state has no effect on training)."""
     calibration = hf.CalibrationConfig(
         method="rcft", option_ids=option_ids, n_bins=n_bins, lam=lam, em=dict(em or {"refresh": "epoch"}),
-        calibration_dataset=_sft_dataset(tokenizer, calibration_examples, option_ids, template, "completion"))
+        calibration_dataset=_sft_dataset(tokenizer, calibration_examples, option_ids, template, "completion"),
+        refresh_steps=refresh_steps if lam > 0 else None)
     dataset = _sft_dataset(tokenizer, examples, option_ids, template, "full")
     with tempfile.TemporaryDirectory() as scratch:
         trainer = _calibration_trainer(model, tokenizer, dataset, calibration, options, scratch)
