@@ -84,7 +84,8 @@ def test_pipeline_from_yaml_then_report(workspace):
         "model": str(workspace / "model"), "out": str(out), "template": TEMPLATE,
         "data": {"pairs": str(data / "pairs.jsonl"), "train": str(data / "cft.jsonl"), "new": str(data / "new.jsonl"),
                  "calibration": str(data / "calibration.jsonl"), "test": str(data / "test.jsonl")},
-        "dpo": stage, "cft": stage, "label_smoothing": stage, "rcft": stage}))
+        "dpo": stage, "cft": {**stage, "bin_prior": 2.0}, "label_smoothing": stage,
+        "rcft": {**stage, "refresh_steps": 1}}))
     assert main(["pipeline", "--config", str(config), "--no-progress"]) == 0
     results = json.loads((out / "results.json").read_text())
     assert set(results["stages"]) == {"base", "dpo", "temperature_scaling", "label_smoothing", "cft", "rcft",

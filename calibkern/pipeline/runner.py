@@ -15,9 +15,9 @@ YAML keys (paths relative to the working directory)::
       test: test.jsonl
     lora: {r: 0, alpha: 16, dropout: 0.0, target_modules: [q_proj, v_proj]}
     dpo: {epochs: 1, lr: 1.0e-3, batch_size: 16, beta: 0.1}
-    cft: {epochs: 2, lr: 1.0e-3, batch_size: 32, lam: 1.0}
+    cft: {epochs: 2, lr: 1.0e-3, batch_size: 32, lam: 1.0, bin_prior: 0.0}
     label_smoothing: {epochs: 2, lr: 1.0e-3, batch_size: 32, epsilon: 0.1}
-    rcft: {epochs: 10, lr: 1.0e-3, batch_size: 32, lam: 1.0}
+    rcft: {epochs: 10, lr: 1.0e-3, batch_size: 32, lam: 1.0, refresh_steps: null}  # null: E-step per epoch only
 
 Set ``dpo: null`` to skip alignment (the model is already aligned): the ``dpo`` row is then the model as given.
 """
@@ -34,9 +34,9 @@ from .report import demo_checks, reliability_data, write_report
 
 STAGE_DEFAULTS = {
     "dpo": {"epochs": 1.0, "lr": 1e-3, "batch_size": 16, "beta": 0.1},
-    "cft": {"epochs": 2.0, "lr": 1e-3, "batch_size": 32, "lam": 1.0},
+    "cft": {"epochs": 2.0, "lr": 1e-3, "batch_size": 32, "lam": 1.0, "bin_prior": 0.0},
     "label_smoothing": {"epochs": 2.0, "lr": 1e-3, "batch_size": 32, "epsilon": 0.1},
-    "rcft": {"epochs": 10.0, "lr": 1e-3, "batch_size": 32, "lam": 1.0},
+    "rcft": {"epochs": 10.0, "lr": 1e-3, "batch_size": 32, "lam": 1.0, "refresh_steps": None},
 }
 TOP_LEVEL = {"model", "out", "template", "n_bins", "seed", "data", "lora", *STAGE_DEFAULTS}
 DATA_KEYS = {"pairs", "train", "new", "calibration", "test"}
@@ -76,6 +76,10 @@ def _options(config: dict, stage: str, lora: stages.LoraOptions, seed: int, prog
     options = stages.TrainOptions(epochs=float(settings.pop("epochs")), lr=float(settings.pop("lr")),
                                   batch_size=int(settings.pop("batch_size")), seed=seed, lora=lora, progress=progress)
     return options, settings
+
+
+def _optional_int(value):
+    return None if value is None else int(value)
 
 
 def run_pipeline(config: dict, *, progress: bool = True) -> dict:
@@ -127,12 +131,14 @@ def run_pipeline(config: dict, *, progress: bool = True) -> dict:
     lap("label_smoothing")
     cft_options, cft_settings = _options(config, "cft", lora, seed, progress)
     results["cft"] = evaluate(stages.cft(aligned, tokenizer, splits["train"], option_ids, cft_options,
-                                         lam=float(cft_settings["lam"]), n_bins=n_bins, template=template))
+                                         lam=float(cft_settings["lam"]), n_bins=n_bins, template=template,
+                                         bin_prior=float(cft_settings["bin_prior"])))
     lap("cft")
     rcft_options, rcft_settings = _options(config, "rcft", lora, seed, progress)
     for name, lam in (("rcft", float(rcft_settings["lam"])), ("rcft_no_reg", 0.0)):
         results[name] = evaluate(stages.rcft(aligned, tokenizer, splits["train"] + new, splits["calibration"],
-                                             option_ids, rcft_options, lam=lam, n_bins=n_bins, template=template))
+                                             option_ids, rcft_options, lam=lam, n_bins=n_bins, template=template,
+                                             refresh_steps=_optional_int(rcft_settings["refresh_steps"])))
         lap(name)
 
     metrics = {name: r.metrics for name, r in results.items()}
