@@ -31,9 +31,9 @@ class DemoConfig:
     hidden_size: int = 64
     n_layers: int = 2
     # base model: cross-entropy against the pretraining stream's answer distribution
-    base_steps: int = 600
+    base_steps: int = 1000
     base_batch_size: int = 64
-    base_lr: float = 1e-2
+    base_lr: float = 5e-3
     # DPO (trl.DPOTrainer)
     dpo_pairs: int = 2400
     dpo_batch_size: int = 16
