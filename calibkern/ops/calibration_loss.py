@@ -27,7 +27,7 @@ def reduce_rows(loss: torch.Tensor, keep: torch.Tensor, reduction: str) -> torch
     total = loss.sum()
     if reduction == "sum":
         return total
-    return total / keep.sum().clamp_min(1).to(loss.dtype)
+    return total / torch.count_nonzero(keep).clamp_min(1).to(loss.dtype)
 
 
 def calibration_loss(option_logits, labels, bin_accuracy, *, n_bins=10, bin_counts=None, detach_targets=None,

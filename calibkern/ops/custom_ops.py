@@ -68,9 +68,12 @@ def _save_row_grad(ctx, inputs, output):
     ctx.logits_dtype = inputs[0].dtype
     ctx.n_inputs = len(inputs)
     ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)  # no [N, K] zeros for the non-differentiable outputs' gradients
 
 
 def _row_loss_backward(ctx, grad_loss, *_):
+    if grad_loss is None:
+        return (None,) * ctx.n_inputs
     (grad,) = ctx.saved_tensors
     grad_logits = (grad * grad_loss.to(grad.dtype)[:, None]).to(ctx.logits_dtype)
     return (grad_logits,) + (None,) * (ctx.n_inputs - 1)
