@@ -61,8 +61,8 @@ class DemoConfig:
     def small(cls, seed: int = 0) -> "DemoConfig":
         """A few-second configuration for tests: every stage runs, numbers mean nothing."""
         return cls(seed=seed, n_known=24, n_new=8, vocab_size=400, base_steps=20, base_batch_size=16,
-                   dpo_pairs=64, cft_per_fact=2, rcft_known_per_fact=2, new_per_fact=2, calibration_per_fact=2, test_per_fact=4,
-                   batch_size=16, cft_epochs=1.0, rcft_epochs=2.0)
+                   dpo_pairs=64, cft_per_fact=2, rcft_known_per_fact=2, new_per_fact=2, calibration_per_fact=2,
+                   test_per_fact=4, batch_size=16, cft_epochs=1.0, rcft_epochs=2.0)
 
     def replace(self, **changes) -> "DemoConfig":
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
