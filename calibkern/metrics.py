@@ -150,7 +150,6 @@ class BinStats:
         if dist.is_available() and dist.is_initialized():
             for tensor in (self.counts, self.sum_conf, self.sum_correct, self.n_skipped):
                 dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
-        self.updated = True
         return self
 
     def to(self, device) -> "BinStats":
