@@ -15,9 +15,10 @@ from calibkern import reference as ref  # noqa: E402
 IGNORE = -100
 M_BINS = 10
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-# (N, K): every K at small N, the long rows (32000) and the large N only where they matter
-SHAPES = ([(1, k) for k in (2, 3, 4, 5, 31, 32000)] + [(47, k) for k in (2, 3, 4, 5, 31, 32000)]
-          + [(1000, k) for k in (2, 5, 31, 100)] + [(65536, 4)])
+# (N, K): every K at small N, the long rows (32000) and the large N only where they matter; at N = 1000
+# every K that full row groups transpose in registers (2–8) and the first that they gather (9)
+SHAPES = ([(1, k) for k in (2, 3, 4, 5, 31, 32000)] + [(47, k) for k in (2, 3, 4, 5, 8, 31, 32000)]
+          + [(1000, k) for k in (2, 3, 4, 5, 6, 7, 8, 9, 31, 100)] + [(65536, 4)])
 KINDS = ["random", "extreme", "ties"]
 
 

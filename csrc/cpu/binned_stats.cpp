@@ -157,14 +157,14 @@ int64_t top1_short_rows(const T* x, const int64_t* labels, int64_t N, int64_t K,
   int64_t n_nonfinite = 0;
 #pragma omp parallel reduction(+ : n_nonfinite)
   {
-    std::vector<vf> p(K);
-    std::vector<float> tile(kLanes * K);
+    std::vector<vf> p(K), scratch(K);
+    const Transpose16 transpose(K);
     LaneBins bins(M);
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < n_blocks; ++b) {
       bins.clear();
       for (int64_t r0 = b * kGroupBlock; r0 < std::min(N, (b + 1) * kGroupBlock); r0 += kLanes) {
-        const RowGroup<T, vf> g(x, labels, N, K, r0, ignore_index, inv_t, tile.data());
+        const RowGroup<T, vf> g(x, labels, N, K, r0, ignore_index, inv_t, scratch.data(), transpose);
         const GroupSoftmax<T, vf> sm(g, p.data(), /*probabilities=*/false);
         const vi kept = g.kept();
         n_nonfinite -= hsum_int(kept & ~sm.finite);  // masks are −1 where true

@@ -36,6 +36,9 @@ template <class V> inline V gather(const float* table, typename Lane<V>::I index
   if constexpr (Lane<V>::n == 1) {
     return table[index];
   } else {
+#ifdef __AVX512F__
+    return (vf)_mm512_i32gather_ps((__m512i)index, table, 4);
+#endif
     alignas(64) float t[kLanes];
     for (int i = 0; i < kLanes; ++i) t[i] = table[index[i]];
     return load_lanes<V>(t);
@@ -60,27 +63,43 @@ template <class V> inline void store_rows(float* base, int64_t stride, int64_t r
   for (int i = 0; i < n_rows; ++i) base[(r0 + i) * stride + j] = lane(v, i);
 }
 
+/// Writes the group's K column values to the rows base[(r0 + i) · K + j].
+template <class V>
+inline void store_group(float* base, int64_t K, int64_t r0, int n_rows, const V* cols, const Transpose16& transpose) {
+  if constexpr (Lane<V>::n > 1) {
+    if (transpose.enabled && n_rows == kLanes) {
+      transpose.to_rows(cols, base + r0 * K);
+      return;
+    }
+  }
+  for (int64_t j = 0; j < K; ++j) store_rows(base, K, r0, n_rows, j, cols[j]);
+}
+
 /// The target vector τ for target accuracy a (τ_ŷ = a, order-preserving non-max targets that sum to 1 − a),
 /// L = Σ (p − τ)² and ∂L/∂z = p ⊙ (g − ⟨g, p⟩) with g = 2 (p − τ), written to out[0..K). Returns L.
-/// u_j = tanh((p_j / q₂) · (γ₀ / d)) — p_j / q₂ ≤ 1 off the argmax, so no product overflows — and
-/// τ_j = d (1 + u_j) · 1/(K − 1 + Σ u).
+/// The targets d (1 + u_j) / (K − 1 + Σ u), u_j = tanh(x_j), x_j = (p_j / q₂) · γ₀ / d, are computed as
+/// τ_j = d · w_j / Σ_{s≠ŷ} w_s with w_j = 1 / (1 + e^{−2 x_j}) (1 + tanh x = 2 / (1 + e^{−2x})): one exp and
+/// one reciprocal per element. p_j / q₂ ≤ 1 off the argmax; q₂ below 2^−60 is scaled by 2^100 first so that
+/// its reciprocal stays finite.
 template <class V>
 inline V target_loss(const V* p, int64_t K, typename Lane<V>::I pred, V q2, V a, float gamma0, V* out) {
   using S = typename Lane<V>::S;
   const V d = 1.0f - a;
   const V d_safe = vmax(d, splat<V>(1e-12f));
   const V q2_safe = q2 > 0.0f ? q2 : splat<V>(1.0f);
-  const V scale = gamma0 / d_safe;
-  S u_sum = {};
+  const V lift = q2_safe < 0x1p-60f ? splat<V>(0x1p100f) : splat<V>(1.0f);
+  const V scale = (-2.0f * gamma0) * recip(d_safe) * recip(q2_safe * lift);  // −2 x_j = (p_j · lift) · scale
+  S w_sum = {};
   for (int64_t j = 0; j < K; ++j) {
-    const V u = tanh_((p[j] / q2_safe) * scale);
-    out[j] = pred == (int32_t)j ? V{} : u;
-    u_sum += row_sum_term(out[j]);
+    // e^{−20} already rounds 1 + e to 1; the clamp keeps e normal (a subnormal costs a microcode assist)
+    const V w = recip(1.0f + exp_(vmax((p[j] * lift) * scale, splat<V>(-20.0f))));
+    out[j] = pred == (int32_t)j ? V{} : w;
+    w_sum += row_sum_term(out[j]);
   }
-  const V share = vmax(d, V{}) * recip((float)(K - 1) + narrow_lanes(u_sum));
+  const V share = vmax(d, V{}) * recip(narrow_lanes(w_sum));
   S loss = {}, gp = {};
   for (int64_t j = 0; j < K; ++j) {
-    const V tau = pred == (int32_t)j ? a : share * (1.0f + out[j]);
+    const V tau = pred == (int32_t)j ? a : share * out[j];
     const V diff = p[j] - tau;
     out[j] = tau;
     loss += row_sum_term(diff * diff);
@@ -135,14 +154,15 @@ void option_rows_impl(const T* x, const int64_t* labels, int64_t N, int64_t K, i
 #pragma omp parallel
   {
     std::vector<V> p(K), out(has_grad ? K : 0), r(task == RowTask::kHardBin ? 0 : M);
-    std::vector<float> tile(L == 1 ? 0 : L * K);
+    std::vector<vf> scratch(L == 1 ? 0 : K);
+    const Transpose16 transpose(L == 1 ? Transpose16::kMaxK + 1 : K);
     std::vector<D> acc(has_stats ? 4 * M : 0);
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < n_blocks; ++b) {
       std::fill(acc.begin(), acc.end(), D{});
       const int64_t end = std::min(N, (b + 1) * kBlockRows);
       for (int64_t r0 = b * kBlockRows; r0 < end; r0 += L) {
-        const RowGroup<T, V> g(x, labels, N, K, r0, ignore_index, 1.0f, tile.data());
+        const RowGroup<T, V> g(x, labels, N, K, r0, ignore_index, 1.0f, scratch.data(), transpose);
         const GroupSoftmax<T, V> sm(g, p.data());
         const auto keep = g.kept();
         V a = {};
@@ -174,7 +194,8 @@ void option_rows_impl(const T* x, const int64_t* labels, int64_t N, int64_t K, i
             out[j] = wc * ((sm.pred == (int32_t)j ? splat<V>(1.0f) : V{}) - p[j]);
         }
         if constexpr (has_grad) {
-          for (int64_t j = 0; j < K; ++j) store_rows(args.grad, K, r0, g.n_rows, j, keep ? out[j] : V{});
+          for (int64_t j = 0; j < K; ++j) out[j] = keep ? out[j] : V{};
+          store_group(args.grad, K, r0, g.n_rows, out.data(), transpose);
         }
       }
       if constexpr (has_stats) {

@@ -13,35 +13,123 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 
 namespace calibkern::cpu {
 
 /// Rows of up to kGroupK elements are vectorised across 16 rows at a time, longer rows within the row.
 constexpr int64_t kGroupK = 64;
 
+/// Between 16 rows of K ≤ kMaxK values stored row-major (K registers: flat index e = 16 q + l = row · K + col)
+/// and K column vectors (lane i = row i), with two-source permutes: each column (or each output register)
+/// takes ⌈K/2⌉ permutes and as many masked moves, where a gather or a scatter would take 16 memory accesses.
+/// Only with AVX-512; elsewhere `enabled` is false and the row groups gather and scatter lane by lane.
+struct Transpose16 {
+  static constexpr int kMaxK = 8;
+  bool enabled = false;
+  int K = 0;
+#ifdef __AVX512F__
+  __m512i col_index[kMaxK][kMaxK / 2], row_index[kMaxK][kMaxK / 2];
+  __mmask16 col_mask[kMaxK][kMaxK / 2], row_mask[kMaxK][kMaxK / 2];
+
+  explicit Transpose16(int64_t K_) : enabled(K_ <= kMaxK), K((int)K_) {
+    if (!enabled) return;
+    for (int v = 0; v < K; ++v) {  // v: the column (gathering) or the output register (scattering)
+      for (int m = 0; m < (K + 1) / 2; ++m) {
+        alignas(64) int32_t ci[kLanes], ri[kLanes];
+        __mmask16 cm = 0, rm = 0;
+        for (int l = 0; l < kLanes; ++l) {
+          const int e = l * K + v;                  // column v, lane l = row l: flat index e
+          ci[l] = e - 32 * m;
+          if (e / 32 == m) cm |= (__mmask16)(1u << l);
+          const int row = (16 * v + l) / K, col = (16 * v + l) % K;  // output register v, lane l
+          ri[l] = row + 16 * (col - 2 * m);
+          if (col / 2 == m) rm |= (__mmask16)(1u << l);
+        }
+        col_index[v][m] = _mm512_load_si512(ci);
+        row_index[v][m] = _mm512_load_si512(ri);
+        col_mask[v][m] = cm;
+        row_mask[v][m] = rm;
+      }
+    }
+  }
+
+  /// cols[j] (lane i) = rows[i · K + j] for 16 rows of T, converted to float32.
+  template <class T> void to_columns(const T* rows, vf* cols) const { dispatch([&](auto k) { columns<k()>(rows, cols); }); }
+
+  /// out[i · K + j] = cols[j] (lane i): 16 rows of K float32.
+  void to_rows(const vf* cols, float* out) const { dispatch([&](auto k) { rows<k()>(cols, out); }); }
+
+ private:
+  /// f(std::integral_constant<int, K>): the loops below unroll and their registers stay in registers.
+  template <class F> void dispatch(F&& f) const {
+    switch (K) {
+      case 2: return f(std::integral_constant<int, 2>{});
+      case 3: return f(std::integral_constant<int, 3>{});
+      case 4: return f(std::integral_constant<int, 4>{});
+      case 5: return f(std::integral_constant<int, 5>{});
+      case 6: return f(std::integral_constant<int, 6>{});
+      case 7: return f(std::integral_constant<int, 7>{});
+      default: return f(std::integral_constant<int, 8>{});
+    }
+  }
+
+  template <int NK, class T> void columns(const T* rows, vf* cols) const {
+    __m512 r[NK];
+    for (int q = 0; q < NK; ++q) r[q] = (__m512)load16(rows + 16 * q);
+    for (int j = 0; j < NK; ++j) cols[j] = permute<NK>(r, col_index[j], col_mask[j]);
+  }
+
+  template <int NK> void rows(const vf* cols, float* out) const {
+    __m512 c[NK];
+    for (int j = 0; j < NK; ++j) c[j] = (__m512)cols[j];
+    for (int q = 0; q < NK; ++q) _mm512_storeu_ps(out + 16 * q, (__m512)permute<NK>(c, row_index[q], row_mask[q]));
+  }
+
+  template <int NK> static vf permute(const __m512* src, const __m512i* index, const __mmask16* mask) {
+    __m512 v = _mm512_permutex2var_ps(src[0], index[0], src[std::min(1, NK - 1)]);
+    for (int m = 1; m < (NK + 1) / 2; ++m)
+      v = _mm512_mask_mov_ps(v, mask[m], _mm512_permutex2var_ps(src[2 * m], index[m], src[std::min(2 * m + 1, NK - 1)]));
+    return (vf)v;
+  }
+#else
+  explicit Transpose16(int64_t K_) : K((int)K_) {}
+  template <class T> void to_columns(const T*, vf*) const {}
+  void to_rows(const vf*, float*) const {}
+#endif
+};
+
 template <class T, class V> struct RowGroup {
   using I = typename Lane<V>::I;
   static constexpr int L = Lane<V>::n;
   const T* row;         // L = 1: the row
-  const float* tile;    // L = 16: the group's rows as row-major float32 (the input itself when it is fp32)
-  I offset;             // L = 16: lane i reads tile[offset_i + j], offset_i = min(i, n_rows − 1) · K
+  const float* tile;    // L = 16, gathered: the group's rows as row-major float32 (the input itself for fp32)
+  const vf* cols;       // L = 16, transposed: the group's columns (lane i = row r0 + i), else nullptr
+  I offset;             // L = 16, gathered: lane i reads tile[offset_i + j], offset_i = min(i, n_rows − 1) · K
   int64_t K;
   float inv_t;
   I label;              // the row's label, −1 for ignored rows and for lanes past the last row
   int n_rows;           // lanes that hold a row (≤ L)
 
-  /// `scratch` (16 · K floats) receives the converted rows of bf16/fp16 input when L = 16.
+  /// `scratch` (K vectors) receives the group's columns (a full group and K ≤ Transpose16::kMaxK with
+  /// AVX-512), else the converted rows of bf16/fp16 input; unused when L = 1.
   RowGroup(const T* x, const int64_t* labels, int64_t N, int64_t K_, int64_t r0, int64_t ignore_index,
-           float inv_t_, float* scratch)
-      : row(x + r0 * K_), tile(nullptr), K(K_), inv_t(inv_t_), n_rows((int)std::min<int64_t>(L, N - r0)) {
+           float inv_t_, vf* scratch, const Transpose16& transpose)
+      : row(x + r0 * K_), tile(nullptr), cols(nullptr), K(K_), inv_t(inv_t_),
+        n_rows((int)std::min<int64_t>(L, N - r0)) {
     if constexpr (L > 1) {
       if (n_rows == L) {  // a full group: labels as one vector
         typedef int64_t vl __attribute__((vector_size(8 * kLanes)));
         vl lab;
         std::memcpy(&lab, labels + r0, sizeof(lab));
         label = __builtin_convertvector(lab != ignore_index ? lab : vl{} - 1, vi);
+        if (transpose.enabled) {
+          transpose.to_columns(row, scratch);
+          cols = scratch;
+          return;
+        }
         offset = lane_index() * (int32_t)K;
-        load_tile(scratch);
+        load_tile(reinterpret_cast<float*>(scratch));
         return;
       }
     }
@@ -56,7 +144,7 @@ template <class T, class V> struct RowGroup {
     } else {
       label = load_lanes<V>(lab);
       offset = load_lanes<V>(off);
-      load_tile(scratch);
+      load_tile(reinterpret_cast<float*>(scratch));
     }
   }
 
@@ -81,6 +169,7 @@ template <class T, class V> struct RowGroup {
     if constexpr (L == 1) {
       return scaled1(row + j, inv_t);
     } else {
+      if (cols) return rounded(cols[j] * inv_t);
 #ifdef __AVX512F__
       const vf v = (vf)_mm512_i32gather_ps((__m512i)offset, tile + j, 4);
 #else
