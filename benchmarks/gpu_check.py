@@ -165,11 +165,11 @@ def check_calibration_kernels(logits, labels, params) -> dict:
 
     log_pi, mu, sigma, theta, accuracy = params
     out = {}
-    out["hard_bin_loss"] = check_rows("hard_bin_loss", tri.hard_bin_loss(logits, labels, accuracy, IGNORE),
-                                      ref.hard_bin_loss(logits, labels, accuracy, IGNORE))
+    out["hard_bin_loss"] = check_rows("hard_bin_loss", tri.hard_bin_loss(logits, labels, accuracy, IGNORE, "none"),
+                                      ref.hard_bin_loss(logits, labels, accuracy, IGNORE, "none"))
     em = (logits, labels, log_pi, mu, sigma)
-    out["em_target_loss"] = check_rows("em_target_loss", tri.em_target_loss(*em, theta, IGNORE),
-                                       ref.em_target_loss(*em, theta, IGNORE))
+    out["em_target_loss"] = check_rows("em_target_loss", tri.em_target_loss(*em, theta, IGNORE, "none"),
+                                       ref.em_target_loss(*em, theta, IGNORE, "none"))
     out["em_stats"] = check_rows("em_stats", [tri.em_stats(*em, IGNORE)], [ref.em_stats(*em, IGNORE)])
     coef = theta - 0.5
     out["em_ece_grad"] = check_rows("em_ece_grad", [tri.em_ece_grad(*em, coef, IGNORE)],

@@ -12,6 +12,8 @@ import torch
 
 from calibkern import _C
 
+_REDUCTION_CODES = {"none": 0, "sum": 1, "mean": 2}  # csrc/cpu/option_rows.h, Reduction
+
 
 def binned_stats(logits: torch.Tensor, labels: torch.Tensor, n_bins: int, temperature: float,
                  ignore_index: int, classwise: bool):
@@ -20,15 +22,18 @@ def binned_stats(logits: torch.Tensor, labels: torch.Tensor, n_bins: int, temper
     return _C.binned_stats(logits, labels, int(n_bins), float(temperature), int(ignore_index), bool(classwise))
 
 
-def hard_bin_loss(logits: torch.Tensor, labels: torch.Tensor, bin_accuracy: torch.Tensor, ignore_index: int):
-    """(loss [N], ∂loss/∂logits [N, K]) of ``Σ_j (p_j − τ_j)²`` with ``a = bin_accuracy[b(c)]``."""
-    return _C.hard_bin_loss(logits, labels, bin_accuracy, int(ignore_index))
+def hard_bin_loss(logits: torch.Tensor, labels: torch.Tensor, bin_accuracy: torch.Tensor, ignore_index: int,
+                  reduction: str):
+    """(loss, ∂loss/∂logits [N, K]) of ``Σ_j (p_j − τ_j)²`` with ``a = bin_accuracy[b(c)]``, reduced over kept rows
+    in the kernel (the mean's 1/n_kept is in the gradient it writes)."""
+    return _C.hard_bin_loss(logits, labels, bin_accuracy, int(ignore_index), _REDUCTION_CODES[reduction])
 
 
 def em_target_loss(logits: torch.Tensor, labels: torch.Tensor, log_pi: torch.Tensor, mu: torch.Tensor,
-                   sigma: torch.Tensor, theta: torch.Tensor, ignore_index: int):
-    """(loss [N], grad [N, K], stats [4, M]) of the EM target form, ``a = Σ_k r_k θ_k``."""
-    return _C.em_target_loss(logits, labels, log_pi, mu, sigma, theta, int(ignore_index))
+                   sigma: torch.Tensor, theta: torch.Tensor, ignore_index: int, reduction: str):
+    """(loss, grad [N, K], stats [4, M]) of the EM target form, ``a = Σ_k r_k θ_k``, reduced as hard_bin_loss's."""
+    return _C.em_target_loss(logits, labels, log_pi, mu, sigma, theta, int(ignore_index),
+                             _REDUCTION_CODES[reduction])
 
 
 def em_stats(logits: torch.Tensor, labels: torch.Tensor, log_pi: torch.Tensor, mu: torch.Tensor,

@@ -24,7 +24,7 @@ import torch
 from . import _validate as V
 from .ops import em as em_ops
 from .ops._dispatch import prepare
-from .ops.calibration_loss import reduce_rows
+from .reference.target_loss import REDUCTIONS
 
 REFRESH_MODES = ("epoch", "stream")
 FORMS = ("target", "ece")
@@ -147,9 +147,8 @@ def em_regularizer(option_logits, labels, state: EMState, *, form="target", rho=
                    logits_name="option_logits")
     log_pi, mu, sigma, theta = state.kernel_params(rows.logits.device)
     if form == "target":
-        loss, stats = em_ops.em_target_rows(rows, log_pi, mu, sigma, theta, ignore_index)
-        loss = reduce_rows(loss, rows.labels != ignore_index, V.check_choice(reduction, "reduction",
-                                                                            ("mean", "sum", "none")))
+        V.check_choice(reduction, "reduction", REDUCTIONS)
+        loss, stats = em_ops.em_target_rows(rows, log_pi, mu, sigma, theta, ignore_index, reduction)
     else:
         if reduction != "mean":
             raise ValueError("reduction applies to form='target'; form='ece' is already a batch-level scalar")

@@ -39,20 +39,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
      py::arg("classwise"));
 
   m.def("hard_bin_loss", [](const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& bin_accuracy,
-                            int64_t ignore_index) {
+                            int64_t ignore_index, int64_t reduction) {
     check_rows(logits, labels);
     check_params({&bin_accuracy}, bin_accuracy.size(0));
-    return cpu::hard_bin_loss(logits, labels, bin_accuracy, ignore_index);
-  }, py::arg("logits"), py::arg("labels"), py::arg("bin_accuracy"), py::arg("ignore_index"));
+    return cpu::hard_bin_loss(logits, labels, bin_accuracy, ignore_index, reduction);
+  }, py::arg("logits"), py::arg("labels"), py::arg("bin_accuracy"), py::arg("ignore_index"), py::arg("reduction"));
 
   m.def("em_target_loss", [](const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& log_pi,
                              const at::Tensor& mu, const at::Tensor& sigma, const at::Tensor& theta,
-                             int64_t ignore_index) {
+                             int64_t ignore_index, int64_t reduction) {
     check_rows(logits, labels);
     check_params({&log_pi, &mu, &sigma, &theta}, mu.size(0));
-    return cpu::em_target_loss(logits, labels, log_pi, mu, sigma, theta, ignore_index);
+    return cpu::em_target_loss(logits, labels, log_pi, mu, sigma, theta, ignore_index, reduction);
   }, py::arg("logits"), py::arg("labels"), py::arg("log_pi"), py::arg("mu"), py::arg("sigma"), py::arg("theta"),
-     py::arg("ignore_index"));
+     py::arg("ignore_index"), py::arg("reduction"));
 
   m.def("em_stats", [](const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& log_pi,
                        const at::Tensor& mu, const at::Tensor& sigma, int64_t ignore_index) {

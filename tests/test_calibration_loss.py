@@ -192,3 +192,28 @@ class TestOfficialCompat:
             ck.calibration_loss(self.logits, self.labels, ACC, official_compat=True)
         with pytest.raises(ValueError, match="bin_counts"):
             ck.calibration_loss(self.logits, self.labels, ACC, bin_counts=self.counts)
+
+
+@pytest.mark.parametrize("backend", ck.available_backends())
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_gradient_for_every_reduction_and_upstream_factor(backend, reduction):
+    """The kernel's saved gradient, handed back as it is when ∂L/∂loss is exactly 1 and scaled otherwise,
+    equals the reference's autograd gradient; a retained graph run twice accumulates twice."""
+    logits = random_logits(47, 4, seed=6)
+    labels = random_labels(47, 4, ignore_frac=0.2, seed=6)
+    want = {}
+    for factor in (1.0, 2.5):
+        z = logits.double().requires_grad_(True)
+        loss = ck.calibration_loss(z, labels, ACC, reduction=reduction, backend="torch")
+        (loss if reduction != "none" else loss.sum()).mul(factor).backward()
+        want[factor] = z.grad.float()
+    z = logits.clone().requires_grad_(True)
+    loss = ck.calibration_loss(z, labels, ACC, reduction=reduction, backend=backend)
+    out = loss if reduction != "none" else loss.sum()
+    out.backward(retain_graph=True)
+    torch.testing.assert_close(z.grad, want[1.0], rtol=1e-4, atol=1e-6)
+    out.backward(retain_graph=True)
+    torch.testing.assert_close(z.grad, 2 * want[1.0], rtol=1e-4, atol=1e-6)
+    z.grad = None
+    (2.5 * out).backward()
+    torch.testing.assert_close(z.grad, want[2.5], rtol=1e-4, atol=1e-6)

@@ -73,8 +73,9 @@ def run_all(backend, x, y, bins=M_BINS):
         for temperature in (1.0, 1.7):
             out[f"binned_stats cw={classwise} T={temperature}"] = backend.binned_stats(
                 x, y, bins, temperature, IGNORE, classwise)
-    out["hard_bin_loss"] = backend.hard_bin_loss(x, y, acc, IGNORE)
-    out["em_target_loss"] = backend.em_target_loss(*em, weight, IGNORE)
+    for reduction in ("none", "sum", "mean"):
+        out[f"hard_bin_loss {reduction}"] = backend.hard_bin_loss(x, y, acc, IGNORE, reduction)
+        out[f"em_target_loss {reduction}"] = backend.em_target_loss(*em, weight, IGNORE, reduction)
     out["em_stats"] = backend.em_stats(*em, IGNORE)
     out["em_ece_grad"] = backend.em_ece_grad(*em, weight - 0.5, IGNORE)
     if x.dtype == torch.float32:
@@ -122,8 +123,9 @@ def test_ignored_rows_contribute_nothing():
     y[:] = IGNORE
     counts, sum_conf, _, _ = cpp.binned_stats(x, y, M_BINS, 1.0, IGNORE, False)
     assert counts.sum() == 0 and sum_conf.sum() == 0
-    loss, grad = cpp.hard_bin_loss(x, y, torch.rand(M_BINS), IGNORE)
-    assert not loss.any() and not grad.any()
+    for reduction in ("none", "mean"):
+        loss, grad = cpp.hard_bin_loss(x, y, torch.rand(M_BINS), IGNORE, reduction)
+        assert not loss.any() and not grad.any()
     z = x.clone()
     assert not cpp.cross_entropy_(z, y, IGNORE).any() and not z.any()
     assert not cpp.em_stats(x, y, *em_params()[:3], IGNORE).any()

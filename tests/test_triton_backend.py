@@ -99,12 +99,14 @@ def test_binned_stats_matches_reference(n, k, max_block_k, dtype, classwise):
 def test_target_losses_match_reference(n, k, max_block_k, dtype):
     logits, labels = inputs(n, k, dtype, seed=3)
     acc = bin_accuracy(10)
-    assert_close(tri.hard_bin_loss(logits, labels, acc, IGNORE), ref.hard_bin_loss(logits, labels, acc, IGNORE))
     log_pi, mu, sigma, theta = em_params(6)
-    got = tri.em_target_loss(logits, labels, log_pi, mu, sigma, theta, IGNORE)
-    want = ref.em_target_loss(logits, labels, log_pi, mu, sigma, theta, IGNORE)
-    assert_close(got[:2], want[:2])
-    torch.testing.assert_close(got[2], want[2], rtol=RTOL, atol=1e-5)
+    for reduction in ("none", "sum", "mean"):
+        assert_close(tri.hard_bin_loss(logits, labels, acc, IGNORE, reduction),
+                     ref.hard_bin_loss(logits, labels, acc, IGNORE, reduction))
+        got = tri.em_target_loss(logits, labels, log_pi, mu, sigma, theta, IGNORE, reduction)
+        want = ref.em_target_loss(logits, labels, log_pi, mu, sigma, theta, IGNORE, reduction)
+        assert_close(got[:2], want[:2])
+        torch.testing.assert_close(got[2], want[2], rtol=RTOL, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -136,8 +138,8 @@ def test_bfloat16_inputs_are_loaded_as_float32(max_block_k):
         args = (logits, labels, 10, 1.0, IGNORE, classwise)
         assert_stats_equal(tri.binned_stats(*args), ref.binned_stats(*args))
     log_pi, mu, sigma, theta = em_params(10)
-    assert_close(tri.em_target_loss(logits, labels, log_pi, mu, sigma, theta, IGNORE)[:2],
-                 ref.em_target_loss(logits, labels, log_pi, mu, sigma, theta, IGNORE)[:2])
+    assert_close(tri.em_target_loss(logits, labels, log_pi, mu, sigma, theta, IGNORE, "mean")[:2],
+                 ref.em_target_loss(logits, labels, log_pi, mu, sigma, theta, IGNORE, "mean")[:2])
 
 
 # ------------------------------------------------------------------------------------------------ edge cases
@@ -175,10 +177,11 @@ def test_ties_bin_edges_and_extreme_logits(max_block_k, dtype):
     assert got[0].tolist() == [5, 1, 0, 1, 1, 0, 1, 3] and torch.equal(got[2], got[0].double())
     for n_bins in (8, 20):
         acc = torch.linspace(0, 1, n_bins, device=DEVICE)
-        assert_close(tri.hard_bin_loss(logits, labels, acc, IGNORE), ref.hard_bin_loss(logits, labels, acc, IGNORE))
+        assert_close(tri.hard_bin_loss(logits, labels, acc, IGNORE, "none"),
+                     ref.hard_bin_loss(logits, labels, acc, IGNORE, "none"))
     log_pi, mu, sigma, theta = em_params(10)
-    got = tri.em_target_loss(logits, labels, log_pi, mu, sigma, theta, IGNORE)
-    assert_close(got[:2], ref.em_target_loss(logits, labels, log_pi, mu, sigma, theta, IGNORE)[:2])
+    got = tri.em_target_loss(logits, labels, log_pi, mu, sigma, theta, IGNORE, "none")
+    assert_close(got[:2], ref.em_target_loss(logits, labels, log_pi, mu, sigma, theta, IGNORE, "none")[:2])
     assert torch.isfinite(got[0]).all() and torch.isfinite(got[1]).all()
     if dtype == torch.float32:  # against torch's own softmax: exact where logsumexp(z) rounds to max z
         z, keep = logits.clone(), (labels != IGNORE)[:, None]
@@ -204,12 +207,13 @@ def test_empty_batch_and_all_rows_ignored():
     no_labels = torch.zeros(0, dtype=torch.int64, device=DEVICE)
     counts, sum_conf, _, _ = tri.binned_stats(empty, no_labels, 10, 1.0, IGNORE, True)
     assert counts.shape == (5, 10) and counts.sum() == 0 and sum_conf.sum() == 0
-    assert tri.hard_bin_loss(empty, no_labels, bin_accuracy(10), IGNORE)[1].shape == (0, 5)
+    assert tri.hard_bin_loss(empty, no_labels, bin_accuracy(10), IGNORE, "mean")[1].shape == (0, 5)
     logits, _ = inputs(9, 5, torch.float32)
     ignored = torch.full((9,), IGNORE, device=DEVICE)
     assert tri.binned_stats(logits, ignored, 10, 1.0, IGNORE, False)[0].sum() == 0
-    loss, grad = tri.hard_bin_loss(logits, ignored, bin_accuracy(10), IGNORE)
-    assert not loss.any() and not grad.any()
+    for reduction in ("none", "mean"):
+        loss, grad = tri.hard_bin_loss(logits, ignored, bin_accuracy(10), IGNORE, reduction)
+        assert not loss.any() and not grad.any()
 
 
 def test_statistics_are_bitwise_reproducible():
@@ -259,8 +263,8 @@ def custom_op_args(logits, labels):
     log_pi, mu, sigma, theta = em_params(5)
     x = logits.clone().requires_grad_()
     return {
-        "hard_bin_loss": (x, labels, bin_accuracy(5), IGNORE),
-        "em_target_loss": (x, labels, log_pi, mu, sigma, theta, IGNORE),
+        "hard_bin_loss": (x, labels, bin_accuracy(5), IGNORE, "mean"),
+        "em_target_loss": (x, labels, log_pi, mu, sigma, theta, IGNORE, "none"),
         "em_ece_loss": (x, labels, log_pi, mu, sigma, theta, IGNORE, "smooth_abs"),
         "em_ece_grad": (logits, labels, log_pi, mu, sigma, theta, IGNORE),
         "em_stats": (logits, labels, log_pi, mu, sigma, IGNORE),
@@ -287,10 +291,11 @@ def test_torch_compile_traces_a_training_step_without_graph_breaks():
 
     def step(x, backend):
         z = x @ weight
-        hard, _ = torch.ops.calibkern.hard_bin_loss(z, labels, acc, IGNORE, backend)
-        target, _, _ = torch.ops.calibkern.em_target_loss(z, labels, log_pi, mu, sigma, theta, IGNORE, backend)
+        hard, _ = torch.ops.calibkern.hard_bin_loss(z, labels, acc, IGNORE, "mean", backend)
+        target, _, _ = torch.ops.calibkern.em_target_loss(z, labels, log_pi, mu, sigma, theta, IGNORE, "none",
+                                                          backend)
         ece, _, _ = torch.ops.calibkern.em_ece_loss(z, labels, log_pi, mu, sigma, theta, IGNORE, "square", backend)
-        return hard.mean() + target.mean() + ece
+        return hard + target.mean() + ece
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     for backend in ("triton", "torch"):

@@ -4,8 +4,9 @@ Per sample, with ``a = A_{b(c)}`` the starting model's accuracy in the sample's 
 order-preserving non-max targets of docs/backends.md: ``L_i = (c_i − a)² + Σ_r (q_(r) − t_(r))²``.
 
 * default: targets detached, mean over the batch's kept samples (``reduction="mean"``), every bin, any
-  backend; the kernel writes ``∂L_i/∂z_i = p ⊙ (g − ⟨g, p⟩)``, ``g = 2 (p − τ)``, in the forward pass
-  (the custom op ``torch.ops.calibkern.hard_bin_loss``, so it traces under ``torch.compile``).
+  backend; the kernel reduces the rows and writes ``∂L/∂z_i``, ``∂L_i/∂z_i = p ⊙ (g − ⟨g, p⟩)``,
+  ``g = 2 (p − τ)``, in the forward pass (the custom op ``torch.ops.calibkern.hard_bin_loss``, so it traces
+  under ``torch.compile``).
 * ``official_compat=True``: the published reference code — per-bin sums divided by ``N⁰_k``
   (``bin_counts``), the top bin skipped, gradients through the targets, float64; reference backend only.
 """
@@ -15,19 +16,8 @@ from __future__ import annotations
 import torch
 
 from .. import _validate as V
+from ..reference.target_loss import REDUCTIONS, reduce_rows
 from ._dispatch import prepare
-
-REDUCTIONS = ("mean", "sum", "none")
-
-
-def reduce_rows(loss: torch.Tensor, keep: torch.Tensor, reduction: str) -> torch.Tensor:
-    """Mean over kept rows (0 when none is kept), sum, or the per-row vector."""
-    if reduction == "none":
-        return loss
-    total = loss.sum()
-    if reduction == "sum":
-        return total
-    return total / torch.count_nonzero(keep).clamp_min(1).to(loss.dtype)
 
 
 def calibration_loss(option_logits, labels, bin_accuracy, *, n_bins=10, bin_counts=None, detach_targets=None,
@@ -49,7 +39,6 @@ def calibration_loss(option_logits, labels, bin_accuracy, *, n_bins=10, bin_coun
                    logits_name="option_logits")
     device = rows.logits.device
     bin_accuracy = V.check_vector(bin_accuracy, "bin_accuracy", n_bins, device, low=0.0, high=1.0)
-    keep = rows.labels != ignore_index
 
     if official_compat:
         if bin_counts is None:
@@ -67,8 +56,9 @@ def calibration_loss(option_logits, labels, bin_accuracy, *, n_bins=10, bin_coun
         from ..reference import bin_index, hard_bin_loss_autograd, softmax_parts
 
         loss = hard_bin_loss_autograd(rows.logits, rows.labels, bin_accuracy, ignore_index, detach_targets)
+        keep = rows.labels != ignore_index
         if not official_compat:
-            return reduce_rows(loss, keep, reduction)
+            return reduce_rows(loss, keep, reduction)[0]
         bin_counts = V.check_vector(bin_counts, "bin_counts", n_bins, device, low=0.0)
         with torch.no_grad():
             bins = bin_index(softmax_parts(rows.logits)[1], n_bins)
@@ -78,5 +68,5 @@ def calibration_loss(option_logits, labels, bin_accuracy, *, n_bins=10, bin_coun
         return (loss * weight).sum()
 
     loss, _ = torch.ops.calibkern.hard_bin_loss(rows.logits, rows.labels, bin_accuracy.float(), ignore_index,
-                                                rows.backend)
-    return reduce_rows(loss, keep, reduction)
+                                                reduction, rows.backend)
+    return loss

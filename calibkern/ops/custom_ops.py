@@ -7,8 +7,11 @@ Each op takes the backend by name (``"auto"`` picks triton for CUDA tensors, see
 :func:`calibkern.backends.resolve`) and runs that backend's kernel, which stays opaque to the compiler;
 ``register_fake`` gives the output shapes and dtypes. Autograd:
 
-* ``hard_bin_loss`` / ``em_target_loss``: ``loss_i = f(z_i)``, the kernel writes ``∂loss_i/∂z_i`` in the
-  forward pass, so ``∂L/∂z_i = grad_i · ∂L/∂loss_i`` (no recompute; the [N, K] gradient is the saved state);
+* ``hard_bin_loss`` / ``em_target_loss``: ``loss = R(f(z_i))`` with the reduction R over kept rows of
+  calibkern.reference.reduce_rows; the kernel writes ``∂loss/∂z_i`` (the mean's 1/n_kept included) in the
+  forward pass, so ``∂L/∂z_i = grad_i · ∂L/∂loss`` (``∂L/∂loss_i`` per row for ``"none"``): no recompute, the
+  [N, K] gradient is the saved state, and a scalar ``∂L/∂loss`` that is exactly 1 on the CPU hands it back
+  as it is (no copy);
 * ``em_ece_loss``: ``L = Σ_k (S_k/N) ρ(C_k/S_k − θ_k)`` with r detached; backward is the second phase
   ``∂L/∂z_i = (Σ_k r_ik ρ'(d_k)/N) · c_i (e_ŷ − p_i)`` (``em_ece_grad``), scaled by ``∂L_out``;
 * ``binned_stats``, ``em_stats``, ``em_ece_grad`` and the in-place ``cross_entropy_`` have no gradient.
@@ -32,35 +35,39 @@ def _float_dtype(logits: Tensor) -> torch.dtype:
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
-def _new_rows(logits: Tensor) -> tuple[Tensor, Tensor]:
-    return (logits.new_empty(logits.shape[0], dtype=_float_dtype(logits)),
+def _new_rows(logits: Tensor, reduction: str = "none") -> tuple[Tensor, Tensor]:
+    """Fake (loss, grad): loss [N] for reduction "none", else a scalar; grad [N, K]."""
+    loss_shape = (logits.shape[0],) if reduction == "none" else ()
+    return (logits.new_empty(loss_shape, dtype=_float_dtype(logits)),
             logits.new_empty(logits.shape, dtype=_float_dtype(logits)))
 
 
 # ---------------------------------------------------------------- per-row target losses (differentiable)
 
 @torch.library.custom_op("calibkern::hard_bin_loss", mutates_args=())
-def hard_bin_loss(logits: Tensor, labels: Tensor, bin_accuracy: Tensor, ignore_index: int,
+def hard_bin_loss(logits: Tensor, labels: Tensor, bin_accuracy: Tensor, ignore_index: int, reduction: str = "none",
                   backend: str = "auto") -> tuple[Tensor, Tensor]:
-    """(loss [N], ∂loss/∂logits [N, K]) of the hard-bin target loss (SPEC §4.2)."""
-    return tuple(_kernels(backend, logits).hard_bin_loss(logits, labels, bin_accuracy, ignore_index))
+    """(loss, ∂loss/∂logits [N, K]) of the hard-bin target loss (SPEC §4.2), reduced over kept rows."""
+    return tuple(_kernels(backend, logits).hard_bin_loss(logits, labels, bin_accuracy, ignore_index, reduction))
 
 
 @hard_bin_loss.register_fake
-def _(logits, labels, bin_accuracy, ignore_index, backend="auto"):
-    return _new_rows(logits)
+def _(logits, labels, bin_accuracy, ignore_index, reduction="none", backend="auto"):
+    return _new_rows(logits, reduction)
 
 
 @torch.library.custom_op("calibkern::em_target_loss", mutates_args=())
 def em_target_loss(logits: Tensor, labels: Tensor, log_pi: Tensor, mu: Tensor, sigma: Tensor, theta: Tensor,
-                   ignore_index: int, backend: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
-    """(loss [N], ∂loss/∂logits [N, K], E-step statistics float64 [4, M]) of the EM target form."""
-    return tuple(_kernels(backend, logits).em_target_loss(logits, labels, log_pi, mu, sigma, theta, ignore_index))
+                   ignore_index: int, reduction: str = "none", backend: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, ∂loss/∂logits [N, K], E-step statistics float64 [4, M]) of the EM target form, reduced over kept
+    rows."""
+    return tuple(_kernels(backend, logits).em_target_loss(logits, labels, log_pi, mu, sigma, theta, ignore_index,
+                                                          reduction))
 
 
 @em_target_loss.register_fake
-def _(logits, labels, log_pi, mu, sigma, theta, ignore_index, backend="auto"):
-    return (*_new_rows(logits), logits.new_empty((4, mu.shape[0]), dtype=torch.float64))
+def _(logits, labels, log_pi, mu, sigma, theta, ignore_index, reduction="none", backend="auto"):
+    return (*_new_rows(logits, reduction), logits.new_empty((4, mu.shape[0]), dtype=torch.float64))
 
 
 def _save_row_grad(ctx, inputs, output):
@@ -75,8 +82,17 @@ def _row_loss_backward(ctx, grad_loss, *_):
     if grad_loss is None:
         return (None,) * ctx.n_inputs
     (grad,) = ctx.saved_tensors
-    grad_logits = (grad * grad_loss.to(grad.dtype)[:, None]).to(ctx.logits_dtype)
-    return (grad_logits,) + (None,) * (ctx.n_inputs - 1)
+    if grad_loss.dim():  # reduction "none": one factor per row
+        grad = grad * grad_loss.to(grad.dtype)[:, None]
+    elif not _is_one(grad_loss):
+        grad = grad * grad_loss.to(grad.dtype)
+    return (grad.to(ctx.logits_dtype),) + (None,) * (ctx.n_inputs - 1)
+
+
+def _is_one(x: Tensor) -> bool:
+    """Whether a 0-dim CPU tensor is exactly 1: a host read that waits on no device, never while compiling.
+    Handing the saved gradient back uncopied is safe: autograd copies it when the graph is retained."""
+    return x.device.type == "cpu" and not torch.compiler.is_compiling() and bool(x == 1)
 
 
 hard_bin_loss.register_autograd(_row_loss_backward, setup_context=_save_row_grad)

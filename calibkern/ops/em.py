@@ -30,10 +30,10 @@ def rho_prime(x: torch.Tensor, kind: str) -> torch.Tensor:
     return x / torch.sqrt(x * x + SMOOTH_ABS_EPS ** 2)
 
 
-def em_target_rows(rows, log_pi, mu, sigma, theta, ignore_index):
-    """Per-row target-form losses (differentiable) and the batch's E-step statistics [4, M]."""
+def em_target_rows(rows, log_pi, mu, sigma, theta, ignore_index, reduction):
+    """Target-form loss over the kept rows, reduced (differentiable), and the batch's E-step statistics [4, M]."""
     loss, _, stats = torch.ops.calibkern.em_target_loss(rows.logits, rows.labels, log_pi, mu, sigma, theta,
-                                                        ignore_index, rows.backend)
+                                                        ignore_index, reduction, rows.backend)
     return loss, stats
 
 

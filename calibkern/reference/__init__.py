@@ -7,9 +7,11 @@ from .binned_stats import binned_stats
 from .cross_entropy import cross_entropy_
 from .em import em_ece_grad, em_stats, em_target_loss, responsibilities
 from .softmax import bin_index, softmax_parts
-from .target_loss import hard_bin_loss, hard_bin_loss_autograd, loss_to_fixed_targets, non_max_targets
+from .target_loss import (REDUCTIONS, hard_bin_loss, hard_bin_loss_autograd, loss_to_fixed_targets, non_max_targets,
+                          reduce_rows, reduced_row_loss)
 
 __all__ = [
+    "REDUCTIONS",
     "bin_index",
     "binned_stats",
     "cross_entropy_",
@@ -20,6 +22,8 @@ __all__ = [
     "hard_bin_loss_autograd",
     "loss_to_fixed_targets",
     "non_max_targets",
+    "reduce_rows",
+    "reduced_row_loss",
     "responsibilities",
     "softmax_parts",
 ]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .softmax import softmax_parts
-from .target_loss import target_loss
+from .target_loss import reduced_row_loss, target_loss
 
 
 def responsibilities(conf, log_pi, mu, sigma) -> torch.Tensor:
@@ -31,11 +31,11 @@ def em_stats(logits, labels, log_pi, mu, sigma, ignore_index: int) -> torch.Tens
     return _stats(responsibilities(conf, log_pi, mu, sigma), conf, pred == labels, keep)
 
 
-def em_target_loss(logits, labels, log_pi, mu, sigma, theta, ignore_index: int):
+def em_target_loss(logits, labels, log_pi, mu, sigma, theta, ignore_index: int, reduction: str):
     p, conf, pred = softmax_parts(logits)
     keep = labels != ignore_index
     r = responsibilities(conf, log_pi, mu, sigma)
-    loss, grad = target_loss(p, pred, r @ theta.to(r.dtype), keep)
+    loss, grad = reduced_row_loss(*target_loss(p, pred, r @ theta.to(r.dtype), keep), keep, reduction)
     return loss, grad, _stats(r, conf, pred == labels, keep)
 
 

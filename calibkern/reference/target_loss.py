@@ -4,7 +4,8 @@ For a row with probabilities ``p``, prediction ``ŷ`` and target accuracy ``a``,
 ``τ_ŷ = a`` and, for the other options, order-preserving targets that sum to ``1 − a``:
 ``u_j = tanh(γ p_j)`` with ``γ = ln(K−1) / (q₂ (1 − a))`` (``q₂`` the largest non-max probability),
 ``t_j = (1 − a)(1 + u_j) / ((K − 1) + Σ_s u_s)``. The loss is ``L = Σ_j (p_j − τ_j)²`` and, with τ held
-fixed, ``∂L/∂z = p ⊙ (g − ⟨g, p⟩)`` where ``g = 2 (p − τ)``.
+fixed, ``∂L/∂z = p ⊙ (g − ⟨g, p⟩)`` where ``g = 2 (p − τ)``. The loss kernels return it reduced over the
+kept rows as :func:`reduce_rows` says, with the gradient of the reduced value.
 """
 
 from __future__ import annotations
@@ -17,6 +18,27 @@ import torch.nn.functional as F
 from .softmax import bin_index, softmax_parts
 
 _TINY = 1e-12
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def reduce_rows(loss: torch.Tensor, keep: torch.Tensor, reduction: str):
+    """(reduced loss, ∂reduced/∂loss_i of a kept row) for per-row losses that are 0 on ignored rows:
+    ``"none"`` the vector (factor 1), ``"sum"`` Σ_i loss_i (1), ``"mean"`` Σ_i loss_i / max(n_kept, 1)
+    (1 / max(n_kept, 1): 0 when no row is kept)."""
+    if reduction == "none":
+        return loss, 1.0
+    total = loss.sum()
+    if reduction == "sum":
+        return total, 1.0
+    n_kept = torch.count_nonzero(keep).clamp_min(1).to(loss.dtype)
+    return total / n_kept, 1.0 / n_kept
+
+
+def reduced_row_loss(loss: torch.Tensor, grad: torch.Tensor, keep: torch.Tensor, reduction: str):
+    """(loss, grad) of per-row losses and their fresh gradient rows after :func:`reduce_rows` (the mean's
+    factor scales ``grad`` in place)."""
+    loss, factor = reduce_rows(loss, keep, reduction)
+    return loss, grad.mul_(factor) if reduction == "mean" else grad
 
 
 def non_max_targets(p: torch.Tensor, pred: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -46,10 +68,11 @@ def loss_to_fixed_targets(p: torch.Tensor, tau: torch.Tensor, keep: torch.Tensor
     return (diff * diff).sum(dim=1) * keep_f, grad * keep_f[:, None]
 
 
-def hard_bin_loss(logits, labels, bin_accuracy, ignore_index: int):
+def hard_bin_loss(logits, labels, bin_accuracy, ignore_index: int, reduction: str):
     p, conf, pred = softmax_parts(logits)
     a = bin_accuracy.to(p.dtype)[bin_index(conf, bin_accuracy.shape[0])]
-    return target_loss(p, pred, a, labels != ignore_index)
+    keep = labels != ignore_index
+    return reduced_row_loss(*target_loss(p, pred, a, keep), keep, reduction)
 
 
 def hard_bin_loss_autograd(logits, labels, bin_accuracy, ignore_index: int, detach_targets: bool) -> torch.Tensor:

@@ -1,5 +1,5 @@
 // hard_bin_loss: the hard-bin calibration term's per-row loss and gradient (SPEC §4.2, default variant):
-// a = bin_accuracy[b(c)], then the target loss of option_rows.h, in one pass per row.
+// a = bin_accuracy[b(c)], then the target loss of option_rows.h, in one pass per row, reduced as asked.
 #include "dispatch.h"
 #include "kernels.h"
 #include "option_rows.h"
@@ -7,21 +7,19 @@
 namespace calibkern::cpu {
 
 std::tuple<at::Tensor, at::Tensor> hard_bin_loss(const at::Tensor& logits, const at::Tensor& labels,
-                                                 const at::Tensor& bin_accuracy, int64_t ignore_index) {
+                                                 const at::Tensor& bin_accuracy, int64_t ignore_index,
+                                                 int64_t reduction) {
   const int64_t N = logits.size(0), K = logits.size(1);
-  const auto f32 = logits.options().dtype(at::kFloat);
-  at::Tensor loss = at::empty({N}, f32), grad = at::empty({N, K}, f32);
   RowTaskArgs args;
+  RowLossOutputs out(logits, labels, ignore_index, reduction, args);
   args.n_bins = bin_accuracy.size(0);
   args.bin_accuracy = bin_accuracy.const_data_ptr<float>();
-  args.loss = loss.data_ptr<float>();
-  args.grad = grad.data_ptr<float>();
   with_float_type(logits, [&](auto tag) {
     using T = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
     option_rows<RowTask::kHardBin>(static_cast<const T*>(logits.const_data_ptr()), labels.const_data_ptr<int64_t>(),
                                    N, K, ignore_index, args);
   });
-  return {loss, grad};
+  return {out.loss(), out.grad()};
 }
 
 }  // namespace calibkern::cpu

@@ -27,16 +27,13 @@ void run_em(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor
 std::tuple<at::Tensor, at::Tensor, at::Tensor> em_target_loss(const at::Tensor& logits, const at::Tensor& labels,
                                                               const at::Tensor& log_pi, const at::Tensor& mu,
                                                               const at::Tensor& sigma, const at::Tensor& theta,
-                                                              int64_t ignore_index) {
-  const auto f32 = logits.options().dtype(at::kFloat);
-  at::Tensor loss = at::empty({logits.size(0)}, f32), grad = at::empty(logits.sizes(), f32);
-  at::Tensor stats = at::empty({4, mu.size(0)}, f32.dtype(at::kDouble));
+                                                              int64_t ignore_index, int64_t reduction) {
+  at::Tensor stats = at::empty({4, mu.size(0)}, logits.options().dtype(at::kDouble));
   RowTaskArgs args;
-  args.loss = loss.data_ptr<float>();
-  args.grad = grad.data_ptr<float>();
+  RowLossOutputs out(logits, labels, ignore_index, reduction, args);
   args.stats = stats.data_ptr<double>();
   run_em<RowTask::kEMTarget>(logits, labels, log_pi, mu, sigma, &theta, ignore_index, args);
-  return {loss, grad, stats};
+  return {out.loss(), out.grad(), stats};
 }
 
 at::Tensor em_stats(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& log_pi,

@@ -11,7 +11,8 @@ namespace calibkern::cpu {
 namespace {
 
 constexpr int32_t kExponent = 0x7f800000;
-constexpr int64_t kScanChunk = 1 << 16;  // elements per parallel chunk of a flat scan
+constexpr int64_t kScanChunk = 1 << 16;   // elements per parallel chunk of a flat scan
+constexpr int64_t kLabelChunk = 1 << 13;  // labels per parallel chunk (int64: 64 KiB)
 
 /// True when x[0..n) holds a NaN or ±inf.
 template <class T> bool any_nonfinite(const T* x, int64_t n) {
@@ -53,13 +54,13 @@ bool all_finite(const at::Tensor& logits) {
 }
 
 bool labels_in_range(const at::Tensor& labels, int64_t n_classes, int64_t ignore_index) {
-  const int64_t n = labels.numel(), n_chunks = (n + kScanChunk - 1) / kScanChunk;
+  const int64_t n = labels.numel(), n_chunks = (n + kLabelChunk - 1) / kLabelChunk;
   const int64_t* y = labels.const_data_ptr<int64_t>();
   bool bad = false;
 #pragma omp parallel for schedule(static) reduction(|| : bad)
   for (int64_t c = 0; c < n_chunks; ++c) {
     bool chunk_bad = false;
-    for (int64_t i = c * kScanChunk; i < std::min(n, (c + 1) * kScanChunk); ++i)
+    for (int64_t i = c * kLabelChunk; i < std::min(n, (c + 1) * kLabelChunk); ++i)
       chunk_bad |= (y[i] < 0 || y[i] >= n_classes) && y[i] != ignore_index;
     bad = bad || chunk_bad;
   }

@@ -17,15 +17,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> binned_stats(
     const at::Tensor& logits, const at::Tensor& labels, int64_t n_bins, double temperature, int64_t ignore_index,
     bool classwise);
 
-/// Hard-bin target loss: (loss float32[N], ∂loss/∂logits float32[N, K]).
+/// Hard-bin target loss: (loss float32, ∂loss/∂logits float32[N, K]); the loss is [N] for reduction 0
+/// (none), the sum over kept rows for 1, their mean for 2 (option_rows.h, RowLossOutputs).
 std::tuple<at::Tensor, at::Tensor> hard_bin_loss(const at::Tensor& logits, const at::Tensor& labels,
-                                                 const at::Tensor& bin_accuracy, int64_t ignore_index);
+                                                 const at::Tensor& bin_accuracy, int64_t ignore_index,
+                                                 int64_t reduction);
 
-/// EM target-form loss: (loss float32[N], grad float32[N, K], E-step statistics float64[4, M]).
+/// EM target-form loss: (loss float32 reduced as hard_bin_loss's, grad float32[N, K], E-step statistics
+/// float64[4, M]).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> em_target_loss(const at::Tensor& logits, const at::Tensor& labels,
                                                               const at::Tensor& log_pi, const at::Tensor& mu,
                                                               const at::Tensor& sigma, const at::Tensor& theta,
-                                                              int64_t ignore_index);
+                                                              int64_t ignore_index, int64_t reduction);
 
 /// E-step statistics S, C, Q, R as float64[4, M].
 at::Tensor em_stats(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& log_pi,

@@ -7,6 +7,8 @@
 
 #include "row_group.h"
 
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <omp.h>
 
 #include <cmath>
@@ -18,12 +20,14 @@ enum class RowTask { kHardBin, kEMTarget, kEMStats, kEMEceGrad };
 
 struct RowTaskArgs {
   int64_t n_bins = 0;                    // M: bins (hard-bin) or mixture components (EM)
+  float grad_scale = 1.0f;               // multiplies every gradient row
   const float* bin_accuracy = nullptr;   // hard-bin: a per bin [M]
   const float* log_pi = nullptr;         // EM mixture [M]
   const float* mu = nullptr;
   const float* sigma = nullptr;
   const float* weight = nullptr;         // EM: theta (target form) or coef (ece form) [M]
-  float* loss = nullptr;                 // [N]
+  float* loss = nullptr;                 // [N], or
+  double* loss_total = nullptr;          // Σ over kept rows (summed per block, blocks in order)
   float* grad = nullptr;                 // [N, K]
   double* stats = nullptr;               // [4, M]: S, C, Q, R
 };
@@ -150,6 +154,7 @@ void option_rows_impl(const T* x, const int64_t* labels, int64_t N, int64_t K, i
     }
   }
   std::vector<double> partials(has_stats ? n_blocks * 4 * M : 0);
+  std::vector<double> loss_partials(has_loss && args.loss_total ? n_blocks : 0);
 
 #pragma omp parallel
   {
@@ -160,6 +165,7 @@ void option_rows_impl(const T* x, const int64_t* labels, int64_t N, int64_t K, i
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < n_blocks; ++b) {
       std::fill(acc.begin(), acc.end(), D{});
+      D loss_acc = {};
       const int64_t end = std::min(N, (b + 1) * kBlockRows);
       for (int64_t r0 = b * kBlockRows; r0 < end; r0 += L) {
         const RowGroup<T, V> g(x, labels, N, K, r0, ignore_index, 1.0f, scratch.data(), transpose);
@@ -186,7 +192,8 @@ void option_rows_impl(const T* x, const int64_t* labels, int64_t N, int64_t K, i
         }
         if constexpr (has_loss) {
           const V loss = target_loss(p.data(), K, sm.pred, sm.q2, a, gamma0, out.data());
-          store_rows(args.loss, 1, r0, g.n_rows, 0, keep ? loss : V{});
+          if (args.loss_total) loss_acc += to_double(keep ? loss : V{});
+          else store_rows(args.loss, 1, r0, g.n_rows, 0, keep ? loss : V{});
         }
         if constexpr (task == RowTask::kEMEceGrad) {
           const V wc = a * sm.conf;  // a holds w = Σ r_k coef_k here
@@ -194,14 +201,20 @@ void option_rows_impl(const T* x, const int64_t* labels, int64_t N, int64_t K, i
             out[j] = wc * ((sm.pred == (int32_t)j ? splat<V>(1.0f) : V{}) - p[j]);
         }
         if constexpr (has_grad) {
-          for (int64_t j = 0; j < K; ++j) out[j] = keep ? out[j] : V{};
+          for (int64_t j = 0; j < K; ++j) out[j] = keep ? out[j] * args.grad_scale : V{};
           store_group(args.grad, K, r0, g.n_rows, out.data(), transpose);
         }
       }
       if constexpr (has_stats) {
         for (int64_t q = 0; q < 4 * M; ++q) partials[b * 4 * M + q] = hsum(acc[q]);
       }
+      if (!loss_partials.empty()) loss_partials[b] = hsum(loss_acc);
     }
+  }
+  if (!loss_partials.empty()) {
+    double s = 0.0;
+    for (double v : loss_partials) s += v;
+    *args.loss_total = s;
   }
   if constexpr (has_stats) {
     for (int64_t q = 0; q < 4 * M; ++q) {
@@ -213,6 +226,57 @@ void option_rows_impl(const T* x, const int64_t* labels, int64_t N, int64_t K, i
 }
 
 }  // namespace detail
+
+/// How a per-row loss leaves the kernel: "none" the vector [N]; "sum" Σ over kept rows; "mean" that sum
+/// divided by max(n_kept, 1), every gradient row scaled by the same 1/max(n_kept, 1). Codes of calibkern._cpp.
+enum class Reduction : int64_t { kNone = 0, kSum = 1, kMean = 2 };
+
+/// The loss and gradient outputs of a per-row loss kernel under a reduction: allocates them, points `args`
+/// at them (with the mean's gradient scale, from one count of the kept labels), and `loss()` gives the
+/// reduced value once the kernel ran.
+class RowLossOutputs {
+ public:
+  RowLossOutputs(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index, int64_t reduction,
+                 RowTaskArgs& args)
+      : reduction_(static_cast<Reduction>(reduction)) {
+    TORCH_CHECK(reduction >= 0 && reduction <= 2, "calibkern._C: reduction code must be 0, 1 or 2");
+    const auto f32 = logits.options().dtype(at::kFloat);
+    grad_ = at::empty(logits.sizes(), f32);
+    args.grad = grad_.data_ptr<float>();
+    if (reduction_ == Reduction::kNone) {
+      loss_ = at::empty({logits.size(0)}, f32);
+      args.loss = loss_.data_ptr<float>();
+      return;
+    }
+    loss_ = at::empty({}, f32);
+    args.loss_total = &total_;
+    if (reduction_ == Reduction::kMean) {
+      n_kept_ = count_kept(labels.const_data_ptr<int64_t>(), labels.size(0), ignore_index);
+      args.grad_scale = (float)(1.0 / (double)std::max<int64_t>(n_kept_, 1));
+    }
+  }
+
+  at::Tensor loss() {
+    if (reduction_ != Reduction::kNone)
+      *loss_.data_ptr<float>() =
+          (float)(reduction_ == Reduction::kMean ? total_ / (double)std::max<int64_t>(n_kept_, 1) : total_);
+    return loss_;
+  }
+  const at::Tensor& grad() const { return grad_; }
+
+ private:
+  static int64_t count_kept(const int64_t* labels, int64_t N, int64_t ignore_index) {
+    int64_t n = 0;
+#pragma omp parallel for schedule(static) reduction(+ : n)
+    for (int64_t i = 0; i < N; ++i) n += labels[i] != ignore_index;
+    return n;
+  }
+
+  Reduction reduction_;
+  at::Tensor loss_, grad_;
+  double total_ = 0.0;
+  int64_t n_kept_ = 0;
+};
 
 template <RowTask task, class T>
 void option_rows(const T* x, const int64_t* labels, int64_t N, int64_t K, int64_t ignore_index,

@@ -11,14 +11,14 @@ def binned_stats(logits, labels, n_bins: int, temperature: float, ignore_index: 
     return run(logits, labels, n_bins, temperature, ignore_index, classwise)
 
 
-def hard_bin_loss(logits, labels, bin_accuracy, ignore_index: int):
+def hard_bin_loss(logits, labels, bin_accuracy, ignore_index: int, reduction: str):
     from .calibration import hard_bin_loss as run
-    return run(logits, labels, bin_accuracy, ignore_index)
+    return run(logits, labels, bin_accuracy, ignore_index, reduction)
 
 
-def em_target_loss(logits, labels, log_pi, mu, sigma, theta, ignore_index: int):
+def em_target_loss(logits, labels, log_pi, mu, sigma, theta, ignore_index: int, reduction: str):
     from .calibration import em_target_loss as run
-    return run(logits, labels, log_pi, mu, sigma, theta, ignore_index)
+    return run(logits, labels, log_pi, mu, sigma, theta, ignore_index, reduction)
 
 
 def em_stats(logits, labels, log_pi, mu, sigma, ignore_index: int):

@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ...reference.target_loss import reduced_row_loss
 from .common import bin_index, bins_block, load_tile, online_softmax, row_blocks, sum_partials, warps
 
 
@@ -162,21 +163,24 @@ def _outputs(logits, with_loss: bool, with_grad: bool):
     return loss, grad
 
 
-def hard_bin_loss(logits, labels, bin_accuracy, ignore_index: int):
-    """(loss float32[N], grad float32[N, K]) of the hard-bin target loss, a = bin_accuracy[b(c)]."""
+def hard_bin_loss(logits, labels, bin_accuracy, ignore_index: int, reduction: str):
+    """(loss float32, grad float32[N, K]) of the hard-bin target loss, a = bin_accuracy[b(c)], reduced over kept
+    rows as calibkern.reference.reduce_rows says."""
     loss, grad = _outputs(logits, True, True)
     if logits.shape[0]:
         _run(logits, labels, ignore_index, bin_accuracy, None, None, loss, False, grad)
-    return loss, grad
+    return reduced_row_loss(loss, grad, labels != ignore_index, reduction)
 
 
-def em_target_loss(logits, labels, log_pi, mu, sigma, theta, ignore_index: int):
-    """(loss float32[N], grad float32[N, K], stats float64[4, M]) of the EM target regulariser."""
+def em_target_loss(logits, labels, log_pi, mu, sigma, theta, ignore_index: int, reduction: str):
+    """(loss float32, grad float32[N, K], stats float64[4, M]) of the EM target regulariser, reduced as
+    hard_bin_loss's."""
     loss, grad = _outputs(logits, True, True)
     if not logits.shape[0]:
-        return loss, grad, torch.zeros((4, mu.numel()), dtype=torch.float64, device=logits.device)
-    stats = _run(logits, labels, ignore_index, theta, (log_pi, mu, sigma), None, loss, True, grad)
-    return loss, grad, stats
+        stats = torch.zeros((4, mu.numel()), dtype=torch.float64, device=logits.device)
+    else:
+        stats = _run(logits, labels, ignore_index, theta, (log_pi, mu, sigma), None, loss, True, grad)
+    return (*reduced_row_loss(loss, grad, labels != ignore_index, reduction), stats)
 
 
 def em_stats(logits, labels, log_pi, mu, sigma, ignore_index: int):
