@@ -14,6 +14,7 @@ import numbers
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_HOST_CHECK_MAX = 4096  # a CPU parameter vector up to this length is checked in Python (a few µs, no torch ops)
 NONFINITE_MODES = ("error", "skip")
 
 
@@ -114,13 +115,19 @@ def check_vector(x, name: str, length: int, device: torch.device, *, low=None, h
     if x.dim() != 1 or x.shape[0] != length:
         raise ValueError(f"{name} must have shape ({length},), got {tuple(x.shape)}")
     x = x.to(device=device)
+    bounds = "" if low is None and high is None else f" in [{low}, {high}]"
+    message = f"{name} must hold finite values{bounds}"
+    if x.device.type == "cpu" and not torch.compiler.is_compiling() and length <= _HOST_CHECK_MAX:
+        lo, hi = (-math.inf if low is None else low), (math.inf if high is None else high)
+        if not all(math.isfinite(v) and lo <= v <= hi for v in x.tolist()):
+            raise ValueError(message)
+        return x
     ok = torch.isfinite(x).all()
     if low is not None:
         ok = ok & (x >= low).all()
     if high is not None:
         ok = ok & (x <= high).all()
-    bounds = "" if low is None and high is None else f" in [{low}, {high}]"
-    require(ok, f"{name} must hold finite values{bounds}")
+    require(ok, message)
     return x
 
 

@@ -92,7 +92,7 @@ def _row_loss_backward(ctx, grad_loss, *_):
 def _is_one(x: Tensor) -> bool:
     """Whether a 0-dim CPU tensor is exactly 1: a host read that waits on no device, never while compiling.
     Handing the saved gradient back uncopied is safe: autograd copies it when the graph is retained."""
-    return x.device.type == "cpu" and not torch.compiler.is_compiling() and bool(x == 1)
+    return x.device.type == "cpu" and not torch.compiler.is_compiling() and x.item() == 1
 
 
 hard_bin_loss.register_autograd(_row_loss_backward, setup_context=_save_row_grad)
