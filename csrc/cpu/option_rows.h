@@ -114,21 +114,25 @@ inline V target_loss(const V* p, int64_t K, typename Lane<V>::I pred, V q2, V a,
   return narrow_lanes(loss);
 }
 
-/// EM responsibilities r[k] = softmax_k(log π_k − log σ_k − (c − μ_k)² / (2σ_k²)), in log space.
+/// EM responsibilities r[k] = softmax_k(log π_k − log σ_k − (c − μ_k)² / (2σ_k²)), in log space; the
+/// divisions are products with the precomputed 1/(2σ_k²) and the reciprocal of the row's sum, and a
+/// component more than 87 log-units below the best gets e^{−87} instead of a smaller (subnormal) weight.
 template <class V>
-inline void responsibilities(V conf, const float* log_prior, const float* mu, const float* two_var, int64_t M, V* r) {
+inline void responsibilities(V conf, const float* log_prior, const float* mu, const float* inv_two_var, int64_t M,
+                             V* r) {
   V top = splat<V>(-INFINITY);
   for (int64_t k = 0; k < M; ++k) {
     const V dc = conf - mu[k];
-    r[k] = log_prior[k] - dc * dc / two_var[k];
+    r[k] = log_prior[k] - dc * dc * inv_two_var[k];
     top = vmax(top, r[k]);
   }
   V sum = {};
   for (int64_t k = 0; k < M; ++k) {
-    r[k] = exp_(r[k] - top);
+    r[k] = exp_(vmax(r[k] - top, splat<V>(-87.0f)));  // e^{−87} is still a normal float: no microcode assist
     sum += r[k];
   }
-  for (int64_t k = 0; k < M; ++k) r[k] = r[k] / sum;
+  const V inv_sum = recip(sum);
+  for (int64_t k = 0; k < M; ++k) r[k] = r[k] * inv_sum;
 }
 
 template <RowTask task, class T, class V>
@@ -143,14 +147,14 @@ void option_rows_impl(const T* x, const int64_t* labels, int64_t N, int64_t K, i
   const float gamma0 = (float)std::log((double)(K - 1));
   const int64_t n_blocks = (N + kBlockRows - 1) / kBlockRows;
 
-  // EM per-component constants: log π − log σ and 2σ²
-  std::vector<float> log_prior, two_var;
+  // EM per-component constants: log π − log σ and 1/(2σ²)
+  std::vector<float> log_prior, inv_two_var;
   if constexpr (task != RowTask::kHardBin) {
     log_prior.resize(M);
-    two_var.resize(M);
+    inv_two_var.resize(M);
     for (int64_t k = 0; k < M; ++k) {
       log_prior[k] = args.log_pi[k] - std::log(args.sigma[k]);
-      two_var[k] = 2.0f * args.sigma[k] * args.sigma[k];
+      inv_two_var[k] = (float)(0.5 / ((double)args.sigma[k] * (double)args.sigma[k]));
     }
   }
   std::vector<double> partials(has_stats ? n_blocks * 4 * M : 0);
@@ -175,7 +179,7 @@ void option_rows_impl(const T* x, const int64_t* labels, int64_t N, int64_t K, i
         if constexpr (task == RowTask::kHardBin) {
           a = gather<V>(args.bin_accuracy, bin_of(sm.conf, (float)M, (int32_t)M));
         } else {
-          responsibilities(sm.conf, log_prior.data(), args.mu, two_var.data(), M, r.data());
+          responsibilities(sm.conf, log_prior.data(), args.mu, inv_two_var.data(), M, r.data());
           if constexpr (task != RowTask::kEMStats)
             for (int64_t k = 0; k < M; ++k) a += r[k] * args.weight[k];
         }
