@@ -116,7 +116,7 @@ inline V target_loss(const V* p, int64_t K, typename Lane<V>::I pred, V q2, V a,
 
 /// EM responsibilities r[k] = softmax_k(log π_k − log σ_k − (c − μ_k)² / (2σ_k²)), in log space; the
 /// divisions are products with the precomputed 1/(2σ_k²) and the reciprocal of the row's sum, and a
-/// component more than 87 log-units below the best gets e^{−87} instead of a smaller (subnormal) weight.
+/// component more than 80 log-units below the best gets e^{−80} instead of a smaller (subnormal) weight.
 template <class V>
 inline void responsibilities(V conf, const float* log_prior, const float* mu, const float* inv_two_var, int64_t M,
                              V* r) {
@@ -128,7 +128,7 @@ inline void responsibilities(V conf, const float* log_prior, const float* mu, co
   }
   V sum = {};
   for (int64_t k = 0; k < M; ++k) {
-    r[k] = exp_(vmax(r[k] - top, splat<V>(-87.0f)));  // e^{−87} is still a normal float: no microcode assist
+    r[k] = exp_(vmax(r[k] - top, splat<V>(-80.0f)));  // e^{−80} / M stays a normal float (M < 1500): no assist
     sum += r[k];
   }
   const V inv_sum = recip(sum);
