@@ -161,7 +161,7 @@ def handle_nonfinite(logits: torch.Tensor, labels: torch.Tensor, ignore_index: i
 
     ``"error"`` raises naming the argument; ``"skip"`` turns such rows into ignored rows (their label
     becomes ``ignore_index`` and their logits 0) and returns how many were skipped as an int64 tensor.
-    Returns ``(logits, labels, n_skipped)``.
+    Returns ``(logits, labels, n_skipped)``; ``n_skipped`` is None under ``"error"`` (nothing skipped).
     """
     check_choice(nonfinite, "nonfinite", NONFINITE_MODES)
     fast = _cpu_checks(logits) if _float_kernel_dtype(logits) else None
@@ -171,7 +171,7 @@ def handle_nonfinite(logits: torch.Tensor, labels: torch.Tensor, ignore_index: i
                 raise ValueError(nonfinite_message(name))
         else:
             require(torch.isfinite(logits).all(), nonfinite_message(name))
-        return logits, labels, torch.zeros((), dtype=torch.int64, device=logits.device)
+        return logits, labels, None
     finite_rows = fast.finite_rows(logits.contiguous()) if fast is not None else torch.isfinite(logits).all(dim=1)
     bad = ~finite_rows
     logits = torch.where(bad[:, None], torch.zeros((), dtype=logits.dtype, device=logits.device), logits)

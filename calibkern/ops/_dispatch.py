@@ -17,7 +17,7 @@ class RowInputs:
 
     logits: torch.Tensor
     labels: torch.Tensor
-    n_skipped: torch.Tensor
+    n_skipped: torch.Tensor | None  # rows skipped for non-finite logits; None when the policy skips none
     backend: str
     kernels: ModuleType
 
@@ -34,7 +34,7 @@ def prepare(logits, labels, *, ignore_index: int = -100, nonfinite: str = "error
         raise TypeError(f"{logits_name} is float64, which only backend='torch' takes; backend {name!r} takes "
                         "float32, bfloat16 or float16")
     if nonfinite is None:
-        n_skipped = torch.zeros((), dtype=torch.int64, device=logits.device)
+        n_skipped = None
     else:
         logits, labels, n_skipped = V.handle_nonfinite(logits, labels, ignore_index, nonfinite, logits_name)
     return RowInputs(logits.contiguous(), labels.contiguous(), n_skipped, name, kernels)
