@@ -116,6 +116,10 @@ def _run(args) -> None:
     from .pipeline import io, report, runner, stages
 
     progress = not getattr(args, "no_progress", False)
+    if not progress:  # the dataset preparation inside TRL and the trainers shows its own bars
+        import datasets
+
+        datasets.disable_progress_bars()
     if args.command == "demo":
         config = pipeline.DemoConfig.small(args.seed) if args.quick else pipeline.DemoConfig(seed=args.seed)
         config = _parse_overrides(args.set, config.replace(n_bins=args.n_bins))

@@ -57,7 +57,7 @@ def test_evaluate_writes_metrics_and_predictions(workspace):
     assert set(rows[0]) == {"probs", "pred", "label", "confidence"}
 
 
-def test_training_subcommands_write_loadable_models(workspace):
+def test_training_subcommands_write_loadable_models(workspace, capsys):
     model, data = str(workspace / "model"), workspace / "data"
     assert main(["align", "--model", model, "--data", str(data / "pairs.jsonl"), "--out", str(workspace / "dpo"),
                  *TRAINING]) == 0
@@ -73,6 +73,8 @@ def test_training_subcommands_write_loadable_models(workspace):
         assert (workspace / directory / "config.json").is_file(), directory
     scaled = json.loads((workspace / "baselines" / "temperature_scaling" / "metrics.json").read_text())
     assert scaled["temperature"] > 0
+    printed = capsys.readouterr()
+    assert "train_runtime" not in printed.out + printed.err  # --no-progress: no trainer logs on the console
 
 
 def test_pipeline_from_yaml_then_report(workspace):

@@ -17,7 +17,7 @@ from .data import (
     resolve_pad_token_id,
 )
 from .evaluation import EvaluationResult, calibration_metrics, evaluate, write_evaluation
-from .trainer import CalibrationTrainer, compute_loss_func
+from .trainer import CalibrationTrainer, compute_loss_func, silence_console
 
 __all__ = [
     "DEFAULT_TEMPLATE",
@@ -39,6 +39,7 @@ __all__ = [
     "load_mcq",
     "preference_dataset",
     "resolve_pad_token_id",
+    "silence_console",
     "temperature_scaling",
     "train_dpo",
     "train_label_smoothing",

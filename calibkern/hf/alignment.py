@@ -67,12 +67,14 @@ def train_dpo(
     max_steps: int = -1,
     seed: int = 0,
     peft_config=None,
+    quiet: bool = False,
     **dpo_config,
 ):
     """Align ``model`` with ``trl.DPOTrainer`` on a :func:`preference_dataset`; returns the trained trainer
     (``trainer.model`` is the aligned model). Other ``DPOConfig`` fields go in ``dpo_config``; calibkern's
     defaults differ from TRL's for small CPU runs: no gradient checkpointing, bf16 only on CUDA, no
-    checkpoints, no ``report_to`` targets."""
+    checkpoints, no ``report_to`` targets. ``quiet=True``: nothing on the console (no progress bar, no printed
+    logs)."""
     import copy
 
     import torch
@@ -103,5 +105,9 @@ def train_dpo(
         processing_class=tokenizer,
         peft_config=peft_config,
     )
+    if quiet:
+        from .trainer import silence_console
+
+        silence_console(trainer)
     trainer.train()
     return trainer

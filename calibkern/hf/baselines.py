@@ -72,11 +72,12 @@ def temperature_scaling(
     return temperature, EvaluationResult(metrics, predictions_from_logits(logits, labels, temperature), logits, labels)
 
 
-def train_label_smoothing(model, train_dataset, args, *, epsilon: float = 0.1, data_collator=None, tokenizer=None):
+def train_label_smoothing(model, train_dataset, args, *, epsilon: float = 0.1, data_collator=None, tokenizer=None,
+                          quiet: bool = False):
     """Completion-only SFT of ``model`` with label smoothing ``epsilon`` over the vocabulary; returns the
     trained ``transformers.Trainer``. ``train_dataset``: :func:`calibkern.hf.data.build_sft_dataset` features
     (``answer_mask`` is dropped as an unused column); ``args``: ``TrainingArguments`` (its
-    ``label_smoothing_factor`` is set to ``epsilon``)."""
+    ``label_smoothing_factor`` is set to ``epsilon``); ``quiet=True``: nothing on the console."""
     from transformers import Trainer
 
     from .data import MCQCollator, resolve_pad_token_id
@@ -88,5 +89,9 @@ def train_label_smoothing(model, train_dataset, args, *, epsilon: float = 0.1, d
         train_dataset = train_dataset.remove_columns("answer_mask")
     collator = data_collator or MCQCollator(resolve_pad_token_id(model, tokenizer))
     trainer = Trainer(model=model, args=args, train_dataset=train_dataset, data_collator=collator)
+    if quiet:
+        from .trainer import silence_console
+
+        silence_console(trainer)
     trainer.train()
     return trainer

@@ -372,6 +372,16 @@ _NO_ANSWERS = (
 )
 
 
+def silence_console(trainer: Trainer) -> Trainer:
+    """Remove the callbacks that write to the console: the progress bars and, when ``disable_tqdm`` is set,
+    the ``PrinterCallback`` that prints every log dict (the end-of-training summary included)."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    return trainer
+
+
 def _world_size() -> int:
     import torch.distributed as dist
 

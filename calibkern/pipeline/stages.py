@@ -120,7 +120,7 @@ def align(model, tokenizer, pairs: Sequence[hf.PreferencePair], options: TrainOp
             num_train_epochs=options.epochs, max_steps=max_steps, seed=options.seed,
             peft_config=options.lora.peft_config() if options.lora.enabled else None,
             lr_scheduler_type="constant", warmup_steps=0, logging_strategy="no", disable_tqdm=not options.progress,
-            use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
+            use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, quiet=not options.progress,
         )
     return _finished(trainer.model)
 
@@ -132,15 +132,16 @@ def label_smoothing(model, tokenizer, examples: Sequence[MCQExample], option_ids
     with tempfile.TemporaryDirectory() as scratch:
         trainer = hf.train_label_smoothing(
             trainable, _sft_dataset(tokenizer, examples, option_ids, template, "completion"),
-            _training_args(options, scratch), epsilon=epsilon, tokenizer=tokenizer)
+            _training_args(options, scratch), epsilon=epsilon, tokenizer=tokenizer, quiet=not options.progress)
     return _finished(trainer.model)
 
 
 def _calibration_trainer(model, tokenizer, dataset, calibration: hf.CalibrationConfig, options: TrainOptions,
                          scratch: str):
     trainable = _trainable_copy(model, options.lora)
-    return hf.CalibrationTrainer(trainable, _training_args(options, scratch), dataset, calibration=calibration,
-                                 processing_class=tokenizer)
+    trainer = hf.CalibrationTrainer(trainable, _training_args(options, scratch), dataset, calibration=calibration,
+                                    processing_class=tokenizer)
+    return hf.silence_console(trainer) if not options.progress else trainer
 
 
 def cft(model, tokenizer, examples: Sequence[MCQExample], option_ids, options: TrainOptions, *, lam: float = 1.0,
