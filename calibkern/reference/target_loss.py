@@ -24,7 +24,7 @@ REDUCTIONS = ("mean", "sum", "none")
 def reduce_rows(loss: torch.Tensor, keep: torch.Tensor, reduction: str):
     """(reduced loss, ∂reduced/∂loss_i of a kept row) for per-row losses that are 0 on ignored rows:
     ``"none"`` the vector (factor 1), ``"sum"`` Σ_i loss_i (1), ``"mean"`` Σ_i loss_i / max(n_kept, 1)
-    (1 / max(n_kept, 1): 0 when no row is kept)."""
+    (factor 1 / max(n_kept, 1); the mean is 0 when no row is kept)."""
     if reduction == "none":
         return loss, 1.0
     total = loss.sum()
