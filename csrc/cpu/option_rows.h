@@ -42,10 +42,11 @@ template <class V> inline V gather(const float* table, typename Lane<V>::I index
   } else {
 #ifdef __AVX512F__
     return (vf)_mm512_i32gather_ps((__m512i)index, table, 4);
-#endif
+#else
     alignas(64) float t[kLanes];
     for (int i = 0; i < kLanes; ++i) t[i] = table[index[i]];
     return load_lanes<V>(t);
+#endif
   }
 }
 
@@ -164,7 +165,7 @@ void option_rows_impl(const T* x, const int64_t* labels, int64_t N, int64_t K, i
   {
     std::vector<V> p(K), out(has_grad ? K : 0), r(task == RowTask::kHardBin ? 0 : M);
     std::vector<vf> scratch(L == 1 ? 0 : K);
-    const Transpose16 transpose(L == 1 ? Transpose16::kMaxK + 1 : K);
+    const Transpose16 transpose(K);  // enabled for row groups of K ≤ Transpose16::kMaxK (long rows: K > 64)
     std::vector<D> acc(has_stats ? 4 * M : 0);
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < n_blocks; ++b) {
