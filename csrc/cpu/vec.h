@@ -2,8 +2,8 @@
 //
 // A "lane value" V is either `float` (one row) or `vf` (16 rows, or 16 columns of one row), written with
 // GCC/Clang vector extensions so one source compiles to AVX-512, AVX2 or SSE code depending on -march.
-// exp_ and tanh_ are the Cephes single-precision algorithms (Cody-Waite range reduction and a minimax
-// polynomial, about 1 ulp), branch-free so that they vectorise.
+// exp_ is the Cephes single-precision algorithm (Cody-Waite range reduction and a minimax polynomial,
+// about 1 ulp), branch-free so that it vectorises.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -177,22 +177,6 @@ template <class V> inline V recip(V b) {
   }
 #endif
   return 1.0f / b;
-}
-
-/// tanh(x) in float32, ~1-2 ulp: odd polynomial for |x| < 0.625, else (1 − e)/(1 + e), e = exp(−2|x|).
-template <class V> inline V tanh_(V x) {
-  V ax = x < 0.0f ? -x : x;
-  V z = x * x;
-  V small = splat<V>(-5.70498872745e-3f);
-  small = small * z + 2.06390887954e-2f;
-  small = small * z - 5.37397155531e-2f;
-  small = small * z + 1.33314422036e-1f;
-  small = small * z - 3.33332819422e-1f;
-  small = small * z * x + x;
-  V e = exp_(-2.0f * vmin(ax, splat<V>(10.0f)));  // tanh(10) rounds to 1; keeps e normal
-  V big = (1.0f - e) * recip(1.0f + e);
-  big = x < 0.0f ? -big : big;
-  return ax < 0.625f ? small : big;
 }
 
 // fixed-order horizontal reductions (lane 0 first)
