@@ -8,8 +8,8 @@ the fact's distribution in exact proportion, so a prediction's measured accuracy
 
 Data per stage (see :class:`~calibkern.pipeline.config.DemoConfig`): DPO pairs and CFT / label-smoothing rows
 cover the known facts only (calibration within what the model knows); RCFT trains for accuracy on the first
-``rcft_known_per_fact`` CFT rows of each known fact *plus* a few rows per new fact — knowledge the model lacks, learned from few samples over many epochs,
-which drives it past what its data supports; its EM regulariser is fed by a held-out calibration split
+``rcft_known_per_fact`` CFT rows of each known fact *plus* a few rows per new fact — knowledge the model
+lacks, learned from few samples over many epochs, which drives it past what its data supports; its EM regulariser is fed by a held-out calibration split
 (``calibration_per_fact`` rows per fact, E-step every ``rcft_refresh_steps`` steps), the same split temperature
 scaling is fitted on.
 """
