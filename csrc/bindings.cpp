@@ -5,6 +5,7 @@
 #include <omp.h>
 
 #include "cpu/kernels.h"
+#include "row_grad.h"
 
 namespace {
 
@@ -93,6 +94,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return cpu::labels_in_range(labels, n_classes, ignore_index);
   }, py::arg("labels"), py::arg("n_classes"), py::arg("ignore_index"),
      "Whether every label lies in [0, n_classes) or equals ignore_index.");
+
+  m.def("attach_row_grad", [](const at::Tensor& logits, const at::Tensor& loss, const at::Tensor& grad) {
+    TORCH_CHECK(grad.sizes() == logits.sizes() && grad.device() == logits.device(),
+                "calibkern._C: grad must have the shape and device of logits");
+    return calibkern::SavedRowGrad::apply(logits, loss, grad);
+  }, py::arg("logits"), py::arg("loss"), py::arg("grad"),
+     "A copy of loss whose gradient with respect to logits is grad · ∂L/∂loss (row_grad.h).");
 
   m.def("max_threads", []() { return omp_get_max_threads(); },
         "OpenMP threads the kernels use (follows torch.set_num_threads).");

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import calibkern as ck
+from calibkern.ops import custom_ops
 from calibkern.reference import bin_index, non_max_targets, softmax_parts
 
 from conftest import random_labels, random_logits
@@ -196,9 +197,15 @@ class TestOfficialCompat:
 
 @pytest.mark.parametrize("backend", ck.available_backends())
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_gradient_for_every_reduction_and_upstream_factor(backend, reduction):
+@pytest.mark.parametrize("eager_form", ["cpp node", "python"])
+def test_gradient_for_every_reduction_and_upstream_factor(backend, reduction, eager_form, monkeypatch):
     """The kernel's saved gradient, handed back as it is when ∂L/∂loss is exactly 1 and scaled otherwise,
-    equals the reference's autograd gradient; a retained graph run twice accumulates twice."""
+    equals the reference's autograd gradient; a retained graph run twice accumulates twice. Both eager
+    forms: the C++ autograd node and the Python autograd.Function (what runs without the extension)."""
+    if eager_form == "python":
+        monkeypatch.setattr(custom_ops.hard_bin_loss, "eager", custom_ops.hard_bin_loss.function.apply)
+    elif custom_ops._C is None:
+        pytest.skip("calibkern._C is not built")
     logits = random_logits(47, 4, seed=6)
     labels = random_labels(47, 4, ignore_frac=0.2, seed=6)
     want = {}

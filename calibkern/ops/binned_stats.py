@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import _validate as V
+from . import custom_ops
 from ._dispatch import prepare
 
 MODES = ("top1", "classwise")
@@ -24,7 +25,7 @@ def binned_stats_tensors(logits, labels, n_bins=10, *, mode="top1", temperature=
     V.check_choice(nonfinite, "nonfinite", V.NONFINITE_MODES)
     temperature = V.check_positive_float(temperature, "temperature")
     rows = prepare(logits, labels, ignore_index=ignore_index, nonfinite=None, backend=backend)
-    counts, sum_conf, sum_correct, n_nonfinite = torch.ops.calibkern.binned_stats(
+    counts, sum_conf, sum_correct, n_nonfinite = custom_ops.binned_stats(
         rows.logits, rows.labels, n_bins, temperature, ignore_index, mode == "classwise", rows.backend)
     if nonfinite == "error":
         V.require(n_nonfinite == 0, V.nonfinite_message("logits", scaled=temperature != 1.0))

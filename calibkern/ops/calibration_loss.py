@@ -17,6 +17,7 @@ import torch
 
 from .. import _validate as V
 from ..reference.target_loss import REDUCTIONS, reduce_rows
+from . import custom_ops
 from ._dispatch import prepare
 
 
@@ -67,6 +68,6 @@ def calibration_loss(option_logits, labels, bin_accuracy, *, n_bins=10, bin_coun
                                  torch.zeros((), dtype=torch.float64, device=device))
         return (loss * weight).sum()
 
-    loss, _ = torch.ops.calibkern.hard_bin_loss(rows.logits, rows.labels, bin_accuracy.float(), ignore_index,
-                                                reduction, rows.backend)
+    loss, _ = custom_ops.hard_bin_loss(rows.logits, rows.labels, bin_accuracy.float(), ignore_index, reduction,
+                                       rows.backend)
     return loss

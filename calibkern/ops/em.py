@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from . import custom_ops  # which imports rho and rho_prime from here: used at call time only
+
 RHOS = ("square", "smooth_abs")
 SMOOTH_ABS_EPS = 1e-3
 
@@ -32,18 +34,18 @@ def rho_prime(x: torch.Tensor, kind: str) -> torch.Tensor:
 
 def em_target_rows(rows, log_pi, mu, sigma, theta, ignore_index, reduction):
     """Target-form loss over the kept rows, reduced (differentiable), and the batch's E-step statistics [4, M]."""
-    loss, _, stats = torch.ops.calibkern.em_target_loss(rows.logits, rows.labels, log_pi, mu, sigma, theta,
-                                                        ignore_index, reduction, rows.backend)
+    loss, _, stats = custom_ops.em_target_loss(rows.logits, rows.labels, log_pi, mu, sigma, theta, ignore_index,
+                                               reduction, rows.backend)
     return loss, stats
 
 
 def em_ece_loss(rows, log_pi, mu, sigma, theta, ignore_index, rho_kind):
     """Scalar ``ece``-form loss (differentiable) and the batch's E-step statistics [4, M]."""
-    loss, stats, _ = torch.ops.calibkern.em_ece_loss(rows.logits, rows.labels, log_pi, mu, sigma, theta,
-                                                     ignore_index, rho_kind, rows.backend)
+    loss, stats, _ = custom_ops.em_ece_loss(rows.logits, rows.labels, log_pi, mu, sigma, theta, ignore_index,
+                                            rho_kind, rows.backend)
     return loss, stats
 
 
 def em_stats(rows, log_pi, mu, sigma, ignore_index):
     """The E-step statistics [4, M] alone (no gradient)."""
-    return torch.ops.calibkern.em_stats(rows.logits, rows.labels, log_pi, mu, sigma, ignore_index, rows.backend)
+    return custom_ops.em_stats(rows.logits, rows.labels, log_pi, mu, sigma, ignore_index, rows.backend)
