@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from calibkern import _C
+from calibkern import _validate as V
 
 _REDUCTION_CODES = {"none": 0, "sum": 1, "mean": 2}  # csrc/cpu/option_rows.h, Reduction
 
@@ -22,18 +23,32 @@ def binned_stats(logits: torch.Tensor, labels: torch.Tensor, n_bins: int, temper
     return _C.binned_stats(logits, labels, int(n_bins), float(temperature), int(ignore_index), bool(classwise))
 
 
+def _checked(outputs, n_classes: int, ignore_index: int):
+    """A row-loss kernel's outputs, after the input checks it made in its own passes (counts of labels out
+    of range and of rows with non-finite logits): the errors of calibkern._validate, naming the
+    arguments of the public row losses (``calibration_loss``, ``em_regularizer``: ``option_logits``,
+    ``labels``), whose validation leaves these two checks to the kernel (``prepare(row_loss=True)``)."""
+    *outputs, bad_labels, nonfinite_rows = outputs
+    if bad_labels:
+        raise ValueError(V.label_range_message("labels", n_classes, ignore_index))
+    if nonfinite_rows:
+        raise ValueError(V.nonfinite_message("option_logits"))
+    return tuple(outputs)
+
+
 def hard_bin_loss(logits: torch.Tensor, labels: torch.Tensor, bin_accuracy: torch.Tensor, ignore_index: int,
                   reduction: str):
     """(loss, ∂loss/∂logits [N, K]) of ``Σ_j (p_j − τ_j)²`` with ``a = bin_accuracy[b(c)]``, reduced over kept rows
     in the kernel (the mean's 1/n_kept is in the gradient it writes)."""
-    return _C.hard_bin_loss(logits, labels, bin_accuracy, int(ignore_index), _REDUCTION_CODES[reduction])
+    return _checked(_C.hard_bin_loss(logits, labels, bin_accuracy, int(ignore_index), _REDUCTION_CODES[reduction]),
+                    logits.shape[1], ignore_index)
 
 
 def em_target_loss(logits: torch.Tensor, labels: torch.Tensor, log_pi: torch.Tensor, mu: torch.Tensor,
                    sigma: torch.Tensor, theta: torch.Tensor, ignore_index: int, reduction: str):
     """(loss, grad [N, K], stats [4, M]) of the EM target form, ``a = Σ_k r_k θ_k``, reduced as hard_bin_loss's."""
-    return _C.em_target_loss(logits, labels, log_pi, mu, sigma, theta, int(ignore_index),
-                             _REDUCTION_CODES[reduction])
+    return _checked(_C.em_target_loss(logits, labels, log_pi, mu, sigma, theta, int(ignore_index),
+                                      _REDUCTION_CODES[reduction]), logits.shape[1], ignore_index)
 
 
 def em_stats(logits: torch.Tensor, labels: torch.Tensor, log_pi: torch.Tensor, mu: torch.Tensor,

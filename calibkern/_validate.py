@@ -52,9 +52,14 @@ def check_logits(logits, name: str = "logits", *, allow_empty: bool = False) -> 
     return logits
 
 
+def label_range_message(name: str, n_classes: int, ignore_index: int) -> str:
+    return f"{name} must lie in [0, {n_classes}) or equal ignore_index={ignore_index}"
+
+
 def check_labels(labels, n_rows: int, n_classes: int, ignore_index: int, device: torch.device,
-                 name: str = "labels") -> torch.Tensor:
-    """Integer labels [N] in [0, K) or equal to ``ignore_index``; returned as int64."""
+                 name: str = "labels", *, values: bool = True) -> torch.Tensor:
+    """Integer labels [N] in [0, K) or equal to ``ignore_index``; returned as int64. ``values=False`` checks
+    the kind, shape and device only (for a kernel that checks the range itself)."""
     check_tensor(labels, name)
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise TypeError(f"{name} must be an integer tensor, got {labels.dtype}")
@@ -64,9 +69,9 @@ def check_labels(labels, n_rows: int, n_classes: int, ignore_index: int, device:
         raise ValueError(f"{name} has {labels.shape[0]} entries but logits has {n_rows} rows")
     check_same_device(device, labels, name)
     labels = labels.long()
-    if n_rows:
+    if n_rows and values:
         fast = _cpu_checks(labels)
-        message = f"{name} must lie in [0, {n_classes}) or equal ignore_index={ignore_index}"
+        message = label_range_message(name, n_classes, ignore_index)
         if fast is not None:
             if not fast.labels_in_range(labels.contiguous(), n_classes, ignore_index):
                 raise ValueError(message)

@@ -144,7 +144,7 @@ def em_regularizer(option_logits, labels, state: EMState, *, form="target", rho=
     V.check_choice(form, "form", FORMS)
     V.check_choice(rho, "rho", em_ops.RHOS)
     rows = prepare(option_logits, labels, ignore_index=ignore_index, nonfinite=nonfinite, backend=backend,
-                   logits_name="option_logits")
+                   logits_name="option_logits", row_loss=form == "target")
     log_pi, mu, sigma, theta = state.kernel_params(rows.logits.device)
     if form == "target":
         V.check_choice(reduction, "reduction", REDUCTIONS)

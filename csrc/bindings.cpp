@@ -43,17 +43,22 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                             int64_t ignore_index, int64_t reduction) {
     check_rows(logits, labels);
     check_params({&bin_accuracy}, bin_accuracy.size(0));
-    return cpu::hard_bin_loss(logits, labels, bin_accuracy, ignore_index, reduction);
-  }, py::arg("logits"), py::arg("labels"), py::arg("bin_accuracy"), py::arg("ignore_index"), py::arg("reduction"));
+    auto [loss, grad, faults] = cpu::hard_bin_loss(logits, labels, bin_accuracy, ignore_index, reduction);
+    return std::make_tuple(loss, grad, faults.bad_labels, faults.nonfinite_rows);
+  }, py::arg("logits"), py::arg("labels"), py::arg("bin_accuracy"), py::arg("ignore_index"), py::arg("reduction"),
+     "(loss, grad, bad_labels, nonfinite_rows): the last two count what the kernel found wrong with its input.");
 
   m.def("em_target_loss", [](const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& log_pi,
                              const at::Tensor& mu, const at::Tensor& sigma, const at::Tensor& theta,
                              int64_t ignore_index, int64_t reduction) {
     check_rows(logits, labels);
     check_params({&log_pi, &mu, &sigma, &theta}, mu.size(0));
-    return cpu::em_target_loss(logits, labels, log_pi, mu, sigma, theta, ignore_index, reduction);
+    auto [loss, grad, stats, faults] =
+        cpu::em_target_loss(logits, labels, log_pi, mu, sigma, theta, ignore_index, reduction);
+    return std::make_tuple(loss, grad, stats, faults.bad_labels, faults.nonfinite_rows);
   }, py::arg("logits"), py::arg("labels"), py::arg("log_pi"), py::arg("mu"), py::arg("sigma"), py::arg("theta"),
-     py::arg("ignore_index"), py::arg("reduction"));
+     py::arg("ignore_index"), py::arg("reduction"),
+     "(loss, grad, stats, bad_labels, nonfinite_rows), as hard_bin_loss.");
 
   m.def("em_stats", [](const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& log_pi,
                        const at::Tensor& mu, const at::Tensor& sigma, int64_t ignore_index) {

@@ -169,6 +169,38 @@ def test_labels_in_range():
         assert not _C.labels_in_range(z, 7, IGNORE)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("n,k", [(1, 4), (47, 4), (47, 9), (70, 65), (70, 3000)])
+def test_row_loss_kernels_count_their_input_faults(n, k, dtype):
+    """hard_bin_loss and em_target_loss check what prepare(row_loss=True) leaves to them, in their own
+    passes: labels outside [0, K) other than ignore_index, and rows (ignored ones too, as prepare's check
+    of the whole tensor) holding NaN or ±inf — each counted once, also in a partial row group."""
+    x, y = make_rows(n, k, torch.float32, "random")
+    log_pi, mu, sigma, theta = em_params()
+    acc = torch.linspace(0.05, 0.95, M_BINS)
+
+    def faults(x, y):
+        hard = _C.hard_bin_loss(x.to(dtype), y, acc, IGNORE, 2)[2:]
+        em = _C.em_target_loss(x.to(dtype), y, log_pi, mu, sigma, theta, IGNORE, 0)[3:]
+        assert hard == em
+        return hard
+
+    assert faults(x, y) == (0, 0)
+    bad_y = y.clone()
+    bad_y[n - 1] = k
+    bad_y[0] = -1 if n > 1 else k
+    assert faults(x, bad_y) == (min(n, 2), 0)
+    bad_x = x.clone()
+    bad_x[n - 1, k - 1] = float("nan")  # the last row: a partial group's lanes repeat it
+    if n > 1:
+        bad_x[0, 0], y[0] = float("inf"), IGNORE
+    assert faults(bad_x, y) == (0, min(n, 2))
+    with pytest.raises(ValueError, match="option_logits contains NaN or infinite"):
+        cpp.hard_bin_loss(bad_x.to(dtype), y, acc, IGNORE, "mean")
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, %d\) or equal ignore_index=-100" % k):
+        cpp.em_target_loss(x.to(dtype), bad_y, log_pi, mu, sigma, theta, IGNORE, "sum")
+
+
 def test_empty_input():
     assert_backends_agree(torch.zeros(0, 5), torch.zeros(0, dtype=torch.long), "N=0")
 

@@ -37,7 +37,7 @@ def calibration_loss(option_logits, labels, bin_accuracy, *, n_bins=10, bin_coun
     if (official_compat or not detach_targets) and backend in (None, "auto"):
         backend = "torch"
     rows = prepare(option_logits, labels, ignore_index=ignore_index, nonfinite=nonfinite, backend=backend,
-                   logits_name="option_logits")
+                   logits_name="option_logits", row_loss=detach_targets and not official_compat)
     device = rows.logits.device
     bin_accuracy = V.check_vector(bin_accuracy, "bin_accuracy", n_bins, device, low=0.0, high=1.0)
 

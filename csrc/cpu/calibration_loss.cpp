@@ -6,9 +6,9 @@
 
 namespace calibkern::cpu {
 
-std::tuple<at::Tensor, at::Tensor> hard_bin_loss(const at::Tensor& logits, const at::Tensor& labels,
-                                                 const at::Tensor& bin_accuracy, int64_t ignore_index,
-                                                 int64_t reduction) {
+std::tuple<at::Tensor, at::Tensor, RowInputFaults> hard_bin_loss(const at::Tensor& logits, const at::Tensor& labels,
+                                                                 const at::Tensor& bin_accuracy, int64_t ignore_index,
+                                                                 int64_t reduction) {
   const int64_t N = logits.size(0), K = logits.size(1);
   RowTaskArgs args;
   RowLossOutputs out(logits, labels, ignore_index, reduction, args);
@@ -19,7 +19,7 @@ std::tuple<at::Tensor, at::Tensor> hard_bin_loss(const at::Tensor& logits, const
     option_rows<RowTask::kHardBin>(static_cast<const T*>(logits.const_data_ptr()), labels.const_data_ptr<int64_t>(),
                                    N, K, ignore_index, args);
   });
-  return {out.loss(), out.grad()};
+  return {out.loss(), out.grad(), out.faults()};
 }
 
 }  // namespace calibkern::cpu

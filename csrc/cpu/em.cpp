@@ -24,16 +24,15 @@ void run_em(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> em_target_loss(const at::Tensor& logits, const at::Tensor& labels,
-                                                              const at::Tensor& log_pi, const at::Tensor& mu,
-                                                              const at::Tensor& sigma, const at::Tensor& theta,
-                                                              int64_t ignore_index, int64_t reduction) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, RowInputFaults> em_target_loss(
+    const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& log_pi, const at::Tensor& mu,
+    const at::Tensor& sigma, const at::Tensor& theta, int64_t ignore_index, int64_t reduction) {
   at::Tensor stats = at::empty({4, mu.size(0)}, logits.options().dtype(at::kDouble));
   RowTaskArgs args;
   RowLossOutputs out(logits, labels, ignore_index, reduction, args);
   args.stats = stats.data_ptr<double>();
   run_em<RowTask::kEMTarget>(logits, labels, log_pi, mu, sigma, &theta, ignore_index, args);
-  return {out.loss(), out.grad(), stats};
+  return {out.loss(), out.grad(), stats, out.faults()};
 }
 
 at::Tensor em_stats(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& log_pi,

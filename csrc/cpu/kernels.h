@@ -1,5 +1,6 @@
 // The cpp backend's kernel contract (docs/backends.md): one function per kernel, CPU tensors in and out.
-// Callers (calibkern.ops) have validated shapes, dtypes, devices and label ranges.
+// Callers (calibkern.ops) have validated shapes, dtypes, devices and label ranges — except that the row
+// losses check their labels' range and their logits' finiteness themselves (RowInputFaults).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -17,18 +18,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> binned_stats(
     const at::Tensor& logits, const at::Tensor& labels, int64_t n_bins, double temperature, int64_t ignore_index,
     bool classwise);
 
-/// Hard-bin target loss: (loss float32, ∂loss/∂logits float32[N, K]); the loss is [N] for reduction 0
-/// (none), the sum over kept rows for 1, their mean for 2 (option_rows.h, RowLossOutputs).
-std::tuple<at::Tensor, at::Tensor> hard_bin_loss(const at::Tensor& logits, const at::Tensor& labels,
-                                                 const at::Tensor& bin_accuracy, int64_t ignore_index,
-                                                 int64_t reduction);
+/// What a row-loss kernel finds wrong with its input in the passes it makes anyway: labels outside [0, K)
+/// that are not ignore_index, and rows (kept or not) whose logits hold NaN or ±inf. Its outputs mean nothing
+/// unless both are 0.
+struct RowInputFaults {
+  int64_t bad_labels = 0;
+  int64_t nonfinite_rows = 0;
+};
+
+/// Hard-bin target loss: (loss float32, ∂loss/∂logits float32[N, K], faults); the loss is [N] for
+/// reduction 0 (none), the sum over kept rows for 1, their mean for 2 (option_rows.h, RowLossOutputs).
+std::tuple<at::Tensor, at::Tensor, RowInputFaults> hard_bin_loss(const at::Tensor& logits, const at::Tensor& labels,
+                                                                 const at::Tensor& bin_accuracy, int64_t ignore_index,
+                                                                 int64_t reduction);
 
 /// EM target-form loss: (loss float32 reduced as hard_bin_loss's, grad float32[N, K], E-step statistics
-/// float64[4, M]).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> em_target_loss(const at::Tensor& logits, const at::Tensor& labels,
-                                                              const at::Tensor& log_pi, const at::Tensor& mu,
-                                                              const at::Tensor& sigma, const at::Tensor& theta,
-                                                              int64_t ignore_index, int64_t reduction);
+/// float64[4, M], faults).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, RowInputFaults> em_target_loss(
+    const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& log_pi, const at::Tensor& mu,
+    const at::Tensor& sigma, const at::Tensor& theta, int64_t ignore_index, int64_t reduction);
 
 /// E-step statistics S, C, Q, R as float64[4, M].
 at::Tensor em_stats(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& log_pi,

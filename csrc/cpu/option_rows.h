@@ -5,6 +5,7 @@
 // blocks reduced in order, so results do not depend on the number of threads.
 #pragma once
 
+#include "kernels.h"
 #include "row_group.h"
 
 #include <ATen/core/Tensor.h>
@@ -28,6 +29,7 @@ struct RowTaskArgs {
   const float* weight = nullptr;         // EM: theta (target form) or coef (ece form) [M]
   float* loss = nullptr;                 // [N], or
   double* loss_total = nullptr;          // Σ over kept rows (summed per block, blocks in order)
+  int64_t* nonfinite_rows = nullptr;     // row losses: rows whose logits hold NaN or ±inf
   float* grad = nullptr;                 // [N, K]
   double* stats = nullptr;               // [4, M]: S, C, Q, R
 };
@@ -160,6 +162,7 @@ void option_rows_impl(const T* x, const int64_t* labels, int64_t N, int64_t K, i
   }
   std::vector<double> partials(has_stats ? n_blocks * 4 * M : 0);
   std::vector<double> loss_partials(has_loss && args.loss_total ? n_blocks : 0);
+  int64_t nonfinite_rows = 0;
 
 #pragma omp parallel
   {
@@ -167,7 +170,7 @@ void option_rows_impl(const T* x, const int64_t* labels, int64_t N, int64_t K, i
     std::vector<vf> scratch(L == 1 ? 0 : K);
     const Transpose16 transpose(K);  // enabled for row groups of K ≤ Transpose16::kMaxK (long rows: K > 64)
     std::vector<D> acc(has_stats ? 4 * M : 0);
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) reduction(+ : nonfinite_rows)
     for (int64_t b = 0; b < n_blocks; ++b) {
       std::fill(acc.begin(), acc.end(), D{});
       D loss_acc = {};
@@ -196,6 +199,7 @@ void option_rows_impl(const T* x, const int64_t* labels, int64_t N, int64_t K, i
           }
         }
         if constexpr (has_loss) {
+          nonfinite_rows += count_true(g.valid() & (sm.finite == 0));  // every row, kept or not (as prepare)
           const V loss = target_loss(p.data(), K, sm.pred, sm.q2, a, gamma0, out.data());
           if (args.loss_total) loss_acc += to_double(keep ? loss : V{});
           else store_rows(args.loss, 1, r0, g.n_rows, 0, keep ? loss : V{});
@@ -216,6 +220,7 @@ void option_rows_impl(const T* x, const int64_t* labels, int64_t N, int64_t K, i
       if (!loss_partials.empty()) loss_partials[b] = hsum(loss_acc);
     }
   }
+  if (args.nonfinite_rows) *args.nonfinite_rows = nonfinite_rows;
   if (!loss_partials.empty()) {
     double s = 0.0;
     for (double v : loss_partials) s += v;
@@ -237,8 +242,11 @@ void option_rows_impl(const T* x, const int64_t* labels, int64_t N, int64_t K, i
 enum class Reduction : int64_t { kNone = 0, kSum = 1, kMean = 2 };
 
 /// The loss and gradient outputs of a per-row loss kernel under a reduction: allocates them, points `args`
-/// at them (with the mean's gradient scale, from one count of the kept labels), and `loss()` gives the
-/// reduced value once the kernel ran.
+/// at them (with the mean's gradient scale), and `loss()` gives the reduced value once the kernel ran.
+/// One pass over the labels before the rows counts the kept ones and those outside [0, K) that are not
+/// ignore_index; the row pass counts the rows (kept or not) with non-finite logits. `faults()` reports both: the
+/// kernel's input checks, made in the passes it needs anyway (its outputs are meaningless when either is
+/// not 0).
 class RowLossOutputs {
  public:
   RowLossOutputs(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index, int64_t reduction,
@@ -248,6 +256,8 @@ class RowLossOutputs {
     const auto f32 = logits.options().dtype(at::kFloat);
     grad_ = at::empty(logits.sizes(), f32);
     args.grad = grad_.data_ptr<float>();
+    args.nonfinite_rows = &faults_.nonfinite_rows;
+    scan_labels(labels.const_data_ptr<int64_t>(), labels.size(0), logits.size(1), ignore_index);
     if (reduction_ == Reduction::kNone) {
       loss_ = at::empty({logits.size(0)}, f32);
       args.loss = loss_.data_ptr<float>();
@@ -255,10 +265,7 @@ class RowLossOutputs {
     }
     loss_ = at::empty({}, f32);
     args.loss_total = &total_;
-    if (reduction_ == Reduction::kMean) {
-      n_kept_ = count_kept(labels.const_data_ptr<int64_t>(), labels.size(0), ignore_index);
-      args.grad_scale = (float)(1.0 / (double)std::max<int64_t>(n_kept_, 1));
-    }
+    if (reduction_ == Reduction::kMean) args.grad_scale = (float)(1.0 / (double)std::max<int64_t>(n_kept_, 1));
   }
 
   at::Tensor loss() {
@@ -268,19 +275,26 @@ class RowLossOutputs {
     return loss_;
   }
   const at::Tensor& grad() const { return grad_; }
+  const RowInputFaults& faults() const { return faults_; }
 
  private:
-  static int64_t count_kept(const int64_t* labels, int64_t N, int64_t ignore_index) {
-    int64_t n = 0;
-#pragma omp parallel for schedule(static) reduction(+ : n)
-    for (int64_t i = 0; i < N; ++i) n += labels[i] != ignore_index;
-    return n;
+  void scan_labels(const int64_t* labels, int64_t N, int64_t K, int64_t ignore_index) {
+    int64_t kept = 0, bad = 0;
+#pragma omp parallel for schedule(static) reduction(+ : kept, bad)
+    for (int64_t i = 0; i < N; ++i) {
+      const bool ignored = labels[i] == ignore_index;
+      kept += !ignored;
+      bad += !ignored && (labels[i] < 0 || labels[i] >= K);
+    }
+    n_kept_ = kept;
+    faults_.bad_labels = bad;
   }
 
   Reduction reduction_;
   at::Tensor loss_, grad_;
   double total_ = 0.0;
   int64_t n_kept_ = 0;
+  RowInputFaults faults_;
 };
 
 template <RowTask task, class T>

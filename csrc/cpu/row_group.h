@@ -181,6 +181,11 @@ template <class T, class V> struct RowGroup {
   }
 
   auto kept() const { return label >= 0; }
+  /// The lanes that hold a row (a partial group's other lanes repeat its last row).
+  I valid() const {
+    if constexpr (L == 1) return 1;
+    else return lane_index() < n_rows;
+  }
 };
 
 /// Lane-wise softmax of a row group: fills p[0..K) with the probabilities, and holds confidence c = 1/s, first argmax ŷ,

@@ -187,11 +187,17 @@ inline float hsum(const vf& x) { float s = x[0]; for (int i = 1; i < kLanes; ++i
 inline double hsum(double x) { return x; }
 inline double hsum(const vd& x) { double s = x[0]; for (int i = 1; i < kLanes; ++i) s += x[i]; return s; }
 inline int32_t hsum_int(const vi& x) { int32_t s = 0; for (int i = 0; i < kLanes; ++i) s += x[i]; return s; }
+/// Lanes where a comparison holds: a scalar comparison gives 1, a vector one −1 per lane.
+inline int64_t count_true(int32_t m) { return m != 0; }
+inline int64_t count_true(const vi& m) { return -(int64_t)hsum_int(m); }
 
-/// Equal-width bin of a float32 confidence: min(floor(c · M), M − 1) (c ≥ 0).
+/// Equal-width bin of a float32 confidence: min(floor(c · M), M − 1) (c ≥ 0). A NaN confidence (a row with
+/// non-finite logits, whose outputs are discarded) converts to INT32_MIN and is clamped to bin 0, so that
+/// the index is always safe to read a table with.
 template <class V> inline typename Lane<V>::I bin_of(V c, float m_float, int32_t m_bins) {
   using I = typename Lane<V>::I;
   I b = trunc_int(c * m_float);
+  b = b > 0 ? b : splat_int<V>(0);
   return b < m_bins - 1 ? b : splat_int<V>(m_bins - 1);
 }
 
