@@ -17,7 +17,6 @@ class SavedRowGrad : public torch::autograd::Function<SavedRowGrad> {
     ctx->save_for_backward({grad});
     ctx->saved_data["dtype"] = static_cast<int64_t>(logits.scalar_type());
     ctx->set_materialize_grads(false);
-    ctx->mark_non_differentiable({grad});
     return loss.clone();
   }
 

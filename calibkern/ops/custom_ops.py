@@ -28,13 +28,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import backends
 from ..backends import resolve
-
-try:
-    from calibkern import _C
-except ImportError:  # the extension was not built: the Python autograd.Function runs every eager op
-    _C = None
 from .em import rho, rho_prime
+
+# the compiled extension, None when it was not built (then the Python autograd.Function runs every eager op)
+_C = backends.get_module("cpp")._C if backends.is_available("cpp") else None
 
 
 def _kernels(backend: str, logits: Tensor):

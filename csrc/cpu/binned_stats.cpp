@@ -167,7 +167,7 @@ int64_t top1_short_rows(const T* x, const int64_t* labels, int64_t N, int64_t K,
         const RowGroup<T, vf> g(x, labels, N, K, r0, ignore_index, inv_t, scratch.data(), transpose);
         const GroupSoftmax<T, vf> sm(g, p.data(), /*probabilities=*/false);
         const vi kept = g.kept();
-        n_nonfinite -= hsum_int(kept & ~sm.finite);  // masks are −1 where true
+        n_nonfinite += count_true(kept & ~sm.finite);
         bins.add(bin_of(sm.conf, m_float, (int32_t)M), kept & sm.finite, sm.conf,
                  sm.pred == g.label ? splat<vf>(1.0f) : vf{});
       }
