@@ -201,6 +201,29 @@ def test_row_loss_kernels_count_their_input_faults(n, k, dtype):
         cpp.em_target_loss(x.to(dtype), bad_y, log_pi, mu, sigma, theta, IGNORE, "sum")
 
 
+@pytest.mark.parametrize("k", [2, 3, 4, 5, 8, 31, 100])
+@pytest.mark.parametrize("scale", [1.0, 3.0, 10.0])
+def test_row_losses_err_no_more_than_the_float32_reference(k, scale):
+    """Against a float64 ground truth, the row-loss kernels' per-row losses and gradients err no more than the
+    float32 reference's plus a small tolerance (a few float32 ulps at magnitude one)."""
+    gen = torch.Generator().manual_seed(k * 10 + int(scale))
+    x = torch.randn(4000, k, generator=gen) * scale
+    y = torch.randint(0, k, (4000,), generator=gen)
+    acc = torch.rand(M_BINS, generator=gen) * 0.9 + 0.05
+    log_pi, mu, sigma, theta = em_params()
+    calls = {"hard_bin_loss": lambda m, x, f: m.hard_bin_loss(x, y, f(acc), IGNORE, "none"),
+             "em_target_loss": lambda m, x, f: m.em_target_loss(x, y, *map(f, (log_pi, mu, sigma, theta)), IGNORE,
+                                                                "none")[:2]}
+    for name, call in calls.items():
+        truth = call(ref, x.double(), torch.Tensor.double)
+        same_dtype = call(ref, x, torch.Tensor.float)
+        kernel = call(cpp, x, torch.Tensor.float)
+        for what, t, r, c, tol in zip(("loss", "grad"), truth, same_dtype, kernel, (1e-6, 1e-6)):
+            ref_err = (r.double() - t).abs().max().item()
+            err = (c.double() - t).abs().max().item()
+            assert err <= ref_err + tol, f"{name} {what}: kernel error {err:.3g}, float32 reference {ref_err:.3g}"
+
+
 def test_empty_input():
     assert_backends_agree(torch.zeros(0, 5), torch.zeros(0, dtype=torch.long), "N=0")
 

@@ -38,20 +38,43 @@ namespace detail {
 
 constexpr int64_t kBlockRows = 256;
 
-template <class V> inline V gather(const float* table, typename Lane<V>::I index) {
-  if constexpr (Lane<V>::n == 1) {
-    return table[index];
-  } else {
+/// A per-bin table (bin accuracies, M ≤ 32 with AVX-512) read lane-wise by bin index with one two-source
+/// permute from registers, where a gather would make 16 loads; a gather or a load otherwise.
+class BinTable {
+ public:
+  BinTable(const float* table, int64_t n) : table_(table) {
 #ifdef __AVX512F__
-    return (vf)_mm512_i32gather_ps((__m512i)index, table, 4);
-#else
-    alignas(64) float t[kLanes];
-    for (int i = 0; i < kLanes; ++i) t[i] = table[index[i]];
-    return load_lanes<V>(t);
+    in_registers_ = n <= 2 * kLanes;
+    if (in_registers_) {
+      lo_ = _mm512_maskz_loadu_ps((__mmask16)((1u << std::min<int64_t>(n, kLanes)) - 1u), table);
+      hi_ = n > kLanes ? _mm512_maskz_loadu_ps((__mmask16)((1u << (n - kLanes)) - 1u), table + kLanes)
+                       : _mm512_setzero_ps();
+    }
 #endif
   }
-}
 
+  template <class V> V operator()(typename Lane<V>::I index) const {
+    if constexpr (Lane<V>::n == 1) {
+      return table_[index];
+    } else {
+#ifdef __AVX512F__
+      if (in_registers_) return (vf)_mm512_permutex2var_ps(lo_, (__m512i)index, hi_);
+      return (vf)_mm512_i32gather_ps((__m512i)index, table_, 4);
+#else
+      alignas(64) float t[kLanes];
+      for (int i = 0; i < kLanes; ++i) t[i] = table_[index[i]];
+      return load_lanes<V>(t);
+#endif
+    }
+  }
+
+ private:
+  const float* table_;
+#ifdef __AVX512F__
+  bool in_registers_ = false;
+  __m512 lo_, hi_;
+#endif
+};
 
 /// Writes lane i of v to base[(r0 + i) · stride + j] for the lanes that hold a row.
 template <class V> inline void store_rows(float* base, int64_t stride, int64_t r0, int n_rows, int64_t j, V v) {
@@ -82,38 +105,57 @@ inline void store_group(float* base, int64_t K, int64_t r0, int n_rows, const V*
   for (int64_t j = 0; j < K; ++j) store_rows(base, K, r0, n_rows, j, cols[j]);
 }
 
-/// The target vector τ for target accuracy a (τ_ŷ = a, order-preserving non-max targets that sum to 1 − a),
-/// L = Σ (p − τ)² and ∂L/∂z = p ⊙ (g − ⟨g, p⟩) with g = 2 (p − τ), written to out[0..K). Returns L.
-/// The targets d (1 + u_j) / (K − 1 + Σ u), u_j = tanh(x_j), x_j = (p_j / q₂) · γ₀ / d, are computed as
-/// τ_j = d · w_j / Σ_{s≠ŷ} w_s with w_j = 1 / (1 + e^{−2 x_j}) (1 + tanh x = 2 / (1 + e^{−2x})): one exp and
-/// one reciprocal per element. p_j / q₂ ≤ 1 off the argmax; q₂ below 2^−60 is scaled by 2^100 first so that
-/// its reciprocal stays finite.
+/// The r-th of a row's K − 1 non-max probabilities in index order (the argmax ŷ left out): p_r for r < ŷ,
+/// p_{r+1} from ŷ on.
+template <class V> inline V non_max(const V* p, int64_t r, typename Lane<V>::I pred) {
+  return pred > (int32_t)r ? p[r] : p[r + 1];
+}
+
+/// The target loss for target accuracy a: τ_ŷ = a and order-preserving non-max targets that sum to 1 − a,
+/// L = Σ_j (p_j − τ_j)², and ∂L/∂z = s · p ⊙ (g − ⟨g, p⟩) with g = 2 (p − τ) and s = grad_scale per lane,
+/// written to out[0..K). Returns L.
+///
+/// Over the K − 1 non-max probabilities q_r (non_max; q₂ = max_r q_r), the targets d (1 + u_r) / (K − 1 + Σ u),
+/// d = 1 − a, u_r = tanh(x_r), x_r = (q_r / q₂) · γ₀ / d, are computed as t_r = d · w_r / Σ_s w_s with
+/// w_r = 1 / (1 + 2^{−2 x_r log₂e}) (1 + tanh x = 2 / (1 + e^{−2x})): one exp2_ and one reciprocal each. The
+/// exponent is a rounded product; its relative error ε moves w_r by at most w (1 − w) · 2x · ε ≤ 0.6 ε, so the
+/// range reduction of exp_ would buy nothing. q_r / q₂ ≤ 1; q₂ below 2^−60 is scaled by 2^100 first so that
+/// its reciprocal stays finite. out[r] holds q_r − t_r until the gradient pass maps it back to index j
+/// (j < ŷ: r = j; j > ŷ: r = j − 1), walking j downwards so that out[j − 1] is still unread when j is written.
 template <class V>
-inline V target_loss(const V* p, int64_t K, typename Lane<V>::I pred, V q2, V a, float gamma0, V* out) {
+inline V target_loss(const V* p, int64_t K, typename Lane<V>::I pred, V conf, V a, float gamma0, V grad_scale,
+                     V* out) {
   using S = typename Lane<V>::S;
+  V q2 = non_max(p, 0, pred);
+  for (int64_t r = 1; r < K - 1; ++r) q2 = vmax(q2, non_max(p, r, pred));
   const V d = 1.0f - a;
-  const V d_safe = vmax(d, splat<V>(1e-12f));
   const V q2_safe = q2 > 0.0f ? q2 : splat<V>(1.0f);
   const V lift = q2_safe < 0x1p-60f ? splat<V>(0x1p100f) : splat<V>(1.0f);
-  const V scale = (-2.0f * gamma0) * recip(d_safe) * recip(q2_safe * lift);  // −2 x_j = (p_j · lift) · scale
+  // y_r = (q_r · lift) · scale = −2 x_r log₂e
+  const V scale = (-2.0f * kLog2e * gamma0) * recip(vmax(d, splat<V>(1e-12f)) * (q2_safe * lift));
   S w_sum = {};
-  for (int64_t j = 0; j < K; ++j) {
-    // e^{−20} already rounds 1 + e to 1; the clamp keeps e normal (a subnormal costs a microcode assist)
-    const V w = recip(1.0f + exp_(vmax((p[j] * lift) * scale, splat<V>(-20.0f))));
-    out[j] = pred == (int32_t)j ? V{} : w;
-    w_sum += row_sum_term(out[j]);
+  for (int64_t r = 0; r < K - 1; ++r) {
+    // 2^{−30} already rounds 1 + e to 1; the clamp keeps e normal (a subnormal costs a microcode assist)
+    out[r] = recip(1.0f + exp2_(vmax((non_max(p, r, pred) * lift) * scale, splat<V>(-30.0f))));
+    w_sum += row_sum_term(out[r]);
   }
   const V share = vmax(d, V{}) * recip(narrow_lanes(w_sum));
-  S loss = {}, gp = {};
-  for (int64_t j = 0; j < K; ++j) {
-    const V tau = pred == (int32_t)j ? a : share * out[j];
-    const V diff = p[j] - tau;
-    out[j] = tau;
+  const V diff_max = conf - a;
+  S loss = row_sum_term(diff_max * diff_max), gp = row_sum_term(diff_max * conf);
+  for (int64_t r = 0; r < K - 1; ++r) {
+    const V q = non_max(p, r, pred);
+    const V diff = q - share * out[r];
+    out[r] = diff;
     loss += row_sum_term(diff * diff);
-    gp += row_sum_term(2.0f * diff * p[j]);
+    gp += row_sum_term(diff * q);
   }
-  const V gpf = narrow_lanes(gp);
-  for (int64_t j = 0; j < K; ++j) out[j] = p[j] * (2.0f * (p[j] - out[j]) - gpf);
+  const V two_s = 2.0f * grad_scale;
+  const V gp_s = narrow_lanes(gp) * two_s;  // s · ⟨g, p⟩
+  for (int64_t j = K - 1; j > 0; --j) {
+    const V diff = pred == (int32_t)j ? diff_max : (pred > (int32_t)j ? out[j] : out[j - 1]);
+    out[j] = p[j] * (diff * two_s - gp_s);
+  }
+  out[0] = p[0] * ((pred == 0 ? diff_max : out[0]) * two_s - gp_s);
   return narrow_lanes(loss);
 }
 
@@ -169,6 +211,7 @@ void option_rows_impl(const T* x, const int64_t* labels, int64_t N, int64_t K, i
     std::vector<V> p(K), out(has_grad ? K : 0), r(task == RowTask::kHardBin ? 0 : M);
     std::vector<vf> scratch(L == 1 ? 0 : K);
     const Transpose16 transpose(K);  // enabled for row groups of K ≤ Transpose16::kMaxK (long rows: K > 64)
+    const BinTable bin_accuracy(args.bin_accuracy, task == RowTask::kHardBin ? M : 0);
     std::vector<D> acc(has_stats ? 4 * M : 0);
 #pragma omp for schedule(static) reduction(+ : nonfinite_rows)
     for (int64_t b = 0; b < n_blocks; ++b) {
@@ -179,9 +222,10 @@ void option_rows_impl(const T* x, const int64_t* labels, int64_t N, int64_t K, i
         const RowGroup<T, V> g(x, labels, N, K, r0, ignore_index, 1.0f, scratch.data(), transpose);
         const GroupSoftmax<T, V> sm(g, p.data());
         const auto keep = g.kept();
+        const V grad_scale = keep ? splat<V>(args.grad_scale) : V{};
         V a = {};
         if constexpr (task == RowTask::kHardBin) {
-          a = gather<V>(args.bin_accuracy, bin_of(sm.conf, (float)M, (int32_t)M));
+          a = bin_accuracy.template operator()<V>(bin_of(sm.conf, (float)M, (int32_t)M));
         } else {
           responsibilities(sm.conf, log_prior.data(), args.mu, inv_two_var.data(), M, r.data());
           if constexpr (task != RowTask::kEMStats)
@@ -200,17 +244,16 @@ void option_rows_impl(const T* x, const int64_t* labels, int64_t N, int64_t K, i
         }
         if constexpr (has_loss) {
           nonfinite_rows += count_true(g.valid() & (sm.finite == 0));  // every row, kept or not (as prepare)
-          const V loss = target_loss(p.data(), K, sm.pred, sm.q2, a, gamma0, out.data());
+          const V loss = target_loss(p.data(), K, sm.pred, sm.conf, a, gamma0, grad_scale, out.data());
           if (args.loss_total) loss_acc += to_double(keep ? loss : V{});
           else store_rows(args.loss, 1, r0, g.n_rows, 0, keep ? loss : V{});
         }
         if constexpr (task == RowTask::kEMEceGrad) {
-          const V wc = a * sm.conf;  // a holds w = Σ r_k coef_k here
+          const V wc = a * sm.conf * grad_scale;  // a holds w = Σ r_k coef_k here
           for (int64_t j = 0; j < K; ++j)
             out[j] = wc * ((sm.pred == (int32_t)j ? splat<V>(1.0f) : V{}) - p[j]);
         }
         if constexpr (has_grad) {
-          for (int64_t j = 0; j < K; ++j) out[j] = keep ? out[j] * args.grad_scale : V{};
           store_group(args.grad, K, r0, g.n_rows, out.data(), transpose);
         }
       }

@@ -188,15 +188,13 @@ template <class T, class V> struct RowGroup {
   }
 };
 
-/// Lane-wise softmax of a row group: fills p[0..K) with the probabilities, and holds confidence c = 1/s, first argmax ŷ,
-/// q2 = max_{j≠ŷ} p_j and whether the row's z are all finite (Σ z_j · 0 = 0; the other read-outs are
-/// meaningless where it is false). Σ exp is accumulated in float64 for a long row, float32 for a row group;
+/// Lane-wise softmax of a row group: fills p[0..K) with the probabilities, and holds confidence c = 1/s, first argmax ŷ
+/// and whether the row's z are all finite (Σ z_j · 0 = 0; the other read-outs are meaningless where it is false). Σ exp is accumulated in float64 for a long row, float32 for a row group;
 /// p_j = exp(z_j − m) · c.
 template <class T, class V> struct GroupSoftmax {
   using I = typename Lane<V>::I;
   V conf;
   I pred;
-  V q2;
   I finite;
 
   /// With probabilities=false only conf and pred are computed (p then holds exp(z − m)).
@@ -219,12 +217,8 @@ template <class T, class V> struct GroupSoftmax {
     }
     const V sf = narrow_lanes(s);
     conf = 1.0f / sf;
-    q2 = V{};
     if (!probabilities) return;
-    for (int64_t j = 0; j < g.K; ++j) {
-      p[j] = p[j] * conf;
-      q2 = (pred != (int32_t)j) & (p[j] > q2) ? p[j] : q2;
-    }
+    for (int64_t j = 0; j < g.K; ++j) p[j] = p[j] * conf;
   }
 };
 

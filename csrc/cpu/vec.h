@@ -3,7 +3,8 @@
 // A "lane value" V is either `float` (one row) or `vf` (16 rows, or 16 columns of one row), written with
 // GCC/Clang vector extensions so one source compiles to AVX-512, AVX2 or SSE code depending on -march.
 // exp_ is the Cephes single-precision algorithm (Cody-Waite range reduction and a minimax polynomial,
-// about 1 ulp), branch-free so that it vectorises.
+// about 1 ulp), exp2_ the same polynomial scheme for 2^y without the reduction; both branch-free so that
+// they vectorise.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -133,12 +134,26 @@ template <class V> inline V rounded(V v) {
 template <class T> inline float scaled1(const T* p, float inv_t) { return rounded(load1(p) * inv_t); }
 template <class T> inline vf scaled16(const T* p, float inv_t) { return rounded(load16(p) * inv_t); }
 
+constexpr float kLog2e = 1.44269504088896341f;
+
 // ---- math -------------------------------------------------------------------------------------------
 template <class V> inline V vmax(V a, V b) { return a > b ? a : b; }
 template <class V> inline V vmin(V a, V b) { return a < b ? a : b; }
 
-/// exp(x) in float32, ~1 ulp, for finite x ≤ 88 (−inf gives 0). With AVX-512 the 2^n scaling is one
-/// vscalefps (correct underflow through the subnormals); otherwise exponent bits, flushing below 2^−126.
+/// y · 2^n for the integer-valued n = t − magic (t = n + magic, magic = 1.5 · 2^23: n sits in t's low
+/// mantissa bits). With AVX-512 one vscalefps (correct underflow through the subnormals); otherwise n's
+/// exponent bits, flushing below 2^−126 (the caller zeroes x below its lower bound).
+template <class V> inline V scale_by_pow2(V y, V n, [[maybe_unused]] V t, [[maybe_unused]] float magic) {
+#ifdef __AVX512F__
+  if constexpr (Lane<V>::n == 1) return _mm_cvtss_f32(_mm_scalef_ss(_mm_set_ss(y), _mm_set_ss(n)));
+  else return (vf)_mm512_scalef_ps((__m512)y, (__m512)n);
+#else
+  return y * from_bits((as_bits(t) - (as_bits(magic) - 127)) << 23);
+#endif
+}
+
+/// exp(x) in float32, ~1 ulp, for finite x ≤ 88 (−inf gives 0): Cephes' Cody-Waite range reduction and
+/// minimax polynomial.
 template <class V> inline V exp_(V x) {
   const float magic = 12582912.0f;  // 1.5 · 2^23: adding it rounds to an integer in the low mantissa bits
 #ifdef __AVX512F__
@@ -147,7 +162,7 @@ template <class V> inline V exp_(V x) {
   const float lo = -87.33654475f;   // ln 2^−126
 #endif
   V xc = vmin(vmax(x, splat<V>(lo)), splat<V>(88.0f));
-  V t = xc * 1.44269504088896341f + magic;
+  V t = xc * kLog2e + magic;
   V n = t - magic;                                 // round(x / ln 2)
   V r = xc - n * 0.693359375f;                     // Cody-Waite: ln 2 = C1 + C2
   r = r - n * -2.12194440e-4f;
@@ -157,14 +172,30 @@ template <class V> inline V exp_(V x) {
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
-  V y = p * (r * r) + r + 1.0f;
+  V y = scale_by_pow2(p * (r * r) + r + 1.0f, n, t, magic);
 #ifdef __AVX512F__
-  if constexpr (Lane<V>::n == 1) return _mm_cvtss_f32(_mm_scalef_ss(_mm_set_ss(y), _mm_set_ss(n)));
-  else return (vf)_mm512_scalef_ps((__m512)y, (__m512)n);
+  return y;
 #else
-  V scale = from_bits((as_bits(t) - (as_bits(magic) - 127)) << 23);
-  return x < lo ? V{} : y * scale;
+  return x < lo ? V{} : y;
 #endif
+}
+
+/// 2^y in float32, ~2 ulp, for y ∈ [−126, 127]: y = n + f with n = round(y), |f| ≤ 1/2, and
+/// 2^f = 1 + f · P(f), P a degree-5 minimax fit of (2^f − 1)/f. No range reduction by a split ln 2: where
+/// the caller's y is itself a rounded product, 2^y carries that product's relative error times |y| ln 2
+/// (for exp(x) as 2^{x log₂e}: use exp_ where that matters).
+template <class V> inline V exp2_(V y) {
+  const float magic = 12582912.0f;
+  V t = y + magic;
+  V n = t - magic;
+  V f = y - n;
+  V p = splat<V>(1.5353361960e-4f);
+  p = p * f + 1.3398875017e-3f;
+  p = p * f + 9.6184369177e-3f;
+  p = p * f + 5.5503323674e-2f;
+  p = p * f + 2.4022647738e-1f;
+  p = p * f + 6.9314718246e-1f;
+  return scale_by_pow2(p * f + 1.0f, n, t, magic);
 }
 
 /// 1/b to about 1 ulp without a divide: AVX-512 rcp14 (14 bits) and one Newton step; exact division
