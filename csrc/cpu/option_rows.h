@@ -124,10 +124,13 @@ template <class V> inline V non_max(const V* p, int64_t r, typename Lane<V>::I p
 /// (j < ŷ: r = j; j > ŷ: r = j − 1), walking j downwards so that out[j − 1] is still unread when j is written.
 template <class V>
 inline V target_loss(const V* p, int64_t K, typename Lane<V>::I pred, V conf, V a, float gamma0, V grad_scale,
-                     V* out) {
+                     V* q, V* out) {
   using S = typename Lane<V>::S;
-  V q2 = non_max(p, 0, pred);
-  for (int64_t r = 1; r < K - 1; ++r) q2 = vmax(q2, non_max(p, r, pred));
+  V q2 = q[0] = non_max(p, 0, pred);
+  for (int64_t r = 1; r < K - 1; ++r) {
+    q[r] = non_max(p, r, pred);
+    q2 = vmax(q2, q[r]);
+  }
   const V d = 1.0f - a;
   const V q2_safe = q2 > 0.0f ? q2 : splat<V>(1.0f);
   const V lift = q2_safe < 0x1p-60f ? splat<V>(0x1p100f) : splat<V>(1.0f);
@@ -136,18 +139,17 @@ inline V target_loss(const V* p, int64_t K, typename Lane<V>::I pred, V conf, V 
   S w_sum = {};
   for (int64_t r = 0; r < K - 1; ++r) {
     // 2^{−30} already rounds 1 + e to 1; the clamp keeps e normal (a subnormal costs a microcode assist)
-    out[r] = recip(1.0f + exp2_(vmax((non_max(p, r, pred) * lift) * scale, splat<V>(-30.0f))));
+    out[r] = recip(1.0f + exp2_(vmax((q[r] * lift) * scale, splat<V>(-30.0f))));
     w_sum += row_sum_term(out[r]);
   }
   const V share = vmax(d, V{}) * recip(narrow_lanes(w_sum));
   const V diff_max = conf - a;
   S loss = row_sum_term(diff_max * diff_max), gp = row_sum_term(diff_max * conf);
   for (int64_t r = 0; r < K - 1; ++r) {
-    const V q = non_max(p, r, pred);
-    const V diff = q - share * out[r];
+    const V diff = q[r] - share * out[r];
     out[r] = diff;
     loss += row_sum_term(diff * diff);
-    gp += row_sum_term(diff * q);
+    gp += row_sum_term(diff * q[r]);
   }
   const V two_s = 2.0f * grad_scale;
   const V gp_s = narrow_lanes(gp) * two_s;  // s · ⟨g, p⟩
@@ -208,7 +210,7 @@ void option_rows_impl(const T* x, const int64_t* labels, int64_t N, int64_t K, i
 
 #pragma omp parallel
   {
-    std::vector<V> p(K), out(has_grad ? K : 0), r(task == RowTask::kHardBin ? 0 : M);
+    std::vector<V> p(K), q(has_loss ? K : 0), out(has_grad ? K : 0), r(task == RowTask::kHardBin ? 0 : M);
     std::vector<vf> scratch(L == 1 ? 0 : K);
     const Transpose16 transpose(K);  // enabled for row groups of K ≤ Transpose16::kMaxK (long rows: K > 64)
     const BinTable bin_accuracy(args.bin_accuracy, task == RowTask::kHardBin ? M : 0);
@@ -244,7 +246,7 @@ void option_rows_impl(const T* x, const int64_t* labels, int64_t N, int64_t K, i
         }
         if constexpr (has_loss) {
           nonfinite_rows += count_true(g.valid() & (sm.finite == 0));  // every row, kept or not (as prepare)
-          const V loss = target_loss(p.data(), K, sm.pred, sm.conf, a, gamma0, grad_scale, out.data());
+          const V loss = target_loss(p.data(), K, sm.pred, sm.conf, a, gamma0, grad_scale, q.data(), out.data());
           if (args.loss_total) loss_acc += to_double(keep ? loss : V{});
           else store_rows(args.loss, 1, r0, g.n_rows, 0, keep ? loss : V{});
         }
