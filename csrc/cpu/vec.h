@@ -140,39 +140,44 @@ constexpr float kLog2e = 1.44269504088896341f;
 template <class V> inline V vmax(V a, V b) { return a > b ? a : b; }
 template <class V> inline V vmin(V a, V b) { return a < b ? a : b; }
 
-/// y · 2^n for the integer-valued n = t − magic (t = n + magic, magic = 1.5 · 2^23: n sits in t's low
-/// mantissa bits). With AVX-512 one vscalefps (correct underflow through the subnormals); otherwise n's
-/// exponent bits, flushing below 2^−126 (the caller zeroes x below its lower bound).
-template <class V> inline V scale_by_pow2(V y, V n, [[maybe_unused]] V t, [[maybe_unused]] float magic) {
+constexpr float kRoundMagic = 12582912.0f;  // 1.5 · 2^23: adding it rounds to an integer in the low mantissa bits
+
+/// Horner's rule from the partial value p: p x^k + c₁ x^{k−1} + … + c_k (one FMA a coefficient with
+/// -ffp-contract=fast).
+template <class V> inline V horner(V p, V) { return p; }
+template <class V, class... C> inline V horner(V p, V x, float c, C... rest) { return horner(p * x + c, x, rest...); }
+
+/// c₀ x^n + c₁ x^{n−1} + … + c_n
+template <class V, class... C> inline V polynomial(V x, float c0, C... rest) { return horner(splat<V>(c0), x, rest...); }
+
+/// y · 2^n for the integer-valued n = t − kRoundMagic (n sits in t's low mantissa bits). With AVX-512 one
+/// vscalefps (correct underflow through the subnormals); otherwise n's exponent bits, flushing below 2^−126
+/// (the caller zeroes x below its lower bound).
+template <class V> inline V scale_by_pow2(V y, V n, [[maybe_unused]] V t) {
 #ifdef __AVX512F__
   if constexpr (Lane<V>::n == 1) return _mm_cvtss_f32(_mm_scalef_ss(_mm_set_ss(y), _mm_set_ss(n)));
   else return (vf)_mm512_scalef_ps((__m512)y, (__m512)n);
 #else
-  return y * from_bits((as_bits(t) - (as_bits(magic) - 127)) << 23);
+  return y * from_bits((as_bits(t) - (as_bits(kRoundMagic) - 127)) << 23);
 #endif
 }
 
 /// exp(x) in float32, ~1 ulp, for finite x ≤ 88 (−inf gives 0): Cephes' Cody-Waite range reduction and
 /// minimax polynomial.
 template <class V> inline V exp_(V x) {
-  const float magic = 12582912.0f;  // 1.5 · 2^23: adding it rounds to an integer in the low mantissa bits
 #ifdef __AVX512F__
   const float lo = -104.0f;         // exp(−104) < 2^−150 rounds to 0
 #else
   const float lo = -87.33654475f;   // ln 2^−126
 #endif
   V xc = vmin(vmax(x, splat<V>(lo)), splat<V>(88.0f));
-  V t = xc * kLog2e + magic;
-  V n = t - magic;                                 // round(x / ln 2)
+  V t = xc * kLog2e + kRoundMagic;
+  V n = t - kRoundMagic;                           // round(x / ln 2)
   V r = xc - n * 0.693359375f;                     // Cody-Waite: ln 2 = C1 + C2
   r = r - n * -2.12194440e-4f;
-  V p = splat<V>(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  V y = scale_by_pow2(p * (r * r) + r + 1.0f, n, t, magic);
+  V p = polynomial(r, 1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f,
+                   5.0000001201e-1f);
+  V y = scale_by_pow2(p * (r * r) + r + 1.0f, n, t);
 #ifdef __AVX512F__
   return y;
 #else
@@ -185,17 +190,12 @@ template <class V> inline V exp_(V x) {
 /// the caller's y is itself a rounded product, 2^y carries that product's relative error times |y| ln 2
 /// (for exp(x) as 2^{x log₂e}: use exp_ where that matters).
 template <class V> inline V exp2_(V y) {
-  const float magic = 12582912.0f;
-  V t = y + magic;
-  V n = t - magic;
+  V t = y + kRoundMagic;
+  V n = t - kRoundMagic;
   V f = y - n;
-  V p = splat<V>(1.5353361960e-4f);
-  p = p * f + 1.3398875017e-3f;
-  p = p * f + 9.6184369177e-3f;
-  p = p * f + 5.5503323674e-2f;
-  p = p * f + 2.4022647738e-1f;
-  p = p * f + 6.9314718246e-1f;
-  return scale_by_pow2(p * f + 1.0f, n, t, magic);
+  V p = polynomial(f, 1.5353361960e-4f, 1.3398875017e-3f, 9.6184369177e-3f, 5.5503323674e-2f, 2.4022647738e-1f,
+                   6.9314718246e-1f);
+  return scale_by_pow2(p * f + 1.0f, n, t);
 }
 
 /// 1/b to about 1 ulp without a divide: AVX-512 rcp14 (14 bits) and one Newton step; exact division
