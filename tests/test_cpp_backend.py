@@ -224,6 +224,17 @@ def test_row_losses_err_no_more_than_the_float32_reference(k, scale):
             assert err <= ref_err + tol, f"{name} {what}: kernel error {err:.3g}, float32 reference {ref_err:.3g}"
 
 
+@pytest.mark.parametrize("bins", [1, 2, 15, 16, 17, 32, 33, 100])
+def test_hard_bin_loss_reads_every_bin_accuracy(bins):
+    """The bin-accuracy table is read from registers for M ≤ 32 (one or two of them) and gathered from
+    memory above: every layout gives the reference's losses, with rows spread over every bin."""
+    x, y = make_rows(1000, 4, torch.float32, "random")
+    x = x * torch.linspace(0.0, 2.0, 1000)[:, None]  # confidences from 1/K up to near 1
+    acc = torch.rand(bins, generator=torch.Generator().manual_seed(bins))
+    assert_same(cpp.hard_bin_loss(x, y, acc, IGNORE, "none"), ref.hard_bin_loss(x, y, acc, IGNORE, "none"),
+                f"M={bins}")
+
+
 def test_empty_input():
     assert_backends_agree(torch.zeros(0, 5), torch.zeros(0, dtype=torch.long), "N=0")
 
