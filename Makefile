@@ -35,4 +35,4 @@ gpu-check: $(STAMP)
 	$(PY) benchmarks/gpu_check.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info calibkern/_C*.so
+	rm -rf $(VENV) build *.egg-info calibkern/_C*.so calibkern/_build_config.py

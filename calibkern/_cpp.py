@@ -1,6 +1,7 @@
 """The ``cpp`` backend: the kernel contract of docs/backends.md on CPU tensors, computed by the compiled
 extension ``calibkern._C`` (csrc/). Importing this module raises ImportError when the extension was not
-built, which :mod:`calibkern.backends` reports as "cpp unavailable".
+built, or was built natively (``-march=native``) for instructions this CPU lacks, which
+:mod:`calibkern.backends` reports as "cpp unavailable".
 
 Each function is a thin wrapper; the kernels are single-pass per row, OpenMP-parallel over fixed blocks of
 rows, float32 math with float64 statistics, and bitwise identical for any number of threads.
@@ -10,8 +11,23 @@ from __future__ import annotations
 
 import torch
 
-from calibkern import _C
 from calibkern import _validate as V
+from calibkern._cpu_flags import cpu_flags, missing_cpu_flags
+
+
+def _check_build_runs_here() -> None:
+    try:
+        from calibkern._build_config import CPP_CPU_FLAGS
+    except ImportError:  # a build from before the config existed, or no build at all
+        return
+    missing = missing_cpu_flags(CPP_CPU_FLAGS, cpu_flags())
+    if missing:
+        raise ImportError(f"calibkern._C was compiled for CPU instructions this CPU lacks ({', '.join(missing)}); "
+                          "rebuild it on this machine, or build a portable one with CALIBKERN_PORTABLE=1")
+
+
+_check_build_runs_here()
+from calibkern import _C  # noqa: E402  (after the check: a foreign native build dies of an illegal instruction)
 
 _REDUCTION_CODES = {"none": 0, "sum": 1, "mean": 2}  # csrc/cpu/option_rows.h, Reduction
 

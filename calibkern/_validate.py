@@ -145,10 +145,10 @@ def _cpu_checks(t: torch.Tensor):
     if t.device.type != "cpu" or torch.compiler.is_compiling():
         return None
     try:
-        from calibkern import _C
+        from calibkern import _cpp
     except ImportError:
         return None
-    return _C
+    return _cpp._C
 
 
 def _float_kernel_dtype(logits: torch.Tensor) -> bool:

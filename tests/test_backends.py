@@ -58,3 +58,41 @@ def test_deterministic_switch_follows_torch():
         assert ck.is_deterministic()
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+def test_missing_cpu_flags():
+    from calibkern._cpu_flags import missing_cpu_flags
+
+    assert missing_cpu_flags(("avx2", "avx512f", "fma"), frozenset({"fma", "avx2"})) == ["avx512f"]
+    assert missing_cpu_flags(("avx512f",), None) == []  # no /proc/cpuinfo: nothing to check against
+    assert missing_cpu_flags((), frozenset()) == []
+
+
+@pytest.mark.skipif(not backends.is_available("cpp"), reason="the C++ extension is not built")
+def test_this_build_needs_only_what_this_cpu_has():
+    from calibkern._build_config import CPP_CPU_FLAGS
+    from calibkern._cpu_flags import cpu_flags, missing_cpu_flags
+
+    assert missing_cpu_flags(CPP_CPU_FLAGS, cpu_flags()) == []
+
+
+@pytest.mark.skipif(not backends.is_available("cpp"), reason="the C++ extension is not built")
+def test_a_native_build_for_another_cpu_leaves_cpp_unavailable():
+    """A build that needs an instruction this CPU lacks is not loaded (it would die of an illegal
+    instruction): auto falls back, and asking for cpp says why and how to fix it."""
+    code = ("import sys, types, torch\n"
+            "config = types.ModuleType('calibkern._build_config')\n"
+            "config.CPP_CPU_FLAGS = ('no_such_isa_extension',)\n"
+            "sys.modules['calibkern._build_config'] = config\n"
+            "import calibkern\n"
+            "print(calibkern.available_backends(), calibkern.backends.resolve('auto', torch.device('cpu'))[0])\n"
+            "try:\n"
+            "    calibkern.ece(torch.randn(4, 3), torch.tensor([0, 1, 2, 0]), backend='cpp')\n"
+            "except calibkern.BackendUnavailableError as error:\n"
+            "    print(error)\n")
+    env = {k: v for k, v in os.environ.items() if k != "CALIBKERN_BACKEND"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    available, message = out.strip().split("\n", 1)
+    assert "cpp" not in available and available.endswith(" torch")
+    assert "compiled for CPU instructions this CPU lacks (no_such_isa_extension)" in message
+    assert "CALIBKERN_PORTABLE=1" in message
