@@ -4,9 +4,11 @@ The package works without it (the ``torch`` reference backend is always there), 
 prints a warning instead of failing the install.  Environment switches:
 
 * ``CALIBKERN_NO_EXT=1``   — skip the extension entirely.
-* ``CALIBKERN_PORTABLE=1`` — do not tune for the build machine (no ``-march=native``).
+* ``CALIBKERN_MARCH=ARCH`` — compile for ``-march=ARCH`` (default ``native``: the build machine), e.g.
+  ``x86-64-v3`` (AVX2) for a cluster whose nodes differ.
+* ``CALIBKERN_PORTABLE=1`` — no ``-march`` at all (the compiler's baseline, SSE2 on x86-64).
 
-A native build runs only on CPUs with the build machine's instruction-set extensions. ``calibkern/_build_config.py``
+A build runs only on CPUs with the instruction-set extensions it was compiled for. ``calibkern/_build_config.py``
 (written here, not tracked) lists them as /proc/cpuinfo names, and ``calibkern._cpp`` refuses to load the
 extension on a CPU that lacks one (the ``cpp`` backend is then unavailable) instead of dying of an illegal
 instruction.
@@ -37,13 +39,13 @@ _CPU_FLAGS = {
 }
 
 
-def _native_cpu_flags() -> list[str]:
-    """The /proc/cpuinfo names of the instruction-set extensions that ``-march=native`` enables here, less
-    any that this machine's /proc/cpuinfo does not list (an older kernel may not name a newer extension;
-    what the build machine cannot check is not required)."""
+def _target_cpu_flags(march: str) -> list[str]:
+    """The /proc/cpuinfo names of the instruction-set extensions that ``-march=<march>`` enables; for
+    ``native``, less any that this machine's /proc/cpuinfo does not list (an older kernel may not name a
+    newer extension, and what the build machine cannot check is not required)."""
     compiler = shlex.split(os.environ.get("CXX", "c++"))
     try:
-        macros = subprocess.run([*compiler, "-march=native", "-dM", "-E", "-x", "c++", os.devnull],
+        macros = subprocess.run([*compiler, f"-march={march}", "-dM", "-E", "-x", "c++", os.devnull],
                                 capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
         return []
@@ -51,7 +53,7 @@ def _native_cpu_flags() -> list[str]:
     spec = importlib.util.spec_from_file_location("_cpu_flags", os.path.join(ROOT, "calibkern", "_cpu_flags.py"))
     cpu_flags = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cpu_flags)
-    here = cpu_flags.cpu_flags()
+    here = cpu_flags.cpu_flags() if march == "native" else None
     return sorted(flag for macro, flag in _CPU_FLAGS.items() if macro in defined and (here is None or flag in here))
 
 
@@ -75,10 +77,10 @@ def _extensions():
         return [], {}
 
     cxx = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=fast"]
-    native = os.environ.get("CALIBKERN_PORTABLE") != "1"
-    if native:
-        cxx.append("-march=native")
-    _write_build_config(_native_cpu_flags() if native else [])
+    march = None if os.environ.get("CALIBKERN_PORTABLE") == "1" else os.environ.get("CALIBKERN_MARCH", "native")
+    if march:
+        cxx.append(f"-march={march}")
+    _write_build_config(_target_cpu_flags(march) if march else [])
     ext = CppExtension(
         name="calibkern._C",
         sources=[bindings] + sources,

@@ -148,7 +148,7 @@ struct LaneBins {
   }
 };
 
-/// Short rows, 16 per SIMD group (row_group.h). Returns the number of kept rows with non-finite values.
+/// Short rows, kLanes per SIMD group (row_group.h). Returns the number of kept rows with non-finite values.
 template <class T>
 int64_t top1_short_rows(const T* x, const int64_t* labels, int64_t N, int64_t K, float inv_t, int64_t ignore_index,
                         BinPartials& partials) {
@@ -207,7 +207,7 @@ int64_t classwise(const T* x, const int64_t* labels, int64_t N, int64_t K, int64
         const float m = row_max[i], s = row_sum[i];
         int64_t j = j0;
         for (; j + kLanes <= j1; j += kLanes) {
-          const vf pj = exp_(scaled16(row + j, inv_t) - m) / s;
+          const vf pj = exp_(scaled_vector(row + j, inv_t) - m) / s;
           std::memcpy(p + (j - j0), &pj, sizeof(pj));
         }
         for (; j < j1; ++j) p[j - j0] = exp_(scaled1(row + j, inv_t) - m) / s;

@@ -30,7 +30,7 @@ at::Tensor cross_entropy_(at::Tensor& logits, const at::Tensor& targets, int64_t
     const vf m = splat<vf>(rs.max);
     int64_t j = 0;
     for (; j + kLanes <= V; j += kLanes) {
-      const vf p = exp_(load16(z + j) - m) * inv_s;
+      const vf p = exp_(load_vector(z + j) - m) * inv_s;
       std::memcpy(z + j, &p, sizeof(p));
     }
     for (; j < V; ++j) z[j] = exp_(z[j] - rs.max) * inv_s;

@@ -18,7 +18,7 @@ constexpr int64_t kLabelChunk = 1 << 13;  // labels per parallel chunk (int64: 6
 template <class T> bool any_nonfinite(const T* x, int64_t n) {
   vi bad = {};
   int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) bad |= (as_bits(load16(x + j)) & kExponent) == kExponent;
+  for (; j + kLanes <= n; j += kLanes) bad |= (as_bits(load_vector(x + j)) & kExponent) == kExponent;
   bool found = false;
   for (; j < n; ++j) found |= (as_bits(load1(x + j)) & kExponent) == kExponent;
   for (int i = 0; i < kLanes; ++i) found |= bad[i] != 0;

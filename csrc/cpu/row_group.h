@@ -1,4 +1,4 @@
-// Rows processed lane-wise: a RowGroup<T, vf> holds 16 consecutive rows (lane i = row r0 + i), the form
+// Rows processed lane-wise: a RowGroup<T, vf> holds kLanes consecutive rows (lane i = row r0 + i), the form
 // for small K where vectorising across rows beats vectorising within a row; RowGroup<T, float> is one row.
 // The softmax read-outs are written once here and used by every per-row kernel.
 #pragma once
@@ -17,7 +17,7 @@
 
 namespace calibkern::cpu {
 
-/// Rows of up to kGroupK elements are vectorised across 16 rows at a time, longer rows within the row.
+/// Rows of up to kGroupK elements are vectorised across kLanes rows at a time, longer rows within the row.
 constexpr int64_t kGroupK = 64;
 
 /// Between 16 rows of K ≤ kMaxK values stored row-major (K registers: flat index e = 16 q + l = row · K + col)
@@ -76,7 +76,7 @@ struct Transpose16 {
 
   template <int NK, class T> void columns(const T* rows, vf* cols) const {
     __m512 r[NK];
-    for (int q = 0; q < NK; ++q) r[q] = (__m512)load16(rows + 16 * q);
+    for (int q = 0; q < NK; ++q) r[q] = (__m512)load_vector(rows + 16 * q);
     for (int j = 0; j < NK; ++j) cols[j] = permute<NK>(r, col_index[j], col_mask[j]);
   }
 
@@ -103,9 +103,9 @@ template <class T, class V> struct RowGroup {
   using I = typename Lane<V>::I;
   static constexpr int L = Lane<V>::n;
   const T* row;         // L = 1: the row
-  const float* tile;    // L = 16, gathered: the group's rows as row-major float32 (the input itself for fp32)
-  const vf* cols;       // L = 16, transposed: the group's columns (lane i = row r0 + i), else nullptr
-  I offset;             // L = 16, gathered: lane i reads tile[offset_i + j], offset_i = min(i, n_rows − 1) · K
+  const float* tile;    // L > 1, gathered: the group's rows as row-major float32 (the input itself for fp32)
+  const vf* cols;       // L > 1, transposed: the group's columns (lane i = row r0 + i), else nullptr
+  I offset;             // L > 1, gathered: lane i reads tile[offset_i + j], offset_i = min(i, n_rows − 1) · K
   int64_t K;
   float inv_t;
   I label;              // the row's label, −1 for ignored rows and for lanes past the last row
@@ -148,7 +148,7 @@ template <class T, class V> struct RowGroup {
     }
   }
 
-  /// L = 16: points tile at the group's rows as float32 (converting bf16/fp16 into scratch).
+  /// L > 1: points tile at the group's rows as float32 (converting bf16/fp16 into scratch).
   void load_tile(float* scratch) {
     if constexpr (std::is_same_v<T, float>) {
       tile = row;
@@ -156,7 +156,7 @@ template <class T, class V> struct RowGroup {
       const int64_t n = n_rows * K;
       int64_t j = 0;
       for (; j + kLanes <= n; j += kLanes) {
-        const vf v = load16(row + j);
+        const vf v = load_vector(row + j);
         std::memcpy(scratch + j, &v, sizeof(v));
       }
       for (; j < n; ++j) scratch[j] = load1(row + j);

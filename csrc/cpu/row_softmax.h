@@ -31,11 +31,11 @@ template <class T> inline float chunk_max(const T* x, int64_t begin, int64_t end
   int64_t j = begin;
   float m = -std::numeric_limits<float>::infinity();
   if (end - j >= 4 * kLanes) {
-    vf m0 = scaled16(x + j, inv_t), m1 = m0, m2 = m0, m3 = m0;
+    vf m0 = scaled_vector(x + j, inv_t), m1 = m0, m2 = m0, m3 = m0;
     vf q0 = {}, q1 = {}, q2 = {}, q3 = {};
     for (; j + 4 * kLanes <= end; j += 4 * kLanes) {
-      const vf z0 = scaled16(x + j, inv_t), z1 = scaled16(x + j + kLanes, inv_t);
-      const vf z2 = scaled16(x + j + 2 * kLanes, inv_t), z3 = scaled16(x + j + 3 * kLanes, inv_t);
+      const vf z0 = scaled_vector(x + j, inv_t), z1 = scaled_vector(x + j + kLanes, inv_t);
+      const vf z2 = scaled_vector(x + j + 2 * kLanes, inv_t), z3 = scaled_vector(x + j + 3 * kLanes, inv_t);
       m0 = vmax(m0, z0);
       m1 = vmax(m1, z1);
       m2 = vmax(m2, z2);
@@ -49,7 +49,7 @@ template <class T> inline float chunk_max(const T* x, int64_t begin, int64_t end
     poison += (q0 + q1) + (q2 + q3);
   }
   for (; j + kLanes <= end; j += kLanes) {
-    const vf z = scaled16(x + j, inv_t);
+    const vf z = scaled_vector(x + j, inv_t);
     m = std::max(m, hmax(z));
     poison += z * 0.0f;
   }
@@ -78,12 +78,12 @@ template <class T> inline vf chunk_sum_exp(const T* x, int64_t begin, int64_t en
   int64_t j = begin;
   for (; j + 4 * kLanes <= end; j += 4 * kLanes, ahead += kStepBytes) {
     for (int64_t b = 0; b < kStepBytes; b += 64) __builtin_prefetch(ahead + b);
-    s0 += exp_(scaled16(x + j, inv_t) - mv);
-    s1 += exp_(scaled16(x + j + kLanes, inv_t) - mv);
-    s2 += exp_(scaled16(x + j + 2 * kLanes, inv_t) - mv);
-    s3 += exp_(scaled16(x + j + 3 * kLanes, inv_t) - mv);
+    s0 += exp_(scaled_vector(x + j, inv_t) - mv);
+    s1 += exp_(scaled_vector(x + j + kLanes, inv_t) - mv);
+    s2 += exp_(scaled_vector(x + j + 2 * kLanes, inv_t) - mv);
+    s3 += exp_(scaled_vector(x + j + 3 * kLanes, inv_t) - mv);
   }
-  for (; j + kLanes <= end; j += kLanes) s0 += exp_(scaled16(x + j, inv_t) - mv);
+  for (; j + kLanes <= end; j += kLanes) s0 += exp_(scaled_vector(x + j, inv_t) - mv);
   float tail = 0.0f;
   for (; j < end; ++j) tail += exp_(scaled1(x + j, inv_t) - m);
   vf s = (s0 + s1) + (s2 + s3);

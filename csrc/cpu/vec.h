@@ -1,7 +1,8 @@
 // Lane arithmetic shared by every CPU kernel.
 //
-// A "lane value" V is either `float` (one row) or `vf` (16 rows, or 16 columns of one row), written with
-// GCC/Clang vector extensions so one source compiles to AVX-512, AVX2 or SSE code depending on -march.
+// A "lane value" V is either `float` (one row) or `vf` (kLanes rows, or kLanes columns of one row: one vector
+// register, 16 floats with AVX-512, 8 with AVX2, 4 with SSE), written with GCC/Clang vector extensions so one
+// source compiles to AVX-512, AVX2 or SSE code depending on -march.
 // exp_ is the Cephes single-precision algorithm (Cody-Waite range reduction and a minimax polynomial,
 // about 1 ulp), exp2_ the same polynomial scheme for 2^y without the reduction; both branch-free so that
 // they vectorise.
@@ -20,7 +21,17 @@
 
 namespace calibkern::cpu {
 
-constexpr int kLanes = 16;
+#if defined(__AVX512F__)
+constexpr size_t kRegisterBytes = 64;
+#elif defined(__AVX__)
+constexpr size_t kRegisterBytes = 32;
+#else
+constexpr size_t kRegisterBytes = 16;
+#endif
+/// Floats per vector register: 16 with AVX-512, 8 with AVX, 4 otherwise. A lane value twice the register
+/// width spills (and every opaque value, `rounded`, goes through memory): 16 lanes on AVX2 ran the kernels
+/// 6–7× slower than 8.
+constexpr int kLanes = (int)(kRegisterBytes / 4);
 typedef float vf __attribute__((vector_size(4 * kLanes)));
 typedef int32_t vi __attribute__((vector_size(4 * kLanes)));
 typedef uint32_t vu __attribute__((vector_size(4 * kLanes)));
@@ -90,13 +101,13 @@ inline float load1(const c10::Half* p) {
 #endif
 }
 
-// 16 consecutive elements
-inline vf load16(const float* p) { vf v; std::memcpy(&v, p, sizeof(v)); return v; }
-inline vf load16(const c10::BFloat16* p) {
+// kLanes consecutive elements
+inline vf load_vector(const float* p) { vf v; std::memcpy(&v, p, sizeof(v)); return v; }
+inline vf load_vector(const c10::BFloat16* p) {
   vu16 h; std::memcpy(&h, p, sizeof(h));
   return (vf)(__builtin_convertvector(h, vu) << 16);
 }
-inline vf load16(const c10::Half* p) {
+inline vf load_vector(const c10::Half* p) {
 #ifdef __FLT16_MAX__
   typedef _Float16 vh __attribute__((vector_size(2 * kLanes)));
   vh h; std::memcpy(&h, p, sizeof(h));
@@ -109,14 +120,6 @@ inline vf load16(const c10::Half* p) {
 }
 
 // ---- scaled logits ---------------------------------------------------------------------------------
-#if defined(__AVX512F__)
-constexpr size_t kRegisterBytes = 64;
-#elif defined(__AVX__)
-constexpr size_t kRegisterBytes = 32;
-#else
-constexpr size_t kRegisterBytes = 16;
-#endif
-
 /// v, as an opaque value: the compiler may not fuse the operation that produced it into the next one
 /// (with -ffp-contract=fast, x · inv_t − m would become one FMA and z would not be the rounded float32
 /// product the reference computes, which breaks ties between equal logits).
@@ -130,9 +133,9 @@ template <class V> inline V rounded(V v) {
   return v;
 }
 
-/// z = float(x) · inv_t for one element and for 16 consecutive elements
+/// z = float(x) · inv_t for one element and for kLanes consecutive elements
 template <class T> inline float scaled1(const T* p, float inv_t) { return rounded(load1(p) * inv_t); }
-template <class T> inline vf scaled16(const T* p, float inv_t) { return rounded(load16(p) * inv_t); }
+template <class T> inline vf scaled_vector(const T* p, float inv_t) { return rounded(load_vector(p) * inv_t); }
 
 constexpr float kLog2e = 1.44269504088896341f;
 
