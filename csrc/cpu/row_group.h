@@ -188,9 +188,9 @@ template <class T, class V> struct RowGroup {
   }
 };
 
-/// Lane-wise softmax of a row group: fills p[0..K) with the probabilities, and holds confidence c = 1/s, first argmax ŷ
-/// and whether the row's z are all finite (Σ z_j · 0 = 0; the other read-outs are meaningless where it is false). Σ exp is accumulated in float64 for a long row, float32 for a row group;
-/// p_j = exp(z_j − m) · c.
+/// Lane-wise softmax of a row group: fills p[0..K) with the probabilities, and holds confidence c = 1/s, first
+/// argmax ŷ and whether the row's z are all finite (Σ z_j · 0 = 0; the other read-outs are meaningless where it
+/// is false). Σ exp is accumulated in float64 for a long row, float32 for a row group; p_j = exp(z_j − m) · c.
 template <class T, class V> struct GroupSoftmax {
   using I = typename Lane<V>::I;
   V conf;

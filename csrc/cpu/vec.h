@@ -151,7 +151,9 @@ template <class V> inline V horner(V p, V) { return p; }
 template <class V, class... C> inline V horner(V p, V x, float c, C... rest) { return horner(p * x + c, x, rest...); }
 
 /// c₀ x^n + c₁ x^{n−1} + … + c_n
-template <class V, class... C> inline V polynomial(V x, float c0, C... rest) { return horner(splat<V>(c0), x, rest...); }
+template <class V, class... C> inline V polynomial(V x, float c0, C... rest) {
+  return horner(splat<V>(c0), x, rest...);
+}
 
 /// y · 2^n for the integer-valued n = t − kRoundMagic (n sits in t's low mantissa bits). With AVX-512 one
 /// vscalefps (correct underflow through the subnormals); otherwise n's exponent bits, flushing below 2^−126
