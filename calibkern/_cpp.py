@@ -1,6 +1,6 @@
 """The ``cpp`` backend: the kernel contract of docs/backends.md on CPU tensors, computed by the compiled
 extension ``calibkern._C`` (csrc/). Importing this module raises ImportError when the extension was not
-built, or was built natively (``-march=native``) for instructions this CPU lacks, which
+built, or was compiled (``-march`` of setup.py) for instructions this CPU lacks, which
 :mod:`calibkern.backends` reports as "cpp unavailable".
 
 Each function is a thin wrapper; the kernels are single-pass per row, OpenMP-parallel over fixed blocks of
@@ -27,7 +27,7 @@ def _check_build_runs_here() -> None:
 
 
 _check_build_runs_here()
-from calibkern import _C  # noqa: E402  (after the check: a foreign native build dies of an illegal instruction)
+from calibkern import _C  # noqa: E402  (after the check: a build for another CPU dies of an illegal instruction)
 
 _REDUCTION_CODES = {"none": 0, "sum": 1, "mean": 2}  # csrc/cpu/option_rows.h, Reduction
 

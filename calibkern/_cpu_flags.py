@@ -1,4 +1,4 @@
-"""Which instruction-set extensions a native build of calibkern._C needs, and whether this CPU has them.
+"""Which instruction-set extensions a build of calibkern._C needs, and whether this CPU has them.
 
 Standard library only: setup.py loads this file by path at build time, before the package is importable.
 """
