@@ -125,8 +125,8 @@ inline vf load_vector(const c10::Half* p) {
 /// product the reference computes, which breaks ties between equal logits).
 template <class V> inline V rounded(V v) {
 #if defined(__x86_64__) || defined(__i386__)
-  if constexpr (sizeof(V) <= kRegisterBytes) __asm__("" : "+v"(v));
-  else __asm__("" : "+m"(v));
+  static_assert(sizeof(V) <= kRegisterBytes, "a lane value fits one vector register (kLanes)");
+  __asm__("" : "+v"(v));
 #else
   __asm__("" : "+m"(v));
 #endif
