@@ -1,11 +1,13 @@
 // cross_entropy_: per-row cross-entropy for the fused linear loss, gradient written over the logits.
 // loss = log s − (z_y − m) (exact for huge logits) with the online softmax of row_softmax.h; then z ← exp(z − m)/s − e_y.
+// A kept row holding NaN or ±inf gets loss NaN and an all-NaN gradient (docs/backends.md, "Non-finite values").
 #include "kernels.h"
 #include "row_softmax.h"
 
 #include <omp.h>
 
 #include <cmath>
+#include <limits>
 
 namespace calibkern::cpu {
 
@@ -25,6 +27,11 @@ at::Tensor cross_entropy_(at::Tensor& logits, const at::Tensor& targets, int64_t
       continue;
     }
     const RowSoftmax rs = row_softmax(z, V, 1.0f);
+    if (!rs.finite) {
+      std::fill(z, z + V, std::numeric_limits<float>::quiet_NaN());
+      out[i] = std::numeric_limits<float>::quiet_NaN();
+      continue;
+    }
     out[i] = std::log(rs.sum) - (z[y[i]] - rs.max);
     const float inv_s = 1.0f / rs.sum;
     const vf m = splat<vf>(rs.max);

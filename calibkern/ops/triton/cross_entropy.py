@@ -1,7 +1,7 @@
 """Triton kernel for ``cross_entropy_``: per-row cross-entropy whose gradient overwrites the logits.
 
 ``loss_i = logsumexp(z_i) − z_{i, y_i}`` and ``∂loss_i/∂z_i = softmax(z_i) − e_{y_i}`` (both 0 for rows
-whose target is ``ignore_index``). One pass over V for ``m`` and ``s`` (online softmax), a second that
+whose target is ``ignore_index``; loss NaN and an all-NaN gradient for a kept row holding NaN or ±inf). One pass over V for ``m`` and ``s`` (online softmax), a second that
 reads each tile and writes its gradient in place. Used by the fused linear loss on [n, V] logit chunks.
 """
 import torch
@@ -21,13 +21,15 @@ def _cross_entropy_kernel(logits_ptr, targets_ptr, loss_ptr, N, V, ignore_index,
     row_off = rows.to(tl.int64) * V
     targets = tl.load(targets_ptr + rows)
     keep = in_range & (targets != ignore_index)
-    m, s, _, _, _ = online_softmax(logits_ptr, row_off, V, 1.0, BLOCK_N, BLOCK_K, False)
+    m, s, _, _, finite = online_softmax(logits_ptr, row_off, V, 1.0, BLOCK_N, BLOCK_K, False)
     target_logit = tl.load(logits_ptr + row_off + tl.where(keep, targets, 0)).to(tl.float32)
-    tl.store(loss_ptr + rows, tl.where(keep, tl.log(s) - (target_logit - m), 0.0), mask=in_range)
+    loss = tl.where(finite, tl.log(s) - (target_logit - m), float("nan"))
+    tl.store(loss_ptr + rows, tl.where(keep, loss, 0.0), mask=in_range)
     for k0 in range(0, V, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         p = tl.exp(load_tile(logits_ptr, row_off, cols, V, 1.0) - m[:, None]) / s[:, None]
-        grad = tl.where(keep[:, None], p - tl.where(cols[None, :] == targets[:, None], 1.0, 0.0), 0.0)
+        grad = tl.where(finite[:, None], p - tl.where(cols[None, :] == targets[:, None], 1.0, 0.0), float("nan"))
+        grad = tl.where(keep[:, None], grad, 0.0)
         tl.store(logits_ptr + row_off[:, None] + cols[None, :], grad, mask=in_range[:, None] & (cols < V)[None, :])
 
 
