@@ -103,7 +103,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attach_row_grad", [](const at::Tensor& logits, const at::Tensor& loss, const at::Tensor& grad) {
     TORCH_CHECK(grad.sizes() == logits.sizes() && grad.device() == logits.device(),
                 "calibkern._C: grad must have the shape and device of logits");
-    return calibkern::SavedRowGrad::apply(logits, loss, grad);
+    return calibkern::attach_row_grad(logits, loss, grad);
   }, py::arg("logits"), py::arg("loss"), py::arg("grad"),
      "A copy of loss whose gradient with respect to logits is grad · ∂L/∂loss (row_grad.h).");
 

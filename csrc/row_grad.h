@@ -1,38 +1,61 @@
 // The autograd node of a per-row loss whose kernel wrote ∂loss/∂logits in the forward pass (any backend,
-// any device): backward is ∂L/∂z = grad · ∂L/∂loss (per row for reduction "none"), and a scalar ∂L/∂loss
-// that is exactly 1 on the CPU hands the saved gradient back as it is (autograd copies it if the graph is
-// retained). The same formula as calibkern/ops/custom_ops.py's _row_loss_backward, without Python in the
-// backward pass.
+// any device): backward is ∂L/∂z = grad · ∂L/∂loss (per row for reduction "none"). The same formula as
+// calibkern/ops/custom_ops.py's _row_loss_backward, without Python in the backward pass.
+//
+// When the graph is freed by this backward (no retain_graph) and ∂L/∂loss is a CPU scalar exactly 1, the
+// saved gradient is handed back as it is: nothing else can read it afterwards. With retain_graph the node
+// always returns a new tensor, so a caller that edits the returned gradient in place leaves the saved one
+// intact for the next backward, as PyTorch's own ops do.
 #pragma once
 
-#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
+
+#include <memory>
+#include <string>
+#include <type_traits>
 
 namespace calibkern {
 
-class SavedRowGrad : public torch::autograd::Function<SavedRowGrad> {
- public:
-  /// Returns a copy of `loss` whose gradient with respect to `logits` is `grad` (float32 or float64 [N, K]).
-  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& logits, const at::Tensor& loss,
-                            const at::Tensor& grad) {
-    ctx->save_for_backward({grad});
-    ctx->saved_data["dtype"] = static_cast<int64_t>(logits.scalar_type());
-    ctx->set_materialize_grads(false);
-    return loss.clone();
-  }
+struct RowGradBackward : public torch::autograd::Node {
+  torch::autograd::SavedVariable grad;
+  at::ScalarType logits_dtype = at::kFloat;
+  bool releasing = false;  // the engine frees this node's saved tensor right after apply
 
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grad_outputs) {
-    const at::Tensor& grad_loss = grad_outputs[0];
-    if (!grad_loss.defined()) return {at::Tensor(), at::Tensor(), at::Tensor()};
-    at::Tensor grad = ctx->get_saved_variables()[0];
+  torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override {
+    const at::Tensor& grad_loss = grads[0];
+    if (!grad_loss.defined()) return {at::Tensor()};
+    at::Tensor g = grad.unpack();
     if (grad_loss.dim() > 0) {
-      grad = grad * grad_loss.to(grad.scalar_type()).unsqueeze(1);
-    } else if (!(grad_loss.is_cpu() && grad_loss.item<double>() == 1.0)) {
-      grad = grad * grad_loss.to(grad.scalar_type());
+      g = g * grad_loss.to(g.scalar_type()).unsqueeze(1);
+    } else if (!(releasing && grad_loss.is_cpu() && grad_loss.item<double>() == 1.0)) {
+      g = g * grad_loss.to(g.scalar_type());
     }
-    const auto dtype = static_cast<at::ScalarType>(ctx->saved_data["dtype"].toInt());
-    return {grad.to(dtype), at::Tensor(), at::Tensor()};
+    return {g.to(logits_dtype)};
   }
+  void will_release_variables() override { releasing = true; }
+  void release_variables() override { grad.reset_data(); }
+  std::string name() const override { return "calibkern::RowGradBackward"; }
 };
+
+/// A copy of `loss` whose gradient with respect to `logits` is `grad` (float32 or float64 [N, K]) · ∂L/∂loss.
+inline at::Tensor attach_row_grad(const at::Tensor& logits, const at::Tensor& loss, const at::Tensor& grad) {
+  at::Tensor out = loss.detach().clone();
+  // torch::autograd holds nodes by std::shared_ptr in older releases and by c10::intrusive_ptr in newer ones.
+  using NodePtr = decltype(torch::autograd::Edge::function);
+  auto node = [] {
+    if constexpr (std::is_same_v<NodePtr, std::shared_ptr<torch::autograd::Node>>) {
+      return std::make_shared<RowGradBackward>();
+    } else {
+      return c10::make_intrusive<RowGradBackward>();
+    }
+  }();
+  node->set_next_edges(torch::autograd::collect_next_edges(logits));
+  node->grad = torch::autograd::SavedVariable(grad, /*is_output=*/false);
+  node->logits_dtype = logits.scalar_type();
+  torch::autograd::set_history(out, NodePtr(node));
+  return out;
+}
 
 }  // namespace calibkern

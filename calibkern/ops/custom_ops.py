@@ -16,8 +16,8 @@ Each op takes the backend by name (``"auto"`` picks triton for CUDA tensors, see
 * ``hard_bin_loss`` / ``em_target_loss``: ``loss = R(f(z_i))`` with the reduction R over kept rows of
   calibkern.reference.reduce_rows; the kernel writes ``∂loss/∂z_i`` (the mean's 1/n_kept included) in the
   forward pass, so ``∂L/∂z_i = grad_i · ∂L/∂loss`` (``∂L/∂loss_i`` per row for ``"none"``): no recompute, the
-  [N, K] gradient is the saved state, and a scalar ``∂L/∂loss`` that is exactly 1 on the CPU hands it back
-  as it is (no copy);
+  [N, K] gradient is the saved state (the C++ node of csrc/row_grad.h hands it back uncopied when the
+  graph is freed by that backward and ``∂L/∂loss`` is exactly 1);
 * ``em_ece_loss``: ``L = Σ_k (S_k/N) ρ(C_k/S_k − θ_k)`` with r detached; backward is the second phase
   ``∂L/∂z_i = (Σ_k r_ik ρ'(d_k)/N) · c_i (e_ŷ − p_i)`` (``em_ece_grad``), scaled by ``∂L_out``;
 * ``binned_stats``, ``em_stats``, ``em_ece_grad`` and the in-place ``cross_entropy_`` have no gradient.
@@ -97,13 +97,12 @@ def _save_row_grad(ctx, inputs, output):
 
 
 def _row_loss_backward(ctx, grad_loss, *_):
+    """``∂L/∂z = grad · ∂L/∂loss``, always a new tensor: the saved gradient stays intact for a retained graph."""
     if grad_loss is None:
         return (None,) * ctx.n_inputs
     (grad,) = ctx.saved_tensors
-    if grad_loss.dim():  # reduction "none": one factor per row
-        grad = grad * grad_loss.to(grad.dtype)[:, None]
-    elif not _is_one(grad_loss):
-        grad = grad * grad_loss.to(grad.dtype)
+    factor = grad_loss.to(grad.dtype)
+    grad = grad * (factor[:, None] if factor.dim() else factor)  # reduction "none": one factor per row
     return (grad.to(ctx.logits_dtype),) + (None,) * (ctx.n_inputs - 1)
 
 
@@ -120,12 +119,6 @@ def _cpp_row_grad(body):
             loss = _C.attach_row_grad(logits, loss, rest[0])
         return (loss, *rest)
     return eager
-
-
-def _is_one(x: Tensor) -> bool:
-    """Whether a 0-dim CPU tensor is exactly 1: a host read that waits on no device, never while compiling.
-    Handing the saved gradient back uncopied is safe: autograd copies it when the graph is retained."""
-    return x.device.type == "cpu" and not torch.compiler.is_compiling() and x.item() == 1
 
 
 def hard_bin_loss(logits: Tensor, labels: Tensor, bin_accuracy: Tensor, ignore_index: int, reduction: str = "none",
