@@ -17,6 +17,7 @@ A mixture of M calibration components over the confidence: weights ``π_k``, mea
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -41,9 +42,7 @@ class EMState:
         if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be a number in [0, 1), got {momentum!r}")
         self.momentum = float(momentum)
-        if len(prior) != 2 or min(prior) < 0:
-            raise ValueError(f"prior must be two numbers (a0, b0) ≥ 0, got {prior!r}")
-        self.prior = (float(prior[0]), float(prior[1]))
+        self.prior = check_prior(prior)
         self.fixed_components = bool(fixed_components)
         m = self.n_components
         self.sigma_min = 1.0 / (4 * m)
@@ -119,6 +118,8 @@ class EMState:
         return {name: getattr(self, name).clone() for name in _PARAMS + _STATS + ("n_msteps",)}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore a :meth:`state_dict`; every value is checked (:func:`check_state`) before any is set."""
+        loaded = {}
         for name in _PARAMS + _STATS + ("n_msteps",):
             if name not in state:
                 raise KeyError(f"EMState.load_state_dict: missing {name!r}")
@@ -127,22 +128,62 @@ class EMState:
             if value.shape != current.shape:
                 raise ValueError(f"EMState.load_state_dict: {name!r} has shape {tuple(value.shape)}, expected "
                                  f"{tuple(current.shape)} (n_components={self.n_components})")
-            setattr(self, name, value.to(current.device, current.dtype).clone())
+            loaded[name] = value.to(current.device, current.dtype).clone()
+        check_state(loaded, "EMState.load_state_dict")
+        for name, value in loaded.items():
+            setattr(self, name, value)
 
 
-def em_regularizer(option_logits, labels, state: EMState, *, form="target", rho="square", reduction="mean",
+def check_prior(prior) -> tuple[float, float]:
+    """The Beta prior ``(a0, b0)`` of θ: two finite numbers ≥ 0 with ``a0 + b0 > 0``, so that
+    ``θ_k = (R̄_k + a0)/(S̄_k + a0 + b0)`` is defined for a component with no mass."""
+    if isinstance(prior, (str, bytes)) or not hasattr(prior, "__len__") or len(prior) != 2 \
+            or any(isinstance(v, bool) or not isinstance(v, numbers.Real) for v in prior):
+        raise TypeError(f"prior must be two numbers (a0, b0), got {prior!r}")
+    a0, b0 = float(prior[0]), float(prior[1])
+    if not (math.isfinite(a0) and math.isfinite(b0) and a0 >= 0 and b0 >= 0 and a0 + b0 > 0):
+        raise ValueError(f"prior must be two finite numbers (a0, b0) ≥ 0 with a0 + b0 > 0, got {prior!r}")
+    return a0, b0
+
+
+def check_state(state: dict, where: str) -> None:
+    """Values an :class:`EMState` can hold: π ≥ 0 with a positive sum, μ and θ in [0, 1], σ > 0, finite
+    statistics with S, Q ≥ 0, and a count of M-steps ≥ 0. Raises ``ValueError`` naming the entry."""
+    def bad(name, what):
+        raise ValueError(f"{where}: {name!r} must hold {what}")
+
+    for name in _PARAMS + _STATS:
+        if not torch.isfinite(state[name]).all():
+            bad(name, "finite values")
+    if (state["pi"] < 0).any() or not state["pi"].sum() > 0:
+        bad("pi", "weights ≥ 0 with a positive sum")
+    for name in ("mu", "theta"):
+        if ((state[name] < 0) | (state[name] > 1)).any():
+            bad(name, "values in [0, 1]")
+    if not (state["sigma"] > 0).all():
+        bad("sigma", "widths > 0")
+    for name in _STATS:
+        if (state[name][0] < 0).any() or (state[name][2] < 0).any():
+            bad(name, "statistics with S = Σ r ≥ 0 and Q = Σ r c² ≥ 0 (rows S, C, Q, R)")
+    if state["n_msteps"] < 0:
+        bad("n_msteps", "a count ≥ 0")
+
+
+def em_regularizer(option_logits, labels, state: EMState, *, form="target", rho=None, reduction="mean",
                    accumulate=False, ignore_index=-100, nonfinite="error", backend=None) -> torch.Tensor:
     """The EM-estimated ECE regulariser (SPEC §4.3), differentiable with respect to ``option_logits``.
 
     ``form="target"``: ``L_i = (c_i − t_i)² + Σ_r (q_(r) − t_(r))²`` with ``t_i = Σ_k r_ik θ_k``, reduced by
     ``reduction`` over kept rows. ``form="ece"``: ``L = Σ_k (S_k/N) ρ(C_k/S_k − θ_k)`` (a batch scalar;
-    ``rho`` is ``"square"`` or ``"smooth_abs"``). With ``accumulate=True`` the pass's E-step statistics are
+    ``rho`` is ``"square"``, the default, or ``"smooth_abs"``; the target form takes no ``rho``). With ``accumulate=True`` the pass's E-step statistics are
     added to ``state`` (no second pass).
     """
     if not isinstance(state, EMState):
         raise TypeError(f"state must be a calibkern.EMState, got {type(state).__name__}")
     V.check_choice(form, "form", FORMS)
-    V.check_choice(rho, "rho", em_ops.RHOS)
+    if form == "target" and rho is not None:
+        raise ValueError("rho applies to form='ece'; form='target' is a squared loss")
+    rho = V.check_choice("square" if rho is None else rho, "rho", em_ops.RHOS)
     rows = prepare(option_logits, labels, ignore_index=ignore_index, nonfinite=nonfinite, backend=backend,
                    logits_name="option_logits", row_loss=form == "target")
     log_pi, mu, sigma, theta = state.kernel_params(rows.logits.device)

@@ -6,11 +6,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..em import EMState
+
 __all__ = ["CalibrationConfig", "OFFICIAL_ALPHA", "OFFICIAL_CAL_SCALE"]
 
 # The published reference code's combination: (1 − α)·L_SFT + α·1e-3·L_cal with α = 0.5 (SPEC §4.2).
 OFFICIAL_ALPHA = 0.5
 OFFICIAL_CAL_SCALE = 1e-3
+EM_OPTIONS = {"refresh", "momentum", "prior", "fixed_components"}  # EMState's keyword arguments
 
 
 @dataclass
@@ -81,8 +84,8 @@ class CalibrationConfig:
             raise ValueError(f"bin_accuracy must have n_bins={self.n_bins} values, got {len(self.bin_accuracy)}")
         if self.method == "cft" and self.em:
             raise ValueError("em options apply to method='rcft' only")
-        if self.em.get("refresh", "epoch") not in ("epoch", "stream"):
-            raise ValueError(f"em['refresh'] must be 'epoch' or 'stream', got {self.em['refresh']!r}")
+        if self.method == "rcft":
+            self.new_em_state()  # the EMState's own checks of every em option, now rather than at training
         if self.em.get("refresh") == "stream" and self.calibration_dataset is not None:
             raise ValueError("calibration_dataset needs em refresh='epoch' (streaming uses the training batches)")
 
@@ -93,6 +96,14 @@ class CalibrationConfig:
                 raise ValueError(f"refresh_steps must be a positive int or None, got {self.refresh_steps!r}")
             if self.method != "rcft" or self.em.get("refresh", "epoch") != "epoch":
                 raise ValueError("refresh_steps applies to method='rcft' with em refresh='epoch'")
+
+    def new_em_state(self) -> EMState:
+        """A fresh :class:`calibkern.EMState` with ``n_bins`` components and the ``em`` options."""
+        unknown = sorted(set(self.em) - EM_OPTIONS)
+        if unknown:
+            raise ValueError(f"em has unknown option(s) {', '.join(map(repr, unknown))}; the options are "
+                             f"{', '.join(sorted(EM_OPTIONS))}")
+        return EMState(n_components=self.n_bins, **self.em)
 
     @property
     def refresh(self) -> str:

@@ -120,7 +120,7 @@ class CalibrationTrainer(Trainer):
             self.bin_accuracy = torch.as_tensor(calibration.bin_accuracy, dtype=torch.float32, device=device)
         self.em_state = None
         if calibration.method == "rcft":
-            self.em_state = calibkern.EMState(n_components=calibration.n_bins, **calibration.em)
+            self.em_state = calibration.new_em_state()
         self.em_refreshed_epoch = -1
         self.em_refreshed_step = -1
         # num_items_in_batch is what makes CE exact under accumulation: ask for it whatever the model accepts,
@@ -415,7 +415,7 @@ def compute_loss_func(
     if calibration.method == "cft" and calibration.bin_accuracy is None:
         raise ValueError("compute_loss_func with method='cft' needs calibration.bin_accuracy")
     if calibration.method == "rcft" and em_state is None:
-        em_state = calibkern.EMState(n_components=calibration.n_bins, **calibration.em)
+        em_state = calibration.new_em_state()
     sft_weight, lam = calibration.loss_weights
 
     def loss_func(outputs, labels, num_items_in_batch=None):
