@@ -86,11 +86,18 @@ def check_same_device(device: torch.device, tensor: torch.Tensor, name: str) -> 
 
 
 def check_n_bins(n_bins, name: str = "n_bins") -> int:
-    if isinstance(n_bins, bool) or not isinstance(n_bins, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(n_bins).__name__}")
+    """A positive int (Python or NumPy)."""
+    n_bins = check_int(n_bins, name)
     if n_bins < 1:
         raise ValueError(f"{name} must be ≥ 1, got {n_bins}")
-    return int(n_bins)
+    return n_bins
+
+
+def check_int(value, name: str) -> int:
+    """Any integer (Python or NumPy), as an int; bools and floats are refused, not truncated."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    return int(value)
 
 
 def check_positive_float(value, name: str) -> float:

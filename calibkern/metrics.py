@@ -8,6 +8,7 @@ Equal-width bins ``b(c) = min(floor(c·M), M−1)``; per bin ``n_k`` (int64), ``
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -88,7 +89,20 @@ class BinStats:
 
     @classmethod
     def from_bins(cls, bins, confidences, correct, n_bins: int) -> "BinStats":
-        """Top-1 statistics from an explicit bin index per sample (int64 in [0, M)), e.g. equal-mass bins."""
+        """Top-1 statistics from an explicit bin index per sample (integers in [0, M)), e.g. equal-mass bins;
+        ``correct`` is bool or 0/1."""
+        n_bins = V.check_n_bins(n_bins)
+        for x, name in ((bins, "bins"), (confidences, "confidences"), (correct, "correct")):
+            V.check_tensor(x, name)
+            if x.shape != confidences.shape or x.dim() != 1:
+                raise ValueError(f"bins, confidences and correct must be 1-D of one length, got "
+                                 f"{tuple(bins.shape)}, {tuple(confidences.shape)} and {tuple(correct.shape)}")
+            V.check_same_device(confidences.device, x, name)
+        if bins.dtype.is_floating_point or bins.dtype.is_complex or bins.dtype == torch.bool:
+            raise TypeError(f"bins must be an integer tensor, got {bins.dtype}")
+        bins = bins.long()
+        V.require(((bins >= 0) & (bins < n_bins)).all(), f"bins must lie in [0, {n_bins})")
+        V.require(((correct == 0) | (correct == 1)).all(), "correct must be bool or 0/1")
         stats = cls.empty(n_bins, device=confidences.device)
         stats.counts.scatter_add_(0, bins, torch.ones_like(bins))
         stats.sum_conf.scatter_add_(0, bins, confidences.double())
@@ -215,17 +229,17 @@ def ece_confidence_interval(logits, labels, n_bins=10, norm="l1", *, n_boot=1000
     """Percentile bootstrap interval for the ECE: ``n_boot`` resamples of the rows, drawn with ``seed``."""
     n_bins = V.check_n_bins(n_bins)
     V.check_choice(norm, "norm", NORMS)
-    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
-        raise ValueError(f"n_boot must be an int ≥ 1, got {n_boot!r}")
-    if not 0.0 < float(confidence) < 1.0:
-        raise ValueError(f"confidence must lie in (0, 1), got {confidence!r}")
+    n_boot = V.check_n_bins(n_boot, "n_boot")
+    if isinstance(confidence, bool) or not isinstance(confidence, numbers.Real) or not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be a number in (0, 1), got {confidence!r}")
+    seed = V.check_int(seed, "seed")
     _, conf, correct, _ = _kept_rows(logits, labels, temperature, ignore_index, nonfinite)
     n = conf.shape[0]
     if n == 0:
         raise ValueError("labels: every row is ignored, so the ECE has no confidence interval")
     bins = bin_index(conf, n_bins)
     estimate = float(BinStats.from_confidences(conf, correct, n_bins).ece(norm))
-    generator = torch.Generator(device=conf.device).manual_seed(int(seed))
+    generator = torch.Generator(device=conf.device).manual_seed(seed)
     chunk = max(1, min(n_boot, 2 ** 24 // n))
     values = []
     for start in range(0, n_boot, chunk):
@@ -245,14 +259,19 @@ def ece_confidence_interval(logits, labels, n_bins=10, norm="l1", *, n_boot=1000
 
 def proper_score_sums(logits, labels, *, temperature=1.0, ignore_index=-100):
     """Row sums of the negative log-likelihood ``−log p_y`` and the Brier score ``Σ_j (p_j − 1[y=j])²``
-    over kept rows, as float64 0-dim tensors (no host sync). ``Σ_j (p_j − e_y)² = Σ p² − 2 p_y + 1``."""
+    over kept rows, as float64 0-dim tensors (no host sync).
+
+    The Brier term is ``(Σ_{j≠y} p_j)² + Σ_{j≠y} p_j²``: sums of non-negative terms, with ``1 − p_y`` taken
+    as the sum of the other probabilities, so a confident row keeps its relative precision (the expanded
+    ``Σ p² − 2 p_y + 1`` cancels to 0 in float32 once ``p_y`` rounds to 1)."""
     from .reference.softmax import scaled
 
     log_p = torch.log_softmax(scaled(logits, temperature), dim=1)
     keep = labels != ignore_index
-    log_p_y = log_p.gather(1, torch.where(keep, labels, torch.zeros_like(labels))[:, None]).squeeze(1)
-    p = log_p.exp_()
-    brier = (p * p).sum(dim=1) - 2.0 * log_p_y.exp() + 1.0
+    safe = torch.where(keep, labels, torch.zeros_like(labels))[:, None]
+    log_p_y = log_p.gather(1, safe).squeeze(1)
+    others = log_p.exp_().scatter_(1, safe, 0.0)
+    brier = others.sum(dim=1).square() + others.square().sum(dim=1)
     return (-log_p_y * keep).double().sum(), (brier * keep).double().sum()
 
 
@@ -306,16 +325,24 @@ class CalibrationMeter:
 
     @torch.no_grad()
     def update(self, logits, labels) -> None:
-        """Add one batch: validated once, binned by the backend's kernel, NLL/Brier summed in torch."""
+        """Add one batch: validated once, binned by the backend's kernel, NLL/Brier summed in torch. Every
+        check runs and every batch statistic is computed before the state changes, so a rejected batch
+        leaves the meter as it was."""
         rows = prepare(logits, labels, ignore_index=self.ignore_index, nonfinite=self.nonfinite, backend=self.backend)
+        n_classes = rows.logits.shape[1]
+        expected = self.n_classes if self.class_stats is None else self.class_stats.counts.shape[0]
+        if self.classwise and expected is not None and n_classes != expected:
+            raise ValueError(f"logits has K = {n_classes} classes but this classwise meter holds {expected} "
+                             "(n_classes, or the first batch's K)")
         args = (rows.logits, rows.labels, self.n_bins, self.temperature, self.ignore_index)
-        device = rows.logits.device
-        self.stats = self.stats.to(device) + BinStats(*rows.kernels.binned_stats(*args, False)[:3], rows.n_skipped)
-        if self.classwise:
-            batch_cw = BinStats(*rows.kernels.binned_stats(*args, True)[:3])
-            self.class_stats = batch_cw if self.class_stats is None else self.class_stats.to(device) + batch_cw
+        batch = BinStats(*rows.kernels.binned_stats(*args, False)[:3], rows.n_skipped)
+        batch_cw = BinStats(*rows.kernels.binned_stats(*args, True)[:3]) if self.classwise else None
         s_nll, s_brier = proper_score_sums(rows.logits, rows.labels, temperature=self.temperature,
                                            ignore_index=self.ignore_index)
+        device = rows.logits.device
+        self.stats = self.stats.to(device) + batch
+        if batch_cw is not None:
+            self.class_stats = batch_cw if self.class_stats is None else self.class_stats.to(device) + batch_cw
         self.sum_nll = self.sum_nll.to(device) + s_nll
         self.sum_brier = self.sum_brier.to(device) + s_brier
         self.updated = True
