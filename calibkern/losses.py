@@ -55,6 +55,10 @@ def fused_linear_calibration_loss(hidden, weight, labels, *, option_ids, bias=No
     default answer positions: the supervised positions whose target is one of ``option_ids``. The
     calibration term is the mean over the batch's answer positions (0 when there is none). One backward
     pass per call.
+
+    Non-finite values never raise here: a supervised position whose logits hold NaN or ±inf (from NaN or
+    inf in ``hidden``, ``weight`` or ``bias``) makes ``sft_loss`` NaN, and ``cal_loss`` too when it is an
+    answer position (``bin_stats.n_skipped`` counts those), so a diverging run shows NaN in its logged loss.
     """
     hidden, weight, bias = _autocast(hidden, weight, bias)
     _check_inputs(hidden, weight, bias)
@@ -84,10 +88,16 @@ def fused_linear_calibration_loss(hidden, weight, labels, *, option_ids, bias=No
         hidden_2d, weight, bias, rows, row_targets, option_ids, chunk_size, kernels, ignore_index,
         torch.is_grad_enabled())
     sft_loss = loss_sum / _denominator(num_items_in_batch, rows.shape[0], device)
-    cal_loss = _calibration_term(calibration, option_logits, option_labels, bin_accuracy, em_state, n_bins,
+    # Non-finite option logits (diverged parameters) give a NaN loss, as the cross-entropy does: the
+    # calibration term runs on the finite rows and NaN is added when an answer row is not finite.
+    finite = torch.isfinite(option_logits).all(dim=1)
+    poisoned = (~finite & (option_labels != ignore_index)).any()
+    cal_loss = _calibration_term(calibration, torch.where(finite[:, None], option_logits, 0.0),
+                                 torch.where(finite, option_labels, ignore_index), bin_accuracy, em_state, n_bins,
                                  ignore_index, backend)
+    cal_loss = cal_loss + torch.where(poisoned, float("nan"), 0.0)
     bin_stats = binned_stats(option_logits.detach(), option_labels, n_bins=n_bins, ignore_index=ignore_index,
-                             backend=backend)
+                             nonfinite="skip", backend=backend)
     return CalibrationLossOutput(sft_weight * sft_loss + lam * cal_loss, sft_loss, cal_loss, bin_stats)
 
 
@@ -236,16 +246,22 @@ def _option_labels(targets, rows, row_targets, option_ids, answers, ignore_index
 
 
 def _denominator(num_items_in_batch, n_supervised: int, device) -> torch.Tensor | float:
-    """``num_items_in_batch`` when given, else the number of supervised rows (at least 1)."""
+    """``num_items_in_batch`` when given (a number or one-element tensor > 0), else the number of supervised
+    rows (at least 1). A tensor's value is checked by :func:`calibkern._validate.require` (asynchronously
+    on a GPU)."""
     if num_items_in_batch is None:
         return float(max(n_supervised, 1))
+    message = f"num_items_in_batch must be a positive number, got {num_items_in_batch!r}"
     if isinstance(num_items_in_batch, torch.Tensor):
-        if num_items_in_batch.numel() != 1 or num_items_in_batch.dtype == torch.bool:
-            raise ValueError("num_items_in_batch must be a number or a one-element numeric tensor")
-        return num_items_in_batch.to(device=device, dtype=torch.float32).reshape(()).clamp_min(1.0)
+        if num_items_in_batch.numel() != 1 or num_items_in_batch.dtype == torch.bool \
+                or num_items_in_batch.is_complex():
+            raise ValueError("num_items_in_batch must be a number or a one-element real tensor")
+        value = num_items_in_batch.to(device=device, dtype=torch.float32).reshape(())
+        V.require(value > 0, message)
+        return value
     if isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, numbers.Real) \
-            or not num_items_in_batch > 0:
-        raise ValueError(f"num_items_in_batch must be a positive number, got {num_items_in_batch!r}")
+            or not num_items_in_batch > 0 or not math.isfinite(num_items_in_batch):
+        raise ValueError(message)
     return float(num_items_in_batch)
 
 
