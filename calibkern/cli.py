@@ -1,7 +1,9 @@
 """The ``calibkern`` program (also ``python -m calibkern``): one subcommand per pipeline stage (SPEC §7).
 
-This module only parses arguments and calls :mod:`calibkern.pipeline`. Errors (missing files, malformed rows,
-bad options) print ``calibkern: error: <message naming the file>`` and exit with status 2.
+This module only parses arguments and calls :mod:`calibkern.pipeline`. A user error (a bad option, a missing or
+malformed file, a template with unknown fields, an unloadable model directory) prints
+``calibkern: error: <what, where>`` on stderr and exits with status 2, never a traceback; ``--debug`` shows
+the traceback instead.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ def _common(parser: argparse.ArgumentParser, *, model=True, data=True, out_defau
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="calibkern", description="Calibration-aware fine-tuning of aligned LLMs "
                                      "(CFT / RCFT): stages, evaluation and an offline demo.")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(SUBCOMMANDS) + "}")
 
     demo = commands.add_parser("demo", help="the embedded default pipeline, offline, on a tiny Llama")
@@ -98,7 +101,10 @@ def _parse_overrides(items: list[str], config):
                 raise ValueError(f"--set {item!r}: {key} takes true or false")
             changes[key] = value.lower() in ("true", "1")
         else:
-            changes[key] = types[key](value)
+            try:
+                changes[key] = types[key](value)
+            except ValueError:
+                raise ValueError(f"--set {item!r}: {key} takes a {types[key].__name__}") from None
     return config.replace(**changes)
 
 
@@ -111,9 +117,27 @@ def _train_options(args):
                         progress=not args.no_progress)
 
 
+def _check_args(args) -> None:
+    """What can be checked before any file or model is loaded: the template, the bin count, the output path."""
+    from .hf.data import check_template
+
+    if getattr(args, "template", None) is not None:
+        try:
+            check_template(args.template)
+        except ValueError as error:
+            raise ValueError(f"--template: {error}") from None
+    if getattr(args, "n_bins", 1) < 1:
+        raise ValueError(f"--n-bins must be ≥ 1, got {args.n_bins}")
+    out = getattr(args, "out", None)
+    if out is not None and os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out}: exists and is not a directory")
+
+
 def _run(args) -> None:
     from . import hf, pipeline
     from .pipeline import io, report, runner, stages
+
+    _check_args(args)
 
     progress = not getattr(args, "no_progress", False)
     if not progress:  # the dataset preparation inside TRL and the trainers shows its own bars
@@ -189,7 +213,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         _run(args)
-    except (FileNotFoundError, IsADirectoryError, MCQDataError, ValueError) as error:
+    except (OSError, MCQDataError, ValueError) as error:  # OSError: missing, unreadable or unwritable paths
+        if args.debug:
+            raise
         print(f"calibkern: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -24,6 +24,7 @@ both handled; a letter that comes out as several tokens is an error.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import string
@@ -89,7 +90,7 @@ def _parse_answer(value: Any, n_options: int, where: str) -> int:
         value = int(value)
     if isinstance(value, str):
         text = value.strip()
-        if text.isdigit():
+        if text.isascii() and text.isdigit():  # str.isdigit alone accepts "²", which int() refuses
             value = int(text)
         elif len(text) == 1 and text.upper() in LETTERS:
             index = LETTERS.index(text.upper())
@@ -126,18 +127,30 @@ def _make_example(record: dict, where: str) -> MCQExample:
     return MCQExample(question=question, choices=tuple(choices), answer=answer, source=where)
 
 
+def read_text(path: str) -> str:
+    """The UTF-8 text of ``path`` without a leading byte-order mark (as Excel writes); bytes that are not
+    UTF-8 raise :class:`MCQDataError` naming the file and line."""
+    with open(path, "rb") as handle:
+        raw = handle.read()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = raw[:error.start].count(b"\n") + 1
+        raise MCQDataError(f"{path}:{line}: not valid UTF-8 (byte 0x{raw[error.start]:02x}); save the file as "
+                           "UTF-8") from None
+
+
 def _load_jsonl(path: str) -> list[MCQExample]:
     examples = []
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise MCQDataError(f"{where}: malformed JSON ({error.msg})") from None
-            examples.append(_make_example(record, where))
+    for line_number, line in enumerate(read_text(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{line_number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise MCQDataError(f"{where}: malformed JSON ({error.msg})") from None
+        examples.append(_make_example(record, where))
     return examples
 
 
@@ -158,23 +171,22 @@ def _csv_choices(row: dict, header: list[str], where: str) -> list:
 
 def _load_csv(path: str) -> list[MCQExample]:
     examples = []
-    with open(path, encoding="utf-8", newline="") as handle:
-        reader = csv.DictReader(handle)
-        header = reader.fieldnames or []
-        if "question" not in header or "answer" not in header or not ("choices" in header or "A" in header):
-            raise MCQDataError(
-                f"{path}:1: the CSV header needs question, answer and either choices (a JSON list) "
-                f"or option columns A, B, …; got {header}"
-            )
-        for row in reader:
-            where = f"{path}:{reader.line_num}"
-            if None in row or any(value is None for value in row.values()):
-                cells = sum(value is not None for key, value in row.items() if key is not None)
-                cells += len(row.get(None, []))
-                raise MCQDataError(f"{where}: row has {cells} cells but the header has {len(header)}")
-            record = {"question": row["question"], "answer": row["answer"]}
-            record["choices"] = _csv_choices(row, header, where)
-            examples.append(_make_example(record, where))
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
+    header = reader.fieldnames or []
+    if "question" not in header or "answer" not in header or not ("choices" in header or "A" in header):
+        raise MCQDataError(
+            f"{path}:1: the CSV header needs question, answer and either choices (a JSON list) "
+            f"or option columns A, B, …; got {header}"
+        )
+    for row in reader:
+        where = f"{path}:{reader.line_num}"
+        if None in row or any(value is None for value in row.values()):
+            cells = sum(value is not None for key, value in row.items() if key is not None)
+            cells += len(row.get(None, []))
+            raise MCQDataError(f"{where}: row has {cells} cells but the header has {len(header)}")
+        record = {"question": row["question"], "answer": row["answer"]}
+        record["choices"] = _csv_choices(row, header, where)
+        examples.append(_make_example(record, where))
     return examples
 
 
@@ -214,10 +226,32 @@ def load_mcq(path: str | os.PathLike, *, split: str | None = None) -> list[MCQEx
 # --------------------------------------------------------------------------------------------------- prompts
 
 
+TEMPLATE_FIELDS = ("question", "options")
+
+
+def check_template(template) -> str:
+    """A format string whose replacement fields are exactly ``{question}`` and ``{options}`` (each at least
+    once, no conversion or format spec); ``{{`` and ``}}`` stand for literal braces."""
+    if not isinstance(template, str):
+        raise TypeError(f"template must be a string, got {type(template).__name__}")
+    try:
+        fields = [(name, conversion, spec) for _, name, spec, conversion in string.Formatter().parse(template)
+                  if name is not None]
+    except ValueError as error:
+        raise ValueError(f"template {template!r} is not a valid format string ({error})") from None
+    for name, conversion, spec in fields:
+        if name not in TEMPLATE_FIELDS or conversion or spec:
+            raise ValueError(f"template {template!r}: unknown field {{{name}}}; the fields are {{question}} and "
+                             "{options} (write {{ and }} for literal braces)")
+    missing = [f"{{{name}}}" for name in TEMPLATE_FIELDS if name not in {f[0] for f in fields}]
+    if missing:
+        raise ValueError(f"template {template!r} must contain {' and '.join(missing)}")
+    return template
+
+
 def format_prompt(example: MCQExample, template: str = DEFAULT_TEMPLATE) -> str:
     """``template`` with ``{question}`` and ``{options}`` (lines ``"A. <choice>"``) filled in."""
-    if "{question}" not in template or "{options}" not in template:
-        raise ValueError("template must contain {question} and {options}")
+    check_template(template)
     letters = option_letters(example.n_options)
     options = "\n".join(f"{letter}. {choice}" for letter, choice in zip(letters, example.choices))
     return template.format(question=example.question, options=options)

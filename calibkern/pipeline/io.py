@@ -6,7 +6,7 @@ import json
 import os
 
 from ..hf.alignment import PreferencePair
-from ..hf.data import LETTERS, MCQDataError, load_mcq
+from ..hf.data import LETTERS, MCQDataError, load_mcq, read_text
 
 
 def load_model(path: str | os.PathLike):
@@ -18,8 +18,12 @@ def load_model(path: str | os.PathLike):
         raise FileNotFoundError(f"model directory not found: {path}")
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"{path}: not a Hugging Face model directory (no config.json)")
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as error:  # a malformed config.json, missing weights or tokenizer
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"{path}: cannot load the model or tokenizer ({first_line})") from error
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer
@@ -28,7 +32,7 @@ def load_model(path: str | os.PathLike):
 def _rejected_index(value, n_options: int, where: str) -> int:
     if isinstance(value, str) and len(value.strip()) == 1 and value.strip().upper() in LETTERS:
         value = LETTERS.index(value.strip().upper())
-    elif isinstance(value, str) and value.strip().isdigit():
+    elif isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
         value = int(value.strip())
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < n_options:
         raise MCQDataError(f"{where}: rejected must be an option index or letter among the {n_options} choices, "
@@ -43,8 +47,7 @@ def load_pairs(path: str | os.PathLike) -> list[PreferencePair]:
     examples = load_mcq(path)
     if not path.endswith((".jsonl", ".json")):
         raise MCQDataError(f"{path}: preference pairs must be JSONL")
-    with open(path, encoding="utf-8") as handle:
-        lines = handle.readlines()
+    lines = read_text(path).split("\n")
     pairs = []
     for example in examples:
         record = json.loads(lines[int(example.source.rsplit(":", 1)[1]) - 1])

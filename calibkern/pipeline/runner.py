@@ -68,6 +68,14 @@ def load_config(path: str | os.PathLike) -> dict:
         raise ValueError(f"{path}: missing key(s) {', '.join(missing)}")
     if set(data) - DATA_KEYS:
         raise ValueError(f"{path}: unknown data key(s) {', '.join(sorted(set(data) - DATA_KEYS))}")
+    if config.get("template") is not None:
+        try:
+            hf.check_template(config["template"])
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{path}: template: {error}") from None
+    out = config.get("out")
+    if out is not None and os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"{path}: out {out}: exists and is not a directory")
     return config
 
 

@@ -1,0 +1,86 @@
+"""The command-line contract: every subcommand turns a user error into ``calibkern: error: <what, where>`` on
+stderr with exit status 2, never a traceback; ``--debug`` shows the traceback instead."""
+
+import json
+
+import pytest
+
+pytest.importorskip("transformers")
+
+from calibkern.cli import main  # noqa: E402
+
+GOOD_ROW = {"question": "Which?", "choices": ["a", "b", "c", "d"], "answer": 1}
+
+
+@pytest.fixture()
+def files(tmp_path):
+    """Paths the bad inputs are made of: good and broken data files, a file, a model directory with a
+    malformed config.json, a malformed YAML and results.json."""
+    (tmp_path / "good.jsonl").write_text(json.dumps(GOOD_ROW) + "\n", encoding="utf-8")
+    (tmp_path / "good.csv").write_text("question,A,B,answer\nWhich?,x,y,B\n", encoding="utf-8")
+    (tmp_path / "superscript.csv").write_text("question,A,B,answer\nWhich?,x,y,²\n", encoding="utf-8")
+    (tmp_path / "latin1.jsonl").write_bytes(json.dumps(GOOD_ROW).encode() + b"\n" + b'{"question": "caf\xe9"}\n')
+    (tmp_path / "a_file").write_text("not a directory")
+    (tmp_path / "bad_model").mkdir()
+    (tmp_path / "bad_model" / "config.json").write_text("{ not json")
+    (tmp_path / "bad.yaml").write_text("model: [unclosed\n")
+    (tmp_path / "template.yaml").write_text(
+        "model: m\ntemplate: '{question} {options} {foo}'\ndata: {pairs: p, train: t, calibration: c, test: t}\n")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "results.json").write_text("[1, 2")
+    names = ("good.jsonl", "good.csv", "superscript.csv", "latin1.jsonl", "a_file", "bad_model", "bad.yaml",
+             "template.yaml", "run", "missing", "out")
+    return {name.replace(".", "_"): str(tmp_path / name) for name in names}
+
+
+# (subcommand arguments with {placeholders} from `files`, a fragment the message must hold)
+CASES = [
+    ("evaluate --model {bad_model} --data {good_jsonl} --out {out} --template '{{question}} {{options}} {{foo}}'",
+     "unknown field {foo}"),
+    ("evaluate --model {bad_model} --data {good_jsonl} --out {out} --template '{{question}} {{options}} {{0}}'",
+     "unknown field {0}"),
+    ("evaluate --model {bad_model} --data {good_jsonl} --out {out} --template 'Q: {{question}}'",
+     "must contain {options}"),
+    ("evaluate --model {bad_model} --data {good_jsonl} --out {out} --template '{{question}} {{options'",
+     "not a valid format string"),
+    ("evaluate --model {bad_model} --data {good_jsonl} --out {a_file}", "exists and is not a directory"),
+    ("evaluate --model {bad_model} --data {good_jsonl} --out {out} --n-bins 0", "--n-bins must be ≥ 1"),
+    ("evaluate --model {missing} --data {good_jsonl} --out {out}", "model directory not found"),
+    ("evaluate --model {bad_model} --data {good_jsonl} --out {out}", "bad_model: cannot load the model"),
+    ("evaluate --model {bad_model} --data {missing} --out {out}", "data file not found"),
+    ("evaluate --model {bad_model} --data {superscript_csv} --out {out}", "superscript.csv:2: answer"),
+    ("evaluate --model {bad_model} --data {latin1_jsonl} --out {out}", "latin1.jsonl:2: not valid UTF-8"),
+    ("align --model {bad_model} --data {good_csv} --out {out}", "preference pairs must be JSONL"),
+    ("align --model {bad_model} --data {good_jsonl} --out {a_file}", "exists and is not a directory"),
+    ("baselines --model {bad_model} --data {good_jsonl} --calibration-data {missing} --train-data {good_jsonl} "
+     "--out {out}", "data file not found"),
+    ("cft --model {bad_model} --data {good_jsonl} --out {out} --template '{{options}}'", "must contain {question}"),
+    ("rcft --model {missing} --data {good_jsonl} --calibration-data {good_jsonl} --out {out}",
+     "model directory not found"),
+    ("pipeline --config {missing}", "config file not found"),
+    ("pipeline --config {bad_yaml}", "malformed YAML"),
+    ("pipeline --config {template_yaml}", "template.yaml: template"),
+    ("report {missing}", "no results.json"),
+    ("report {run}", "results.json:1: malformed JSON"),
+    ("demo --out {a_file}", "exists and is not a directory"),
+    ("demo --out {out} --set no_such_field=1", "expected KEY=VALUE"),
+    ("demo --out {out} --set seed=abc", "seed"),
+    ("demo --out {out} --n-bins 0", "--n-bins must be ≥ 1"),
+]
+
+
+@pytest.mark.parametrize("command, fragment", CASES, ids=[f"{c.split()[0]}-{i}" for i, (c, _) in enumerate(CASES)])
+def test_user_errors_exit_2_with_one_line(files, capsys, command, fragment):
+    import shlex
+
+    argv = [part.format(**files) for part in shlex.split(command)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("calibkern: error: ") and "Traceback" not in err, err
+    assert fragment in err, err
+
+
+def test_debug_shows_the_traceback(files):
+    with pytest.raises(ValueError, match="unknown field"):
+        main(["--debug", "evaluate", "--model", files["bad_model"], "--data", files["good_jsonl"], "--out",
+              files["out"], "--template", "{question} {options} {foo}"])
