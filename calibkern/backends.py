@@ -46,12 +46,17 @@ def _triton_runs_here() -> bool:
     return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _why_triton_cannot_run() -> str:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    return "triton is installed, but torch sees no CUDA device and TRITON_INTERPRET is not 1"
+
+
 def _load(name: str) -> ModuleType | Exception:
     if name not in _probe_cache:
         try:
             if name == "triton" and not _triton_runs_here():
-                raise ImportError("triton is not installed, or there is no CUDA device and TRITON_INTERPRET "
-                                  "is not 1")
+                raise ImportError(_why_triton_cannot_run())
             _probe_cache[name] = importlib.import_module(_MODULES[name])
         except ImportError as exc:
             _probe_cache[name] = exc
