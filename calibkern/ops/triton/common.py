@@ -67,7 +67,9 @@ def online_softmax(logits_ptr, row_off, K, inv_t,
         z = load_tile(logits_ptr, row_off, cols, K, inv_t)
         poison += tl.sum(tl.where((cols < K)[None, :], z * 0.0, 0.0), axis=1)
         tile_max = tl.max(z, axis=1)
-        tile_top = tl.argmax(z, axis=1, tie_break_left=True) + k0
+        # NaN read as −inf for the argmax alone (the row is flagged non-finite anyway): an all-NaN tile then
+        # has an argmax, which the interpreter's NumPy argmax refuses to give
+        tile_top = tl.argmax(tl.where(z == z, z, float("-inf")), axis=1, tie_break_left=True) + k0
         new_m = tl.maximum(m, tile_max)
         s = s * tl.exp(m - new_m) + tl.sum(tl.exp(z - new_m[:, None]), axis=1)
         if SECOND_MAX:

@@ -1,0 +1,285 @@
+"""Differential fuzzer: every op on every backend against the ``torch`` reference, on inputs drawn by hypothesis.
+
+For each draw — shapes (N, K, V, D, n_bins) including 1 and odd sizes, every dtype the backend takes,
+temperatures down to overflow, ignored rows, exact ties, ±1e4 logits, and NaN / ±inf at random positions of
+every floating input (logits, hidden, weight, bias, bin accuracies, EM parameters) — a backend must agree
+with the reference on *whether it raises* (the same exception type) and, when neither raises, on every
+value and gradient (NaN where the reference has NaN).
+
+Confidences within float32 rounding of a bin edge may be binned either side by two correct kernels (their
+``exp`` differ by an ulp): such rows are left out of per-row comparisons, and the binned statistics allow
+exactly those rows to move.
+
+CI runs a seeded, bounded profile (``derandomize=True``, a few dozen draws per op and backend). The long
+profile is ``pytest -m fuzz`` (thousands of unseeded draws; set ``CALIBKERN_FUZZ_EXAMPLES`` to change it).
+"""
+
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import calibkern as ck
+
+IGNORE = -100
+BACKENDS = [b for b in ck.available_backends() if b != "torch"]
+INTERPRETED = {"triton"}  # the Triton interpreter runs each program in NumPy: fewer and smaller draws
+EDGE_TOL = 1e-4  # |c·M − round(c·M)| below this: either neighbouring bin is right
+FLOAT = (ValueError, TypeError, RuntimeError)
+
+
+def profile(backend: str, long: bool):
+    if long:
+        examples = int(os.environ.get("CALIBKERN_FUZZ_EXAMPLES", "2000"))
+        return settings(max_examples=examples // (10 if backend in INTERPRETED else 1), deadline=None,
+                        suppress_health_check=list(HealthCheck))
+    return settings(max_examples=15 if backend in INTERPRETED else 150, deadline=None, derandomize=True,
+                    suppress_health_check=list(HealthCheck))
+
+
+def dtypes(backend):
+    # the Triton interpreter has no bfloat16 arithmetic
+    return [torch.float32, torch.float16] + ([] if backend in INTERPRETED else [torch.bfloat16])
+
+
+# --------------------------------------------------------------------------------------------- drawing
+
+def poison(draw, g, x: torch.Tensor, kinds=("none", "none", "one", "some", "many")) -> torch.Tensor:
+    """``x`` with NaN, +inf or −inf at one random position (a diverging run's first sign), at a few, or
+    at many (often none)."""
+    kind = draw(st.sampled_from(kinds))
+    if kind == "none" or x.numel() == 0:
+        return x
+    if kind == "one":
+        where = torch.zeros(x.numel(), dtype=torch.bool)
+        where[torch.randint(0, x.numel(), (1,), generator=g)] = True
+        where = where.view(x.shape)
+    else:
+        where = torch.rand(x.shape, generator=g) < (0.02 if kind == "some" else 0.3)
+    values = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=x.dtype)
+    special = values[torch.randint(0, 3, x.shape, generator=g)]
+    return torch.where(where, special, x)
+
+
+@st.composite
+def option_batches(draw, backend, max_rows=64, max_k=40):
+    """(logits [N, K] in a backend dtype, labels [N] with ignored rows, n_bins, generator)."""
+    n = draw(st.sampled_from([1, 2, 3, 16, 17, 47]) | st.integers(1, max_rows))
+    k = draw(st.sampled_from([2, 3, 4, 5]) | st.integers(2, max_k))
+    m = draw(st.integers(1, 20))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2 ** 31 - 1)))
+    logits = torch.randn(n, k, generator=g, dtype=torch.float64) * draw(st.sampled_from([0.01, 1.0, 4.0, 30.0]))
+    if draw(st.booleans()):
+        logits = logits.round()  # exact ties, confidences at bin edges such as 1/2 and 1/4
+    extreme = torch.rand(n, k, generator=g) < draw(st.sampled_from([0.0, 0.1, 0.5]))
+    special = torch.tensor([-1e4, 0.0, 1e4], dtype=torch.float64)[torch.randint(0, 3, (n, k), generator=g)]
+    logits = torch.where(extreme, special, logits).to(draw(st.sampled_from(dtypes(backend))))
+    logits = poison(draw, g, logits)
+    labels = torch.randint(0, k, (n,), generator=g)
+    labels[torch.rand(n, generator=g) < draw(st.sampled_from([0.0, 0.3, 1.0]))] = IGNORE
+    return logits, labels, m, g
+
+
+def em_state(draw, g, m: int) -> ck.EMState:
+    """An EMState with m components at random valid parameters (through load_state_dict)."""
+    state = ck.EMState(n_components=m)
+    entries = state.state_dict()
+    entries["pi"] = torch.rand(m, generator=g, dtype=torch.float64) + 1e-3
+    entries["mu"] = torch.rand(m, generator=g, dtype=torch.float64)
+    entries["sigma"] = torch.rand(m, generator=g, dtype=torch.float64) * 0.2 + 1.0 / (4 * m)
+    entries["theta"] = torch.rand(m, generator=g, dtype=torch.float64)
+    state.load_state_dict(entries)
+    return state
+
+
+# --------------------------------------------------------------------------------------------- comparing
+
+def outcome(fn, backend):
+    """``("ok", tensors)`` or ``("raised", exception type)``."""
+    try:
+        return "ok", fn(backend)
+    except FLOAT as error:
+        return "raised", type(error)
+
+
+def agree(fn, backend, compare):
+    """The backend raises exactly when the reference does (same type); otherwise ``compare(got, want)``."""
+    want = outcome(fn, "torch")
+    got = outcome(fn, backend)
+    assert got[0] == want[0], f"{backend}: {got} but the reference {want}"
+    if want[0] == "raised":
+        assert got[1] is want[1], f"{backend} raised {got[1].__name__}, the reference {want[1].__name__}"
+    else:
+        compare(got[1], want[1])
+
+
+def close(got, want, rtol=1e-4, atol=1e-5, what=""):
+    torch.testing.assert_close(got.double(), want.double(), rtol=rtol, atol=atol, equal_nan=True, msg=lambda m: f"{what}: {m}")
+
+
+def ambiguous_rows(logits, labels, m, temperature=1.0):
+    """Kept rows whose float64 top-1 confidence lies within EDGE_TOL/M of an interior bin edge."""
+    z = logits.double() / temperature
+    c = torch.softmax(z, dim=1).amax(dim=1)
+    scaled = c * m
+    near = ((scaled - scaled.round()).abs() < EDGE_TOL) & (scaled.round() > 0) & (scaled.round() < m)
+    return near & (labels != IGNORE) & torch.isfinite(z).all(dim=1)
+
+
+# --------------------------------------------------------------------------------------------- properties
+
+def check_binned_stats(backend, data):
+    logits, labels, m, g = data.draw(option_batches(backend))
+    mode = data.draw(st.sampled_from(["top1", "classwise"]))
+    nonfinite = data.draw(st.sampled_from(["error", "skip"]))
+    temperature = data.draw(st.sampled_from([1.0, 0.5, 3.0, 1e-36]))
+
+    def run(b):
+        s = ck.binned_stats(logits, labels, m, mode=mode, temperature=temperature, nonfinite=nonfinite, backend=b)
+        return s.counts, s.sum_conf, s.sum_correct, s.n_skipped
+
+    if mode == "top1":
+        moved = int(ambiguous_rows(logits, labels, m, temperature).sum())
+    else:  # any class probability near an edge may move
+        p = torch.softmax(logits.double() / temperature, dim=1) * m
+        near = ((p - p.round()).abs() < EDGE_TOL) & (p.round() > 0) & (p.round() < m)
+        moved = int((near & (labels != IGNORE)[:, None]).sum())
+
+    def compare(got, want):
+        counts, sum_conf, sum_correct, n_skipped = got
+        assert torch.equal(n_skipped, want[3]), "n_skipped"
+        assert torch.equal(counts.sum(-1), want[0].sum(-1)), "rows binned"
+        assert int((counts - want[0]).abs().sum()) <= 2 * moved, "counts"
+        tol = 1e-5 * max(1, logits.shape[0]) + moved
+        close(sum_conf, want[1], rtol=0, atol=tol, what="sum_conf")
+        close(sum_correct, want[2], rtol=0, atol=tol, what="sum_correct")
+
+    agree(run, backend, compare)
+
+
+def check_calibration_loss(backend, data):
+    logits, labels, m, g = data.draw(option_batches(backend))
+    bin_accuracy = poison(data.draw, g, torch.rand(m, generator=g), ("none", "none", "none", "one"))
+    bin_accuracy[torch.rand(m, generator=g) < 0.2] = data.draw(st.sampled_from([0.0, 1.0]))
+    weights = torch.randn(logits.shape[0], generator=g)
+    skip = ambiguous_rows(logits, labels, m)
+
+    def run(b):
+        z = logits.detach().clone().requires_grad_()
+        loss = ck.calibration_loss(z, labels, bin_accuracy, n_bins=m, reduction="none", backend=b)
+        (grad,) = torch.autograd.grad((loss * weights).sum(), z)
+        return loss, grad
+
+    def compare(got, want):
+        keep = ~skip
+        close(got[0][keep], want[0][keep], what="loss")
+        close(got[1][keep], want[1][keep], atol=1e-4, what="grad")
+
+    agree(run, backend, compare)
+
+
+def check_em_regularizer(backend, data):
+    logits, labels, m, g = data.draw(option_batches(backend))
+    form = data.draw(st.sampled_from(["target", "ece"]))
+    state = em_state(data.draw, g, m)
+    weights = torch.randn(logits.shape[0], generator=g)
+
+    def run(b):
+        z = logits.detach().clone().requires_grad_()
+        if form == "target":
+            loss = ck.em_regularizer(z, labels, state, reduction="none", backend=b)
+            objective = (loss * weights).sum()
+        else:
+            loss = objective = ck.em_regularizer(z, labels, state, form="ece", backend=b)
+        (grad,) = torch.autograd.grad(objective, z)
+        stats = state.estep(logits, labels, backend=b)
+        return loss, grad, stats
+
+    def compare(got, want):
+        close(got[0], want[0], what="loss")
+        close(got[1], want[1], atol=1e-4, what="grad")
+        close(got[2], want[2], rtol=1e-4, atol=1e-4, what="E-step statistics")
+
+    agree(run, backend, compare)
+
+
+@st.composite
+def fused_inputs(draw, backend):
+    b, t = draw(st.integers(1, 3)), draw(st.sampled_from([1, 2, 7, 13]))
+    d, v = draw(st.sampled_from([1, 8, 19])), draw(st.sampled_from([5, 16, 20, 61]))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2 ** 31 - 1)))
+    dtype = draw(st.sampled_from(dtypes(backend)))
+    hidden = poison(draw, g, torch.randn(b, t, d, generator=g))
+    weight = poison(draw, g, torch.randn(v, d, generator=g) * draw(st.sampled_from([0.1, 1.0, 5.0])))
+    bias = poison(draw, g, torch.randn(v, generator=g)) if draw(st.booleans()) else None
+    option_ids = torch.randperm(v, generator=g)[:draw(st.integers(2, 4))]
+    labels = torch.randint(0, v, (b, t), generator=g)
+    answers = torch.rand(b, t, generator=g) < 0.4
+    labels = torch.where(answers, option_ids[torch.randint(0, len(option_ids), (b, t), generator=g)], labels)
+    labels[torch.rand(b, t, generator=g) < draw(st.sampled_from([0.0, 0.3, 1.0]))] = IGNORE
+    calibration = draw(st.sampled_from([None, "hard_bin", "em"]))
+    n_bins = draw(st.integers(1, 12))
+    extra = {}
+    if calibration == "hard_bin":
+        extra["bin_accuracy"] = torch.rand(n_bins, generator=g)
+    elif calibration == "em":
+        extra["em_state"] = em_state(draw, g, n_bins)
+    cast = [x if x is None else x.to(dtype) for x in (hidden, weight, bias)]
+    return (*cast, labels, option_ids, calibration, n_bins, extra)
+
+
+def check_fused_linear(backend, data):
+    hidden, weight, bias, labels, option_ids, calibration, n_bins, extra = data.draw(fused_inputs(backend))
+    if calibration == "hard_bin":  # the hard-bin term jumps where a confidence changes bin
+        targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE).reshape(-1)
+        z = hidden.double().reshape(-1, hidden.shape[-1]) @ weight.double()[option_ids].t()
+        if bias is not None:
+            z = z + bias.double()[option_ids]
+        answer = torch.isin(targets, option_ids)
+        if ambiguous_rows(z, torch.where(answer, 0, IGNORE), n_bins).any():
+            return
+
+    def run(b):
+        inputs = [x if x is None else x.detach().clone().requires_grad_() for x in (hidden, weight, bias)]
+        out = ck.fused_linear_calibration_loss(inputs[0], inputs[1], labels, bias=inputs[2], option_ids=option_ids,
+                                               calibration=calibration, n_bins=n_bins, backend=b, **extra)
+        differentiable = [x for x in inputs if x is not None]
+        grads = torch.autograd.grad(out.loss, differentiable, allow_unused=True)
+        grads = [torch.zeros_like(x) if gr is None else gr for x, gr in zip(differentiable, grads)]
+        s = out.bin_stats
+        return (out.sft_loss, out.cal_loss, s.counts, s.n_skipped, *grads)
+
+    def compare(got, want):
+        tol = {torch.float32: 1e-4}.get(hidden.dtype, 2e-2)
+        close(got[0], want[0], rtol=tol, atol=tol, what="sft_loss")
+        close(got[1], want[1], rtol=tol, atol=tol, what="cal_loss")
+        if hidden.dtype == torch.float32 and calibration != "hard_bin":
+            assert torch.equal(got[2], want[2]) or int((got[2] - want[2]).abs().sum()) <= 2, "bin counts"
+        assert torch.equal(got[3], want[3]), "n_skipped"
+        for index, (a, b) in enumerate(zip(got[4:], want[4:])):
+            close(a, b, rtol=tol, atol=tol * 10, what=f"gradient {index}")
+
+    agree(run, backend, compare)
+
+
+PROPERTIES = [check_binned_stats, check_calibration_loss, check_em_regularizer, check_fused_linear]
+
+
+def _case(prop, backend, long):
+    return profile(backend, long)(given(data=st.data())(lambda data: prop(backend, data)))
+
+
+@pytest.mark.skipif(not BACKENDS, reason="no backend besides the reference is available")
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("prop", PROPERTIES, ids=lambda p: p.__name__.removeprefix("check_"))
+def test_backend_agrees_with_reference(prop, backend):
+    _case(prop, backend, long=False)()
+
+
+@pytest.mark.fuzz
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("prop", PROPERTIES, ids=lambda p: p.__name__.removeprefix("check_"))
+def test_backend_agrees_with_reference_long(prop, backend):
+    _case(prop, backend, long=True)()
