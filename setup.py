@@ -1,25 +1,23 @@
-"""Builds the optional C++ CPU backend ``calibkern._C``.
+"""Builds the C++ CPU backend ``calibkern._C`` ahead of time, when torch is importable at build time.
 
-The package works without it (the ``torch`` reference backend is always there), so a failed compile
-prints a warning instead of failing the install.  Environment switches:
+The recipe (sources, flags, ``-march``) is calibkern/_build.py's, shared with the build at first use. A
+plain ``pip install`` builds in an isolated environment that holds no torch (pyproject.toml does not ask for
+one, so no second torch is downloaded): the package is then pure Python, and calibkern._cpp compiles the
+extension against the user's torch at first use. ``pip install --no-build-isolation`` (what ``make`` runs)
+compiles it here, against the installed torch, and records what it was built for in
+``calibkern/_build_config.py`` (not tracked).
 
-* ``CALIBKERN_NO_EXT=1``   — skip the extension entirely.
+A failed compile prints a warning and leaves the package usable (first use tries again), except under
+``CI=true``, where it fails the build. Environment switches:
+
+* ``CALIBKERN_NO_EXT=1``   — skip the ahead-of-time build.
 * ``CALIBKERN_MARCH=ARCH`` — compile for ``-march=ARCH`` (default ``native``: the build machine), e.g.
   ``x86-64-v3`` (AVX2) for a cluster whose nodes differ.
 * ``CALIBKERN_PORTABLE=1`` — no ``-march`` at all (the compiler's baseline, SSE2 on x86-64).
-
-A build runs only on CPUs with the instruction-set extensions it was compiled for. ``calibkern/_build_config.py``
-(written here, not tracked) lists them as /proc/cpuinfo names, and ``calibkern._cpp`` refuses to load the
-extension on a CPU that lacks one (the ``cpp`` backend is then unavailable) instead of dying of an illegal
-instruction.
 """
 
-import glob
 import importlib.util
 import os
-import re
-import shlex
-import subprocess
 import sys
 
 from setuptools import setup
@@ -27,77 +25,45 @@ from setuptools import setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 BUILD_CONFIG = os.path.join(ROOT, "calibkern", "_build_config.py")
 
-# x86 compiler macros of instruction-set extensions -> their /proc/cpuinfo flag names
-_CPU_FLAGS = {
-    "SSE3": "pni", "SSSE3": "ssse3", "SSE4_1": "sse4_1", "SSE4_2": "sse4_2", "POPCNT": "popcnt", "AVX": "avx",
-    "AVX2": "avx2", "FMA": "fma", "F16C": "f16c", "BMI": "bmi1", "BMI2": "bmi2", "AVX512F": "avx512f",
-    "AVX512CD": "avx512cd", "AVX512BW": "avx512bw", "AVX512DQ": "avx512dq", "AVX512VL": "avx512vl",
-    "AVX512IFMA": "avx512ifma", "AVX512VBMI": "avx512vbmi", "AVX512VBMI2": "avx512_vbmi2",
-    "AVX512VNNI": "avx512_vnni", "AVX512BITALG": "avx512_bitalg", "AVX512VPOPCNTDQ": "avx512_vpopcntdq",
-    "AVX512BF16": "avx512_bf16", "AVX512FP16": "avx512_fp16", "AVX512VP2INTERSECT": "avx512_vp2intersect",
-    "GFNI": "gfni", "VAES": "vaes", "VPCLMULQDQ": "vpclmulqdq", "AVXVNNI": "avx_vnni",
-}
 
-
-def _target_cpu_flags(march: str) -> list[str]:
-    """The /proc/cpuinfo names of the instruction-set extensions that ``-march=<march>`` enables; for
-    ``native``, less any that this machine's /proc/cpuinfo does not list (an older kernel may not name a
-    newer extension, and what the build machine cannot check is not required)."""
-    compiler = shlex.split(os.environ.get("CXX", "c++"))
-    try:
-        macros = subprocess.run([*compiler, f"-march={march}", "-dM", "-E", "-x", "c++", os.devnull],
-                                capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return []
-    defined = set(re.findall(r"^#define __(\w+)__ 1$", macros, flags=re.MULTILINE))
-    spec = importlib.util.spec_from_file_location("_cpu_flags", os.path.join(ROOT, "calibkern", "_cpu_flags.py"))
-    cpu_flags = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cpu_flags)
-    here = cpu_flags.cpu_flags() if march == "native" else None
-    return sorted(flag for macro, flag in _CPU_FLAGS.items() if macro in defined and (here is None or flag in here))
-
-
-def _write_build_config(cpu_flags: list[str]) -> None:
-    text = ('"""Written by setup.py: the /proc/cpuinfo flags the compiled extension calibkern._C needs."""\n\n'
-            f"CPP_CPU_FLAGS = {tuple(cpu_flags)!r}\n")
-    with open(BUILD_CONFIG, "w") as config:
-        config.write(text)
+def _recipe():
+    spec = importlib.util.spec_from_file_location("_build", os.path.join(ROOT, "calibkern", "_build.py"))
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    return build
 
 
 def _extensions():
     if os.environ.get("CALIBKERN_NO_EXT") == "1":
         return [], {}
-    sources = sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    bindings = os.path.join("csrc", "bindings.cpp")
-    if not sources or not os.path.exists(bindings):
-        return [], {}
     try:
         from torch.utils.cpp_extension import BuildExtension, CppExtension
-    except ImportError:  # torch is needed to build; without it we ship the pure-Python package
+    except ImportError:  # an isolated build: no torch here, calibkern._cpp builds at first use
         return [], {}
-
-    cxx = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=fast"]
-    march = None if os.environ.get("CALIBKERN_PORTABLE") == "1" else os.environ.get("CALIBKERN_MARCH", "native")
-    if march:
-        cxx.append(f"-march={march}")
-    _write_build_config(_target_cpu_flags(march) if march else [])
+    build = _recipe()
+    target = build.march()
+    build.write_build_config(BUILD_CONFIG, build.build_config(target))
     ext = CppExtension(
         name="calibkern._C",
-        sources=[bindings] + sources,
-        include_dirs=[os.path.join(ROOT, "csrc")],
-        extra_compile_args={"cxx": cxx},
-        extra_link_args=["-fopenmp"],
+        sources=[os.path.relpath(path, ROOT) for path in build.sources()],
+        include_dirs=[build.CSRC],
+        extra_compile_args={"cxx": build.cxx_flags(target)},
+        extra_link_args=build.LINK_FLAGS,
     )
 
     class OptionalBuildExtension(BuildExtension):
-        """Compile the extension, but never let a compile error break the install."""
+        """Compile the extension; a compile error is a warning (a failure under CI=true)."""
 
         def build_extension(self, extension):
             try:
                 super().build_extension(extension)
-            except Exception as exc:  # noqa: BLE001 - any toolchain failure means "no cpp backend"
-                print(f"WARNING: calibkern._C was not built ({exc}); the cpp backend is unavailable.",
-                      file=sys.stderr)
+            except Exception as exc:  # noqa: BLE001 - any toolchain failure means "no ahead-of-time build"
+                if os.environ.get("CI") == "true":
+                    raise
+                if os.path.exists(BUILD_CONFIG):
+                    os.remove(BUILD_CONFIG)
+                print(f"WARNING: calibkern._C was not built ({exc}); calibkern will try to compile it at first "
+                      "use, and `calibkern info` says why the cpp backend is unavailable.", file=sys.stderr)
 
     return [ext], {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}
 

@@ -4,8 +4,10 @@ The public API; every name is re-exported from the module that defines it.
 """
 
 from .backends import (
+    BackendStatus,
     BackendUnavailableError,
     available_backends,
+    backend_report,
     get_backend,
     is_deterministic,
     set_backend,
@@ -31,6 +33,7 @@ from .ops.calibration_loss import calibration_loss
 __version__ = "0.1.0"
 
 __all__ = [
+    "BackendStatus",
     "BackendUnavailableError",
     "BinStats",
     "CalibrationLossOutput",
@@ -41,6 +44,7 @@ __all__ = [
     "Reliability",
     "adaptive_ece",
     "available_backends",
+    "backend_report",
     "binned_stats",
     "brier",
     "calibration_loss",

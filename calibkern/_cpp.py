@@ -1,7 +1,11 @@
 """The ``cpp`` backend: the kernel contract of docs/backends.md on CPU tensors, computed by the compiled
-extension ``calibkern._C`` (csrc/). Importing this module raises ImportError when the extension was not
-built, or was compiled (``-march`` of setup.py) for instructions this CPU lacks, which
-:mod:`calibkern.backends` reports as "cpp unavailable".
+extension (calibkern/csrc).
+
+The extension is the ahead-of-time build ``calibkern._C`` when there is one built for this torch and this
+CPU (calibkern/_build.py records what it was built for); otherwise it is compiled at first use against the
+running torch into a per-user cache (``calibkern._build.jit_load``; ``CALIBKERN_JIT=0`` turns that off).
+Importing this module raises ImportError, saying why, when neither gives a usable extension, which
+:mod:`calibkern.backends` reports as "cpp unavailable" with that reason.
 
 Each function is a thin wrapper; the kernels are single-pass per row, OpenMP-parallel over fixed blocks of
 rows, float32 math with float64 statistics, and bitwise identical for any number of threads.
@@ -9,27 +13,46 @@ rows, float32 math with float64 statistics, and bitwise identical for any number
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import os
+
 import torch
 
+from calibkern import _build
 from calibkern import _validate as V
-from calibkern._cpu_flags import cpu_flags, missing_cpu_flags
+from calibkern._cpu_flags import cpu_flags
 
 
-def _check_build_runs_here() -> None:
+def _ahead_of_time_problem() -> str | None:
+    """Why the ahead-of-time build cannot be used here, or None when it can."""
+    if importlib.util.find_spec("calibkern._C") is None:
+        return "calibkern._C was not built ahead of time"
     try:
-        from calibkern._build_config import CPP_CPU_FLAGS
-    except ImportError:  # a build from before the config existed, or no build at all
-        return
-    missing = missing_cpu_flags(CPP_CPU_FLAGS, cpu_flags())
-    if missing:
-        raise ImportError(f"calibkern._C was compiled for CPU instructions this CPU lacks ({', '.join(missing)}); "
-                          "rebuild it on this machine, or build a portable one with CALIBKERN_PORTABLE=1")
+        config = vars(importlib.import_module("calibkern._build_config"))
+    except ImportError:  # built without a record: trust it
+        return None
+    problem = _build.mismatch(config, *_build.torch_identity(), cpu_flags())
+    return None if problem is None else f"calibkern._C was {problem}"
 
 
-_check_build_runs_here()
-from calibkern import _C  # noqa: E402  (after the check: a build for another CPU dies of an illegal instruction)
+def _load_extension():
+    """(module, how it was obtained)."""
+    problem = _ahead_of_time_problem()
+    if problem is None:
+        return importlib.import_module("calibkern._C"), "built ahead of time (calibkern._C)"
+    if os.environ.get("CALIBKERN_JIT") == "0":
+        raise ImportError(f"{problem}, and CALIBKERN_JIT=0 turns off the build at first use")
+    try:
+        module = _build.jit_load()
+    except ImportError as error:
+        raise ImportError(f"{problem}; {error}") from None
+    return module, f"built at first use in {_build.jit_directory()} ({problem})"
 
-_REDUCTION_CODES = {"none": 0, "sum": 1, "mean": 2}  # csrc/cpu/option_rows.h, Reduction
+
+_C, HOW_BUILT = _load_extension()
+
+_REDUCTION_CODES = {"none": 0, "sum": 1, "mean": 2}  # calibkern/csrc/cpu/option_rows.h, Reduction
 
 
 def binned_stats(logits: torch.Tensor, labels: torch.Tensor, n_bins: int, temperature: float,

@@ -11,15 +11,17 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import warnings
 from types import ModuleType
+from typing import NamedTuple
 
 import torch
 
 BACKENDS = ("torch", "cpp", "triton")
 _MODULES = {"torch": "calibkern.reference", "cpp": "calibkern._cpp", "triton": "calibkern.ops.triton"}
 _HOW_TO_GET = {
-    "cpp": "build the C++ extension: `pip install --no-build-isolation -e .` with a C++17 compiler "
-           "(OpenMP recommended), then check that `import calibkern._C` works",
+    "cpp": "it is compiled at first use with a C++ compiler (g++ or clang++ with OpenMP) and ninja, or ahead of "
+           "time by `pip install --no-build-isolation .`; `calibkern info` shows what failed",
     "triton": "install triton (`pip install triton`) and run on a CUDA device, or set TRITON_INTERPRET=1 "
               "before importing triton to run the kernels on CPU through the interpreter",
 }
@@ -58,9 +60,41 @@ def _load(name: str) -> ModuleType | Exception:
             if name == "triton" and not _triton_runs_here():
                 raise ImportError(_why_triton_cannot_run())
             _probe_cache[name] = importlib.import_module(_MODULES[name])
-        except ImportError as exc:
+        except (ImportError, OSError, RuntimeError) as exc:  # cpp's build at first use reports ImportError
             _probe_cache[name] = exc
     return _probe_cache[name]
+
+
+class BackendStatus(NamedTuple):
+    """One line of :func:`backend_report`: whether a backend runs here, and how or why not."""
+
+    name: str
+    available: bool
+    detail: str
+
+
+def backend_report() -> list[BackendStatus]:
+    """Every backend, whether it can run in this process, and how (or why not); ``calibkern info`` prints it."""
+    report = []
+    for name in BACKENDS:
+        loaded = _load(name)
+        if isinstance(loaded, Exception):
+            report.append(BackendStatus(name, False, str(loaded)))
+        elif name == "torch":
+            report.append(BackendStatus(name, True, f"the reference, plain PyTorch {torch.__version__}"))
+        elif name == "cpp":
+            report.append(BackendStatus(name, True, f"{loaded.HOW_BUILT}; {loaded._C.max_threads()} OpenMP threads"))
+        else:
+            how = "interpreter (TRITON_INTERPRET=1)" if os.environ.get("TRITON_INTERPRET") == "1" else "CUDA"
+            report.append(BackendStatus(name, True, f"triton {importlib.import_module('triton').__version__}, {how}"))
+    return report
+
+
+def format_backend_report(report: list[BackendStatus] | None = None) -> str:
+    report = backend_report() if report is None else report
+    width = max(len(status.name) for status in report)
+    return "\n".join(f"{status.name:<{width}}  {'yes' if status.available else 'no ':<3}  {status.detail}"
+                     for status in report)
 
 
 def is_available(name: str) -> bool:
@@ -111,6 +145,8 @@ def resolve(backend: str | None, device: torch.device, dtype: torch.dtype | None
         elif device.type == "cpu" and is_available("cpp"):
             name = "cpp"
         else:
+            if device.type == "cpu":
+                _warn_cpu_fallback()
             name = "torch"
     module = get_module(name)
     if name == "cpp" and device.type != "cpu":
@@ -118,6 +154,19 @@ def resolve(backend: str | None, device: torch.device, dtype: torch.dtype | None
     if name == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise BackendUnavailableError("backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU)")
     return name, module
+
+
+_warned_fallback = False
+
+
+def _warn_cpu_fallback() -> None:
+    """Once per process: ``auto`` runs CPU tensors on the reference because the cpp backend is unusable."""
+    global _warned_fallback
+    if not _warned_fallback:
+        _warned_fallback = True
+        warnings.warn(f"calibkern: the cpp backend is unavailable ({_load('cpp')}); CPU tensors run on the torch "
+                      "reference, which is several times slower. `calibkern info` shows every backend.",
+                      RuntimeWarning, stacklevel=3)
 
 
 def set_deterministic(flag: bool) -> None:

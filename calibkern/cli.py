@@ -12,7 +12,7 @@ import argparse
 import os
 import sys
 
-SUBCOMMANDS = ("demo", "align", "evaluate", "baselines", "cft", "rcft", "pipeline", "report")
+SUBCOMMANDS = ("demo", "align", "evaluate", "baselines", "cft", "rcft", "pipeline", "report", "info")
 
 
 def _common(parser: argparse.ArgumentParser, *, model=True, data=True, out_default=None, training=False):
@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = commands.add_parser("report", help="results.md and reliability diagrams from DIR/results.json")
     report.add_argument("run_dir", metavar="DIR")
+
+    commands.add_parser("info", help="each backend: available, and how it was built or why not")
     return parser
 
 
@@ -133,7 +135,20 @@ def _check_args(args) -> None:
         raise ValueError(f"--out {out}: exists and is not a directory")
 
 
+def _info() -> None:
+    import platform
+
+    import torch
+
+    from . import __version__, backends
+
+    print(f"calibkern {__version__}, torch {torch.__version__}, Python {platform.python_version()}")
+    print(backends.format_backend_report())
+
+
 def _run(args) -> None:
+    if args.command == "info":
+        return _info()
     from . import hf, pipeline
     from .pipeline import io, report, runner, stages
 

@@ -1,0 +1,195 @@
+"""How the C++ extension is built, ahead of time by setup.py or at first use against the running torch.
+
+One recipe for both: the sources under ``calibkern/csrc`` (shipped in the package), ``-O3 -fopenmp
+-ffp-contract=fast`` and ``-march`` from the environment — ``CALIBKERN_MARCH=ARCH`` (default ``native``) or
+``CALIBKERN_PORTABLE=1`` (no ``-march``: the compiler's baseline). The C++ standard is left to torch's own
+extension tooling, which passes the one its headers need (C++17 for older releases, C++20 for newer).
+
+An ahead-of-time build records what it was built for in ``calibkern/_build_config.py``: the CPU flags it
+needs (/proc/cpuinfo names), the torch version and its C++ ABI. :func:`mismatch` compares such a record
+with the running process; calibkern._cpp then builds the extension again at first use (:func:`jit_load`)
+into a per-user cache keyed by torch version, ABI, Python, target CPU flags and the sources' hash, where
+torch's own file lock keeps parallel ranks from building it twice.
+
+Standard library at import: setup.py loads this file by path, before the package is importable.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import importlib.util
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CSRC = os.path.join(HERE, "csrc")
+LINK_FLAGS = ["-fopenmp"]
+
+# x86 compiler macros of instruction-set extensions -> their /proc/cpuinfo flag names
+CPU_FLAG_MACROS = {
+    "SSE3": "pni", "SSSE3": "ssse3", "SSE4_1": "sse4_1", "SSE4_2": "sse4_2", "POPCNT": "popcnt", "AVX": "avx",
+    "AVX2": "avx2", "FMA": "fma", "F16C": "f16c", "BMI": "bmi1", "BMI2": "bmi2", "AVX512F": "avx512f",
+    "AVX512CD": "avx512cd", "AVX512BW": "avx512bw", "AVX512DQ": "avx512dq", "AVX512VL": "avx512vl",
+    "AVX512IFMA": "avx512ifma", "AVX512VBMI": "avx512vbmi", "AVX512VBMI2": "avx512_vbmi2",
+    "AVX512VNNI": "avx512_vnni", "AVX512BITALG": "avx512_bitalg", "AVX512VPOPCNTDQ": "avx512_vpopcntdq",
+    "AVX512BF16": "avx512_bf16", "AVX512FP16": "avx512_fp16", "AVX512VP2INTERSECT": "avx512_vp2intersect",
+    "GFNI": "gfni", "VAES": "vaes", "VPCLMULQDQ": "vpclmulqdq", "AVXVNNI": "avx_vnni",
+}
+
+
+def _cpu_flags_module():
+    try:
+        from . import _cpu_flags
+    except ImportError:  # loaded by path from setup.py: no parent package
+        spec = importlib.util.spec_from_file_location("_cpu_flags", os.path.join(HERE, "_cpu_flags.py"))
+        _cpu_flags = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(_cpu_flags)
+    return _cpu_flags
+
+
+def sources() -> list[str]:
+    """The pybind11 module and the CPU kernels, as absolute paths."""
+    return [os.path.join(CSRC, "bindings.cpp")] + sorted(glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
+
+
+def march() -> str | None:
+    """The ``-march`` target: None for a portable build."""
+    if os.environ.get("CALIBKERN_PORTABLE") == "1":
+        return None
+    return os.environ.get("CALIBKERN_MARCH", "native")
+
+
+def cxx_flags(target: str | None) -> list[str]:
+    return ["-O3", "-fopenmp", "-ffp-contract=fast"] + ([f"-march={target}"] if target else [])
+
+
+def target_cpu_flags(target: str | None) -> list[str]:
+    """The /proc/cpuinfo names of the instruction-set extensions that ``-march=<target>`` enables; for
+    ``native``, less any that this machine's /proc/cpuinfo does not list (an older kernel may not name a
+    newer extension, and what the build machine cannot check is not required)."""
+    if not target:
+        return []
+    compiler = shlex.split(os.environ.get("CXX", "c++"))
+    try:
+        macros = subprocess.run([*compiler, f"-march={target}", "-dM", "-E", "-x", "c++", os.devnull],
+                                capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return []
+    defined = set(re.findall(r"^#define __(\w+)__ 1$", macros, flags=re.MULTILINE))
+    here = _cpu_flags_module().cpu_flags() if target == "native" else None
+    return sorted(flag for macro, flag in CPU_FLAG_MACROS.items()
+                  if macro in defined and (here is None or flag in here))
+
+
+def torch_identity() -> tuple[str, bool]:
+    """(torch version, whether it uses the C++11 ABI) of the running torch."""
+    import torch
+
+    return torch.__version__, bool(torch._C._GLIBCXX_USE_CXX11_ABI)
+
+
+def build_config(target: str | None) -> dict:
+    version, abi = torch_identity()
+    return {"CPP_CPU_FLAGS": tuple(target_cpu_flags(target)), "TORCH_VERSION": version, "CXX11_ABI": abi}
+
+
+def write_build_config(path: str, config: dict) -> None:
+    lines = ['"""Written by setup.py: what the compiled extension calibkern._C was built for."""', ""]
+    lines += [f"{name} = {value!r}" for name, value in config.items()]
+    with open(path, "w") as handle:
+        handle.write("\n".join(lines) + "\n")
+
+
+def mismatch(config: dict, torch_version: str, cxx11_abi: bool, cpu_flags) -> str | None:
+    """Why an extension built for ``config`` cannot run in this process, or None when it can.
+
+    ``cpu_flags`` is this CPU's flag set (None when unknown: then no flag is required)."""
+    built_for = config.get("TORCH_VERSION")
+    if built_for is not None and built_for != torch_version:
+        return f"built for torch {built_for}, but torch {torch_version} is running"
+    if "CXX11_ABI" in config and bool(config["CXX11_ABI"]) != cxx11_abi:
+        return f"built with _GLIBCXX_USE_CXX11_ABI={int(config['CXX11_ABI'])}, torch uses {int(cxx11_abi)}"
+    missing = _cpu_flags_module().missing_cpu_flags(config.get("CPP_CPU_FLAGS", ()), cpu_flags)
+    if missing:
+        return (f"compiled for CPU instructions this CPU lacks ({', '.join(missing)}); rebuild it on this machine, "
+                "or build a portable one with CALIBKERN_PORTABLE=1")
+    return None
+
+
+def cache_root() -> str:
+    """``CALIBKERN_CACHE``, else ``$XDG_CACHE_HOME/calibkern``, else ``~/.cache/calibkern``."""
+    if os.environ.get("CALIBKERN_CACHE"):
+        return os.environ["CALIBKERN_CACHE"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "calibkern")
+
+
+def jit_directory() -> str:
+    """The cache directory of a build for this process: torch version, ABI, Python, target and sources."""
+    version, abi = torch_identity()
+    target = march()
+    digest = hashlib.sha256()
+    for part in (version, str(abi), sys.version, str(target), ",".join(target_cpu_flags(target))):
+        digest.update(part.encode() + b"\0")
+    for path in sorted(sources() + glob.glob(os.path.join(CSRC, "**", "*.h"), recursive=True)):
+        with open(path, "rb") as handle:
+            digest.update(os.path.relpath(path, CSRC).encode() + b"\0" + handle.read())
+    tag = re.sub(r"[^0-9A-Za-z.]+", "_", version)
+    return os.path.join(cache_root(), f"torch{tag}-py{sys.version_info[0]}{sys.version_info[1]}-{digest.hexdigest()[:16]}")
+
+
+FAILED_MARKER = "build-failed.log"
+
+
+def jit_load():
+    """Build (once per cache directory) and import the extension; ImportError with the compiler's first
+    lines when it does not compile. A failed build is remembered: delete its directory to try again."""
+    from torch.utils import cpp_extension
+
+    directory = jit_directory()
+    failed = os.path.join(directory, FAILED_MARKER)
+    if os.path.exists(failed):
+        with open(failed, encoding="utf-8", errors="replace") as handle:
+            raise ImportError(f"compiling the cpp backend failed earlier ({first_lines(handle.read())}); "
+                              f"delete {directory} to try again")
+    os.makedirs(directory, exist_ok=True)
+    if not glob.glob(os.path.join(directory, "*.so")):
+        print(f"calibkern: compiling the cpp backend for torch {torch_identity()[0]} into {directory} "
+              "(once; about a minute)", file=sys.stderr, flush=True)
+    path = os.environ.get("PATH", "")
+    os.environ["PATH"] = os.pathsep.join([*_ninja_dirs(), path])  # torch runs `ninja` from PATH
+    try:
+        return cpp_extension.load(name="calibkern_C", sources=sources(), extra_cflags=cxx_flags(march()),
+                                  extra_ldflags=LINK_FLAGS, extra_include_paths=[CSRC], build_directory=directory,
+                                  verbose=False)
+    except (RuntimeError, OSError, subprocess.CalledProcessError) as error:
+        text = str(error) + "\n" + str(getattr(error, "output", "") or "")
+        with open(failed, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        raise ImportError(f"compiling the cpp backend failed ({first_lines(text)}); the full log is {failed}") \
+            from None
+    finally:
+        os.environ["PATH"] = path
+
+
+def _ninja_dirs() -> list[str]:
+    """Where the ``ninja`` of this environment lives (the PyPI package's, the interpreter's bin directory),
+    which an environment used without activation does not have on PATH."""
+    dirs = [os.path.dirname(sys.executable)]
+    spec = importlib.util.find_spec("ninja")
+    if spec is not None:
+        import ninja
+
+        dirs.insert(0, getattr(ninja, "BIN_DIR", dirs[0]))
+    return dirs
+
+
+def first_lines(text: str, count: int = 3) -> str:
+    """The first ``count`` lines that say something (an ``error:`` line first when there is one)."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower()]
+    return " | ".join((errors or lines)[:count]) or "no output"
