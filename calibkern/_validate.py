@@ -1,9 +1,10 @@
-"""Argument checks shared by every public entry point (SPEC §9).
+"""Argument checks shared by every public entry point (docs/reliability.md, "Error rules").
 
 Each check raises ``TypeError`` (wrong kind of object or dtype) or ``ValueError`` (wrong shape or value)
 with a message that names the argument. Checks on tensor *values* (label range, finiteness) need the
 values: on CPU tensors they raise at once; on CUDA tensors they use ``torch._assert_async`` so the
-training step never waits on the host (the error then surfaces as a device-side assertion).
+training step never waits on the host (the error then surfaces as a device-side assertion). This module
+imports nothing from calibkern.
 """
 
 from __future__ import annotations
@@ -56,10 +57,9 @@ def label_range_message(name: str, n_classes: int, ignore_index: int) -> str:
     return f"{name} must lie in [0, {n_classes}) or equal ignore_index={ignore_index}"
 
 
-def check_labels(labels, n_rows: int, n_classes: int, ignore_index: int, device: torch.device,
-                 name: str = "labels", *, values: bool = True) -> torch.Tensor:
-    """Integer labels [N] in [0, K) or equal to ``ignore_index``; returned as int64. ``values=False`` checks
-    the kind, shape and device only (for a kernel that checks the range itself)."""
+def check_labels(labels, n_rows: int, device: torch.device, name: str = "labels") -> torch.Tensor:
+    """Integer labels [N] on ``device``, returned as int64. Their values (in [0, K) or ``ignore_index``) are
+    checked where the op is dispatched (calibkern.ops._dispatch.check_label_values), or by the kernel."""
     check_tensor(labels, name)
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise TypeError(f"{name} must be an integer tensor, got {labels.dtype}")
@@ -68,16 +68,13 @@ def check_labels(labels, n_rows: int, n_classes: int, ignore_index: int, device:
     if labels.shape[0] != n_rows:
         raise ValueError(f"{name} has {labels.shape[0]} entries but logits has {n_rows} rows")
     check_same_device(device, labels, name)
-    labels = labels.long()
-    if n_rows and values:
-        fast = _cpu_checks(labels)
-        message = label_range_message(name, n_classes, ignore_index)
-        if fast is not None:
-            if not fast.labels_in_range(labels.contiguous(), n_classes, ignore_index):
-                raise ValueError(message)
-        else:
-            require((((labels >= 0) & (labels < n_classes)) | (labels == ignore_index)).all(), message)
-    return labels
+    return labels.long()
+
+
+def check_ignore_index(ignore_index) -> int:
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    return ignore_index
 
 
 def check_same_device(device: torch.device, tensor: torch.Tensor, name: str) -> None:
@@ -143,49 +140,6 @@ def check_vector(x, name: str, length: int, device: torch.device, *, low=None, h
     return x
 
 
-def _cpu_checks(t: torch.Tensor):
-    """``calibkern._C`` when it can check ``t`` (a CPU tensor, eager mode, the extension built), else None.
-
-    Its checks read the tensor once in parallel without an [N, K] temporary; the torch expressions they
-    replace cost several times the op they guard.
-    """
-    if t.device.type != "cpu" or torch.compiler.is_compiling():
-        return None
-    try:
-        from calibkern import _cpp
-    except ImportError:
-        return None
-    return _cpp._C
-
-
-def _float_kernel_dtype(logits: torch.Tensor) -> bool:
-    return logits.dtype in (torch.float32, torch.bfloat16, torch.float16)
-
-
 def nonfinite_message(name: str, scaled: bool = False) -> str:
     what = "NaN or infinite values" + (" (after division by temperature)" if scaled else "")
     return f"{name} contains {what}; pass nonfinite='skip' to skip such rows"
-
-
-def handle_nonfinite(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, nonfinite: str,
-                     name: str = "logits"):
-    """Apply the ``nonfinite`` policy to rows holding NaN or ±inf.
-
-    ``"error"`` raises naming the argument; ``"skip"`` turns such rows into ignored rows (their label
-    becomes ``ignore_index`` and their logits 0) and returns how many were skipped as an int64 tensor.
-    Returns ``(logits, labels, n_skipped)``; ``n_skipped`` is None under ``"error"`` (nothing skipped).
-    """
-    check_choice(nonfinite, "nonfinite", NONFINITE_MODES)
-    fast = _cpu_checks(logits) if _float_kernel_dtype(logits) else None
-    if nonfinite == "error":
-        if fast is not None:
-            if not fast.all_finite(logits.contiguous()):
-                raise ValueError(nonfinite_message(name))
-        else:
-            require(torch.isfinite(logits).all(), nonfinite_message(name))
-        return logits, labels, None
-    finite_rows = fast.finite_rows(logits.contiguous()) if fast is not None else torch.isfinite(logits).all(dim=1)
-    bad = ~finite_rows
-    logits = torch.where(bad[:, None], torch.zeros((), dtype=logits.dtype, device=logits.device), logits)
-    labels = torch.where(bad, torch.full_like(labels, ignore_index), labels)
-    return logits, labels, bad.sum()

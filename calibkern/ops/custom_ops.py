@@ -30,7 +30,6 @@ from torch import Tensor
 
 from .. import backends
 from ..backends import resolve
-from .em import rho, rho_prime
 
 # the compiled extension, None when it was not built (then the Python autograd.Function runs every eager op)
 _C = backends.get_module("cpp")._C if backends.is_available("cpp") else None
@@ -123,7 +122,7 @@ def _cpp_row_grad(body):
 
 def hard_bin_loss(logits: Tensor, labels: Tensor, bin_accuracy: Tensor, ignore_index: int, reduction: str = "none",
                   backend: str = "auto") -> tuple[Tensor, Tensor]:
-    """(loss, ∂loss/∂logits [N, K]) of the hard-bin target loss (SPEC §4.2), reduced over kept rows."""
+    """(loss, ∂loss/∂logits [N, K]) of the hard-bin target loss (docs/math.md#cft-term), reduced over kept rows."""
     return tuple(_kernels(backend, logits).hard_bin_loss(logits, labels, bin_accuracy, ignore_index, reduction))
 
 
@@ -148,6 +147,23 @@ em_target_loss = KernelOp(
 
 
 # ---------------------------------------------------------------- EM `ece` form (differentiable, two phases)
+
+RHOS = ("square", "smooth_abs")
+SMOOTH_ABS_EPS = 1e-3
+
+
+def rho(x: Tensor, kind: str) -> Tensor:
+    """``x²`` or the smoothed absolute value ``√(x² + ε²) − ε``."""
+    if kind == "square":
+        return x * x
+    return torch.sqrt(x * x + SMOOTH_ABS_EPS ** 2) - SMOOTH_ABS_EPS
+
+
+def rho_prime(x: Tensor, kind: str) -> Tensor:
+    if kind == "square":
+        return 2.0 * x
+    return x / torch.sqrt(x * x + SMOOTH_ABS_EPS ** 2)
+
 
 def em_ece_loss(logits: Tensor, labels: Tensor, log_pi: Tensor, mu: Tensor, sigma: Tensor, theta: Tensor,
                 ignore_index: int, rho_kind: str, backend: str = "auto") -> tuple[Tensor, Tensor, Tensor]:

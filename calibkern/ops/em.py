@@ -1,6 +1,6 @@
-"""Dispatch of the EM kernels (SPEC §4.3): the E-step statistics and both regulariser forms.
+"""Dispatch of the EM kernels (docs/math.md#em-regulariser): the E-step statistics and both regulariser forms.
 
-* ``target`` form: per row ``t = Σ_k r_k θ_k`` (r, θ detached) and the target loss of §4.2 built from
+* ``target`` form: per row ``t = Σ_k r_k θ_k`` (r, θ detached) and the hard-bin target loss built from
   ``a = t``; loss and gradient in one kernel pass, which also returns the E-step statistics.
 * ``ece`` form: ``L = Σ_k (S_k / N) ρ(C_k / S_k − θ_k)``. With r detached, ``∂L/∂C_k = ρ'(d_k) / N`` and
   ``∂C_k/∂c_i = r_ik``, so phase 1 computes the statistics (and L), phase 2 (backward) the per-row
@@ -11,25 +11,8 @@ Each runs the ``torch.ops.calibkern`` custom op (calibkern/ops/custom_ops.py) of
 
 from __future__ import annotations
 
-import torch
-
-from . import custom_ops  # which imports rho and rho_prime from here: used at call time only
-
-RHOS = ("square", "smooth_abs")
-SMOOTH_ABS_EPS = 1e-3
-
-
-def rho(x: torch.Tensor, kind: str) -> torch.Tensor:
-    """``x²`` or the smoothed absolute value ``√(x² + ε²) − ε``."""
-    if kind == "square":
-        return x * x
-    return torch.sqrt(x * x + SMOOTH_ABS_EPS ** 2) - SMOOTH_ABS_EPS
-
-
-def rho_prime(x: torch.Tensor, kind: str) -> torch.Tensor:
-    if kind == "square":
-        return 2.0 * x
-    return x / torch.sqrt(x * x + SMOOTH_ABS_EPS ** 2)
+from . import custom_ops
+from .custom_ops import RHOS  # noqa: F401  (re-exported: the ρ choices of form="ece")
 
 
 def em_target_rows(rows, log_pi, mu, sigma, theta, ignore_index, reduction):
