@@ -1,11 +1,12 @@
 """The drop-in fused linear calibration loss: SFT cross-entropy plus a calibration term, from hidden states.
 
-``loss = sft_weight · CE + lam · L_cal`` (SPEC §4, §5) where, with ``z_t = h_t Wᵀ + b`` and the target
+``loss = sft_weight · CE + lam · L_cal`` (docs/math.md, docs/backends.md) where, with ``z_t = h_t Wᵀ + b`` and the
+target
 ``y_t`` of position t (Hugging Face shift: position t predicts label t+1),
 
 * ``CE = Σ_{t supervised} (logsumexp(z_t) − z_{t, y_t}) / n`` with ``n`` the number of supervised
   positions, or ``num_items_in_batch`` when given (gradient accumulation);
-* ``L_cal`` is the hard-bin term (§4.2) or the EM regulariser (§4.3) on the option logits
+* ``L_cal`` is the hard-bin term or the EM regulariser (docs/math.md) on the option logits
   ``z_t[option_ids]`` of the answer positions, whose option label is the index of ``y_t`` in ``option_ids``.
 
 The ``[tokens, V]`` logits are never held: unsupervised rows are dropped before any matrix product and the
@@ -27,6 +28,7 @@ from . import _validate as V
 from .backends import resolve
 from .em import em_regularizer
 from .metrics import BinStats, binned_stats
+from .ops._dispatch import check_label_values
 from .ops.calibration_loss import calibration_loss
 from .ops.fused_linear import FusedLinearCrossEntropy, default_chunk_size
 
@@ -63,8 +65,7 @@ def fused_linear_calibration_loss(hidden, weight, labels, *, option_ids, bias=No
     hidden, weight, bias = _autocast(hidden, weight, bias)
     _check_inputs(hidden, weight, bias)
     vocab_size, device = weight.shape[0], hidden.device
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    V.check_ignore_index(ignore_index)
     V.check_choice(calibration, "calibration", CALIBRATIONS)
     _check_calibration_state(calibration, bin_accuracy, em_state)
     n_bins = V.check_n_bins(n_bins)
@@ -80,7 +81,10 @@ def fused_linear_calibration_loss(hidden, weight, labels, *, option_ids, bias=No
     hidden_2d = hidden.reshape(-1, hidden.shape[-1])
     rows = (targets != ignore_index).nonzero().squeeze(1)  # the one host read: how many rows to compute
     row_targets = targets.index_select(0, rows)
-    option_labels = _option_labels(targets, rows, row_targets, option_ids, answers, ignore_index)
+    if answers is not None:
+        V.require(~(answers & ~(targets[:, None] == option_ids[None, :]).any(1)).any(),
+                  "answer_mask marks a position whose (shifted) label is not one of option_ids")
+    row_option_labels = option_labels(targets, option_ids, answers, ignore_index).index_select(0, rows)
     if chunk_size is None:
         chunk_size = default_chunk_size(hidden_2d.shape[0], hidden_2d.shape[1], vocab_size, hidden.element_size())
 
@@ -91,12 +95,12 @@ def fused_linear_calibration_loss(hidden, weight, labels, *, option_ids, bias=No
     # Non-finite option logits (diverged parameters) give a NaN loss, as the cross-entropy does: the
     # calibration term runs on the finite rows and NaN is added when an answer row is not finite.
     finite = torch.isfinite(option_logits).all(dim=1)
-    poisoned = (~finite & (option_labels != ignore_index)).any()
+    poisoned = (~finite & (row_option_labels != ignore_index)).any()
     cal_loss = _calibration_term(calibration, torch.where(finite[:, None], option_logits, 0.0),
-                                 torch.where(finite, option_labels, ignore_index), bin_accuracy, em_state, n_bins,
-                                 ignore_index, backend)
+                                 torch.where(finite, row_option_labels, ignore_index), bin_accuracy, em_state,
+                                 n_bins, ignore_index, backend)
     cal_loss = cal_loss + torch.where(poisoned, float("nan"), 0.0)
-    bin_stats = binned_stats(option_logits.detach(), option_labels, n_bins=n_bins, ignore_index=ignore_index,
+    bin_stats = binned_stats(option_logits.detach(), row_option_labels, n_bins=n_bins, ignore_index=ignore_index,
                              nonfinite="skip", backend=backend)
     return CalibrationLossOutput(sft_weight * sft_loss + lam * cal_loss, sft_loss, cal_loss, bin_stats)
 
@@ -215,7 +219,8 @@ def _targets(labels, hidden, ignore_index: int, shift: bool, vocab_size: int) ->
     if labels.device != hidden.device:
         raise ValueError(f"labels is on {labels.device} but hidden is on {hidden.device}")
     targets = _shift(labels.long(), ignore_index, shift)
-    return V.check_labels(targets, targets.shape[0], vocab_size, ignore_index, hidden.device)
+    check_label_values(targets, vocab_size, ignore_index)
+    return targets
 
 
 def _shifted_answer_mask(answer_mask, labels, shift: bool) -> torch.Tensor:
@@ -230,19 +235,14 @@ def _shifted_answer_mask(answer_mask, labels, shift: bool) -> torch.Tensor:
     return _shift(answer_mask, False, shift)
 
 
-def _option_labels(targets, rows, row_targets, option_ids, answers, ignore_index: int) -> torch.Tensor:
-    """Per supervised row: the index of its target in ``option_ids`` at answer positions, else ignored."""
-    match = row_targets[:, None] == option_ids[None, :]
-    is_option = match.any(1)
-    if answers is None:
-        is_answer = is_option
-    else:
-        target_is_option = (targets[:, None] == option_ids[None, :]).any(1)
-        V.require(~(answers & ~target_is_option).any(),
-                  "answer_mask marks a position whose (shifted) label is not one of option_ids")
-        is_answer = answers.index_select(0, rows)
-    index = match.long().argmax(1)
-    return torch.where(is_answer, index, torch.full_like(index, ignore_index))
+def option_labels(targets: torch.Tensor, option_ids: torch.Tensor, answers: torch.Tensor | None = None,
+                  ignore_index: int = -100) -> torch.Tensor:
+    """Per position of ``targets`` (any shape): the index of its target in ``option_ids`` at answer positions,
+    ``ignore_index`` elsewhere. Answer positions are the targets that are option ids, restricted to the bool
+    ``answers`` when given. Static shapes, no host synchronisation."""
+    match = targets.unsqueeze(-1) == option_ids
+    is_answer = match.any(-1) if answers is None else match.any(-1) & answers
+    return torch.where(is_answer, match.long().argmax(-1), ignore_index)
 
 
 def _denominator(num_items_in_batch, n_supervised: int, device) -> torch.Tensor | float:
@@ -265,11 +265,11 @@ def _denominator(num_items_in_batch, n_supervised: int, device) -> torch.Tensor 
     return float(num_items_in_batch)
 
 
-def _calibration_term(calibration, option_logits, option_labels, bin_accuracy, em_state, n_bins, ignore_index,
+def _calibration_term(calibration, option_logits, labels, bin_accuracy, em_state, n_bins, ignore_index,
                       backend) -> torch.Tensor:
     if calibration == "hard_bin":
-        return calibration_loss(option_logits, option_labels, bin_accuracy, n_bins=n_bins,
+        return calibration_loss(option_logits, labels, bin_accuracy, n_bins=n_bins,
                                 ignore_index=ignore_index, backend=backend)
     if calibration == "em":
-        return em_regularizer(option_logits, option_labels, em_state, ignore_index=ignore_index, backend=backend)
+        return em_regularizer(option_logits, labels, em_state, ignore_index=ignore_index, backend=backend)
     return option_logits.new_zeros(())

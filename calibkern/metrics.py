@@ -1,4 +1,4 @@
-"""Calibration metrics (SPEC §3): BinStats, the ECE family, proper scores and a streaming meter.
+"""Calibration metrics (docs/math.md#ece): BinStats, the ECE family, proper scores and a streaming meter.
 
 Equal-width bins ``b(c) = min(floor(c·M), M−1)``; per bin ``n_k`` (int64), ``s_k = Σ c`` and
 ``a_k = Σ correct`` (float64) — additive across batches and ranks. From them:
@@ -141,6 +141,20 @@ class BinStats:
     def mean_confidence(self) -> torch.Tensor:
         self._top1_only("mean_confidence()")
         return self.sum_conf.sum() / self.counts.sum().clamp_min(1).double()
+
+    def bin_accuracy(self, prior: float = 0.0) -> torch.Tensor:
+        """Per-bin accuracy for the hard-bin term (docs/math.md#cft-term), float32 [M]:
+        ``A_k = (a_k + prior · Ā) / (n_k + prior)`` with ``Ā`` the overall accuracy. An empty bin takes ``Ā``
+        (not 0/0 → 0, which would tell every row whose confidence moves into it that it is always wrong), and
+        ``prior > 0`` shrinks a bin with few rows towards it."""
+        self._top1_only("bin_accuracy()")
+        prior = float(prior)
+        if not (prior >= 0 and prior < float("inf")):
+            raise ValueError(f"prior must be a finite number ≥ 0, got {prior!r}")
+        counts = self.counts.double()
+        overall = self.sum_correct.sum() / counts.sum().clamp_min(1)
+        shrunk = (self.sum_correct + prior * overall) / (counts + prior).clamp_min(1e-12)
+        return torch.where(counts > 0, shrunk, overall).float()
 
     def reliability(self) -> Reliability:
         self._top1_only("reliability()")

@@ -1,12 +1,13 @@
 """Multiple-choice evaluation: option logits at the last prompt position, metrics and per-row predictions.
 
 For each question the prompt (ending at the answer cue) is run through the decoder; the hidden state at the
-last prompt token gives the option logits ``z = h · W[option_ids]ᵀ`` (SPEC §2) — the same numbers as
+last prompt token gives the option logits ``z = h · W[option_ids]ᵀ`` (docs/math.md#confidence) — the same numbers
+as
 ``model(prompt).logits[-1, option_ids]``, without computing the other ``V − K`` logits. Prompts are batched
 with right padding (the last real position is read per row), under ``torch.no_grad`` and ``model.eval()``
 (the training mode is restored afterwards), with a tqdm progress bar.
 
-Metrics (SPEC §3), from the calibkern public API, on ``p = softmax(z / T)``: ``ece``, ``ece_l2``, ``mce``,
+Metrics (docs/math.md#ece), from the calibkern public API, on ``p = softmax(z / T)``: ``ece``, ``ece_l2``, ``mce``,
 ``cw_ece`` (classwise), ``accuracy``, ``mean_confidence``, ``nll``, ``brier``, ``n`` and ``ece_ci`` (a seeded
 95 % bootstrap interval). Predictions: one dict per row with ``probs`` (over the options), ``pred``,
 ``label`` and ``confidence``. All rows must have the same number of options.
@@ -24,7 +25,7 @@ import torch
 import calibkern
 
 from .data import DEFAULT_TEMPLATE, MCQCollator, MCQExample, detect_option_ids, encode_prompt, resolve_pad_token_id
-from .modeling import decoder_forward, option_logits_at
+from .modeling import eval_decoder_passes, option_logits_at
 
 __all__ = [
     "EvaluationResult",
@@ -82,24 +83,20 @@ def collect_option_logits(
     option_ids = list(option_ids)[:n_options]
     collate = MCQCollator(resolve_pad_token_id(model, tokenizer))
     device = _model_device(model)
-    was_training = model.training
-    model.eval()
-    chunks = []
-    try:
-        starts = range(0, len(examples), batch_size)
-        for start in tqdm(starts, desc="evaluate", unit="batch", disable=not progress):
-            batch_examples = examples[start : start + batch_size]
+
+    def batches():
+        for start in tqdm(range(0, len(examples), batch_size), desc="evaluate", unit="batch", disable=not progress):
             features = []
-            for example in batch_examples:
+            for example in examples[start : start + batch_size]:
                 ids = encode_prompt(tokenizer, example, template)
                 features.append({"input_ids": ids, "attention_mask": [1] * len(ids)})
-            batch = {key: value.to(device) for key, value in collate(features).items()}
-            hidden, weight, bias = decoder_forward(model, batch)
-            last = batch["attention_mask"].sum(dim=1) - 1
-            rows = hidden[torch.arange(hidden.shape[0], device=device), last]
-            chunks.append(option_logits_at(rows, weight, bias, option_ids).cpu())
-    finally:
-        model.train(was_training)
+            yield {key: value.to(device) for key, value in collate(features).items()}
+
+    chunks = []
+    for batch, (hidden, weight, bias) in eval_decoder_passes(model, batches()):
+        last = batch["attention_mask"].sum(dim=1) - 1
+        rows = hidden[torch.arange(hidden.shape[0], device=device), last]
+        chunks.append(option_logits_at(rows, weight, bias, option_ids).cpu())
     labels = torch.tensor([example.answer for example in examples], dtype=torch.long)
     return torch.cat(chunks), labels
 

@@ -1,6 +1,6 @@
 """Running a causal LM's decoder alone: final hidden states without the lm_head, for any wrapping.
 
-The calibration losses need the final hidden states ``h`` and the output-embedding weight ``W`` (SPEC §6):
+The calibration losses need the final hidden states ``h`` and the output-embedding weight ``W`` (docs/hf.md):
 the fused loss computes ``h · Wᵀ`` only where it needs it, so the ``[tokens, V]`` logits never exist.
 
 :func:`decoder_forward` calls the *outermost* model (``DistributedDataParallel``, a PEFT wrapper, …) with
@@ -91,6 +91,21 @@ def decoder_forward(model: nn.Module, inputs: dict) -> DecoderOutput:
     arguments = {key: inputs[key] for key in DECODER_ARGUMENTS if inputs.get(key) is not None}
     with _decoder_as_forward(causal_lm):
         return DecoderOutput(*model(**arguments))
+
+
+def eval_decoder_passes(model: nn.Module, batches, *, autocast=contextlib.nullcontext):
+    """For each input dict of ``batches``: ``(batch, decoder_forward(model, batch))`` with the model in eval
+    mode and no gradient, its training mode restored afterwards — the one loop of every statistics and
+    evaluation pass. ``autocast`` is a context factory wrapped around each pass."""
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            with torch.no_grad(), autocast():  # not across the yield: the caller's grad mode stays its own
+                output = decoder_forward(model, batch)
+            yield batch, output
+    finally:
+        model.train(was_training)
 
 
 def option_logits_at(

@@ -1,4 +1,4 @@
-"""CalibrationTrainer: CFT / RCFT as a ``transformers.Trainer`` with one decoder pass per step (SPEC §6).
+"""CalibrationTrainer: CFT / RCFT as a ``transformers.Trainer`` with one decoder pass per step (docs/hf.md).
 
 Each training step runs the decoder once (:func:`calibkern.hf.modeling.decoder_forward`) and hands the final
 hidden states and the lm_head weight to :func:`calibkern.fused_linear_calibration_loss`, which computes
@@ -45,9 +45,10 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 import calibkern
 
+from ..losses import option_labels as option_labels_of
 from .config import CalibrationConfig
 from .data import MCQCollator, resolve_pad_token_id
-from .modeling import decoder_forward, option_logits_at
+from .modeling import decoder_forward, eval_decoder_passes, option_logits_at
 
 __all__ = ["CalibrationTrainer", "compute_loss_func", "answer_option_labels", "STATE_FILE"]
 
@@ -58,19 +59,10 @@ IGNORE_INDEX = -100
 def answer_option_labels(
     labels: torch.Tensor, option_ids: torch.Tensor, answer_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """``[B·(T-1)]`` option label per *predicting* position (position t predicts ``labels[t+1]``): the index of
-    the answer in ``option_ids`` where the next token is the answer, ``-100`` elsewhere.
-
-    Answer positions: the supervised targets that are option ids, restricted to ``answer_mask[:, 1:]`` when
-    given. Shapes stay static (no boolean indexing), so this costs no host synchronisation.
-    """
-    target = labels[:, 1:]
-    match = target.unsqueeze(-1) == option_ids
-    is_answer = match.any(-1)
-    if answer_mask is not None:
-        is_answer = is_answer & answer_mask[:, 1:].bool()
-    index = match.long().argmax(-1)
-    return torch.where(is_answer, index, torch.full_like(index, IGNORE_INDEX)).reshape(-1)
+    """``[B·(T-1)]`` option label per *predicting* position (position t predicts ``labels[t+1]``):
+    :func:`calibkern.losses.option_labels` of the shifted labels, with ``answer_mask[:, 1:]`` when given."""
+    answers = None if answer_mask is None else answer_mask[:, 1:].bool()
+    return option_labels_of(labels[:, 1:], option_ids, answers, IGNORE_INDEX).reshape(-1)
 
 
 class _CalibrationCallback(TrainerCallback):
@@ -257,21 +249,14 @@ class CalibrationTrainer(Trainer):
         """``(option_logits, option_labels)`` per batch over this rank's share of the statistics rows, with the
         model in eval mode. Rows are batched in order by hand (no DataLoader), so no RNG is consumed."""
         dataset = self._statistics_dataset()
-        model = self.model
         batch_size = self.calibration.refresh_batch_size or self.args.per_device_eval_batch_size
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         indices = list(range(rank, len(dataset), world))
-        was_training = model.training
-        model.eval()
-        try:
-            for start in range(0, len(indices), batch_size):
-                batch = self.data_collator([dataset[i] for i in indices[start : start + batch_size]])
-                batch = self._prepare_inputs(batch)
-                with self.accelerator.autocast():
-                    hidden, weight, bias = decoder_forward(model, batch)
-                yield self._answer_option_logits(hidden, weight, bias, batch["labels"], batch.get("answer_mask"))
-        finally:
-            model.train(was_training)
+        batches = (self._prepare_inputs(self.data_collator([dataset[i] for i in indices[start : start + batch_size]]))
+                   for start in range(0, len(indices), batch_size))
+        for batch, (hidden, weight, bias) in eval_decoder_passes(self.model, batches,
+                                                                 autocast=self.accelerator.autocast):
+            yield self._answer_option_logits(hidden, weight, bias, batch["labels"], batch.get("answer_mask"))
 
     def _prepare_statistics(self):
         """cft: per-bin accuracies ``A_k`` and counts ``N⁰_k`` of the starting model (once, unless given)."""
@@ -284,17 +269,10 @@ class CalibrationTrainer(Trainer):
             stats.all_reduce()
         if int(stats.counts.sum()) == 0:
             raise ValueError(_NO_ANSWERS)
-        counts = stats.counts.to(torch.float64)
-        correct = stats.sum_correct.to(torch.float64)
-        if self.calibration.official_compat:
-            accuracy = correct / counts.clamp_min(1)
+        if self.calibration.official_compat:  # the published code: an empty bin's accuracy is 0/0 → 0
+            accuracy = stats.sum_correct / stats.counts.clamp_min(1).double()
         else:
-            # A Beta prior centred on the overall accuracy, worth `bin_prior` rows per bin: a bin the starting
-            # model left empty takes the overall accuracy (not 0/0 → 0, which would tell every row whose
-            # confidence moves into it that it is always wrong), and a bin with a few rows is shrunk towards it.
-            overall = correct.sum() / counts.sum()
-            prior = float(self.calibration.bin_prior)
-            accuracy = torch.where(counts > 0, (correct + prior * overall) / (counts + prior).clamp_min(1e-12), overall)
+            accuracy = stats.bin_accuracy(prior=self.calibration.bin_prior)
         self.bin_accuracy = accuracy.to(torch.float32)
         self.bin_counts = stats.counts
 
