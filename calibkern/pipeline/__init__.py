@@ -1,4 +1,4 @@
-"""The embedded default pipeline (SPEC §7): generated data, tiny Llama, stages, report."""
+"""The embedded default pipeline (docs/demo.md): generated data, tiny Llama, stages, report."""
 
 from .config import DEMO_TEMPLATE, DemoConfig
 from .demo import build_world, run_demo

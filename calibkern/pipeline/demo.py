@@ -1,4 +1,4 @@
-"""``calibkern demo``: the embedded default pipeline, offline on a CPU in minutes (SPEC §7).
+"""``calibkern demo``: the embedded default pipeline, offline on a CPU in minutes (docs/demo.md).
 
 World → tokenizer trained locally → tiny Llama → base model (pretrained on the answer stream) → DPO
 (``trl.DPOTrainer``) → evaluate → temperature scaling, label smoothing → CFT → RCFT and its λ = 0 ablation →
@@ -17,7 +17,6 @@ scaling is fitted on.
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,7 +28,8 @@ from . import stages, synthetic
 from .config import DemoConfig
 from .model import tiny_llama
 from .pretrain import pretrain
-from .report import demo_checks, reliability_data, write_report
+from .report import write_report
+from .sequence import Clock, StagePlan, report, run_after_alignment
 from .tokenizer import train_tokenizer
 
 
@@ -87,23 +87,10 @@ def tokenizer_corpus(world: World, template: str) -> list[str]:
     return texts
 
 
-class _Clock:
-    """Wall-clock seconds per named step."""
-
-    def __init__(self):
-        self.timings: dict[str, float] = {}
-        self._start = time.perf_counter()
-
-    def lap(self, name: str) -> None:
-        now = time.perf_counter()
-        self.timings[name] = now - self._start
-        self._start = now
-
-
 def run_demo(config: DemoConfig, out_dir: str | os.PathLike, *, progress: bool = True, save_models: bool = True) -> dict:
     """Run the whole demo, write the report into ``out_dir``, and return the results dict."""
     torch.manual_seed(config.seed)
-    clock = _Clock()
+    clock = Clock()
     world = build_world(config)
     template, n_bins, seed = config.template, config.n_bins, config.seed
     tokenizer = train_tokenizer(tokenizer_corpus(world, template), config.vocab_size)
@@ -118,51 +105,28 @@ def run_demo(config: DemoConfig, out_dir: str | os.PathLike, *, progress: bool =
     def options(epochs, lr, batch_size=config.batch_size):
         return stages.TrainOptions(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, progress=progress)
 
-    def evaluate(model):
-        return stages.evaluate(model, tokenizer, world.test, option_ids, n_bins=n_bins, template=template,
-                               seed=seed, progress=progress)
-
-    results: dict[str, stages.hf.EvaluationResult] = {"base": evaluate(base)}
+    plan = StagePlan(tokenizer, option_ids, template, n_bins, seed, progress, test=world.test,
+                     calibration=world.calibration, label_smoothing_rows=world.cft,
+                     cft_rows=world.cft + world.new if config.cft_includes_new else world.cft,
+                     rcft_rows=world.rcft_known + world.new,
+                     label_smoothing=options(config.cft_epochs, config.cft_lr), epsilon=config.label_smoothing,
+                     cft=options(config.cft_epochs, config.cft_lr), cft_lam=config.cft_lam, bin_prior=0.0,
+                     rcft=options(config.rcft_epochs, config.rcft_lr), rcft_lam=config.rcft_lam,
+                     refresh_steps=config.rcft_refresh_steps)
+    results = {"base": plan.evaluate(base)}
     clock.lap("evaluate_base")
     dpo = stages.align(base, tokenizer, world.pairs, options(1.0, config.dpo_lr, config.dpo_batch_size),
                        beta=config.dpo_beta, template=template)
-    results["dpo"] = evaluate(dpo)
-    clock.lap("dpo")
-    temperature, results["temperature_scaling"] = stages.temperature_scaling(
-        dpo, tokenizer, world.calibration, world.test, option_ids, n_bins=n_bins, template=template, seed=seed,
-        progress=progress)
-    clock.lap("temperature_scaling")
-    results["label_smoothing"] = evaluate(stages.label_smoothing(
-        dpo, tokenizer, world.cft, option_ids, options(config.cft_epochs, config.cft_lr),
-        epsilon=config.label_smoothing, template=template))
-    clock.lap("label_smoothing")
-    cft_rows = world.cft + world.new if config.cft_includes_new else world.cft
-    results["cft"] = evaluate(stages.cft(dpo, tokenizer, cft_rows, option_ids,
-                                         options(config.cft_epochs, config.cft_lr), lam=config.cft_lam,
-                                         n_bins=n_bins, template=template))
-    clock.lap("cft")
-    for name, lam in (("rcft", config.rcft_lam), ("rcft_no_reg", 0.0)):
-        results[name] = evaluate(stages.rcft(dpo, tokenizer, world.rcft_known + world.new, world.calibration, option_ids,
-                                             options(config.rcft_epochs, config.rcft_lr), lam=lam, n_bins=n_bins,
-                                             template=template, refresh_steps=config.rcft_refresh_steps))
-        clock.lap(name)
+    run_after_alignment(plan, dpo, results, clock)
 
     out_dir = os.fspath(out_dir)
     if save_models:
         stages.save_model(base, tokenizer, os.path.join(out_dir, "models", "base"))
         stages.save_model(dpo, tokenizer, os.path.join(out_dir, "models", "dpo"))
         write_splits(world, os.path.join(out_dir, "data"))
-    metrics = {name: r.metrics for name, r in results.items()}
-    report = {
-        "config": config.to_dict(),
-        "timings": {**clock.timings, "total": sum(clock.timings.values())},
-        "stages": metrics,
-        "reliability": {name: reliability_data(r.option_logits, r.labels, n_bins,
-                                               r.metrics.get("temperature", 1.0)) for name, r in results.items()},
-        "checks": demo_checks(metrics),
-    }
-    write_report(report, out_dir)
-    return report
+    results = report(config.to_dict(), clock, results, n_bins)
+    write_report(results, out_dir)
+    return results
 
 
 def write_splits(world: World, directory: str) -> None:

@@ -6,7 +6,7 @@ position, the cross-entropy against the fact's answer distribution ``p_f`` (unif
     L = (Σ_prompt −log q(x_t) + Σ_j −p_f[j] log q(option_j)) / (prompt tokens + answers),
 
 which is the mean of the sampled-answer loss with the sampling noise integrated out. A model that minimises it
-predicts ``p_f`` and is calibrated — the pre-trained starting point of SPEC §1.
+predicts ``p_f`` and is calibrated — the pre-trained starting point of docs/demo.md.
 """
 
 from __future__ import annotations

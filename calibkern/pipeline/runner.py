@@ -25,12 +25,12 @@ Set ``dpo: null`` to skip alignment (the model is already aligned): the ``dpo`` 
 from __future__ import annotations
 
 import os
-import time
 
 from .. import hf
 from . import stages
 from .io import load_model, load_pairs
-from .report import demo_checks, reliability_data, write_report
+from .report import write_report
+from .sequence import Clock, StagePlan, report, run_after_alignment
 
 STAGE_DEFAULTS = {
     "dpo": {"epochs": 1.0, "lr": 1e-3, "batch_size": 16, "beta": 0.1},
@@ -92,15 +92,7 @@ def _optional_int(value):
 
 def run_pipeline(config: dict, *, progress: bool = True) -> dict:
     """Every stage of :mod:`calibkern.pipeline.stages` on the configured model and data; writes the report."""
-    start = time.perf_counter()
-    timings: dict[str, float] = {}
-
-    def lap(name):
-        nonlocal start
-        now = time.perf_counter()
-        timings[name] = now - start
-        start = now
-
+    clock = Clock()
     data = config["data"]
     template = config.get("template") or hf.DEFAULT_TEMPLATE
     n_bins, seed = int(config.get("n_bins", 10)), int(config.get("seed", 0))
@@ -111,52 +103,27 @@ def run_pipeline(config: dict, *, progress: bool = True) -> dict:
     pairs = load_pairs(data["pairs"]) if config.get("dpo", {}) is not None else []
     model, tokenizer = load_model(config["model"])
     option_ids = hf.detect_option_ids(tokenizer, splits["test"][0].n_options, template)
-    lap("load")
+    clock.lap("load")
 
-    def evaluate(m):
-        return stages.evaluate(m, tokenizer, splits["test"], option_ids, n_bins=n_bins, template=template, seed=seed,
-                               progress=progress)
-
+    ls_options, ls_settings = _options(config, "label_smoothing", lora, seed, progress)
+    cft_options, cft_settings = _options(config, "cft", lora, seed, progress)
+    rcft_options, rcft_settings = _options(config, "rcft", lora, seed, progress)
+    plan = StagePlan(tokenizer, option_ids, template, n_bins, seed, progress, test=splits["test"],
+                     calibration=splits["calibration"], label_smoothing_rows=splits["train"],
+                     cft_rows=splits["train"], rcft_rows=splits["train"] + new, label_smoothing=ls_options,
+                     epsilon=float(ls_settings["epsilon"]), cft=cft_options, cft_lam=float(cft_settings["lam"]),
+                     bin_prior=float(cft_settings["bin_prior"]), rcft=rcft_options,
+                     rcft_lam=float(rcft_settings["lam"]), refresh_steps=_optional_int(rcft_settings["refresh_steps"]))
     results = {}
     if pairs:
-        results["base"] = evaluate(model)
-        lap("evaluate_base")
+        results["base"] = plan.evaluate(model)
+        clock.lap("evaluate_base")
         dpo_options, dpo_settings = _options(config, "dpo", lora, seed, progress)
         aligned = stages.align(model, tokenizer, pairs, dpo_options, beta=float(dpo_settings["beta"]),
                                template=template)
     else:
         aligned = model
-    results["dpo"] = evaluate(aligned)
-    lap("dpo")
-    _, results["temperature_scaling"] = stages.temperature_scaling(
-        aligned, tokenizer, splits["calibration"], splits["test"], option_ids, n_bins=n_bins, template=template,
-        seed=seed, progress=progress)
-    lap("temperature_scaling")
-    ls_options, ls_settings = _options(config, "label_smoothing", lora, seed, progress)
-    results["label_smoothing"] = evaluate(stages.label_smoothing(
-        aligned, tokenizer, splits["train"], option_ids, ls_options, epsilon=float(ls_settings["epsilon"]),
-        template=template))
-    lap("label_smoothing")
-    cft_options, cft_settings = _options(config, "cft", lora, seed, progress)
-    results["cft"] = evaluate(stages.cft(aligned, tokenizer, splits["train"], option_ids, cft_options,
-                                         lam=float(cft_settings["lam"]), n_bins=n_bins, template=template,
-                                         bin_prior=float(cft_settings["bin_prior"])))
-    lap("cft")
-    rcft_options, rcft_settings = _options(config, "rcft", lora, seed, progress)
-    for name, lam in (("rcft", float(rcft_settings["lam"])), ("rcft_no_reg", 0.0)):
-        results[name] = evaluate(stages.rcft(aligned, tokenizer, splits["train"] + new, splits["calibration"],
-                                             option_ids, rcft_options, lam=lam, n_bins=n_bins, template=template,
-                                             refresh_steps=_optional_int(rcft_settings["refresh_steps"])))
-        lap(name)
-
-    metrics = {name: r.metrics for name, r in results.items()}
-    report = {
-        "config": config,
-        "timings": {**timings, "total": sum(timings.values())},
-        "stages": metrics,
-        "reliability": {name: reliability_data(r.option_logits, r.labels, n_bins, r.metrics.get("temperature", 1.0))
-                        for name, r in results.items()},
-        "checks": demo_checks(metrics) if "base" in metrics else [],
-    }
-    write_report(report, out)
-    return report
+    run_after_alignment(plan, aligned, results, clock)
+    results = report(config, clock, results, n_bins)
+    write_report(results, out)
+    return results

@@ -1,4 +1,4 @@
-"""The pipeline's stages on any Hugging Face causal LM and multiple-choice data (SPEC §7).
+"""The pipeline's stages on any Hugging Face causal LM and multiple-choice data (docs/demo.md).
 
 Each training stage fine-tunes a *copy* of the model it is given (the input stays as it was, so later stages
 can start from the same aligned model) and returns the trained model; LoRA adapters, when asked for, are
@@ -146,7 +146,7 @@ def _calibration_trainer(model, tokenizer, dataset, calibration: hf.CalibrationC
 
 def cft(model, tokenizer, examples: Sequence[MCQExample], option_ids, options: TrainOptions, *, lam: float = 1.0,
         n_bins: int = 10, template: str = hf.DEFAULT_TEMPLATE, bin_prior: float = 0.0):
-    """CFT: completion-only SFT + ``lam`` · hard-bin calibration term (SPEC §4.2); ``bin_prior``: see
+    """CFT: completion-only SFT + ``lam`` · hard-bin calibration term (docs/math.md#cft-term); ``bin_prior``: see
     :class:`calibkern.hf.CalibrationConfig`."""
     calibration = hf.CalibrationConfig(method="cft", option_ids=option_ids, n_bins=n_bins, lam=lam,
                                        bin_prior=bin_prior)
@@ -160,7 +160,8 @@ def cft(model, tokenizer, examples: Sequence[MCQExample], option_ids, options: T
 def rcft(model, tokenizer, examples: Sequence[MCQExample], calibration_examples: Sequence[MCQExample], option_ids,
          options: TrainOptions, *, lam: float = 1.0, n_bins: int = 10, template: str = hf.DEFAULT_TEMPLATE,
          em: dict | None = None, refresh_steps: int | None = None):
-    """RCFT: full-sequence SFT + ``lam`` · EM regulariser (SPEC §4.3), E-step on ``calibration_examples``
+    """RCFT: full-sequence SFT + ``lam`` · EM regulariser (docs/math.md#em-regulariser), E-step on
+    ``calibration_examples``
     (a held-out split) at every epoch start and, with ``refresh_steps``, after every ``refresh_steps`` optimizer
     steps (skipped at ``lam = 0``, where the EM state has no effect on training)."""
     calibration = hf.CalibrationConfig(
