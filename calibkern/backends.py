@@ -1,4 +1,4 @@
-"""Backend registry, availability probes and selection (SPEC §5, docs/backends.md).
+"""Backend registry, availability probes and selection (docs/backends.md, docs/backends.md).
 
 A backend is a module exposing the kernel contract of docs/backends.md. Selection order: the ``backend=``
 argument of a call, else :func:`set_backend`, else ``CALIBKERN_BACKEND``, else ``"auto"`` — triton for
@@ -20,8 +20,9 @@ import torch
 BACKENDS = ("torch", "cpp", "triton")
 _MODULES = {"torch": "calibkern.reference", "cpp": "calibkern._cpp", "triton": "calibkern.ops.triton"}
 _HOW_TO_GET = {
-    "cpp": "it is compiled at first use with a C++ compiler (g++ or clang++ with OpenMP) and ninja, or ahead of "
-           "time by `pip install --no-build-isolation .`; `calibkern info` shows what failed",
+    "cpp": "build the C++ extension: calibkern compiles it at first use with a C++ compiler (g++ or clang++ with "
+           "OpenMP) and ninja, or ahead of time in `pip install --no-build-isolation .`; `calibkern info` shows "
+           "what failed",
     "triton": "install triton (`pip install triton`) and run on a CUDA device, or set TRITON_INTERPRET=1 "
               "before importing triton to run the kernels on CPU through the interpreter",
 }
@@ -170,10 +171,15 @@ def _warn_cpu_fallback() -> None:
 
 
 def set_deterministic(flag: bool) -> None:
-    """Bitwise-reproducible statistics and losses (fixed-order reductions, no float atomics)."""
+    """Deprecated: every calibkern kernel is always bitwise reproducible (fixed-order reductions, no float
+    atomics), so this switch changes no result. It only sets what :func:`is_deterministic` reports."""
     global _deterministic
+    warnings.warn("calibkern.set_deterministic is deprecated and changes nothing: calibkern's kernels are always "
+                  "deterministic (docs/reliability.md#determinism)", DeprecationWarning, stacklevel=2)
     _deterministic = bool(flag)
 
 
 def is_deterministic() -> bool:
+    """Deprecated with :func:`set_deterministic`: whether it was switched on, or torch's deterministic
+    algorithms are."""
     return _deterministic or torch.are_deterministic_algorithms_enabled()

@@ -19,7 +19,7 @@ def _seed_and_restore_backend():
     torch.manual_seed(0)
     yield
     calibkern.set_backend(None)
-    calibkern.set_deterministic(False)
+    calibkern.backends._deterministic = False  # what the deprecated set_deterministic(True) of a test set
 
 
 @pytest.fixture(scope="module")
@@ -30,16 +30,3 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
-
-
-def random_logits(n, k, scale=3.0, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(n, k, generator=g, dtype=torch.float64) * scale).to(dtype)
-
-
-def random_labels(n, k, ignore_frac=0.0, seed=1, ignore_index=-100):
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, k, (n,), generator=g)
-    if ignore_frac:
-        y[torch.rand(n, generator=g) < ignore_frac] = ignore_index
-    return y

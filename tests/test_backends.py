@@ -1,4 +1,4 @@
-"""Backend registry and selection (SPEC §5)."""
+"""Backend registry and selection (docs/backends.md)."""
 
 import os
 import subprocess
@@ -97,3 +97,14 @@ def test_a_native_build_for_another_cpu_leaves_cpp_unavailable():
     assert "cpp" not in available and available.endswith(" torch")
     assert "compiled for CPU instructions this CPU lacks (no_such_isa_extension)" in message
     assert "CALIBKERN_PORTABLE=1" in message
+
+
+def test_set_deterministic_is_deprecated():
+    """Every kernel is always deterministic: the switch warns and changes no result."""
+    g = torch.Generator().manual_seed(0)
+    z, y, accuracy = torch.randn(4096, 4, generator=g) * 3, torch.randint(0, 4, (4096,), generator=g), torch.rand(10)
+    before = ck.calibration_loss(z, y, accuracy), ck.binned_stats(z, y).sum_conf
+    with pytest.deprecated_call(match="always deterministic"):
+        ck.set_deterministic(True)
+    after = ck.calibration_loss(z, y, accuracy), ck.binned_stats(z, y).sum_conf
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
