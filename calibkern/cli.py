@@ -1,4 +1,4 @@
-"""The ``calibkern`` program (also ``python -m calibkern``): one subcommand per pipeline stage (SPEC §7).
+"""The ``calibkern`` program (also ``python -m calibkern``): one subcommand per pipeline stage (docs/demo.md).
 
 This module only parses arguments and calls :mod:`calibkern.pipeline`. A user error (a bad option, a missing or
 malformed file, a template with unknown fields, an unloadable model directory) prints

@@ -1,4 +1,4 @@
-"""EM-estimated ECE regulariser state for RCFT (SPEC §4.3).
+"""EM-estimated ECE regulariser state for RCFT (docs/math.md#em-regulariser).
 
 A mixture of M calibration components over the confidence: weights ``π_k``, means ``μ_k``, widths
 ``σ_k`` and per-component accuracies ``θ_k``; initialised at the equal-width bin centres,
@@ -171,12 +171,12 @@ def check_state(state: dict, where: str) -> None:
 
 def em_regularizer(option_logits, labels, state: EMState, *, form="target", rho=None, reduction="mean",
                    accumulate=False, ignore_index=-100, nonfinite="error", backend=None) -> torch.Tensor:
-    """The EM-estimated ECE regulariser (SPEC §4.3), differentiable with respect to ``option_logits``.
+    """The EM-estimated ECE regulariser (docs/math.md#em-regulariser), differentiable with respect to ``option_logits``.
 
     ``form="target"``: ``L_i = (c_i − t_i)² + Σ_r (q_(r) − t_(r))²`` with ``t_i = Σ_k r_ik θ_k``, reduced by
     ``reduction`` over kept rows. ``form="ece"``: ``L = Σ_k (S_k/N) ρ(C_k/S_k − θ_k)`` (a batch scalar;
-    ``rho`` is ``"square"``, the default, or ``"smooth_abs"``; the target form takes no ``rho``). With ``accumulate=True`` the pass's E-step statistics are
-    added to ``state`` (no second pass).
+    ``rho`` is ``"square"``, the default, or ``"smooth_abs"``; the target form takes no ``rho``). With
+    ``accumulate=True`` the pass's E-step statistics are added to ``state`` (no second pass).
     """
     if not isinstance(state, EMState):
         raise TypeError(f"state must be a calibkern.EMState, got {type(state).__name__}")

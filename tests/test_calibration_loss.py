@@ -1,4 +1,4 @@
-"""The hard-bin calibration term (SPEC §4.2): targets, gradients, official_compat."""
+"""The hard-bin calibration term (docs/math.md#cft-term): targets, gradients, official_compat."""
 
 import math
 
@@ -9,13 +9,13 @@ import calibkern as ck
 from calibkern.ops import custom_ops
 from calibkern.reference import bin_index, non_max_targets, softmax_parts
 
-from conftest import random_labels, random_logits
+from helpers import random_labels, random_logits
 
 ACC = torch.tensor([0.05, 0.15, 0.3, 0.35, 0.45, 0.5, 0.62, 0.7, 0.85, 0.93])
 
 
 def _eager_loss(logits, labels, bin_accuracy, ignore_index=-100):
-    """SPEC §4.2 written out with a sort, as the paper states it (targets detached)."""
+    """docs/math.md#cft-term written out with a sort, as the paper states it (targets detached)."""
     p = logits.double().softmax(1)
     conf, pred = p.max(1)
     k = p.shape[1]

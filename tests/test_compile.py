@@ -12,7 +12,7 @@ import torch
 
 import calibkern
 from calibkern import backends
-from conftest import random_labels, random_logits
+from helpers import random_labels, random_logits
 
 # the CPU backends; the triton custom ops under torch.compile: tests/test_triton_backend.py
 BACKENDS = [name for name in calibkern.available_backends() if name != "triton"]

@@ -1,4 +1,4 @@
-"""Deterministic mode (SPEC §5): with ``calibkern.set_deterministic(True)`` or
+"""Deterministic mode (docs/backends.md): with ``calibkern.set_deterministic(True)`` or
 ``torch.use_deterministic_algorithms(True)``, statistics, losses and gradients are bitwise identical across
 runs and across thread counts (1 and 2), on every backend that runs on CPU tensors here (``cpp`` once its
 extension is built; ``triton`` under ``TRITON_INTERPRET=1``).
@@ -11,8 +11,8 @@ import torch
 
 import calibkern as ck
 
-from conftest import random_labels, random_logits
-from test_robustness import M, outputs
+from helpers import random_labels, random_logits
+from helpers import M, outputs
 
 # Large enough that the CPU kernels split rows (and the reference's reductions) over threads; the Triton
 # interpreter runs every program in Python, so it gets small shapes.

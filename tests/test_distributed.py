@@ -1,4 +1,5 @@
-"""Multi-process data parallel (SPEC §3, §4.3): two gloo processes on CPU, each holding half the rows, give
+"""Multi-process data parallel (docs/math.md#ece, docs/math.md#em-regulariser): two gloo processes on CPU, each
+holding half the rows, give
 exactly the single-process result on all of them — ``BinStats.all_reduce``, ``CalibrationMeter.all_reduce``
 and ``EMState.mstep`` (which all-reduces its accumulator).
 
@@ -7,7 +8,6 @@ computed, and the tests compare it with the whole-data computation here. Counts 
 (whose summation order differs between one process and two) agree to 1e-12.
 """
 
-import socket
 
 import pytest
 import torch
@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 
 import calibkern as ck
 
-from conftest import random_labels, random_logits
+from helpers import free_port, random_labels, random_logits
 
 WORLD = 2
 N, K, M = 1001, 4, 10  # odd N: the two halves differ in size
@@ -89,16 +89,12 @@ def _worker(rank, port, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("distributed")
-    mp.spawn(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(out_dir)), nprocs=WORLD, join=True)
     ranks = [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
     def whole_em_rows(r):  # EM round r on one process: the round's rows of every rank

@@ -1,4 +1,4 @@
-"""EM state, E-step, M-step and both regulariser forms (SPEC §4.3)."""
+"""EM state, E-step, M-step and both regulariser forms (docs/math.md#em-regulariser)."""
 
 import pytest
 import torch
@@ -6,7 +6,7 @@ import torch
 import calibkern as ck
 from calibkern.reference import bin_index, responsibilities, softmax_parts
 
-from conftest import random_labels, random_logits
+from helpers import random_labels, random_logits
 
 
 def test_initial_state():

@@ -14,6 +14,8 @@ import torch
 
 pytest.importorskip("transformers")
 
+from helpers import free_port  # noqa: E402
+
 
 
 def run(out_dir: str, distributed: bool) -> dict:
@@ -47,19 +49,13 @@ def run(out_dir: str, distributed: bool) -> dict:
     }
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.mark.slow
 def test_two_ranks_equal_one_process(tmp_path):
     single = run(str(tmp_path / "single"), distributed=False)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_port", str(_free_port()), os.path.abspath(__file__), str(tmp_path)]
+               "--master_port", str(free_port()), os.path.abspath(__file__), str(tmp_path)]
     repository = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([repository, os.environ.get("PYTHONPATH", "")])}
     completed = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)

@@ -10,7 +10,7 @@ from torchmetrics.functional.classification import multiclass_calibration_error
 import calibkern as ck
 from calibkern.reference import bin_index
 
-from conftest import random_labels, random_logits
+from helpers import random_labels, random_logits
 
 
 @pytest.mark.parametrize("n,k,m", [(1, 2, 10), (47, 2, 10), (1000, 4, 15), (5000, 10, 10), (123, 31, 7),

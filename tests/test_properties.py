@@ -1,4 +1,4 @@
-"""Property-based tests of the metrics (SPEC §3) with hypothesis, on every available backend: random shapes
+"""Property-based tests of the metrics (docs/math.md#ece) with hypothesis, on every available backend: random shapes
 (N 1..200, K 2..50), values (including ties and ±1e4), bin counts M 1..20 and ignored rows.
 
 * the binned statistics equal the per-sample definition (a Python loop over rows in float64);

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from calibkern.reference import cross_entropy_
 
-from conftest import random_labels, random_logits
+from helpers import random_labels, random_logits
 
 
 def test_matches_torch_cross_entropy():

@@ -1,4 +1,5 @@
-"""Exact resume (SPEC §4.3, §6): a CalibrationTrainer run interrupted right after a checkpoint and resumed
+"""Exact resume (docs/math.md#em-regulariser, docs/hf.md): a CalibrationTrainer run interrupted right after a
+checkpoint and resumed
 from it in a fresh trainer (fresh, differently initialised model) ends with the same per-bin accuracies
 (CFT), the same EM state (RCFT, refreshed by streaming at every step), the same logged losses and
 calibration statistics after the checkpoint, the same weights and the same final loss as the run that was

@@ -1,4 +1,5 @@
-"""Numerical robustness against the reference on every available backend (SPEC §2–§5): logits of ±1e4,
+"""Numerical robustness against the reference on every available backend (docs/math.md, docs/backends.md): logits of
+±1e4,
 all-equal rows (ties → lowest index), bf16 / fp16 inputs, N = 1, every row ignored, empty input, and a
 streaming CalibrationMeter over 10⁷ rows whose memory stays flat.
 """
@@ -12,42 +13,9 @@ import torch
 import calibkern as ck
 from calibkern import reference as ref
 
-from conftest import random_labels, random_logits
+from helpers import ACCURACY, IGNORE, M, em_state, outputs, random_labels, random_logits
 
-M = 10
-IGNORE = -100
-ACCURACY = torch.linspace(0.0, 1.0, M)  # includes a = 0 and a = 1 (no non-max target mass)
 BACKENDS = ck.available_backends()
-
-
-def em_state():
-    state = ck.EMState(M)
-    g = torch.Generator().manual_seed(4)
-    state.pi = torch.softmax(torch.randn(M, generator=g, dtype=torch.float64), 0)
-    state.theta = torch.rand(M, generator=g, dtype=torch.float64)
-    return state
-
-
-def outputs(logits, labels, backend):
-    """Statistics, losses (sum reduction), gradients and E-step statistics of every op, by name (also the
-    outputs that tests/test_determinism.py repeats)."""
-    out = {}
-    for mode in ("top1", "classwise"):
-        stats = ck.binned_stats(logits, labels, M, mode=mode, backend=backend)
-        out.update({f"{mode}.counts": stats.counts, f"{mode}.sum_conf": stats.sum_conf,
-                    f"{mode}.sum_correct": stats.sum_correct})
-    for name, loss_of in {
-        "hard_bin": lambda z, st: ck.calibration_loss(z, labels, ACCURACY, reduction="sum", backend=backend),
-        "em_target": lambda z, st: ck.em_regularizer(z, labels, st, reduction="sum", accumulate=True,
-                                                     backend=backend),
-        "em_ece": lambda z, st: ck.em_regularizer(z, labels, st, form="ece", accumulate=True, backend=backend),
-    }.items():
-        state = em_state()
-        z = logits.clone().requires_grad_(True)
-        loss = loss_of(z, state)
-        loss.backward()
-        out.update({f"{name}.loss": loss.detach(), f"{name}.grad": z.grad, f"{name}.stats": state.accum})
-    return out
 
 
 def assert_matches_reference(logits, labels, backend):

@@ -1,4 +1,4 @@
-"""CalibrationTrainer under ``torchrun --nproc_per_node 2`` (gloo, CPU, a tiny Llama) — SPEC §6.
+"""CalibrationTrainer under ``torchrun --nproc_per_node 2`` (gloo, CPU, a tiny Llama) — docs/hf.md.
 
 The test launches this file under torchrun; each rank trains CFT (per-bin accuracies estimated by the
 trainer) and RCFT (EM refreshed at the epoch start) and saves what it logged and ended with. (Streaming

@@ -17,7 +17,7 @@ import torch
 
 import calibkern
 from calibkern import reference as ref
-from conftest import random_labels, random_logits
+from helpers import random_labels, random_logits
 
 pytest.importorskip("triton", reason="triton is not installed (pip install 'calibkern[triton]')")
 if not calibkern.backends.is_available("triton"):

@@ -1,4 +1,4 @@
-"""Bad input gets a clear error naming the argument (SPEC §9)."""
+"""Bad input gets a clear error naming the argument (docs/reliability.md)."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Hugging Face integration (SPEC §6): the calibration-aware trainer, multiple-choice data, evaluation,
+"""Hugging Face integration (docs/hf.md): the calibration-aware trainer, multiple-choice data, evaluation,
 DPO alignment and the baselines. Needs the ``hf`` extra (transformers, trl, peft, datasets)."""
 
 from .alignment import PreferencePair, preference_dataset, train_dpo

@@ -1,4 +1,5 @@
-"""Preference alignment with TRL's ``DPOTrainer`` (SPEC §1, §6): the stage that makes the model over-confident.
+"""Preference alignment with TRL's ``DPOTrainer`` (docs/demo.md, docs/hf.md): the stage that makes the model
+over-confident.
 
 A preference pair is a multiple-choice question with a *chosen* and a *rejected* option. The DPO data set holds
 ``prompt`` (the formatted prompt, ending at the answer cue), ``chosen`` and ``rejected`` (the continuations

@@ -1,4 +1,4 @@
-"""The baselines CFT/RCFT are compared with (SPEC §1, §7): temperature scaling and label-smoothing SFT.
+"""The baselines CFT/RCFT are compared with (docs/demo.md): temperature scaling and label-smoothing SFT.
 
 * **Temperature scaling**: one scalar ``T`` for the option logits, ``p = softmax(z / T)``, fitted by minimising
   the mean NLL on a held-out split with L-BFGS over ``log T`` (so ``T > 0``), starting from ``T = 1``.

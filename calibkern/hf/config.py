@@ -1,4 +1,4 @@
-"""CalibrationConfig: what the calibration-aware trainer optimises (SPEC §4, §6)."""
+"""CalibrationConfig: what the calibration-aware trainer optimises (docs/math.md, docs/hf.md)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from ..em import EMState
 
 __all__ = ["CalibrationConfig", "OFFICIAL_ALPHA", "OFFICIAL_CAL_SCALE"]
 
-# The published reference code's combination: (1 − α)·L_SFT + α·1e-3·L_cal with α = 0.5 (SPEC §4.2).
+# The published reference code's combination: (1 − α)·L_SFT + α·1e-3·L_cal, α = 0.5 (docs/math.md#cft-term).
 OFFICIAL_ALPHA = 0.5
 OFFICIAL_CAL_SCALE = 1e-3
 EM_OPTIONS = {"refresh", "momentum", "prior", "fixed_components"}  # EMState's keyword arguments
@@ -20,15 +20,16 @@ EM_OPTIONS = {"refresh", "momentum", "prior", "fixed_components"}  # EMState's k
 class CalibrationConfig:
     """Options of :class:`calibkern.hf.CalibrationTrainer` and :func:`calibkern.hf.compute_loss_func`.
 
-    * ``method="cft"``: loss ``sft_weight · L_SFT + lam · L_hard-bin`` (SPEC §4.2) — feed completion-only
+    * ``method="cft"``: loss ``sft_weight · L_SFT + lam · L_hard-bin`` (docs/math.md#cft-term) — feed
+      completion-only
       labels (``L_SFT1``). The per-bin accuracies ``A_k`` (and counts ``N⁰_k``) come from one no-grad pass over
       the training set (or ``calibration_dataset``) with the starting model, unless ``bin_accuracy`` is given:
       ``A_k = (a_k + bin_prior · Ā) / (n_k + bin_prior)`` with ``Ā`` the overall accuracy of that pass — a bin
       the starting model leaves empty takes ``Ā`` (any ``bin_prior``, 0 included), and ``bin_prior > 0``
       shrinks sparsely filled bins towards it (their accuracy is a few rows' noise).
-    * ``method="rcft"``: loss ``sft_weight · L_SFT + lam · L_EM`` (SPEC §4.3) — feed full-sequence labels
-      (``L_SFT2``). ``em`` holds the :class:`calibkern.EMState` options (``refresh="epoch"|"stream"``,
-      ``momentum``, ``prior``, ``fixed_components``); ``n_components = n_bins``. With ``refresh="epoch"`` the
+    * ``method="rcft"``: loss ``sft_weight · L_SFT + lam · L_EM`` (docs/math.md#em-regulariser) — feed
+      full-sequence labels (``L_SFT2``). ``em`` holds the :class:`calibkern.EMState` options
+      (``refresh="epoch"|"stream"``, ``momentum``, ``prior``, ``fixed_components``); ``n_components = n_bins``. With ``refresh="epoch"`` the
       E-step runs as a no-grad pass at the start of every epoch over the training set, or over
       ``calibration_dataset`` when given (prefer a held-out split once the model can memorise the training
       set: there the training accuracy → 1 and the targets follow it). With ``refresh="stream"`` each training

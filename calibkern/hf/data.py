@@ -1,6 +1,6 @@
 """Multiple-choice data: loading, the prompt template, option token ids, tokenised training features.
 
-File formats (SPEC §7):
+File formats (docs/demo.md):
 
 * **JSONL** (``.jsonl``, ``.json``): one JSON object per line with ``question`` (string), ``choices`` (list of
   strings) and ``answer``. Blank lines are skipped.
@@ -14,7 +14,8 @@ File formats (SPEC §7):
 letter (``"A"``, ``"b"``, …). Every malformed row is a :class:`MCQDataError` naming the file and line (for a
 ``datasets`` directory: the row number, 1-based).
 
-Prompt (SPEC §2, §7): ``template.format(question=..., options=...)`` where ``{options}`` renders as lines
+Prompt (docs/math.md#confidence, docs/demo.md): ``template.format(question=..., options=...)`` where ``{options}``
+renders as lines
 ``"A. <choice>"`` joined by newlines; the prompt ends at the answer cue and the answer continuation is
 ``" <letter>"``. The option token ids are found by tokenising a prompt with and without that continuation,
 so a tokenizer that folds the leading space into the letter (``"ĠA"``, ``"▁A"``) and one that does not are
@@ -267,7 +268,7 @@ def _token_ids(tokenizer, text: str) -> list[int]:
 
 
 def detect_option_ids(tokenizer, n_options: int, template: str = DEFAULT_TEMPLATE) -> list[int]:
-    """Token id of each option letter as the tokenizer produces it after the answer cue (SPEC §2).
+    """Token id of each option letter as the tokenizer produces it after the answer cue (docs/math.md#confidence).
 
     For each letter, ``prompt + " <letter>"`` must tokenise to the prompt's tokens plus exactly one more token;
     that token (with or without the leading space folded in, whatever the tokenizer does) is the option id.

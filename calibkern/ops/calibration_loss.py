@@ -1,4 +1,4 @@
-"""The hard-bin calibration term of SPEC §4.2, differentiable with respect to the option logits.
+"""The hard-bin calibration term (docs/math.md#cft-term), differentiable with respect to the option logits.
 
 Per sample, with ``a = A_{b(c)}`` the starting model's accuracy in the sample's confidence bin and the
 order-preserving non-max targets of docs/backends.md: ``L_i = (c_i − a)² + Σ_r (q_(r) − t_(r))²``.
@@ -24,7 +24,7 @@ from ._dispatch import prepare
 def calibration_loss(option_logits, labels, bin_accuracy, *, n_bins=10, bin_counts=None, detach_targets=None,
                      official_compat=False, reduction="mean", ignore_index=-100, nonfinite="error",
                      backend=None):
-    """Hard-bin calibration loss (SPEC §4.2).
+    """Hard-bin calibration loss (docs/math.md#cft-term).
 
     ``detach_targets=None`` means the variant's own choice: detached for the default, through the targets
     for ``official_compat``. Gradients through the targets are computed by autograd on the reference

@@ -1,4 +1,4 @@
-"""Per-bin sufficient statistics (SPEC §3): counts, Σ confidence, Σ correct."""
+"""Per-bin sufficient statistics (docs/math.md#ece): counts, Σ confidence, Σ correct."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""E-step responsibilities and the EM regulariser's per-row pieces (SPEC §4.3).
+"""E-step responsibilities and the EM regulariser's per-row pieces (docs/math.md#em-regulariser).
 
 ``r_k = softmax_k(log π_k − log σ_k − (c − μ_k)² / (2σ_k²))`` over mixture components; sufficient
 statistics ``S = Σ r``, ``C = Σ r c``, ``Q = Σ r c²``, ``R = Σ r · correct`` over kept rows.

@@ -1,4 +1,4 @@
-"""Row softmax read-outs shared by every reference op (SPEC §2).
+"""Row softmax read-outs shared by every reference op (docs/math.md#confidence).
 
 ``z = logits · float32(1/T)``, ``m = max z``, ``s = Σ exp(z − m)``, ``p = exp(z − m) / s``, confidence
 ``c = 1/s``, prediction ``ŷ`` = first argmax. Math in float32 (float64 for float64 input, so the

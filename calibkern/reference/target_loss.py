@@ -1,4 +1,4 @@
-"""The per-row target loss behind the hard-bin term (SPEC §4.2) and the EM ``target`` form (§4.3).
+"""The per-row target loss of the hard-bin term and of the EM ``target`` form (docs/math.md#cft-term).
 
 For a row with probabilities ``p``, prediction ``ŷ`` and target accuracy ``a``, the target vector is
 ``τ_ŷ = a`` and, for the other options, order-preserving targets that sum to ``1 − a``:

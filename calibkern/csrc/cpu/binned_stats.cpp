@@ -1,4 +1,4 @@
-// binned_stats: per-bin counts, Σ confidence and Σ correct (SPEC §3), top-1 or classwise.
+// binned_stats: per-bin counts, Σ confidence and Σ correct (docs/math.md#ece), top-1 or classwise.
 //
 // Top-1 reads every row once: long rows with the online softmax of row_softmax.h, short rows (K ≤ 64)
 // sixteen at a time across SIMD lanes. Rows go in fixed blocks whose float64 partials are reduced in

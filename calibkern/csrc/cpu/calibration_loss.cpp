@@ -1,4 +1,4 @@
-// hard_bin_loss: the hard-bin calibration term's per-row loss and gradient (SPEC §4.2, default variant):
+// hard_bin_loss: the hard-bin calibration term's per-row loss and gradient (docs/math.md#cft-term, default variant):
 // a = bin_accuracy[b(c)], then the target loss of option_rows.h, in one pass per row, reduced as asked.
 #include "dispatch.h"
 #include "kernels.h"

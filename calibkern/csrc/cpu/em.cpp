@@ -1,4 +1,5 @@
-// The EM-estimated ECE regulariser (SPEC §4.3): E-step statistics, the target form's loss and gradient
+// The EM-estimated ECE regulariser (docs/math.md#em-regulariser): E-step statistics, the target form's loss and
+// gradient
 // (one pass), and the ece form's second-phase gradient, all through option_rows.h.
 #include "dispatch.h"
 #include "kernels.h"

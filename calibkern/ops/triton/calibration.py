@@ -1,4 +1,4 @@
-"""Triton kernel for the calibration losses and the EM E-step on option logits (SPEC §4.2–§4.3).
+"""Triton kernel for the calibration losses and the EM E-step on option logits (docs/math.md).
 
 One kernel, specialised by constexpr flags, serves four backend functions:
 

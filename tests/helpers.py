@@ -1,0 +1,63 @@
+"""Shared test helpers: seeded inputs, every op's outputs by name, a free TCP port. Tests import from here
+(conftest.py holds only fixtures), never from each other."""
+
+import socket
+
+import torch
+
+import calibkern as ck
+
+
+def random_logits(n, k, scale=3.0, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, k, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+
+def random_labels(n, k, ignore_frac=0.0, seed=1, ignore_index=-100):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, k, (n,), generator=g)
+    if ignore_frac:
+        y[torch.rand(n, generator=g) < ignore_frac] = ignore_index
+    return y
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a gloo rendezvous)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+M = 10
+IGNORE = -100
+ACCURACY = torch.linspace(0.0, 1.0, M)  # includes a = 0 and a = 1 (no non-max target mass)
+
+
+def em_state():
+    state = ck.EMState(M)
+    g = torch.Generator().manual_seed(4)
+    state.pi = torch.softmax(torch.randn(M, generator=g, dtype=torch.float64), 0)
+    state.theta = torch.rand(M, generator=g, dtype=torch.float64)
+    return state
+
+
+def outputs(logits, labels, backend):
+    """Statistics, losses (sum reduction), gradients and E-step statistics of every op, by name (also the
+    outputs that tests/test_robustness.py and tests/test_determinism.py compare)."""
+    out = {}
+    for mode in ("top1", "classwise"):
+        stats = ck.binned_stats(logits, labels, M, mode=mode, backend=backend)
+        out.update({f"{mode}.counts": stats.counts, f"{mode}.sum_conf": stats.sum_conf,
+                    f"{mode}.sum_correct": stats.sum_correct})
+    for name, loss_of in {
+        "hard_bin": lambda z, st: ck.calibration_loss(z, labels, ACCURACY, reduction="sum", backend=backend),
+        "em_target": lambda z, st: ck.em_regularizer(z, labels, st, reduction="sum", accumulate=True,
+                                                     backend=backend),
+        "em_ece": lambda z, st: ck.em_regularizer(z, labels, st, form="ece", accumulate=True, backend=backend),
+    }.items():
+        state = em_state()
+        z = logits.clone().requires_grad_(True)
+        loss = loss_of(z, state)
+        loss.backward()
+        out.update({f"{name}.loss": loss.detach(), f"{name}.grad": z.grad, f"{name}.stats": state.accum})
+    return out
