@@ -1,4 +1,4 @@
-"""The cpp backend's ops against their baselines on CPU (issue 3; SPEC §8).
+"""The cpp backend's ops against their baselines on CPU (issue 3; benchmarks/RESULTS.md).
 
 Every comparison times its candidates side by side in one process with :func:`timing.median_times`
 (warm-up excluded, candidates alternated, medians of the rounds):

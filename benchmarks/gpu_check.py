@@ -11,7 +11,7 @@
    with peak memory.
 3. A short table, printed last, and JSON in ``benchmarks/results/gpu_<device name>.json``.
 
-Goals (SPEC §5, issue #4): ``binned_stats`` ≥ 70 % of the measured copy bandwidth; ``calibration_loss``
+Goals (docs/backends.md, issue #4): ``binned_stats`` ≥ 70 % of the measured copy bandwidth; ``calibration_loss``
 forward + backward ≥ 10× faster than the reference backend. Exit status 1 when a correctness check fails,
 2 when the machine cannot run the check.
 """

@@ -1,7 +1,7 @@
-"""Baselines written the way the published CFT reference code computes its loss (SPEC §8).
+"""Baselines written the way the published CFT reference code computes its loss (benchmarks/RESULTS.md).
 
 These are deliberately *not* how calibkern works; they are what a user starting from the paper's code runs.
-The hard-bin term there (SPEC §4.2, the ``official_compat`` form) is computed with:
+The hard-bin term there (docs/math.md#cft-term, the ``official_compat`` form) is computed with:
 
 * a Python loop over the M bins, a boolean mask per bin over the batch, and a host read
   (``mask.sum().item()``) per bin to skip empty bins — M device-to-host synchronisations per call;

@@ -1,4 +1,4 @@
-"""Runs every calibkern benchmark side by side and writes the report (SPEC §8; `make bench`).
+"""Runs every calibkern benchmark side by side and writes the report (benchmarks/RESULTS.md; `make bench`).
 
     python benchmarks/run_benchmarks.py [--quick] [--only SUITE[,SUITE]] [--out DIR] [--render]
 
