@@ -30,7 +30,7 @@ from .em import em_regularizer
 from .metrics import BinStats, binned_stats
 from .ops._dispatch import check_label_values
 from .ops.calibration_loss import calibration_loss
-from .ops.fused_linear import FusedLinearCrossEntropy, default_chunk_size
+from .ops.fused_linear import FusedLinearCrossEntropy, default_chunk_size, softcap_logits
 
 CALIBRATIONS = ("hard_bin", "em", None)
 HIDDEN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -49,7 +49,7 @@ class CalibrationLossOutput:
 def fused_linear_calibration_loss(hidden, weight, labels, *, option_ids, bias=None, calibration="hard_bin",
                                   bin_accuracy=None, em_state=None, lam=1.0, sft_weight=1.0, n_bins=10,
                                   ignore_index=-100, shift=True, answer_mask=None, num_items_in_batch=None,
-                                  chunk_size=None, backend=None) -> CalibrationLossOutput:
+                                  chunk_size=None, logit_softcap=None, backend=None) -> CalibrationLossOutput:
     """SFT cross-entropy plus calibration term from ``hidden [N, D] | [B, T, D]`` and ``weight [V, D]``.
 
     ``labels`` has ``hidden``'s leading shape; with ``shift=True`` a 2-D ``hidden`` is one sequence.
@@ -57,6 +57,9 @@ def fused_linear_calibration_loss(hidden, weight, labels, *, option_ids, bias=No
     default answer positions: the supervised positions whose target is one of ``option_ids``. The
     calibration term is the mean over the batch's answer positions (0 when there is none). One backward
     pass per call.
+
+    ``logit_softcap=c`` soft-caps every logit, ``z ← c · tanh(z / c)`` (Gemma 2/3), in the cross-entropy and
+    the option logits alike (docs/math.md#the-fused-linear-loss).
 
     Non-finite values never raise here: a supervised position whose logits hold NaN or ±inf (from NaN or
     inf in ``hidden``, ``weight`` or ``bias``) makes ``sft_loss`` NaN, and ``cal_loss`` too when it is an
@@ -88,9 +91,12 @@ def fused_linear_calibration_loss(hidden, weight, labels, *, option_ids, bias=No
     if chunk_size is None:
         chunk_size = default_chunk_size(hidden_2d.shape[0], hidden_2d.shape[1], vocab_size, hidden.element_size())
 
+    if logit_softcap is not None:
+        logit_softcap = V.check_positive_float(logit_softcap, "logit_softcap")
     loss_sum, option_logits = FusedLinearCrossEntropy.apply(
         hidden_2d, weight, bias, rows, row_targets, option_ids, chunk_size, kernels, ignore_index,
-        torch.is_grad_enabled())
+        torch.is_grad_enabled(), logit_softcap)
+    option_logits = softcap_logits(option_logits, logit_softcap)
     sft_loss = loss_sum / _denominator(num_items_in_batch, rows.shape[0], device)
     # Non-finite option logits (diverged parameters) give a NaN loss, as the cross-entropy does: the
     # calibration term runs on the finite rows and NaN is added when an answer row is not finite.
@@ -109,7 +115,8 @@ class FusedLinearCalibrationLoss(nn.Module):
     """:func:`fused_linear_calibration_loss` as a module; ``option_ids`` and ``bin_accuracy`` are buffers."""
 
     def __init__(self, option_ids, *, calibration="hard_bin", bin_accuracy=None, em_state=None, lam=1.0,
-                 sft_weight=1.0, n_bins=10, ignore_index=-100, shift=True, chunk_size=None, backend=None):
+                 sft_weight=1.0, n_bins=10, ignore_index=-100, shift=True, chunk_size=None, logit_softcap=None,
+                 backend=None):
         super().__init__()
         V.check_choice(calibration, "calibration", CALIBRATIONS)
         _check_calibration_state(calibration, bin_accuracy, em_state)
@@ -119,13 +126,15 @@ class FusedLinearCalibrationLoss(nn.Module):
         self.calibration, self.em_state = calibration, em_state
         self.lam, self.sft_weight, self.n_bins = lam, sft_weight, n_bins
         self.ignore_index, self.shift, self.chunk_size, self.backend = ignore_index, shift, chunk_size, backend
+        self.logit_softcap = logit_softcap
 
     def forward(self, hidden, weight, labels, bias=None, answer_mask=None, num_items_in_batch=None):
         return fused_linear_calibration_loss(
             hidden, weight, labels, option_ids=self.option_ids, bias=bias, calibration=self.calibration,
             bin_accuracy=self.bin_accuracy, em_state=self.em_state, lam=self.lam, sft_weight=self.sft_weight,
             n_bins=self.n_bins, ignore_index=self.ignore_index, shift=self.shift, answer_mask=answer_mask,
-            num_items_in_batch=num_items_in_batch, chunk_size=self.chunk_size, backend=self.backend)
+            num_items_in_batch=num_items_in_batch, chunk_size=self.chunk_size, logit_softcap=self.logit_softcap,
+            backend=self.backend)
 
 
 def _autocast(hidden, weight, bias):

@@ -52,7 +52,9 @@ def _args(tmp_path, **overrides):
 def _config(option_ids, method, **overrides):
     if method == "cft":
         overrides.setdefault("bin_accuracy", BIN_ACCURACY)
-    return CalibrationConfig(method=method, option_ids=option_ids, **overrides)
+    # the logit check is one decoder pass and one lm_head call before training: these tests count the passes
+    # of the training steps (tests/test_hf_models.py runs the check)
+    return CalibrationConfig(method=method, option_ids=option_ids, **{"check_logits": False, **overrides})
 
 
 def _trainer(setup, tmp_path, method="cft", model=None, supervise=None, config=None, **args):
@@ -76,7 +78,8 @@ def test_one_decoder_pass_per_step_and_no_lm_head(setup, tmp_path, method, em):
     model = make_model(tokenizer)
     decoder_calls = _count_calls(model.get_decoder())
     head_calls = _count_calls(model.get_output_embeddings())
-    config = _config(option_ids, method, **({"em": em} if em else {}))
+    # check_logits=False: only the training steps' passes are counted (the check is one more, before them)
+    config = _config(option_ids, method, check_logits=False, **({"em": em} if em else {}))
     trainer = _trainer(setup, tmp_path, method, model=model, config=config)
     trainer.train()
     assert trainer.state.global_step == 2
@@ -96,7 +99,7 @@ def test_cft_estimates_bin_accuracy_in_one_pass_before_training(setup, tmp_path)
     model = make_model(tokenizer)
     reference_model = copy.deepcopy(model)
     decoder_calls = _count_calls(model.get_decoder())
-    config = CalibrationConfig(method="cft", option_ids=option_ids)
+    config = CalibrationConfig(method="cft", option_ids=option_ids, check_logits=False)  # count the passes alone
     trainer = _trainer(setup, tmp_path, "cft", model=model, config=config)
     trainer.train()
     assert len(decoder_calls) == 1 + 2  # 8 rows in one eval batch, then 2 training steps
@@ -132,7 +135,7 @@ def test_rcft_epoch_refresh_on_a_held_out_split_runs_outside_training_steps(setu
     held_out = build_sft_dataset(tokenizer, make_examples(5, seed=9), option_ids, supervise="full")
     model = make_model(tokenizer)
     decoder_calls = _count_calls(model.get_decoder())
-    config = CalibrationConfig(method="rcft", option_ids=option_ids, calibration_dataset=held_out)
+    config = CalibrationConfig(method="rcft", option_ids=option_ids, calibration_dataset=held_out, check_logits=False)
     trainer = _trainer(setup, tmp_path, "rcft", model=model, num_train_epochs=2, config=config)
     trainer.train()
     # per epoch: 1 refresh batch (5 held-out rows) + 2 training steps (8 rows in batches of 4)
@@ -265,7 +268,8 @@ def test_rcft_refresh_steps_reruns_the_e_step_within_epochs(setup, tmp_path):
     held_out = build_sft_dataset(tokenizer, make_examples(5, seed=9), option_ids, supervise="full")
     model = make_model(tokenizer)
     decoder_calls = _count_calls(model.get_decoder())
-    config = CalibrationConfig(method="rcft", option_ids=option_ids, calibration_dataset=held_out, refresh_steps=1)
+    config = CalibrationConfig(method="rcft", option_ids=option_ids, calibration_dataset=held_out, refresh_steps=1,
+                               check_logits=False)
     trainer = _trainer(setup, tmp_path, "rcft", model=model, num_train_epochs=2, config=config)
     trainer.train()
     # refreshes before steps 1, 2, 3, 4 (the epoch-start refresh of epoch 2 is the one after step 2; none after
@@ -323,7 +327,7 @@ def test_mixin_with_trl_sft_trainer(setup, tmp_path):
     )
     trainer = CalibrationSFTTrainer(
         model=model, args=args, train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer,
-        calibration=CalibrationConfig(method="cft", option_ids=option_ids),
+        calibration=CalibrationConfig(method="cft", option_ids=option_ids, check_logits=False),
     )
     trainer.train()
     assert head_calls == [] and int(trainer.bin_counts.sum()) == 8  # answers found by their option ids

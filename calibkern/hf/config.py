@@ -43,6 +43,9 @@ class CalibrationConfig:
       ``lam`` and ``sft_weight`` are then ignored.
     * ``option_ids``: the option letters' token ids (:func:`calibkern.hf.data.detect_option_ids`).
     * ``chunk_size`` / ``backend``: passed to :func:`calibkern.fused_linear_calibration_loss`.
+    * ``check_logits`` (default on): before the first step, one training row's logits through calibkern's
+      fused path are compared with the model's own forward; a model whose logits calibkern cannot reproduce
+      is refused there (:func:`calibkern.hf.modeling.check_logit_parity`).
     * ``refresh_batch_size``: batch size of the no-grad passes (default: the per-device eval batch size).
     """
 
@@ -60,6 +63,7 @@ class CalibrationConfig:
     refresh_batch_size: int | None = None
     refresh_steps: int | None = None
     bin_prior: float = 0.0
+    check_logits: bool = True
 
     def __post_init__(self):
         if self.method not in ("cft", "rcft"):

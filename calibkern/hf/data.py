@@ -141,6 +141,12 @@ def read_text(path: str) -> str:
                            "UTF-8") from None
 
 
+def as_examples(rows) -> list[MCQExample]:
+    """Loaded :class:`MCQExample` rows as they are; plain dicts (``question``, ``choices``, ``answer``)
+    validated into examples, each named by its position."""
+    return [row if isinstance(row, MCQExample) else _make_example(row, f"row {i + 1}") for i, row in enumerate(rows)]
+
+
 def _load_jsonl(path: str) -> list[MCQExample]:
     examples = []
     for line_number, line in enumerate(read_text(path).split("\n"), start=1):
@@ -320,8 +326,10 @@ def encode_example(
     """
     if supervise not in ("completion", "full"):
         raise ValueError(f"supervise must be 'completion' or 'full', got {supervise!r}")
-    if len(option_ids) < example.n_options:
-        raise ValueError(f"{example.source}: {example.n_options} choices but only {len(option_ids)} option_ids")
+    if len(option_ids) != example.n_options:
+        raise ValueError(f"{example.source}: {example.n_options} choices but {len(option_ids)} option_ids; the "
+                         "calibration terms score every answer over all option_ids, so every training row needs "
+                         "that many options (evaluation refuses mixed option counts too)")
     target = example.answer if answer is None else answer
     prompt_ids = encode_prompt(tokenizer, example, template)
     input_ids = prompt_ids + [int(option_ids[target])]

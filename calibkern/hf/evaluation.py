@@ -24,8 +24,9 @@ import torch
 
 import calibkern
 
-from .data import DEFAULT_TEMPLATE, MCQCollator, MCQExample, detect_option_ids, encode_prompt, resolve_pad_token_id
-from .modeling import eval_decoder_passes, option_logits_at
+from .data import (DEFAULT_TEMPLATE, MCQCollator, MCQExample, as_examples, detect_option_ids, encode_prompt,
+                   resolve_pad_token_id)
+from .modeling import check_logit_parity, eval_decoder_passes, option_logits_at
 
 __all__ = [
     "EvaluationResult",
@@ -79,8 +80,12 @@ def collect_option_logits(
 
     if not examples:
         raise ValueError("examples is empty")
+    examples = as_examples(examples)
     n_options = _common_n_options(examples)
-    option_ids = list(option_ids)[:n_options]
+    if len(option_ids) < n_options:
+        raise ValueError(f"option_ids has {len(option_ids)} ids but the rows have {n_options} options; pass one id "
+                         "per option letter")
+    option_ids = list(option_ids)[:n_options]  # the letters A, B, … of the rows' options
     collate = MCQCollator(resolve_pad_token_id(model, tokenizer))
     device = _model_device(model)
 
@@ -93,10 +98,12 @@ def collect_option_logits(
             yield {key: value.to(device) for key, value in collate(features).items()}
 
     chunks = []
-    for batch, (hidden, weight, bias) in eval_decoder_passes(model, batches()):
+    for index, (batch, (hidden, weight, bias, softcap)) in enumerate(eval_decoder_passes(model, batches())):
+        if index == 0:  # the fused path equals the model's own logits, or calibkern refuses the model
+            check_logit_parity(model, batch)
         last = batch["attention_mask"].sum(dim=1) - 1
         rows = hidden[torch.arange(hidden.shape[0], device=device), last]
-        chunks.append(option_logits_at(rows, weight, bias, option_ids).cpu())
+        chunks.append(option_logits_at(rows, weight, bias, option_ids, softcap).cpu())
     labels = torch.tensor([example.answer for example in examples], dtype=torch.long)
     return torch.cat(chunks), labels
 
@@ -154,7 +161,9 @@ def evaluate(
     progress: bool = True,
     seed: int = 0,
 ) -> EvaluationResult:
-    """Evaluate ``model`` on multiple-choice ``examples`` (option ids detected from the tokenizer if omitted)."""
+    """Evaluate ``model`` on multiple-choice ``examples`` — loaded rows or plain dicts with ``question``,
+    ``choices`` and ``answer`` — (option ids detected from the tokenizer if omitted)."""
+    examples = as_examples(examples)
     if option_ids is None:
         option_ids = detect_option_ids(tokenizer, _common_n_options(examples), template)
     logits, labels = collect_option_logits(

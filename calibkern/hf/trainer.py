@@ -48,7 +48,7 @@ import calibkern
 from ..losses import option_labels as option_labels_of
 from .config import CalibrationConfig
 from .data import MCQCollator, resolve_pad_token_id
-from .modeling import decoder_forward, eval_decoder_passes, option_logits_at
+from .modeling import check_logit_parity, decoder_forward, eval_decoder_passes, option_logits_at
 
 __all__ = ["CalibrationTrainer", "compute_loss_func", "answer_option_labels", "STATE_FILE"]
 
@@ -72,6 +72,7 @@ class _CalibrationCallback(TrainerCallback):
         self.trainer = trainer
 
     def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._check_logit_parity()
         self.trainer._prepare_statistics()
 
     def on_epoch_begin(self, args, state, control, **kwargs):
@@ -103,6 +104,10 @@ class CalibrationTrainer(Trainer):
         if kwargs.get("data_collator") is None and next_class is Trainer:
             kwargs["data_collator"] = MCQCollator(resolve_pad_token_id(model, kwargs.get("processing_class")))
         super().__init__(model=model, args=args, train_dataset=train_dataset, **kwargs)
+        if self.args.label_smoothing_factor:
+            raise ValueError(f"TrainingArguments(label_smoothing_factor={self.args.label_smoothing_factor}) is not "
+                             "applied by CalibrationTrainer, whose fused loss computes the cross-entropy itself; set "
+                             "it to 0 (calibkern.pipeline.stages.label_smoothing is the label-smoothing baseline)")
         self.calibration = calibration
         device = self.args.device
         self.option_ids = torch.tensor(calibration.option_ids, dtype=torch.long, device=device)
@@ -148,7 +153,7 @@ class CalibrationTrainer(Trainer):
         form = None if calibration.official_compat else _CALIBRATION_FORM[calibration.method]
         # The products with the lm_head weight run under the same autocast as the decoder, as nn.Linear would.
         with self.accelerator.autocast():
-            hidden, weight, bias = decoder_forward(model, inputs)
+            hidden, weight, bias, softcap = decoder_forward(model, inputs)
             fused = calibkern.fused_linear_calibration_loss(
                 hidden,
                 weight,
@@ -165,11 +170,13 @@ class CalibrationTrainer(Trainer):
                 answer_mask=answer_mask,
                 num_items_in_batch=num_items_in_batch,
                 chunk_size=calibration.chunk_size,
+                logit_softcap=softcap,
                 backend=calibration.backend,
             )
         loss, cal_loss, stats = fused.loss, fused.cal_loss, fused.bin_stats
         if calibration.official_compat:
-            option_logits, option_labels = self._answer_option_logits(hidden, weight, bias, labels, answer_mask)
+            option_logits, option_labels = self._answer_option_logits(hidden, weight, bias, softcap, labels,
+                                                                      answer_mask)
             cal_loss = calibkern.calibration_loss(
                 option_logits,
                 option_labels,
@@ -182,19 +189,19 @@ class CalibrationTrainer(Trainer):
             loss = loss + lam * cal_loss
         if self.em_state is not None and calibration.refresh == "stream" and model.training:
             with torch.no_grad():
-                self.em_state.estep(*self._answer_option_logits(hidden, weight, bias, labels, answer_mask))
+                self.em_state.estep(*self._answer_option_logits(hidden, weight, bias, softcap, labels, answer_mask))
         if model.training and torch.is_grad_enabled():
             self._record(stats, cal_loss)
         if return_outputs:
             return loss, {"sft_loss": fused.sft_loss.detach(), "cal_loss": cal_loss.detach()}
         return loss
 
-    def _answer_option_logits(self, hidden, weight, bias, labels, answer_mask):
+    def _answer_option_logits(self, hidden, weight, bias, softcap, labels, answer_mask):
         """``(option_logits [B·(T-1), K], option_labels)`` at every predicting position, non-answers ignored
         (``-100``): a ``[tokens, K]`` product, cheap next to the decoder, with static shapes."""
         option_labels = answer_option_labels(labels, self.option_ids, answer_mask)
         hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-        return option_logits_at(hidden, weight, bias, self.option_ids), option_labels
+        return option_logits_at(hidden, weight, bias, self.option_ids, softcap), option_labels
 
     # ------------------------------------------------------------------------------------------- logging
 
@@ -254,9 +261,17 @@ class CalibrationTrainer(Trainer):
         indices = list(range(rank, len(dataset), world))
         batches = (self._prepare_inputs(self.data_collator([dataset[i] for i in indices[start : start + batch_size]]))
                    for start in range(0, len(indices), batch_size))
-        for batch, (hidden, weight, bias) in eval_decoder_passes(self.model, batches,
-                                                                 autocast=self.accelerator.autocast):
-            yield self._answer_option_logits(hidden, weight, bias, batch["labels"], batch.get("answer_mask"))
+        for batch, output in eval_decoder_passes(self.model, batches, autocast=self.accelerator.autocast):
+            yield self._answer_option_logits(*output, batch["labels"], batch.get("answer_mask"))
+
+    def _check_logit_parity(self):
+        """Before the first step: the fused path gives the model's own logits on one training row, or the run
+        stops with an error naming the model (calibkern.hf.modeling.check_logit_parity)."""
+        dataset = self.train_dataset
+        if not self.calibration.check_logits or dataset is None or not hasattr(dataset, "__getitem__") \
+                or len(dataset) == 0:
+            return
+        check_logit_parity(self.model, self._prepare_inputs(self.data_collator([dataset[0]])))
 
     def _prepare_statistics(self):
         """cft: per-bin accuracies ``A_k`` and counts ``N⁰_k`` of the starting model (once, unless given)."""

@@ -1,7 +1,8 @@
 """Chunked linear + cross-entropy that never holds the full ``[n, V]`` logits (Liger-style).
 
 For the selected rows ``r`` of ``hidden`` (the supervised positions), ``h = hidden[r]`` (``[n, D]``, the
-only rows ever multiplied) and ``z_i = h_i Wᵀ + b``: ``loss_sum = Σ_i (logsumexp(z_i) − z_{i, y_i})``. The
+only rows ever multiplied) and ``z_i = h_i Wᵀ + b`` (soft-capped, ``z ← c tanh(z / c)``, when ``softcap`` is
+given; its slope ``1 − tanh²`` multiplies the chunk's gradient): ``loss_sum = Σ_i (logsumexp(z_i) − z_{i, y_i})``. The
 forward pass walks the rows in chunks; per chunk it computes the logits, lets the backend's
 ``cross_entropy_`` overwrite them with ``g_i = ∂loss_i/∂z_i = softmax(z_i) − e_{y_i}``, and accumulates
 (in float32)
@@ -39,14 +40,15 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     """``(loss_sum, option_logits) = f(hidden, weight, bias)`` over the rows ``rows`` of ``hidden [N, D]``.
 
     ``targets [n]`` are the target tokens of those rows (none ignored), ``option_ids [K]`` the columns
-    returned as ``option_logits [n, K]`` (float32). ``kernels`` is a backend module with ``cross_entropy_``.
+    returned as ``option_logits [n, K]`` (float32, not soft-capped: the caller caps them with autograd). ``kernels`` is a
+    backend module with ``cross_entropy_``.
     ``grad_enabled`` is the caller's grad mode: without it no gradient is accumulated (evaluation).
     Backward may run once (the gradients are scaled in place).
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, rows, targets, option_ids, chunk_size: int, kernels: ModuleType,
-                ignore_index: int, grad_enabled: bool):
+                ignore_index: int, grad_enabled: bool, softcap: float | None = None):
         acc, device = torch.float32, hidden.device
         h_rows = hidden.index_select(0, rows)
         n, dim = h_rows.shape
@@ -59,8 +61,15 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, n, chunk_size):
             h = h_rows[start:start + chunk_size]
             logits = (h @ weight_t if bias is None else torch.addmm(bias, h, weight_t)).to(acc)
+            if softcap is not None:  # z' = c tanh(z / c), dz'/dz = 1 − tanh²(z / c)
+                capped = logits.div_(softcap).tanh_()
+                cap_slope = 1.0 - capped * capped
+                logits = capped.mul_(softcap)
             row_losses.append(kernels.cross_entropy_(logits, targets[start:start + chunk_size], ignore_index))
             grad_logits = logits  # overwritten in place by cross_entropy_
+            if softcap is not None:
+                grad_logits.mul_(cap_slope)
+                del cap_slope
             if grad_rows is not None:
                 grad_rows[start:start + chunk_size] = grad_logits.to(weight.dtype) @ weight
             if grad_weight is not None:
@@ -105,7 +114,12 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             grad_hidden = torch.zeros(ctx.hidden_shape, dtype=ctx.hidden_dtype, device=grad_rows.device)
             grad_hidden.index_copy_(0, rows, grad_rows.to(ctx.hidden_dtype))
         return (grad_hidden, _cast(grad_weight, ctx.weight_dtype), _cast(grad_bias, ctx.weight_dtype),
-                None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None)
+
+
+def softcap_logits(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """``c · tanh(z / c)`` (the identity for ``c = None``), differentiable."""
+    return logits if softcap is None else torch.tanh(logits / softcap) * softcap
 
 
 def _cast(grad, dtype):

@@ -1,0 +1,214 @@
+"""Every model a user brings: calibkern's fused path (decoder, then ``softcap(s · (h Wᵀ + b))``) computes the
+model's own logits, or refuses the model with an error naming it.
+
+Tiny configs of the causal-LM architectures Transformers ships, each plain, with LoRA on the attention, and
+with LoRA on the lm_head: ``evaluate``'s option logits equal ``model(prompt).logits[…, option_ids]``, and the
+trainer's loss and gradients equal the same loss computed from the model's own logits
+(``compute_loss_func``). Prompt-learning adapters are refused.
+"""
+
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+
+import transformers  # noqa: E402
+from peft import LoraConfig, PromptTuningConfig, get_peft_model  # noqa: E402
+from transformers import TrainingArguments  # noqa: E402
+
+from calibkern.hf import CalibrationConfig, CalibrationTrainer, build_sft_dataset, compute_loss_func  # noqa: E402
+from calibkern.hf import detect_option_ids, evaluate  # noqa: E402
+from calibkern.hf.data import encode_prompt  # noqa: E402
+from calibkern.hf.modeling import check_logit_parity, logit_transform  # noqa: E402
+from hf_tiny import make_examples, make_tokenizer  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+# dropout off everywhere: the trainer's pass and the reference pass must see the same network
+SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             max_position_embeddings=256)
+# (config class, its extra settings, what calibkern must apply after the lm_head)
+ZOO = {
+    "llama": ("LlamaConfig", dict(num_key_value_heads=2), {}),
+    "mistral": ("MistralConfig", dict(num_key_value_heads=2), {}),
+    "qwen2": ("Qwen2Config", dict(num_key_value_heads=2), {}),
+    "qwen3": ("Qwen3Config", dict(num_key_value_heads=2, head_dim=8), {}),
+    "gemma2": ("Gemma2Config", dict(num_key_value_heads=2, head_dim=8, final_logit_softcapping=5.0), {"softcap": 5.0}),
+    "cohere": ("CohereConfig", dict(num_key_value_heads=2, logit_scale=0.0625), {"scale": 0.0625}),
+    "granite": ("GraniteConfig", dict(num_key_value_heads=2, logits_scaling=8.0), {"scale": 0.125}),
+    "phi3": ("Phi3Config", dict(num_key_value_heads=2), {}),
+    "olmo2": ("Olmo2Config", dict(num_key_value_heads=2), {}),
+    "gpt2": ("GPT2Config", dict(n_embd=32, n_layer=2, n_head=4, n_positions=256, resid_pdrop=0.0, embd_pdrop=0.0,
+                                attn_pdrop=0.0), {}),
+    "opt": ("OPTConfig", dict(ffn_dim=64, word_embed_proj_dim=32, do_layer_norm_before=True, dropout=0.0,
+                              attention_dropout=0.0), {}),
+    "gpt_neox": ("GPTNeoXConfig", dict(), {}),
+    "phi": ("PhiConfig", dict(), {}),
+}
+
+
+def make_zoo_model(name, tokenizer, seed=0):
+    class_name, extra, _ = ZOO[name]
+    config_class = getattr(transformers, class_name)
+    settings = {**SMALL, **extra} if name != "gpt2" else dict(extra)
+    config = config_class(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                          tie_word_embeddings=False, **settings)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # a visible lm_head bias where the class has one (Phi), random LoRA B below
+        bias = getattr(model.get_output_embeddings(), "bias", None)
+        if bias is not None:
+            bias.normal_()
+    return model
+
+
+def wrap(model, adapter):
+    if adapter == "plain":
+        return model
+    modules = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "opt": ["q_proj", "v_proj"],
+               "gpt_neox": ["query_key_value"], "phi": ["q_proj", "v_proj"], "phi3": ["qkv_proj"]}
+    arch = model.config.model_type
+    targets = modules.get(arch, modules["llama"]) + (["lm_head"] if adapter == "lora_head" else [])
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets,
+                                           fan_in_fan_out=arch == "gpt2"))
+    with torch.no_grad():  # LoRA starts at B = 0: make the adapters count
+        for name, parameter in peft.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.5)
+    return peft
+
+
+@pytest.fixture(scope="module")
+def setup():
+    tokenizer = make_tokenizer()
+    return tokenizer, detect_option_ids(tokenizer, 4), make_examples(8, seed=5)
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_logit_transform_is_read_from_the_config(setup, name):
+    tokenizer, _, _ = setup
+    transform = logit_transform(make_zoo_model(name, tokenizer))
+    expected = ZOO[name][2]
+    assert transform.scale == pytest.approx(expected.get("scale", 1.0))
+    assert transform.softcap == expected.get("softcap")
+
+
+ADAPTERS = ["plain", "lora", "lora_head"]
+
+
+@pytest.mark.parametrize("adapter", ADAPTERS)
+@pytest.mark.parametrize("name", ZOO)
+def test_evaluate_equals_the_model_own_logits(setup, name, adapter):
+    tokenizer, option_ids, examples = setup
+    model = wrap(make_zoo_model(name, tokenizer), adapter)
+    result = evaluate(model, tokenizer, examples, option_ids, batch_size=4, progress=False)
+    model.eval()
+    with torch.no_grad():
+        for row, example in enumerate(examples):
+            ids = torch.tensor([encode_prompt(tokenizer, example)])
+            own = model(input_ids=ids).logits[0, -1, option_ids].float()
+            torch.testing.assert_close(result.option_logits[row], own, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("adapter", ADAPTERS)
+@pytest.mark.parametrize("name", ZOO)
+def test_trainer_loss_and_gradients_equal_the_loss_from_the_model_own_logits(setup, name, adapter, tmp_path):
+    tokenizer, option_ids, examples = setup
+    model = wrap(make_zoo_model(name, tokenizer), adapter)
+    twin = copy.deepcopy(model)
+    config = CalibrationConfig(method="cft", option_ids=option_ids, lam=5.0, bin_accuracy=[0.3] * 10)
+    dataset = build_sft_dataset(tokenizer, examples, option_ids, supervise="completion")
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, report_to=[], use_cpu=True,
+                             disable_tqdm=True)
+    trainer = CalibrationTrainer(model, args, dataset, calibration=config)
+    inputs = trainer._prepare_inputs(trainer.data_collator([dataset[i] for i in range(len(dataset))]))
+    trainer._check_logit_parity()
+    model.train()
+    loss = trainer.compute_loss(model, inputs)
+    loss.backward()
+
+    twin.train()
+    outputs = twin(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    reference = compute_loss_func(config)(outputs, inputs["labels"])
+    reference.backward()
+    torch.testing.assert_close(loss, reference, rtol=1e-4, atol=1e-5)
+    twin_parameters = dict(twin.named_parameters())
+    compared = 0
+    for key, parameter in model.named_parameters():
+        if parameter.grad is not None:
+            torch.testing.assert_close(parameter.grad, twin_parameters[key].grad, rtol=1e-3, atol=1e-5,
+                                       msg=lambda m, key=key: f"{key}: {m}")
+            compared += 1
+    assert compared > 0
+    if adapter == "lora_head":
+        head_adapter = [p for k, p in model.named_parameters() if "lm_head" in k and "lora" in k]
+        assert head_adapter and all(p.grad is not None and p.grad.abs().sum() > 0 for p in head_adapter)
+
+
+def test_an_unknown_logit_transform_is_refused(setup):
+    """A model whose forward changes its logits in a way calibkern does not know is refused by name."""
+    tokenizer, option_ids, examples = setup
+    model = make_zoo_model("llama", tokenizer)
+    plain_forward = model.forward
+
+    def shifted_forward(*args, **kwargs):
+        output = plain_forward(*args, **kwargs)
+        output.logits = output.logits * 3.0 + 1.0
+        return output
+
+    model.forward = shifted_forward
+    with pytest.raises(ValueError, match="does not reproduce LlamaForCausalLM's logits"):
+        evaluate(model, tokenizer, examples, option_ids, progress=False)
+
+
+def test_prompt_learning_adapters_are_refused(setup, tmp_path):
+    tokenizer, option_ids, examples = setup
+    model = get_peft_model(make_zoo_model("llama", tokenizer),
+                           PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=8))
+    with pytest.raises(ValueError, match="refuses PEFT PROMPT_TUNING"):
+        evaluate(model, tokenizer, examples, option_ids, progress=False)
+    dataset = build_sft_dataset(tokenizer, examples, option_ids, supervise="completion")
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, report_to=[], use_cpu=True,
+                             disable_tqdm=True, max_steps=1)
+    trainer = CalibrationTrainer(model, args, dataset, calibration=CalibrationConfig(
+        method="cft", option_ids=option_ids, bin_accuracy=[0.3] * 10))
+    with pytest.raises(ValueError, match="refuses PEFT PROMPT_TUNING"):
+        trainer.train()
+
+
+def test_lora_head_with_dropout_is_refused_in_training(setup):
+    tokenizer, option_ids, examples = setup
+    model = get_peft_model(make_zoo_model("llama", tokenizer),
+                           LoraConfig(r=4, lora_dropout=0.1, target_modules=["q_proj", "lm_head"]))
+    dataset = build_sft_dataset(tokenizer, examples, option_ids, supervise="completion")
+    from calibkern.hf.modeling import decoder_forward
+
+    model.train()
+    batch = {"input_ids": torch.tensor([dataset[0]["input_ids"]])}
+    with pytest.raises(ValueError, match="lora_dropout > 0"):
+        decoder_forward(model, batch)
+    model.eval()
+    check_logit_parity(model, batch)  # in eval mode the dropout is off and the adapter is exact
+
+
+def test_label_smoothing_factor_is_refused(setup, tmp_path):
+    tokenizer, option_ids, examples = setup
+    dataset = build_sft_dataset(tokenizer, examples, option_ids, supervise="completion")
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, label_smoothing_factor=0.3)
+    with pytest.raises(ValueError, match="label_smoothing_factor"):
+        CalibrationTrainer(make_zoo_model("llama", tokenizer), args, dataset,
+                           calibration=CalibrationConfig(method="cft", option_ids=option_ids, bin_accuracy=[0.3] * 10))
+
+
+def test_evaluate_takes_dict_rows_and_refuses_too_few_option_ids(setup):
+    tokenizer, option_ids, examples = setup
+    model = make_zoo_model("llama", tokenizer)
+    rows = [{"question": e.question, "choices": list(e.choices), "answer": e.answer} for e in examples]
+    from_dicts = evaluate(model, tokenizer, rows, option_ids, progress=False)
+    from_examples = evaluate(model, tokenizer, examples, option_ids, progress=False)
+    assert torch.equal(from_dicts.option_logits, from_examples.option_logits)
+    with pytest.raises(ValueError, match="option_ids has 3 ids but the rows have 4 options"):
+        evaluate(model, tokenizer, examples, option_ids[:3], progress=False)
