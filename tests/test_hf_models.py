@@ -212,3 +212,23 @@ def test_evaluate_takes_dict_rows_and_refuses_too_few_option_ids(setup):
     assert torch.equal(from_dicts.option_logits, from_examples.option_logits)
     with pytest.raises(ValueError, match="option_ids has 3 ids but the rows have 4 options"):
         evaluate(model, tokenizer, examples, option_ids[:3], progress=False)
+
+
+def test_a_tokenizer_that_appends_eos_keeps_prompts_open():
+    """A post-processor that appends </s> (as many SentencePiece tokenizers do) neither breaks option-id
+    detection nor ends a prompt before its answer."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+
+    base = make_tokenizer()
+    backend = copy.deepcopy(base.backend_tokenizer)
+    backend.post_processor = TemplateProcessing(single="<s> $A </s>", special_tokens=[
+        ("<s>", base.bos_token_id), ("</s>", base.eos_token_id)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>",
+                                        eos_token="</s>", padding_side="right")
+    assert tokenizer("x")["input_ids"][-1] == tokenizer.eos_token_id
+    assert detect_option_ids(tokenizer, 4) == detect_option_ids(base, 4)
+    example = make_examples(1)[0]
+    prompt = encode_prompt(tokenizer, example)
+    assert prompt[0] == tokenizer.bos_token_id and prompt[-1] != tokenizer.eos_token_id
+    assert prompt[1:] == encode_prompt(base, example)

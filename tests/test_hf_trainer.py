@@ -371,3 +371,29 @@ def test_statistics_without_answer_positions_are_an_error(setup, tmp_path):
     trainer = _trainer(setup, tmp_path, "rcft", config=config)
     with pytest.raises(TypeError, match="build_sft_dataset"):
         trainer.train()
+
+
+def test_compute_loss_func_scales_for_accumulation_in_training_only():
+    """Under gradient accumulation the calibration term is divided by the steps in training (the Trainer sums
+    the micro-batches) but not in evaluation, and the streaming M-step runs once per optimizer step."""
+    g = torch.Generator().manual_seed(0)
+    option_ids = [3, 5, 7, 9]
+    labels = torch.full((2, 6), -100)
+    labels[:, 4] = torch.tensor([5, 9])
+    labels[:, 2] = torch.tensor([11, 12])
+    logits = torch.randn(2, 6, 20, generator=g)
+    config = CalibrationConfig(method="rcft", option_ids=option_ids, lam=50.0, em={"refresh": "stream"})
+    loss_func = compute_loss_func(config, gradient_accumulation_steps=4)
+    plain = compute_loss_func(config)
+    with torch.no_grad():
+        evaluation = loss_func({"logits": logits}, labels, num_items_in_batch=torch.tensor(4))
+        expected = plain({"logits": logits}, labels, num_items_in_batch=torch.tensor(4))
+    torch.testing.assert_close(evaluation, expected)
+    assert int(loss_func.em_state.n_msteps) == 0  # evaluation takes no E- or M-step
+    training = [loss_func({"logits": logits.clone().requires_grad_()}, labels, num_items_in_batch=torch.tensor(4))
+                for _ in range(8)]
+    assert int(loss_func.em_state.n_msteps) == 2  # 8 micro-batches, 4 per optimizer step
+    first = plain({"logits": logits.clone().requires_grad_()}, labels, num_items_in_batch=torch.tensor(4))
+    sft = compute_loss_func(CalibrationConfig(method="rcft", option_ids=option_ids, lam=0.0))(
+        {"logits": logits}, labels, num_items_in_batch=torch.tensor(4))
+    torch.testing.assert_close(training[0] - sft, (first - sft) / 4)

@@ -270,7 +270,14 @@ def answer_continuation(index: int) -> str:
 
 
 def _token_ids(tokenizer, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    """The tokens of ``text`` with the special tokens the tokenizer puts before it (BOS) but none that its
+    post-processor appends (EOS): a prompt goes on with its answer, so nothing may close it."""
+    full = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    plain = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    for start in range(len(full) - len(plain) + 1):
+        if full[start:start + len(plain)] == plain:
+            return full[:start + len(plain)]
+    return full
 
 
 def detect_option_ids(tokenizer, n_options: int, template: str = DEFAULT_TEMPLATE) -> list[int]:

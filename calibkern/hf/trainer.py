@@ -400,7 +400,8 @@ def compute_loss_func(
     ``calibration.em``); with ``refresh="stream"`` each training call adds its E-step statistics and runs the
     M-step after computing the loss; with ``refresh="epoch"`` refreshing the state is the caller's job. Under
     gradient accumulation pass ``gradient_accumulation_steps`` so the calibration term is divided as in the
-    trainer; under data parallelism with ``num_items_in_batch`` it is also divided by the number of processes,
+    trainer (in training only: an evaluation call, under ``no_grad``, is not divided) and the streaming M-step
+    runs once per optimizer step (after every ``gradient_accumulation_steps`` training calls); under data parallelism with ``num_items_in_batch`` it is also divided by the number of processes,
     which the Trainer multiplies the loss by (``average_tokens_across_devices=True``, its default). ``official_compat`` is not supported here. The returned function has ``.em_state``.
     """
     if calibration.official_compat:
@@ -411,8 +412,12 @@ def compute_loss_func(
         em_state = calibration.new_em_state()
     sft_weight, lam = calibration.loss_weights
 
+    micro_batches = 0  # training calls since the last streaming M-step
+
     def loss_func(outputs, labels, num_items_in_batch=None):
+        nonlocal micro_batches
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        training = torch.is_grad_enabled() and logits.requires_grad  # evaluation runs under no_grad
         shifted = logits[:, :-1].float()
         target = labels[:, 1:]
         ce = torch.nn.functional.cross_entropy(
@@ -421,7 +426,7 @@ def compute_loss_func(
         if num_items_in_batch is not None:
             ce = ce / num_items_in_batch
             # The Trainer multiplies this loss by the number of processes (average_tokens_across_devices).
-            scale = lam / (gradient_accumulation_steps * _world_size())
+            scale = lam / (gradient_accumulation_steps * _world_size()) if training else lam / _world_size()
         else:
             ce = ce / target.ne(IGNORE_INDEX).sum().clamp_min(1)
             scale = lam
@@ -436,9 +441,12 @@ def compute_loss_func(
         else:
             cal = calibkern.em_regularizer(option_logits, option_labels, em_state, backend=calibration.backend)
         loss = sft_weight * ce + scale * cal
-        if em_state is not None and calibration.refresh == "stream" and torch.is_grad_enabled():
+        if em_state is not None and calibration.refresh == "stream" and training:
             em_state.estep(option_logits.detach(), option_labels)
-            em_state.mstep()
+            micro_batches += 1
+            if micro_batches == gradient_accumulation_steps:  # one M-step per optimizer step, as the trainer
+                em_state.mstep()
+                micro_batches = 0
         return loss
 
     loss_func.em_state = em_state
