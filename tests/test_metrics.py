@@ -120,9 +120,9 @@ def test_nll_and_brier():
 
 def test_bootstrap_interval_is_seeded_and_brackets_the_estimate():
     logits, labels = random_logits(800, 4, seed=13), random_labels(800, 4, seed=14)
-    a = ck.ece_confidence_interval(logits, labels, n_boot=300, seed=3)
-    b = ck.ece_confidence_interval(logits, labels, n_boot=300, seed=3)
-    c = ck.ece_confidence_interval(logits, labels, n_boot=300, seed=4)
+    a = ck.ece_confidence_interval(logits, labels, n_boot=300, seed=3, method="percentile")
+    b = ck.ece_confidence_interval(logits, labels, n_boot=300, seed=3, method="percentile")
+    c = ck.ece_confidence_interval(logits, labels, n_boot=300, seed=4, method="percentile")
     assert a == b and a != c
     assert a.low <= a.estimate <= a.high
     assert a.estimate == pytest.approx(ck.ece(logits, labels, backend="torch").item(), abs=1e-12)

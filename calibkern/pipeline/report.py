@@ -15,7 +15,7 @@ import torch
 import calibkern
 
 STAGE_ORDER = ("base", "dpo", "temperature_scaling", "label_smoothing", "cft", "rcft", "rcft_no_reg")
-TABLE_COLUMNS = ("ece", "ece_l2", "mce", "cw_ece", "accuracy", "mean_confidence", "nll", "brier", "n")
+TABLE_COLUMNS = ("ece", "ece_debiased", "ece_l2", "mce", "cw_ece", "accuracy", "mean_confidence", "nll", "brier", "n")
 
 
 def reliability_data(option_logits: torch.Tensor, labels: torch.Tensor, n_bins: int,
@@ -60,11 +60,11 @@ def _ordered(stages: dict) -> list[str]:
 def markdown(results: dict) -> str:
     """The metrics table (one row per stage), the checks, and the timings."""
     stages = results["stages"]
-    lines = ["# calibkern results", "", "| stage | " + " | ".join(TABLE_COLUMNS) + " | ECE 95% CI | T |",
+    lines = ["# calibkern results", "", "| stage | " + " | ".join(TABLE_COLUMNS) + " | debiased ECE, 95% CI | T |",
              "|---" * (len(TABLE_COLUMNS) + 3) + "|"]
     for name in _ordered(stages):
         m = stages[name]
-        cells = [str(m[c]) if c == "n" else f"{m[c]:.4f}" for c in TABLE_COLUMNS]
+        cells = [str(m[c]) if c == "n" else f"{m[c]:.4f}" if c in m else "" for c in TABLE_COLUMNS]
         low, high = m["ece_ci"]
         temperature = f"{m['temperature']:.3f}" if "temperature" in m else ""
         lines.append(f"| {name} | " + " | ".join(cells) + f" | [{low:.4f}, {high:.4f}] | {temperature} |")

@@ -1,0 +1,124 @@
+"""Calibration numbers that tell the truth: the debiased ECE against a simulated population, and the coverage
+of the default interval for calibrated and miscalibrated predictors (docs/math.md#intervals).
+
+Predictors are simulated with a known probability of being right, ``q``: "calibrated" draws each label from
+the model's own softmax (``q = c``), "overconfident" from the softmax at temperature 2. The population's
+binned calibration error is computed from a large sample with ``q`` itself (no Bernoulli noise).
+"""
+
+import math
+
+import pytest
+import torch
+
+import calibkern as ck
+
+M = 10
+BACKENDS = ck.available_backends()
+
+
+def sample(n, k, kind, generator):
+    """(logits [n, k], labels [n], q = P(top-1 prediction is right) [n])."""
+    logits = torch.randn(n, k, generator=generator, dtype=torch.float64) * 1.5
+    truth = torch.softmax(logits / (1.0 if kind == "calibrated" else 2.0), dim=1)
+    labels = torch.multinomial(truth, 1, generator=generator).squeeze(1)
+    q = truth.gather(1, logits.argmax(1, keepdim=True)).squeeze(1)
+    return logits.float(), labels, q
+
+
+def population_ece(k, kind, norm):
+    logits, _, q = sample(400_000, k, kind, torch.Generator().manual_seed(99))
+    c = torch.softmax(logits.double(), dim=1).amax(1)
+    bins = torch.clamp((c.float() * M).floor().long(), max=M - 1)
+    counts = torch.bincount(bins, minlength=M).double()
+    gap = torch.bincount(bins, q - c, minlength=M)
+    if norm == "l1":
+        return float(gap.abs().sum() / len(c))
+    return math.sqrt(float((gap * gap / counts.clamp_min(1)).sum() / len(c)))
+
+
+@pytest.mark.parametrize("kind", ["calibrated", "overconfident"])
+def test_debiased_ece_is_closer_to_the_truth(kind):
+    g = torch.Generator().manual_seed(1)
+    plugin, debiased, squared = [], [], []
+    for _ in range(150):
+        logits, labels, _ = sample(1000, 4, kind, g)
+        stats = ck.binned_stats(logits, labels, M, backend="torch")
+        plugin.append(float(stats.ece("l1")))
+        debiased.append(float(stats.ece("l1", "debiased")))
+        squared.append(float(ck.metrics._debiased(stats.counts, stats.sum_conf, stats.sum_correct, "l2")))
+    truth_l1, truth_l2 = population_ece(4, kind, "l1"), population_ece(4, kind, "l2")
+    bias_plugin = sum(plugin) / len(plugin) - truth_l1
+    bias_debiased = sum(debiased) / len(debiased) - truth_l1
+    assert abs(bias_debiased) < abs(bias_plugin) or abs(bias_debiased) < 0.002
+    # the squared l2 estimate is unbiased: its mean lies within 3 standard errors of the truth
+    mean = sum(squared) / len(squared)
+    se = math.sqrt(sum((x - mean) ** 2 for x in squared) / (len(squared) - 1) / len(squared))
+    assert abs(mean - truth_l2 ** 2) < 3 * se + 1e-4
+
+
+@pytest.mark.parametrize("norm", ["l1", "l2"])
+@pytest.mark.parametrize("kind", ["calibrated", "overconfident"])
+def test_default_interval_covers_the_population_ece(kind, norm):
+    """Nominal 95 %; ≥ 90 % in the full simulation of the docs. 80 repetitions here, so the bound leaves
+    room for the simulation's own noise (a standard error of about 0.025)."""
+    truth = population_ece(4, kind, norm)
+    g = torch.Generator().manual_seed(2)
+    covered = 0
+    repetitions = 80
+    for rep in range(repetitions):
+        logits, labels, _ = sample(2000, 4, kind, g)
+        interval = ck.ece_confidence_interval(logits, labels, M, norm, n_boot=300, seed=rep)
+        assert interval.method == "debiased" and interval.low <= interval.estimate <= interval.high
+        covered += interval.low <= truth <= interval.high
+    assert covered / repetitions >= 0.85
+
+
+def test_percentile_interval_misses_a_calibrated_truth():
+    """What the default replaces: around a calibrated predictor the plug-in's bias lifts the percentile
+    interval above the truth (0)."""
+    g = torch.Generator().manual_seed(3)
+    misses = 0
+    for rep in range(20):
+        logits, labels, _ = sample(2000, 4, "calibrated", g)
+        misses += ck.ece_confidence_interval(logits, labels, M, n_boot=200, seed=rep, method="percentile").low > 0
+    assert misses >= 18
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_debiased_estimates_agree_across_backends(backend):
+    logits, labels, _ = sample(3000, 5, "overconfident", torch.Generator().manual_seed(4))
+    for norm in ("l1", "l2"):
+        got = ck.ece(logits, labels, M, norm, estimator="debiased", backend=backend)
+        want = ck.ece(logits, labels, M, norm, estimator="debiased", backend="torch")
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    interval = ck.ece_confidence_interval(logits, labels, M, seed=7, backend=backend)
+    reference = ck.ece_confidence_interval(logits, labels, M, seed=7, backend="torch")
+    assert interval.estimate == pytest.approx(reference.estimate, rel=1e-5)
+    assert interval.low == pytest.approx(reference.low, rel=1e-4, abs=1e-6)
+    cw = ck.classwise_ece(logits, labels, M, estimator="debiased", backend=backend)
+    assert 0 <= float(cw) < float(ck.classwise_ece(logits, labels, M, backend=backend))
+
+
+def test_brier_decomposition_from_bins():
+    logits, labels, _ = sample(5000, 4, "overconfident", torch.Generator().manual_seed(5))
+    stats = ck.binned_stats(logits, labels, 100, backend="torch")
+    parts = stats.brier_decomposition()
+    p = torch.softmax(logits.double(), dim=1)
+    c, correct = p.amax(1), (p.argmax(1) == labels).double()
+    top1_brier = float(((c - correct) ** 2).mean())
+    # exact up to the spread of the confidences inside their bins (small with 100 bins)
+    assert float(parts["reliability"] - parts["resolution"] + parts["uncertainty"]) == pytest.approx(top1_brier, abs=2e-3)
+    assert float(parts["uncertainty"]) == pytest.approx(float(correct.mean() * (1 - correct.mean())), abs=1e-12)
+
+
+def test_estimator_arguments_are_checked():
+    logits, labels = torch.randn(20, 4), torch.randint(0, 4, (20,))
+    with pytest.raises(ValueError, match="estimator"):
+        ck.ece(logits, labels, estimator="unbiased")
+    with pytest.raises(ValueError, match="'max'"):
+        ck.ece(logits, labels, norm="max", estimator="debiased")
+    with pytest.raises(ValueError, match="method"):
+        ck.ece_confidence_interval(logits, labels, method="bca")
+    with pytest.raises(ValueError, match="every row is ignored"):
+        ck.ece_confidence_interval(logits, torch.full((20,), -100))
