@@ -79,10 +79,16 @@ def fused_linear_calibration_loss(hidden, weight, labels, *, option_ids, bias=No
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    _, kernels = resolve(backend, device)
+    backend_name, _ = resolve(backend, device, hidden.dtype)
 
     hidden_2d = hidden.reshape(-1, hidden.shape[-1])
-    rows = (targets != ignore_index).nonzero().squeeze(1)  # the one host read: how many rows to compute
+    if torch.compiler.is_compiling():
+        # static shapes for the compiler: every position is a row, unsupervised ones ignored by the kernel
+        rows = torch.arange(targets.shape[0], device=device)
+        n_supervised = (targets != ignore_index).sum()
+    else:
+        rows = (targets != ignore_index).nonzero().squeeze(1)  # the one host read: how many rows to compute
+        n_supervised = rows.shape[0]
     row_targets = targets.index_select(0, rows)
     if answers is not None:
         V.require(~(answers & ~(targets[:, None] == option_ids[None, :]).any(1)).any(),
@@ -94,10 +100,10 @@ def fused_linear_calibration_loss(hidden, weight, labels, *, option_ids, bias=No
     if logit_softcap is not None:
         logit_softcap = V.check_positive_float(logit_softcap, "logit_softcap")
     loss_sum, option_logits = FusedLinearCrossEntropy.apply(
-        hidden_2d, weight, bias, rows, row_targets, option_ids, chunk_size, kernels, ignore_index,
+        hidden_2d, weight, bias, rows, row_targets, option_ids, chunk_size, backend_name, ignore_index,
         torch.is_grad_enabled(), logit_softcap)
     option_logits = softcap_logits(option_logits, logit_softcap)
-    sft_loss = loss_sum / _denominator(num_items_in_batch, rows.shape[0], device)
+    sft_loss = loss_sum / _denominator(num_items_in_batch, n_supervised, device)
     # Non-finite option logits (diverged parameters) give a NaN loss, as the cross-entropy does: the
     # calibration term runs on the finite rows and NaN is added when an answer row is not finite.
     finite = torch.isfinite(option_logits).all(dim=1)
@@ -254,11 +260,13 @@ def option_labels(targets: torch.Tensor, option_ids: torch.Tensor, answers: torc
     return torch.where(is_answer, match.long().argmax(-1), ignore_index)
 
 
-def _denominator(num_items_in_batch, n_supervised: int, device) -> torch.Tensor | float:
+def _denominator(num_items_in_batch, n_supervised, device) -> torch.Tensor | float:
     """``num_items_in_batch`` when given (a number or one-element tensor > 0), else the number of supervised
-    rows (at least 1). A tensor's value is checked by :func:`calibkern._validate.require` (asynchronously
-    on a GPU)."""
+    rows (at least 1; an int, or a 0-dim tensor under ``torch.compile``). A tensor's value is checked by
+    :func:`calibkern._validate.require` (asynchronously on a GPU)."""
     if num_items_in_batch is None:
+        if isinstance(n_supervised, torch.Tensor):
+            return n_supervised.clamp_min(1).to(torch.float32)
         return float(max(n_supervised, 1))
     message = f"num_items_in_batch must be a positive number, got {num_items_in_batch!r}"
     if isinstance(num_items_in_batch, torch.Tensor):

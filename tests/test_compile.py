@@ -78,3 +78,99 @@ def test_importing_the_ops_loads_every_backend_module(monkeypatch):
     monkeypatch.setattr(backends, "_probe_cache", {})
     importlib.reload(calibkern.ops)
     assert set(backends._probe_cache) == set(backends.BACKENDS)
+
+
+# ------------------------------------------------------------------------------ the fused linear loss
+
+FORMS = {None: {}, "hard_bin": {"bin_accuracy": torch.linspace(0.1, 0.9, 10)}, "em": {"em_state": None}}
+
+
+def fused_inputs():
+    g = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(2, 48, 16, generator=g), torch.randn(101, 16, generator=g) * 0.3
+    bias = torch.randn(101, generator=g) * 0.1
+    labels = torch.randint(0, 101, (2, 48), generator=g)
+    labels[:, ::3] = IGNORE
+    labels[:, 5], labels[:, 20] = 7, 3  # answers among option_ids
+    return hidden, weight, bias, labels
+
+
+def fused_step(calibration, backend, labels):
+    extra = {k: (calibkern.EMState() if k == "em_state" else v) for k, v in FORMS[calibration].items()}
+
+    def step(hidden, weight, bias):
+        return calibkern.fused_linear_calibration_loss(hidden, weight, labels, bias=bias, option_ids=[3, 5, 7, 9],
+                                                       calibration=calibration, backend=backend, **extra).loss
+    return step
+
+
+def loss_and_grads(step, hidden, weight, bias):
+    inputs = [x.clone().requires_grad_() for x in (hidden, weight, bias)]
+    loss = step(*inputs)
+    loss.backward()
+    return (loss.detach(), *(x.grad for x in inputs))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("calibration", list(FORMS), ids=str)
+def test_fused_loss_has_no_graph_break(backend, calibration):
+    hidden, weight, bias, labels = fused_inputs()
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(fused_step(calibration, backend, labels))(hidden, weight, bias)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("calibration", list(FORMS), ids=str)
+def test_fused_loss_compiles_fullgraph_and_equals_eager(backend, calibration):
+    """Under compile every position is a row (static shapes; the unsupervised ones are ignored by the kernel),
+    so float32 sums run in another order: equal to eager to 1e-5."""
+    hidden, weight, bias, labels = fused_inputs()
+    torch._dynamo.reset()
+    step = fused_step(calibration, backend, labels)
+    got = loss_and_grads(torch.compile(step, fullgraph=True, backend="aot_eager"), hidden, weight, bias)
+    want = loss_and_grads(step, hidden, weight, bias)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_loss_compiles_with_inductor():
+    hidden, weight, bias, labels = fused_inputs()
+    torch._dynamo.reset()
+    step = fused_step("em", BACKENDS[-1], labels)
+    got = loss_and_grads(torch.compile(step, fullgraph=True), hidden, weight, bias)
+    want = loss_and_grads(step, hidden, weight, bias)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["cft", "rcft"])
+def test_trainer_with_torch_compile_equals_eager(method, tmp_path):
+    """TrainingArguments(torch_compile=True): the decoder pass is compiled (the fused loss runs on its output)
+    and the logged losses equal the eager trainer's."""
+    pytest.importorskip("transformers")
+    from torch._dynamo.utils import counters
+    from transformers import TrainingArguments
+
+    from calibkern.hf import CalibrationConfig, CalibrationTrainer, build_sft_dataset, detect_option_ids
+    from hf_tiny import make_examples, make_model, make_tokenizer
+
+    tokenizer = make_tokenizer()
+    option_ids = detect_option_ids(tokenizer, 4)
+    dataset = build_sft_dataset(tokenizer, make_examples(16), option_ids,
+                                supervise="completion" if method == "cft" else "full")
+    config = CalibrationConfig(method=method, option_ids=option_ids,
+                               **({"bin_accuracy": [0.4] * 10} if method == "cft" else {"em": {"refresh": "stream"}}))
+    losses = {}
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
+        args = TrainingArguments(output_dir=str(tmp_path / str(compiled)), per_device_train_batch_size=8,
+                                 learning_rate=1e-2, logging_steps=1, report_to=[], use_cpu=True, disable_tqdm=True,
+                                 seed=0, torch_compile=compiled, torch_compile_backend="aot_eager")
+        trainer = CalibrationTrainer(make_model(tokenizer), args, dataset, calibration=config)
+        trainer.train()
+        losses[compiled] = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        if compiled:
+            assert counters["stats"]["unique_graphs"] >= 1
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)

@@ -9,7 +9,8 @@ what they do on the way in — DDP's gradient-synchronisation set-up, PEFT's ada
 checkpointing, autocast set up by a PEFT wrapper — and the lm_head is never called. When Accelerate's
 autocast wrapper sits on the causal LM itself it is bypassed for that call, so the trainer enters
 ``accelerator.autocast()`` around it. The causal LM is found by unwrapping
-``.module`` (DDP, Accelerate) and PEFT's ``get_base_model()``; its decoder is ``get_decoder()``.
+``.module`` (DDP, Accelerate), ``_orig_mod`` (``torch.compile``, which then compiles the decoder pass) and
+PEFT's ``get_base_model()``; its decoder is ``get_decoder()``.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ def causal_lm_of(model: nn.Module) -> nn.Module:
     while True:
         if hasattr(seen, "module") and isinstance(seen.module, nn.Module):  # DDP / Accelerate wrappers
             seen = seen.module
+        elif isinstance(getattr(seen, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+            seen = seen._orig_mod
         elif hasattr(seen, "get_base_model"):  # PEFT
             seen = seen.get_base_model()
         else:

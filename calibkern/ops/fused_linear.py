@@ -18,9 +18,10 @@ in backward as ``∂L/∂z[:, option_ids]`` and is added into the same buffers, 
 from __future__ import annotations
 
 import math
-from types import ModuleType
 
 import torch
+
+from . import custom_ops
 
 MIN_CHUNK_ROWS = 512
 
@@ -40,14 +41,14 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     """``(loss_sum, option_logits) = f(hidden, weight, bias)`` over the rows ``rows`` of ``hidden [N, D]``.
 
     ``targets [n]`` are the target tokens of those rows (none ignored), ``option_ids [K]`` the columns
-    returned as ``option_logits [n, K]`` (float32, not soft-capped: the caller caps them with autograd). ``kernels`` is a
-    backend module with ``cross_entropy_``.
+    returned as ``option_logits [n, K]`` (float32, not soft-capped: the caller caps them with autograd). ``backend`` names the
+    backend whose ``cross_entropy_`` runs, through its custom op (calibkern/ops/custom_ops.py).
     ``grad_enabled`` is the caller's grad mode: without it no gradient is accumulated (evaluation).
     Backward may run once (the gradients are scaled in place).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, rows, targets, option_ids, chunk_size: int, kernels: ModuleType,
+    def forward(ctx, hidden, weight, bias, rows, targets, option_ids, chunk_size: int, backend: str,
                 ignore_index: int, grad_enabled: bool, softcap: float | None = None):
         acc, device = torch.float32, hidden.device
         h_rows = hidden.index_select(0, rows)
@@ -65,7 +66,8 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                 capped = logits.div_(softcap).tanh_()
                 cap_slope = 1.0 - capped * capped
                 logits = capped.mul_(softcap)
-            row_losses.append(kernels.cross_entropy_(logits, targets[start:start + chunk_size], ignore_index))
+            row_losses.append(custom_ops.cross_entropy_(logits, targets[start:start + chunk_size], ignore_index,
+                                                        backend))
             grad_logits = logits  # overwritten in place by cross_entropy_
             if softcap is not None:
                 grad_logits.mul_(cap_slope)
