@@ -36,6 +36,8 @@ ZOO = {
     "qwen2": ("Qwen2Config", dict(num_key_value_heads=2), {}),
     "qwen3": ("Qwen3Config", dict(num_key_value_heads=2, head_dim=8), {}),
     "gemma2": ("Gemma2Config", dict(num_key_value_heads=2, head_dim=8, final_logit_softcapping=5.0), {"softcap": 5.0}),
+    "gemma3": ("Gemma3TextConfig", dict(num_key_value_heads=2, head_dim=8, final_logit_softcapping=8.0),
+               {"softcap": 8.0}),
     "cohere": ("CohereConfig", dict(num_key_value_heads=2, logit_scale=0.0625), {"scale": 0.0625}),
     "granite": ("GraniteConfig", dict(num_key_value_heads=2, logits_scaling=8.0), {"scale": 0.125}),
     "phi3": ("Phi3Config", dict(num_key_value_heads=2), {}),
@@ -46,6 +48,7 @@ ZOO = {
                               attention_dropout=0.0), {}),
     "gpt_neox": ("GPTNeoXConfig", dict(), {}),
     "phi": ("PhiConfig", dict(), {}),
+    "falcon": ("FalconConfig", dict(hidden_dropout=0.0, attention_dropout=0.0), {}),
 }
 
 
@@ -69,7 +72,8 @@ def wrap(model, adapter):
     if adapter == "plain":
         return model
     modules = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "opt": ["q_proj", "v_proj"],
-               "gpt_neox": ["query_key_value"], "phi": ["q_proj", "v_proj"], "phi3": ["qkv_proj"]}
+               "gpt_neox": ["query_key_value"], "phi": ["q_proj", "v_proj"], "phi3": ["qkv_proj"],
+               "falcon": ["query_key_value"]}
     arch = model.config.model_type
     targets = modules.get(arch, modules["llama"]) + (["lm_head"] if adapter == "lora_head" else [])
     peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets,
