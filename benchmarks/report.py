@@ -146,6 +146,10 @@ def write_markdown(path: str, document: dict, chart_name: str | None) -> None:
     lines += [f"| {name} | `benchmarks/{suite['module']}.py` | {suite['status']} | {suite['seconds']:.1f} |"
               for name, suite in suites.items()]
     lines.append("")
+    comparisons = os.path.join(os.path.dirname(os.path.abspath(__file__)), "before_after.md")
+    if os.path.exists(comparisons):  # before/after comparisons of past changes, kept by hand beside the runs
+        with open(comparisons, encoding="utf-8") as handle:
+            lines += [handle.read()]
     with open(path, "w") as out:
         out.write("\n".join(lines))
 

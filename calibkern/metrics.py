@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from . import _validate as V
+from .ops import custom_ops
 from .ops._dispatch import prepare
 from .ops.binned_stats import binned_stats_tensors
 from .reference import bin_index, softmax_parts
@@ -461,8 +462,8 @@ class CalibrationMeter:
             raise ValueError(f"logits has K = {n_classes} classes but this classwise meter holds {expected} "
                              "(n_classes, or the first batch's K)")
         args = (rows.logits, rows.labels, self.n_bins, self.temperature, self.ignore_index)
-        batch = BinStats(*rows.kernels.binned_stats(*args, False)[:3], rows.n_skipped)
-        batch_cw = BinStats(*rows.kernels.binned_stats(*args, True)[:3]) if self.classwise else None
+        batch = BinStats(*custom_ops.binned_stats(*args, False, rows.backend)[:3], rows.n_skipped)
+        batch_cw = BinStats(*custom_ops.binned_stats(*args, True, rows.backend)[:3]) if self.classwise else None
         s_nll, s_brier = proper_score_sums(rows.logits, rows.labels, temperature=self.temperature,
                                            ignore_index=self.ignore_index)
         device = rows.logits.device

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import ModuleType
 
 import torch
 
@@ -13,13 +12,13 @@ from .. import backends
 
 @dataclass
 class RowInputs:
-    """Validated ``logits [N, K]`` (contiguous) and ``labels`` (int64) with the backend that runs them."""
+    """Validated ``logits [N, K]`` (contiguous) and ``labels`` (int64) with the name of the backend that runs
+    them; every kernel is then reached through its custom op (calibkern/ops/custom_ops.py) with that name."""
 
     logits: torch.Tensor
     labels: torch.Tensor
     n_skipped: torch.Tensor | None  # rows skipped for non-finite logits; None when the policy skips none
     backend: str
-    kernels: ModuleType
 
 
 def prepare(logits, labels, *, ignore_index: int = -100, nonfinite: str = "error", backend=None,
@@ -32,7 +31,7 @@ def prepare(logits, labels, *, ignore_index: int = -100, nonfinite: str = "error
     """
     V.check_logits(logits, logits_name, allow_empty=allow_empty)
     V.check_ignore_index(ignore_index)
-    name, kernels = backends.resolve(backend, logits.device, logits.dtype)
+    name, _ = backends.resolve(backend, logits.device, logits.dtype)
     kernel_checks = row_loss and name == "cpp" and not torch.compiler.is_compiling()
     labels = V.check_labels(labels, logits.shape[0], logits.device)
     if not kernel_checks and labels.shape[0]:
@@ -44,7 +43,7 @@ def prepare(logits, labels, *, ignore_index: int = -100, nonfinite: str = "error
         n_skipped = None
     else:
         logits, labels, n_skipped = handle_nonfinite(logits, labels, ignore_index, nonfinite, logits_name)
-    return RowInputs(logits.contiguous(), labels.contiguous(), n_skipped, name, kernels)
+    return RowInputs(logits.contiguous(), labels.contiguous(), n_skipped, name)
 
 
 def _compiled_checks(t: torch.Tensor):
