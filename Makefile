@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.calibkern-installed
 
-.PHONY: install test demo bench gpu-check clean
+.PHONY: install test demo bench gpu-check gpu-compile clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ bench: $(STAMP)
 
 gpu-check: $(STAMP)
 	$(PY) benchmarks/gpu_check.py
+
+# every Triton kernel at every launch configuration, compiled for sm_80 and sm_90 (no GPU needed)
+gpu-compile: $(STAMP)
+	env -u TRITON_INTERPRET $(PY) benchmarks/triton_compile.py --arch 80 90 --json benchmarks/results/triton_compile.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info calibkern/_C*.so calibkern/_build_config.py

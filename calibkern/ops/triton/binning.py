@@ -98,6 +98,18 @@ def _classwise_kernel(logits_ptr, labels_ptr, max_ptr, sum_ptr, counts_ptr, conf
         tl.store(correct_ptr + out + bins[None, :], correct, mask=mask)
 
 
+def classwise_blocks(N: int, K: int, M: int) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, chunks, rows_per_chunk) of the classwise kernel: class tiles small enough for a
+    [BLOCK_N, BLOCK_K, BLOCK_M] one-hot, row chunks bounded by the partials' memory."""
+    class_block = min(triton.next_power_of_2(K), common.MAX_CLASS_BLOCK, common.MAX_BLOCK_K)
+    class_tiles = triton.cdiv(K, class_block)
+    row_block = min(triton.next_power_of_2(N), max(1, common.MAX_ONEHOT // (class_block * bins_block(M))))
+    chunks = max(1, min(triton.cdiv(N, row_block), triton.cdiv(common.MIN_PROGRAMS, class_tiles),
+                        PARTIAL_BUDGET // (K * M)))
+    rows_per_chunk = triton.cdiv(N, chunks)
+    return row_block, class_block, triton.cdiv(N, rows_per_chunk), rows_per_chunk
+
+
 def _partials(P: int, shape: tuple, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return (torch.empty((P, *shape), dtype=torch.int64, device=device),
             torch.empty((P, *shape), dtype=torch.float64, device=device),
@@ -133,16 +145,9 @@ def binned_stats(logits: torch.Tensor, labels: torch.Tensor, n_bins: int, temper
     _row_softmax_kernel[(triton.cdiv(N, block_n),)](logits, row_max, row_sum, N, K, inv_t,
                                                    BLOCK_N=block_n, BLOCK_K=block_k,
                                                    num_warps=warps(block_n, block_k))
-    # class tiles small enough for a [BLOCK_N, BLOCK_K, BLOCK_M] one-hot; chunks bounded by memory
-    class_block = min(triton.next_power_of_2(K), common.MAX_CLASS_BLOCK, common.MAX_BLOCK_K)
-    class_tiles = triton.cdiv(K, class_block)
-    row_block = min(triton.next_power_of_2(N), max(1, common.MAX_ONEHOT // (class_block * block_m)))
-    chunks = max(1, min(triton.cdiv(N, row_block), triton.cdiv(common.MIN_PROGRAMS, class_tiles),
-                        PARTIAL_BUDGET // (K * M)))
-    rows_per_chunk = triton.cdiv(N, chunks)
-    chunks = triton.cdiv(N, rows_per_chunk)
+    row_block, class_block, chunks, rows_per_chunk = classwise_blocks(N, K, M)
     parts = _partials(chunks, shape, logits.device)
-    grid = (chunks, class_tiles)
+    grid = (chunks, triton.cdiv(K, class_block))
     _classwise_kernel[grid](logits, labels, row_max, row_sum, *parts, N, K, M, inv_t, ignore_index,
                             rows_per_chunk, BLOCK_N=row_block, BLOCK_K=class_block, BLOCK_M=block_m,
                             num_warps=warps(row_block, class_block))

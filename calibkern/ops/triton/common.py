@@ -105,7 +105,12 @@ def sum_partials(partials: torch.Tensor) -> torch.Tensor:
     P, shape = partials.shape[0], partials.shape[1:]
     out = torch.empty(shape, dtype=partials.dtype, device=partials.device)
     L = out.numel()
-    block_l = min(triton.next_power_of_2(L), MAX_TILE // 16)
-    block_p = min(triton.next_power_of_2(P), MAX_TILE // block_l)
+    block_p, block_l = sum_blocks(P, L)
     _sum_partials_kernel[(triton.cdiv(L, block_l),)](partials, out, P, L, BLOCK_P=block_p, BLOCK_L=block_l)
     return out
+
+
+def sum_blocks(P: int, L: int) -> tuple[int, int]:
+    """(BLOCK_P, BLOCK_L) of :func:`sum_partials` for P partials of L values each."""
+    block_l = min(triton.next_power_of_2(L), MAX_TILE // 16)
+    return min(triton.next_power_of_2(P), MAX_TILE // block_l), block_l

@@ -1,0 +1,180 @@
+"""Compile every launched Triton kernel, at every launch configuration calibkern's launchers choose, for real
+NVIDIA targets — no GPU needed — and read registers, spills and shared memory from the cubins.
+
+    python benchmarks/triton_compile.py [--arch 80 90] [--json FILE] [--shapes full|test]   (make gpu-compile)
+
+The configurations come from the launchers' own heuristics (``row_blocks``, ``bins_block``, ``warps``,
+``classwise_blocks``, ``sum_blocks`` in calibkern/ops/triton), evaluated with the GPU constants (this script
+refuses to run under ``TRITON_INTERPRET=1``), over the shapes calibkern supports: logits fp32/bf16/fp16, K
+from 2 to 262144, N from 1 to 10⁶, n_bins 1 to 100, top-1 and classwise, each loss form. Identical
+configurations are compiled once. Each record: kernel, arch, config, registers, spills (local + stack bytes),
+shared_bytes, cubin_bytes. A record fails when it does not compile, spills, uses more shared memory than the
+arch allows (sm_80: 163 KiB, sm_90: 227 KiB) or more than 255 registers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("triton_compile.py: unset TRITON_INTERPRET (the launch heuristics differ under the interpreter)")
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from calibkern.ops.triton import binning, calibration, common, cross_entropy  # noqa: E402
+
+SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024, 100: 227 * 1024}
+DTYPES = {"fp32": "*fp32", "bf16": "*bf16", "fp16": "*fp16"}
+# the rows kernel's flags (EM, LOSS, STATS, ECE_GRAD) for each op that launches it (calibration.py)
+ROW_OPS = {"hard_bin_loss": (False, True, False, False), "em_target_loss": (True, True, True, False),
+           "em_stats": (True, False, True, False), "em_ece_grad": (True, False, False, True)}
+SHAPES = {
+    "full": dict(K=(2, 3, 4, 5, 8, 16, 31, 64, 100, 1000, 4096, 5000, 32000, 128256, 262144),
+                 N=(1, 100, 4096, 1_000_000), M=(1, 10, 15, 64, 100), dtypes=tuple(DTYPES)),
+    "test": dict(K=(4, 1000, 32000), N=(64, 4096), M=(10,), dtypes=("fp32", "bf16")),
+}
+
+
+def _sig(pointers: dict, scalars: dict, constexprs: dict) -> tuple[dict, dict]:
+    signature = {**pointers, **scalars, **{name: "constexpr" for name in constexprs}}
+    return signature, constexprs
+
+
+def launches(shapes: dict) -> dict:
+    """{(kernel, signature, constexprs, num_warps) key: (jit function, signature, constexprs, num_warps)}."""
+    found = {}
+
+    def add(fn, signature, constexprs, num_warps):
+        key = (fn.__name__, tuple(signature.items()), tuple(constexprs.items()), num_warps)
+        found.setdefault(key, (fn, signature, constexprs, num_warps))
+
+    ints = {"N": "i32", "K": "i32", "M": "i32", "ignore_index": "i32"}
+    for dtype in shapes["dtypes"]:
+        logits = DTYPES[dtype]
+        for n in shapes["N"]:
+            for k in shapes["K"]:
+                block_n, block_k = common.row_blocks(n, k)
+                w = common.warps(block_n, block_k)
+                ce_sig = {"logits_ptr": "*fp32", "targets_ptr": "*i64", "loss_ptr": "*fp32"}
+                add(cross_entropy._cross_entropy_kernel, *_sig(ce_sig, {"N": "i32", "V": "i32", "ignore_index": "i32"},
+                                                             {"BLOCK_N": block_n, "BLOCK_K": block_k}), w)
+                add(binning._row_softmax_kernel,
+                    *_sig({"logits_ptr": logits, "max_ptr": "*fp32", "sum_ptr": "*fp32"},
+                          {"N": "i32", "K": "i32", "inv_t": "fp32"}, {"BLOCK_N": block_n, "BLOCK_K": block_k}), w)
+                for m in shapes["M"]:
+                    block_m = common.bins_block(m)
+                    add(binning._top1_kernel,
+                        *_sig({"logits_ptr": logits, "labels_ptr": "*i64", "counts_ptr": "*i64", "conf_ptr": "*fp64",
+                               "correct_ptr": "*fp64", "nonfinite_ptr": "*i64"},
+                              {**ints, "inv_t": "fp32"}, {"BLOCK_N": block_n, "BLOCK_K": block_k, "BLOCK_M": block_m}), w)
+                    row_block, class_block, chunks, _ = binning.classwise_blocks(n, k, m)
+                    add(binning._classwise_kernel,
+                        *_sig({"logits_ptr": logits, "labels_ptr": "*i64", "max_ptr": "*fp32", "sum_ptr": "*fp32",
+                               "counts_ptr": "*i64", "conf_ptr": "*fp64", "correct_ptr": "*fp64"},
+                              {**ints, "inv_t": "fp32", "rows_per_chunk": "i32"},
+                              {"BLOCK_N": row_block, "BLOCK_K": class_block, "BLOCK_M": block_m}),
+                        common.warps(row_block, class_block))
+                    for partial_type, count in (("*i64", triton.cdiv(n, block_n)), ("*fp64", chunks)):
+                        for length in (m, k * m):
+                            block_p, block_l = common.sum_blocks(count, length)
+                            add(common._sum_partials_kernel,
+                                *_sig({"partials_ptr": partial_type, "out_ptr": partial_type}, {"P": "i32", "L": "i32"},
+                                      {"BLOCK_P": block_p, "BLOCK_L": block_l}), 4)
+                    for em, loss, stats, ece_grad in ROW_OPS.values():
+                        pointers = {"logits_ptr": logits, "labels_ptr": "*i64"}
+                        absent = {}
+                        for name, present, kind in (("loss_ptr", loss, "*fp32"), ("grad_ptr", loss or ece_grad, "*fp32"),
+                                                    ("stats_ptr", stats, "*fp64"), ("acc_ptr", loss, "*fp32"),
+                                                    ("log_pi_ptr", em, "*fp32"), ("mu_ptr", em, "*fp32"),
+                                                    ("sigma_ptr", em, "*fp32"), ("coef_ptr", ece_grad, "*fp32")):
+                            if present:
+                                pointers[name] = kind
+                            else:
+                                absent[name] = None
+                        constexprs = {**absent, "EM": em, "LOSS": loss, "STATS": stats, "ECE_GRAD": ece_grad,
+                                      "BLOCK_N": block_n, "BLOCK_K": block_k, "BLOCK_M": block_m}
+                        signature, _ = _sig(pointers, {**ints, "gamma0": "fp32"}, constexprs)
+                        order = ["logits_ptr", "labels_ptr", "loss_ptr", "grad_ptr", "stats_ptr", "acc_ptr",
+                                 "log_pi_ptr", "mu_ptr", "sigma_ptr", "coef_ptr", "N", "K", "M", "ignore_index",
+                                 "gamma0", "EM", "LOSS", "STATS", "ECE_GRAD", "BLOCK_N", "BLOCK_K", "BLOCK_M"]
+                        add(calibration._calibration_rows_kernel, {name: signature[name] for name in order},
+                            constexprs, w)
+    return found
+
+
+def _cuobjdump() -> str:
+    return glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))[0]
+
+
+def compile_one(fn, signature, constexprs, num_warps, arch: int) -> dict:
+    config = {k: v for k, v in constexprs.items() if v is not None} | {"num_warps": num_warps,
+                                                                      "logits": signature.get("logits_ptr")}
+    record = {"kernel": fn.__name__, "arch": arch, "config": config}
+    try:
+        kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                                target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    except Exception as error:  # noqa: BLE001 - a compile failure is the record's result
+        return record | {"error": str(error).strip().splitlines()[-1][:300]}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(kernel.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run([_cuobjdump(), "-res-usage", cubin.name], capture_output=True, text=True).stdout
+    fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
+    return record | {"registers": int(fields.get("REG", -1)), "spills": int(fields.get("LOCAL", 0)) + int(fields.get("STACK", 0)),
+                     "shared_bytes": max(int(fields.get("SHARED", 0)), int(kernel.metadata.shared)),
+                     "cubin_bytes": len(kernel.asm["cubin"])}
+
+
+def problems(record: dict) -> list[str]:
+    if "error" in record:
+        return [f"does not compile: {record['error']}"]
+    found = []
+    if record["spills"]:
+        found.append(f"spills {record['spills']} bytes")
+    if record["shared_bytes"] > SHARED_LIMIT[record["arch"]]:
+        found.append(f"shared memory {record['shared_bytes']} > {SHARED_LIMIT[record['arch']]}")
+    if record["registers"] > 255:
+        found.append(f"{record['registers']} registers")
+    return found
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90])
+    parser.add_argument("--shapes", choices=sorted(SHAPES), default="full")
+    parser.add_argument("--json", help="write the records here")
+    args = parser.parse_args()
+    configs = launches(SHAPES[args.shapes])
+    records = []
+    print(f"{len(configs)} launch configurations × {len(args.arch)} targets", flush=True)
+    print("| kernel | arch | config | registers | spills | shared | result |\n|---|---|---|---|---|---|---|")
+    for fn, signature, constexprs, num_warps in configs.values():
+        for arch in args.arch:
+            record = compile_one(fn, signature, constexprs, num_warps, arch)
+            record["problems"] = problems(record)
+            records.append(record)
+            config = ", ".join(f"{k}={v}" for k, v in record["config"].items())
+            print(f"| {record['kernel']} | sm_{arch} | {config} | {record.get('registers', '—')} | "
+                  f"{record.get('spills', '—')} | {record.get('shared_bytes', '—')} | "
+                  f"{'; '.join(record['problems']) or 'ok'} |", flush=True)
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(records, out, indent=1)
+    failed = [r for r in records if r["problems"]]
+    print(f"\n{len(records)} compiled, {len(failed)} with problems")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
