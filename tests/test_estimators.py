@@ -6,35 +6,25 @@ the model's own softmax (``q = c``), "overconfident" from the softmax at tempera
 binned calibration error is computed from a large sample with ``q`` itself (no Bernoulli noise).
 """
 
+import importlib.util
 import math
+import os
 
 import pytest
 import torch
 
 import calibkern as ck
 
+# the simulated predictors of the documented tables (benchmarks/estimator_simulation.py)
+_SPEC = importlib.util.spec_from_file_location(
+    "estimator_simulation", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                                         "estimator_simulation.py"))
+simulation = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(simulation)
+sample, population_ece = simulation.sample, simulation.population
+
 M = 10
 BACKENDS = ck.available_backends()
-
-
-def sample(n, k, kind, generator):
-    """(logits [n, k], labels [n], q = P(top-1 prediction is right) [n])."""
-    logits = torch.randn(n, k, generator=generator, dtype=torch.float64) * 1.5
-    truth = torch.softmax(logits / (1.0 if kind == "calibrated" else 2.0), dim=1)
-    labels = torch.multinomial(truth, 1, generator=generator).squeeze(1)
-    q = truth.gather(1, logits.argmax(1, keepdim=True)).squeeze(1)
-    return logits.float(), labels, q
-
-
-def population_ece(k, kind, norm):
-    logits, _, q = sample(400_000, k, kind, torch.Generator().manual_seed(99))
-    c = torch.softmax(logits.double(), dim=1).amax(1)
-    bins = torch.clamp((c.float() * M).floor().long(), max=M - 1)
-    counts = torch.bincount(bins, minlength=M).double()
-    gap = torch.bincount(bins, q - c, minlength=M)
-    if norm == "l1":
-        return float(gap.abs().sum() / len(c))
-    return math.sqrt(float((gap * gap / counts.clamp_min(1)).sum() / len(c)))
 
 
 @pytest.mark.parametrize("kind", ["calibrated", "overconfident"])
