@@ -99,9 +99,11 @@ def _classwise_kernel(logits_ptr, labels_ptr, max_ptr, sum_ptr, counts_ptr, conf
 
 
 def classwise_blocks(N: int, K: int, M: int) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, chunks, rows_per_chunk) of the classwise kernel: class tiles small enough for a
-    [BLOCK_N, BLOCK_K, BLOCK_M] one-hot, row chunks bounded by the partials' memory."""
-    class_block = min(triton.next_power_of_2(K), common.MAX_CLASS_BLOCK, common.MAX_BLOCK_K)
+    """(BLOCK_N, BLOCK_K, chunks, rows_per_chunk) of the classwise kernel: class tiles whose [BLOCK_K, BLOCK_M]
+    accumulators and [BLOCK_N, BLOCK_K, BLOCK_M] one-hot stay in registers, row chunks bounded by the
+    partials' memory."""
+    class_block = min(triton.next_power_of_2(K), common.MAX_CLASS_BLOCK, common.MAX_BLOCK_K,
+                      max(1, common.MAX_CLASS_CELLS // bins_block(M)))
     class_tiles = triton.cdiv(K, class_block)
     row_block = min(triton.next_power_of_2(N), max(1, common.MAX_ONEHOT // (class_block * bins_block(M))))
     chunks = max(1, min(triton.cdiv(N, row_block), triton.cdiv(common.MIN_PROGRAMS, class_tiles),

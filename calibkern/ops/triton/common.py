@@ -19,10 +19,13 @@ MAX_BLOCK_K = 4096  # widest K-tile; tests lower it to exercise many tiles at sm
 MAX_TILE = 65536 if INTERPRETED else 4096  # elements per [BLOCK_N, BLOCK_K] tile (numpy likes them big)
 MIN_PROGRAMS = 1 if INTERPRETED else 1024  # the interpreter runs programs one after another
 MAX_BLOCK_M = 64  # bins (or mixture components) handled per step of a loop over M
-# classwise binning: classes per program, and cells of its [rows, classes, bins] one-hot (on a GPU each
-# cell holds an int64 and two float64 sums)
+# classwise binning: classes per program, cells of its [classes, bins] accumulators (an int64 and two float64
+# sums each, held in registers on a GPU) and of its [rows, classes, bins] one-hot. The GPU bounds keep the
+# kernel free of spills at every configuration (benchmarks/triton_compile.py: 32 × 64 accumulator cells
+# spilled on sm_80 and sm_90, as did a 1024-cell one-hot).
 MAX_CLASS_BLOCK = 1024 if INTERPRETED else 64
-MAX_ONEHOT = 262144 if INTERPRETED else 1024
+MAX_CLASS_CELLS = 1 << 20 if INTERPRETED else 512
+MAX_ONEHOT = 262144 if INTERPRETED else 512
 
 
 def row_blocks(n_rows: int, width: int) -> tuple[int, int]:
