@@ -3,8 +3,8 @@ NVIDIA targets — no GPU needed — and read registers, spills and shared memor
 
     python benchmarks/triton_compile.py [--arch 80 90] [--json FILE] [--shapes full|test]   (make gpu-compile)
 
-The configurations come from the launchers' own heuristics (``row_blocks``, ``bins_block``, ``warps``,
-``classwise_blocks``, ``sum_blocks`` in calibkern/ops/triton), evaluated with the GPU constants (this script
+The configurations come from the launchers' own heuristics (``row_blocks``, ``top1_blocks``, ``rows_blocks``,
+``classwise_blocks``, ``sum_blocks``, ``warps`` in calibkern/ops/triton), evaluated with the GPU constants (this script
 refuses to run under ``TRITON_INTERPRET=1``), over the shapes calibkern supports: logits fp32/bf16/fp16, K
 from 2 to 262144, N from 1 to 10⁶, n_bins 1 to 100, top-1 and classwise, each loss form. Identical
 configurations are compiled once. Each record: kernel, arch, config, registers, spills (local + stack bytes),
@@ -73,11 +73,12 @@ def launches(shapes: dict) -> dict:
                     *_sig({"logits_ptr": logits, "max_ptr": "*fp32", "sum_ptr": "*fp32"},
                           {"N": "i32", "K": "i32", "inv_t": "fp32"}, {"BLOCK_N": block_n, "BLOCK_K": block_k}), w)
                 for m in shapes["M"]:
-                    block_m = common.bins_block(m)
+                    t_n, t_k, block_m = binning.top1_blocks(n, k, m)
                     add(binning._top1_kernel,
                         *_sig({"logits_ptr": logits, "labels_ptr": "*i64", "counts_ptr": "*i64", "conf_ptr": "*fp64",
                                "correct_ptr": "*fp64", "nonfinite_ptr": "*i64"},
-                              {**ints, "inv_t": "fp32"}, {"BLOCK_N": block_n, "BLOCK_K": block_k, "BLOCK_M": block_m}), w)
+                              {**ints, "inv_t": "fp32"}, {"BLOCK_N": t_n, "BLOCK_K": t_k, "BLOCK_M": block_m}),
+                        common.warps(t_n, t_k))
                     row_block, class_block, chunks, _ = binning.classwise_blocks(n, k, m)
                     add(binning._classwise_kernel,
                         *_sig({"logits_ptr": logits, "labels_ptr": "*i64", "max_ptr": "*fp32", "sum_ptr": "*fp32",
@@ -102,14 +103,15 @@ def launches(shapes: dict) -> dict:
                                 pointers[name] = kind
                             else:
                                 absent[name] = None
+                        r_n, r_k, r_m = calibration.rows_blocks(n, k, m, em, loss, ece_grad)
                         constexprs = {**absent, "EM": em, "LOSS": loss, "STATS": stats, "ECE_GRAD": ece_grad,
-                                      "BLOCK_N": block_n, "BLOCK_K": block_k, "BLOCK_M": block_m}
+                                      "BLOCK_N": r_n, "BLOCK_K": r_k, "BLOCK_M": r_m}
                         signature, _ = _sig(pointers, {**ints, "gamma0": "fp32"}, constexprs)
                         order = ["logits_ptr", "labels_ptr", "loss_ptr", "grad_ptr", "stats_ptr", "acc_ptr",
                                  "log_pi_ptr", "mu_ptr", "sigma_ptr", "coef_ptr", "N", "K", "M", "ignore_index",
                                  "gamma0", "EM", "LOSS", "STATS", "ECE_GRAD", "BLOCK_N", "BLOCK_K", "BLOCK_M"]
                         add(calibration._calibration_rows_kernel, {name: signature[name] for name in order},
-                            constexprs, w)
+                            constexprs, common.warps(r_n, r_k))
     return found
 
 

@@ -98,6 +98,12 @@ def _classwise_kernel(logits_ptr, labels_ptr, max_ptr, sum_ptr, counts_ptr, conf
         tl.store(correct_ptr + out + bins[None, :], correct, mask=mask)
 
 
+def top1_blocks(N: int, K: int, M: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, BLOCK_M) of the top-1 kernel: its [BLOCK_N, BLOCK_M] bin one-hot within MAX_ROW_BINS."""
+    block_m = bins_block(M)
+    return (*row_blocks(N, K, max_rows=common.MAX_ROW_BINS // block_m), block_m)
+
+
 def classwise_blocks(N: int, K: int, M: int) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_K, chunks, rows_per_chunk) of the classwise kernel: class tiles whose [BLOCK_K, BLOCK_M]
     accumulators and [BLOCK_N, BLOCK_K, BLOCK_M] one-hot stay in registers, row chunks bounded by the
@@ -133,7 +139,7 @@ def binned_stats(logits: torch.Tensor, labels: torch.Tensor, n_bins: int, temper
     inv_t = float(torch.tensor(1.0 / temperature, dtype=torch.float32))
     block_m = bins_block(M)
     if not classwise:
-        block_n, block_k = row_blocks(N, K)
+        block_n, block_k, block_m = top1_blocks(N, K, M)
         P = triton.cdiv(N, block_n)
         parts = (*_partials(P, shape, logits.device), torch.empty(P, dtype=torch.int64, device=logits.device))
         _top1_kernel[(P,)](logits, labels, *parts, N, K, M, inv_t, ignore_index,

@@ -26,14 +26,19 @@ MAX_BLOCK_M = 64  # bins (or mixture components) handled per step of a loop over
 MAX_CLASS_BLOCK = 1024 if INTERPRETED else 64
 MAX_CLASS_CELLS = 1 << 20 if INTERPRETED else 512
 MAX_ONEHOT = 262144 if INTERPRETED else 512
+# row kernels on a GPU (benchmarks/triton_compile.py found spills beyond these): rows × bins of a [rows, bins]
+# one-hot or responsibility tile, and the K-tile of a kernel that keeps several tile-sized temporaries alive
+MAX_ROW_BINS = 1 << 30 if INTERPRETED else 512
+MAX_LOSS_TILE = MAX_TILE if INTERPRETED else 2048
 
 
-def row_blocks(n_rows: int, width: int) -> tuple[int, int]:
-    """(BLOCK_N, BLOCK_K): a K-tile up to MAX_BLOCK_K wide and as many rows as fit MAX_TILE, fewer when
-    that would leave fewer than MIN_PROGRAMS programs."""
+def row_blocks(n_rows: int, width: int, max_tile: int = MAX_TILE, max_rows: int | None = None) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_K): a K-tile up to MAX_BLOCK_K wide and as many rows as fit ``max_tile`` elements (and
+    ``max_rows``), fewer when that would leave fewer than MIN_PROGRAMS programs."""
     block_k = min(triton.next_power_of_2(width), MAX_BLOCK_K)
     rows_for_programs = triton.next_power_of_2(max(1, triton.cdiv(n_rows, MIN_PROGRAMS)))
-    return max(1, min(MAX_TILE // block_k, rows_for_programs)), block_k
+    block_n = max(1, min(max_tile // block_k, rows_for_programs))
+    return (block_n if max_rows is None else max(1, min(block_n, max_rows))), block_k
 
 
 def bins_block(n_bins: int) -> int:
