@@ -95,10 +95,11 @@ def launches(shapes: dict) -> dict:
                     for em, loss, stats, ece_grad in ROW_OPS.values():
                         pointers = {"logits_ptr": logits, "labels_ptr": "*i64"}
                         absent = {}
-                        for name, present, kind in (("loss_ptr", loss, "*fp32"), ("grad_ptr", loss or ece_grad, "*fp32"),
-                                                    ("stats_ptr", stats, "*fp64"), ("acc_ptr", loss, "*fp32"),
-                                                    ("log_pi_ptr", em, "*fp32"), ("mu_ptr", em, "*fp32"),
-                                                    ("sigma_ptr", em, "*fp32"), ("coef_ptr", ece_grad, "*fp32")):
+                        optional = (("loss_ptr", loss, "*fp32"), ("grad_ptr", loss or ece_grad, "*fp32"),
+                                    ("stats_ptr", stats, "*fp64"), ("acc_ptr", loss, "*fp32"),
+                                    ("log_pi_ptr", em, "*fp32"), ("mu_ptr", em, "*fp32"),
+                                    ("sigma_ptr", em, "*fp32"), ("coef_ptr", ece_grad, "*fp32"))
+                        for name, present, kind in optional:
                             if present:
                                 pointers[name] = kind
                             else:
@@ -133,7 +134,8 @@ def compile_one(fn, signature, constexprs, num_warps, arch: int) -> dict:
         cubin.flush()
         usage = subprocess.run([_cuobjdump(), "-res-usage", cubin.name], capture_output=True, text=True).stdout
     fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
-    return record | {"registers": int(fields.get("REG", -1)), "spills": int(fields.get("LOCAL", 0)) + int(fields.get("STACK", 0)),
+    spills = int(fields.get("LOCAL", 0)) + int(fields.get("STACK", 0))
+    return record | {"registers": int(fields.get("REG", -1)), "spills": spills,
                      "shared_bytes": max(int(fields.get("SHARED", 0)), int(kernel.metadata.shared)),
                      "cubin_bytes": len(kernel.asm["cubin"])}
 

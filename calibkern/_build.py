@@ -139,7 +139,8 @@ def jit_directory() -> str:
         with open(path, "rb") as handle:
             digest.update(os.path.relpath(path, CSRC).encode() + b"\0" + handle.read())
     tag = re.sub(r"[^0-9A-Za-z.]+", "_", version)
-    return os.path.join(cache_root(), f"torch{tag}-py{sys.version_info[0]}{sys.version_info[1]}-{digest.hexdigest()[:16]}")
+    python = f"py{sys.version_info[0]}{sys.version_info[1]}"
+    return os.path.join(cache_root(), f"torch{tag}-{python}-{digest.hexdigest()[:16]}")
 
 
 FAILED_MARKER = "build-failed.log"

@@ -305,9 +305,10 @@ def ece_confidence_interval(logits, labels, n_bins=10, norm="l1", *, method="deb
 
     ``method="debiased"`` (default): the debiased estimate and, from a parametric bootstrap of the bin
     statistics (bin counts multinomial, each bin's correct count binomial at its accuracy), the basic
-    bootstrap interval ``[2d − q_hi, 2d − q_lo]`` for l1 (``[0, the l2 interval's upper end]`` at least, wherever
-    the l2 interval reaches 0) and the normal interval ``d² ± z·sd`` on the squared error for l2, clipped at 0. It covers the truth in at least 90 % of simulated repetitions at 95 % for
-    calibrated and miscalibrated predictors alike (docs/math.md#intervals has the table). One pass over the
+    bootstrap interval ``[2d − q_hi, 2d − q_lo]`` for l1 (``[0, the l2 interval's upper end]`` at least,
+    wherever the l2 interval reaches 0) and the normal interval ``d² ± z·sd`` on the squared error for l2,
+    clipped at 0. It covers the truth in at least 90 % of simulated repetitions at 95 % for calibrated and
+    miscalibrated predictors alike (docs/math.md#intervals has the table). One pass over the
     logits (the binning kernel of ``backend``); the resampling runs on the M bin statistics.
 
     ``method="percentile"``: the plug-in ECE and the percentile interval of the ECEs of ``n_boot`` row

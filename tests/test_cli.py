@@ -51,7 +51,8 @@ def test_evaluate_writes_metrics_and_predictions(workspace):
     assert main(["evaluate", "--model", str(workspace / "model"), "--data", str(data), "--out", str(out),
                  "--template", TEMPLATE, "--no-progress"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert {"ece", "ece_debiased", "ece_l2", "mce", "cw_ece", "accuracy", "mean_confidence", "nll", "brier", "n", "ece_ci"} <= set(metrics)
+    assert {"ece", "ece_debiased", "ece_l2", "mce", "cw_ece", "accuracy", "mean_confidence", "nll", "brier", "n",
+            "ece_ci"} <= set(metrics)
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == metrics["n"] == len(data.read_text().splitlines())
     assert set(rows[0]) == {"probs", "pred", "label", "confidence"}

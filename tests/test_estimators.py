@@ -98,7 +98,8 @@ def test_brier_decomposition_from_bins():
     c, correct = p.amax(1), (p.argmax(1) == labels).double()
     top1_brier = float(((c - correct) ** 2).mean())
     # exact up to the spread of the confidences inside their bins (small with 100 bins)
-    assert float(parts["reliability"] - parts["resolution"] + parts["uncertainty"]) == pytest.approx(top1_brier, abs=2e-3)
+    recomposed = float(parts["reliability"] - parts["resolution"] + parts["uncertainty"])
+    assert recomposed == pytest.approx(top1_brier, abs=2e-3)
     assert float(parts["uncertainty"]) == pytest.approx(float(correct.mean() * (1 - correct.mean())), abs=1e-12)
 
 

@@ -116,7 +116,8 @@ def agree(fn, backend, compare):
 
 
 def close(got, want, rtol=1e-4, atol=1e-5, what=""):
-    torch.testing.assert_close(got.double(), want.double(), rtol=rtol, atol=atol, equal_nan=True, msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(got.double(), want.double(), rtol=rtol, atol=atol, equal_nan=True,
+                               msg=lambda m: f"{what}: {m}")
 
 
 def ambiguous_rows(logits, labels, m, temperature=1.0):

@@ -23,7 +23,8 @@ from hf_tiny import make_examples, make_model, make_tokenizer  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-METRIC_KEYS = {"ece", "ece_debiased", "ece_l2", "mce", "cw_ece", "accuracy", "mean_confidence", "nll", "brier", "n", "ece_ci"}
+METRIC_KEYS = {"ece", "ece_debiased", "ece_l2", "mce", "cw_ece", "accuracy", "mean_confidence", "nll", "brier", "n",
+               "ece_ci"}
 
 
 @pytest.fixture(scope="module")

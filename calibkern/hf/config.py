@@ -29,14 +29,14 @@ class CalibrationConfig:
       shrinks sparsely filled bins towards it (their accuracy is a few rows' noise).
     * ``method="rcft"``: loss ``sft_weight · L_SFT + lam · L_EM`` (docs/math.md#em-regulariser) — feed
       full-sequence labels (``L_SFT2``). ``em`` holds the :class:`calibkern.EMState` options
-      (``refresh="epoch"|"stream"``, ``momentum``, ``prior``, ``fixed_components``); ``n_components = n_bins``. With ``refresh="epoch"`` the
-      E-step runs as a no-grad pass at the start of every epoch over the training set, or over
-      ``calibration_dataset`` when given (prefer a held-out split once the model can memorise the training
+      (``refresh="epoch"|"stream"``, ``momentum``, ``prior``, ``fixed_components``); ``n_components = n_bins``.
+      With ``refresh="epoch"`` the E-step runs as a no-grad pass at the start of every epoch over the training set,
+      or over ``calibration_dataset`` when given (prefer a held-out split once the model can memorise the training
       set: there the training accuracy → 1 and the targets follow it). With ``refresh="stream"`` each training
-      batch's statistics update the state after every optimizer step (no extra passes).
-      ``refresh_steps`` (``refresh="epoch"`` only): also rerun the E-step pass and the M-step after every
-      ``refresh_steps`` optimizer steps, so the statistics follow a model whose confidence moves within an
-      epoch (each refresh costs one no-grad pass over the statistics rows).
+      batch's statistics update the state after every optimizer step (no extra passes). ``refresh_steps``
+      (``refresh="epoch"`` only): also rerun the E-step pass and the M-step after every ``refresh_steps`` optimizer
+      steps, so the statistics follow a model whose confidence moves within an epoch (each refresh costs one no-grad
+      pass over the statistics rows).
     * ``official_compat=True`` (cft only): the published reference code's loss,
       ``(1 − α)·L_SFT + α·1e-3·L_cal`` with α = 0.5, the hard-bin term in its ``official_compat`` form
       (per-bin sums over ``N⁰_k``, top bin excluded, gradients through the targets), on the torch backend;

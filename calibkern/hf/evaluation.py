@@ -9,8 +9,9 @@ with right padding (the last real position is read per row), under ``torch.no_gr
 
 Metrics (docs/math.md#ece), from the calibkern public API, on ``p = softmax(z / T)``: ``ece``, ``ece_l2``, ``mce``,
 ``ece_debiased``, ``cw_ece`` (classwise), ``accuracy``, ``mean_confidence``, ``nll``, ``brier``, ``n`` and
-``ece_ci`` (a seeded 95 % interval around the debiased ECE, docs/math.md#intervals). Predictions: one dict per row with ``probs`` (over the options), ``pred``,
-``label`` and ``confidence``. All rows must have the same number of options.
+``ece_ci`` (a seeded 95 % interval around the debiased ECE, docs/math.md#intervals). Predictions: one dict
+per row with ``probs`` (over the options), ``pred``, ``label`` and ``confidence``. All rows must have the
+same number of options.
 """
 
 from __future__ import annotations

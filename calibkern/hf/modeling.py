@@ -24,8 +24,8 @@ from torch import nn
 
 from ..ops.fused_linear import softcap_logits
 
-__all__ = ["DecoderOutput", "LogitTransform", "causal_lm_of", "check_logit_parity", "decoder_forward", "logit_transform",
-           "option_logits_at"]
+__all__ = ["DecoderOutput", "LogitTransform", "causal_lm_of", "check_logit_parity", "decoder_forward",
+           "logit_transform", "option_logits_at"]
 
 # Arguments the decoder takes from a causal-LM call; everything else (labels, loss kwargs, output flags that
 # PEFT fills with None) stays out.
@@ -239,6 +239,6 @@ def check_logit_parity(model: nn.Module, inputs: dict, *, tokens: int = 16) -> f
     if not difference <= tolerance:
         transform = logit_transform(causal_lm)
         raise ValueError(f"calibkern's fused path does not reproduce {name}'s logits (largest difference "
-                         f"{difference:.3g}; applied scale {transform.scale:g}, softcap {transform.softcap}): the model "
-                         "transforms its logits in a way calibkern does not implement, so calibkern refuses it")
+                         f"{difference:.3g}; applied scale {transform.scale:g}, softcap {transform.softcap}): the "
+                         "model transforms its logits in a way calibkern does not implement, so calibkern refuses it")
     return difference

@@ -401,8 +401,10 @@ def compute_loss_func(
     M-step after computing the loss; with ``refresh="epoch"`` refreshing the state is the caller's job. Under
     gradient accumulation pass ``gradient_accumulation_steps`` so the calibration term is divided as in the
     trainer (in training only: an evaluation call, under ``no_grad``, is not divided) and the streaming M-step
-    runs once per optimizer step (after every ``gradient_accumulation_steps`` training calls); under data parallelism with ``num_items_in_batch`` it is also divided by the number of processes,
-    which the Trainer multiplies the loss by (``average_tokens_across_devices=True``, its default). ``official_compat`` is not supported here. The returned function has ``.em_state``.
+    runs once per optimizer step (after every ``gradient_accumulation_steps`` training calls); under data
+    parallelism with ``num_items_in_batch`` it is also divided by the number of processes, which the Trainer
+    multiplies the loss by (``average_tokens_across_devices=True``, its default). ``official_compat`` is not
+    supported here. The returned function has ``.em_state``.
     """
     if calibration.official_compat:
         raise ValueError("compute_loss_func does not support official_compat; use CalibrationTrainer")

@@ -40,9 +40,10 @@ def default_chunk_size(n_rows: int, hidden_dim: int, vocab_size: int, hidden_ite
 class FusedLinearCrossEntropy(torch.autograd.Function):
     """``(loss_sum, option_logits) = f(hidden, weight, bias)`` over the rows ``rows`` of ``hidden [N, D]``.
 
-    ``targets [n]`` are the target tokens of those rows (none ignored), ``option_ids [K]`` the columns
-    returned as ``option_logits [n, K]`` (float32, not soft-capped: the caller caps them with autograd). ``backend`` names the
-    backend whose ``cross_entropy_`` runs, through its custom op (calibkern/ops/custom_ops.py).
+    ``targets [n]`` are the target tokens of those rows (an ignored one, as under ``torch.compile`` where
+    every position is a row, gives loss 0 and gradient 0), ``option_ids [K]`` the columns returned as
+    ``option_logits [n, K]`` (float32, not soft-capped: the caller caps them with autograd). ``backend``
+    names the backend whose ``cross_entropy_`` runs, through its custom op (calibkern/ops/custom_ops.py).
     ``grad_enabled`` is the caller's grad mode: without it no gradient is accumulated (evaluation).
     Backward may run once (the gradients are scaled in place).
     """

@@ -1,8 +1,9 @@
 """Triton kernel for ``cross_entropy_``: per-row cross-entropy whose gradient overwrites the logits.
 
 ``loss_i = logsumexp(z_i) − z_{i, y_i}`` and ``∂loss_i/∂z_i = softmax(z_i) − e_{y_i}`` (both 0 for rows
-whose target is ``ignore_index``; loss NaN and an all-NaN gradient for a kept row holding NaN or ±inf). One pass over V for ``m`` and ``s`` (online softmax), a second that
-reads each tile and writes its gradient in place. Used by the fused linear loss on [n, V] logit chunks.
+whose target is ``ignore_index``; loss NaN and an all-NaN gradient for a kept row holding NaN or ±inf).
+One pass over V for ``m`` and ``s`` (online softmax), a second that reads each tile and writes its gradient in
+place. Used by the fused linear loss on [n, V] logit chunks.
 """
 import torch
 import triton
