@@ -29,6 +29,7 @@ from .metrics import (
 )
 from .losses import CalibrationLossOutput, FusedLinearCalibrationLoss, fused_linear_calibration_loss
 from .ops.calibration_loss import calibration_loss
+from .smooth import SmoothReliability, smooth_ece, smooth_reliability
 
 __version__ = "0.1.0"
 
@@ -42,6 +43,7 @@ __all__ = [
     "EMState",
     "FusedLinearCalibrationLoss",
     "Reliability",
+    "SmoothReliability",
     "adaptive_ece",
     "available_backends",
     "backend_report",
@@ -58,4 +60,6 @@ __all__ = [
     "nll",
     "set_backend",
     "set_deterministic",
+    "smooth_ece",
+    "smooth_reliability",
 ]

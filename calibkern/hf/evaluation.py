@@ -7,9 +7,10 @@ as
 with right padding (the last real position is read per row), under ``torch.no_grad`` and ``model.eval()``
 (the training mode is restored afterwards), with a tqdm progress bar.
 
-Metrics (docs/math.md#ece), from the calibkern public API, on ``p = softmax(z / T)``: ``ece``, ``ece_l2``, ``mce``,
-``ece_debiased``, ``cw_ece`` (classwise), ``accuracy``, ``mean_confidence``, ``nll``, ``brier``, ``n`` and
-``ece_ci`` (a seeded 95 % interval around the debiased ECE, docs/math.md#intervals). Predictions: one dict
+Metrics (docs/math.md#ece), from the calibkern public API, on ``p = softmax(z / T)``: ``ece``, ``ece_l2``,
+``mce``, ``ece_debiased``, ``smece`` (smooth ECE, docs/math.md#smooth-ece), ``cw_ece`` (classwise),
+``accuracy``, ``mean_confidence``, ``nll``, ``brier``, ``n`` and ``ece_ci`` (a seeded 95 % interval around the
+debiased ECE, docs/math.md#intervals). Predictions: one dict
 per row with ``probs`` (over the options), ``pred``, ``label`` and ``confidence``. All rows must have the
 same number of options.
 """
@@ -127,6 +128,7 @@ def calibration_metrics(
     return {
         "ece": float(stats.ece("l1")),
         "ece_debiased": float(stats.ece("l1", "debiased")),
+        "smece": float(calibkern.smooth_ece(logits, labels, temperature=temperature)),
         "ece_l2": float(stats.ece("l2")),
         "mce": float(stats.mce()),
         "cw_ece": float(calibkern.classwise_ece(logits, labels, n_bins, temperature=temperature)),

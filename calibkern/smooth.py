@@ -1,0 +1,162 @@
+"""Smooth ECE (Błasiok & Nakkiran 2023) and the smooth reliability curve (docs/math.md#smooth-ece).
+
+The residuals ``r_i = c_i − 1[correct_i]`` and the unit masses of the top-1 confidences are spread onto a grid
+of G points on [0, 1] by linear interpolation, convolved with a Gaussian of bandwidth σ reflected at 0 and 1,
+and read at T evaluation points ``t``: ``r̂(t) = R_σ(t) / (D_σ(t) + 10⁻⁴)``, and
+``smECE_σ = Σ_t |r̂(t)| (D_σ(t) + 10⁻⁴) / Σ_t (D_σ(t) + 10⁻⁴)``. ``smooth_ece`` picks σ as the fixed point
+``σ = smECE_σ`` by 10 bisection steps on (0, 1] (σ never below 10⁻³). Grid and evaluation sizes:
+``G = ⌊max(2000, round(20/σ)) / 2⌋ + 1``, ``T = max(200, round(10/σ))`` — the discretisation of the ``relplot``
+package, so the numbers equal its ``smECE`` on the same confidences.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from . import _validate as V
+from .metrics import _kept_rows
+
+SIGMA_FLOOR = 1e-3
+SEARCH_STEPS = 10
+DENSITY_FLOOR = 1e-4
+CURVE_POINTS = 200
+
+
+class SmoothReliability(NamedTuple):
+    """The kernel-smoothed reliability curve at ``points`` confidences ``t``: ``accuracy`` = ``t − r̂(t)``,
+    ``density`` the smoothed probability density of the confidences (∫₀¹ ≈ 1), ``sigma`` the bandwidth."""
+
+    points: torch.Tensor
+    accuracy: torch.Tensor
+    density: torch.Tensor
+    sigma: float
+
+
+def _grid_points(sigma: float) -> int:
+    return max(2000, round(20 / sigma)) // 2 + 1
+
+
+def _onto_grid(confidence: torch.Tensor, residual: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residuals and the unit masses spread by linear interpolation onto ``size`` points ``j/(size−1)``:
+    a row at ``c`` gives ``1 − s`` of its value to point ``j = min(⌊c(size−1)⌋, size−2)`` and ``s`` to ``j+1``,
+    ``s = c(size−1) − j`` (float64)."""
+    position = confidence * (size - 1)
+    left = position.long().clamp_(max=size - 2)
+    share = position.sub_(left)
+    shared_residual = share * residual
+
+    def spread(to_left, to_right):
+        grid = torch.bincount(left, to_left, minlength=size)
+        grid[1:] += torch.bincount(left, to_right, minlength=size - 1)
+        return grid
+
+    return spread(residual - shared_residual, shared_residual), spread(1 - share, share)
+
+
+def _reflected_smooth(grid: torch.Tensor, sigma: float) -> torch.Tensor:
+    """``grid`` (G points on [0, 1]) convolved with ``N(0, σ²)``'s density sampled on a [−½, ½] window of G
+    points, the grid mirrored at both ends first (one FFT product)."""
+    size = grid.shape[0]
+    offsets = torch.linspace(0, 1, size, dtype=torch.float64, device=grid.device) - 0.5
+    kernel = torch.exp(-offsets.square() / (2 * sigma ** 2)) / (math.sqrt(2 * math.pi) * sigma)
+    mirrored = torch.cat([grid.flip(0)[:-1], grid, grid.flip(0)[1:]])
+    length = mirrored.shape[0] + size - 1
+    full = torch.fft.irfft(torch.fft.rfft(mirrored, length) * torch.fft.rfft(kernel, length), length)
+    start = size - 1 + size // 2
+    return full[start:start + size]
+
+
+def _interpolate(points: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    size = grid.shape[0]
+    left = (points * (size - 1)).long().clamp(0, size - 2)
+    right_share = (points - left / (size - 1)) * (size - 1)
+    return grid[left] * (1 - right_share) + grid[left + 1] * right_share
+
+
+class _Smoother:
+    """The rows' residuals and masses on each grid size used so far (a bandwidth search reuses them)."""
+
+    def __init__(self, confidence: torch.Tensor, correct: torch.Tensor):
+        self.confidence = confidence.double()
+        self.residual = self.confidence - correct.double()
+        self.grids: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def curve(self, sigma: float, n_points: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(t, r̂(t), D_σ(t) + 10⁻⁴)`` at ``n_points`` evenly spaced ``t``."""
+        size = _grid_points(sigma)
+        if size not in self.grids:
+            self.grids[size] = _onto_grid(self.confidence, self.residual, size)
+        residual, mass = (_reflected_smooth(grid, sigma) for grid in self.grids[size])
+        points = torch.linspace(0, 1, n_points, dtype=torch.float64, device=self.confidence.device)
+        density = _interpolate(points, mass) + DENSITY_FLOOR
+        return points, _interpolate(points, residual) / density, density
+
+    def ece(self, sigma: float) -> float:
+        _, residual, density = self.curve(sigma, max(round(10 / sigma), CURVE_POINTS))
+        return float((residual.abs() * density).sum() / density.sum())
+
+    def fixed_point(self) -> float:
+        """The bandwidth σ with ``σ = smECE_σ``: 1 if ``smECE_1 > 1``, else the smallest σ with
+        ``σ ≥ smECE_σ`` among the bisection steps on (0, 1] (relplot's search; σ below 10⁻³ counts as too narrow)."""
+        def too_narrow(sigma):
+            return sigma < SIGMA_FLOOR or sigma < self.ece(sigma)
+
+        if too_narrow(1.0):
+            return 1.0
+        high, low = 1.0, 0.0
+        for _ in range(SEARCH_STEPS):
+            middle = (high + low) / 2
+            if too_narrow(middle):
+                low = middle
+            else:
+                high = middle
+        return high
+
+
+def _smoother(logits, labels, temperature, ignore_index, nonfinite) -> _Smoother:
+    _, confidence, correct, _ = _kept_rows(logits, labels, temperature, ignore_index, nonfinite)
+    if confidence.shape[0] == 0:
+        raise ValueError("labels: every row is ignored, so there is no smooth ECE to compute")
+    return _Smoother(confidence, correct)
+
+
+def _check_sigma(sigma) -> float | None:
+    if sigma is None:
+        return None
+    sigma = V.check_positive_float(sigma, "sigma")
+    if sigma > 1.0:
+        raise ValueError(f"sigma must lie in (0, 1], got {sigma}")
+    return sigma
+
+
+@torch.no_grad()
+def smooth_ece(logits, labels, *, sigma=None, temperature=1.0, ignore_index=-100, nonfinite="error",
+               return_sigma=False):
+    """Smooth ECE of the top-1 confidences ``max softmax(logits / temperature)`` against correctness, as a
+    float64 0-dim tensor; ``sigma=None`` takes the fixed-point bandwidth (``return_sigma=True`` returns it too,
+    as ``(smece, sigma)``). An evaluation metric: the bandwidth search reads values on the host.
+    """
+    sigma = _check_sigma(sigma)
+    smoother = _smoother(logits, labels, temperature, ignore_index, nonfinite)
+    sigma = smoother.fixed_point() if sigma is None else sigma
+    value = torch.tensor(smoother.ece(sigma), dtype=torch.float64)
+    return (value, sigma) if return_sigma else value
+
+
+@torch.no_grad()
+def smooth_reliability(logits, labels, *, sigma=None, points=CURVE_POINTS, temperature=1.0, ignore_index=-100,
+                       nonfinite="error") -> SmoothReliability:
+    """The smooth reliability curve at ``points`` evenly spaced confidences in [0, 1], at ``sigma`` (default:
+    the smooth ECE's fixed-point bandwidth)."""
+    sigma = _check_sigma(sigma)
+    points = V.check_n_bins(points, "points")
+    if points < 2:
+        raise ValueError(f"points must be at least 2, got {points}")
+    smoother = _smoother(logits, labels, temperature, ignore_index, nonfinite)
+    sigma = smoother.fixed_point() if sigma is None else sigma
+    t, residual, density = smoother.curve(sigma, points)
+    density = (density - DENSITY_FLOOR).clamp_min_(0) / smoother.confidence.shape[0]
+    return SmoothReliability(t, t - residual, density, sigma)

@@ -1,0 +1,123 @@
+"""Smooth ECE against the relplot package (its smECE on the same top-1 confidences), the curve's meaning,
+and bad input."""
+
+import numpy as np
+import pytest
+import torch
+
+import calibkern as ck
+from helpers import IGNORE, random_labels, random_logits
+
+relplot = pytest.importorskip("relplot")
+
+
+def calibrated_rows(n, k, scale, seed, tempered=1.0):
+    """Logits and labels drawn from softmax(logits / tempered): calibrated at 1, over-confident above."""
+    logits = random_logits(n, k, scale=scale, seed=seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    labels = torch.multinomial(torch.softmax(logits.double() / tempered, 1), 1, generator=g).squeeze(1)
+    return logits, labels
+
+
+def relplot_smece(logits, labels, temperature=1.0):
+    keep = labels != IGNORE
+    p = torch.softmax(logits[keep].float() / temperature, 1)
+    confidence, predicted = p.max(1)
+    correct = (predicted == labels[keep]).double()
+    return relplot.smECE(confidence.double().numpy(), correct.numpy(), return_width=True)
+
+
+@pytest.mark.parametrize("n,k,scale,tempered", [(1, 4, 1.0, 1.0), (47, 4, 3.0, 1.0), (123, 2, 0.5, 1.0),
+                                                (2000, 4, 1.0, 1.0), (2000, 10, 4.0, 3.0), (5000, 4, 20.0, 1.0),
+                                                (20000, 2, 0.3, 1.0)])
+def test_equals_relplot(n, k, scale, tempered):
+    logits, labels = calibrated_rows(n, k, scale, seed=n + k, tempered=tempered)
+    expected, expected_sigma = relplot_smece(logits, labels)
+    value, sigma = ck.smooth_ece(logits, labels, return_sigma=True)
+    assert sigma == expected_sigma
+    assert value.dtype == torch.float64 and value.dim() == 0
+    assert abs(float(value) - expected) <= 1e-6
+
+
+def test_fixed_bandwidth_ignored_rows_and_temperature_equal_relplot():
+    logits = random_logits(300, 5, seed=3)
+    labels = random_labels(300, 5, ignore_frac=0.3, seed=4)
+    keep = labels != IGNORE
+    p = torch.softmax(logits[keep] / 2.0, 1)
+    confidence, predicted = p.max(1)
+    correct = (predicted == labels[keep]).double().numpy()
+    for sigma in (0.05, 0.2, 0.004):
+        expected = relplot.smECE_sigma(confidence.double().numpy(), correct, sigma)
+        assert abs(float(ck.smooth_ece(logits, labels, sigma=sigma, temperature=2.0)) - expected) <= 1e-6
+    expected, expected_sigma = relplot_smece(logits, labels, temperature=2.0)
+    assert abs(float(ck.smooth_ece(logits, labels, temperature=2.0)) - expected) <= 1e-6
+
+
+def test_bandwidth_is_the_fixed_point():
+    logits, labels = calibrated_rows(4000, 4, 2.0, seed=7, tempered=2.0)
+    value, sigma = ck.smooth_ece(logits, labels, return_sigma=True)
+    assert abs(sigma - float(value)) <= 1 / 512  # bisection on a 1/1024 grid of (0, 1]
+
+
+def test_calibrated_is_small_and_miscalibrated_is_large():
+    calibrated = ck.smooth_ece(*calibrated_rows(20000, 4, 1.5, seed=1))
+    over = ck.smooth_ece(*calibrated_rows(20000, 4, 1.5, seed=1, tempered=3.0))
+    assert float(calibrated) < 0.02 < 0.1 < float(over)
+
+
+def test_curve_reads_accuracy_against_confidence():
+    logits, labels = calibrated_rows(20000, 4, 1.5, seed=2, tempered=3.0)
+    default = ck.smooth_reliability(logits, labels, points=50)
+    assert default.points.shape == default.accuracy.shape == default.density.shape == (50,)
+    assert default.sigma == ck.smooth_ece(logits, labels, return_sigma=True)[1]
+    curve = ck.smooth_reliability(logits, labels, sigma=0.02, points=101)
+    p = torch.softmax(logits, 1)
+    confidence, predicted = p.max(1)
+    correct = (predicted == labels).double()
+    # at a narrow bandwidth, where the rows are dense, the curve is the local mean of correctness
+    stats = ck.BinStats.from_confidences(confidence, correct, 10)
+    for k in range(10):
+        centre = (k + 0.5) / 10
+        if stats.counts[k] > 2000:
+            nearest = int(torch.argmin((curve.points - centre).abs()))
+            assert abs(float(curve.accuracy[nearest]) - float(stats.sum_correct[k] / stats.counts[k])) < 0.05
+    step = float(curve.points[1] - curve.points[0])
+    assert abs(float(curve.density.sum()) * step - 1.0) < 0.02  # a probability density on [0, 1]
+    # over-confident rows: accuracy below the diagonal where the mass lies
+    heavy = curve.density > curve.density.max() / 4
+    assert bool((curve.accuracy[heavy] < curve.points[heavy]).all())
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda x, y: ck.smooth_ece(x, y, sigma=0.0), "sigma"),
+    (lambda x, y: ck.smooth_ece(x, y, sigma=1.5), "sigma"),
+    (lambda x, y: ck.smooth_ece(x, y, sigma=float("nan")), "sigma"),
+    (lambda x, y: ck.smooth_ece(x, y, temperature=0), "temperature"),
+    (lambda x, y: ck.smooth_ece(x, torch.full_like(y, IGNORE)), "every row is ignored"),
+    (lambda x, y: ck.smooth_ece(x[:, :1].squeeze(1), y), "logits"),
+    (lambda x, y: ck.smooth_ece(x, y[:3]), "labels"),
+    (lambda x, y: ck.smooth_reliability(x, y, points=1), "points"),
+])
+def test_bad_input_names_the_argument(call, match):
+    logits, labels = random_logits(8, 3), random_labels(8, 3)
+    with pytest.raises((ValueError, TypeError), match=match):
+        call(logits, labels)
+
+
+def test_nonfinite_rows_raise_or_are_skipped():
+    logits, labels = random_logits(50, 4, seed=5), random_labels(50, 4, seed=6)
+    logits[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        ck.smooth_ece(logits, labels)
+    keep = torch.arange(50) != 3
+    assert torch.equal(ck.smooth_ece(logits, labels, nonfinite="skip"), ck.smooth_ece(logits[keep], labels[keep]))
+
+
+def test_extreme_logits_and_float16():
+    logits = random_logits(500, 4, scale=200.0, seed=8)
+    labels = random_labels(500, 4, seed=9)
+    expected, _ = relplot_smece(logits, labels)
+    assert abs(float(ck.smooth_ece(logits, labels)) - expected) <= 1e-6
+    half = random_logits(500, 4, seed=10).half()
+    expected, _ = relplot_smece(half.float(), labels)
+    assert np.isclose(float(ck.smooth_ece(half, labels)), expected, atol=1e-6)
