@@ -12,10 +12,11 @@ from calibkern import hf  # noqa: E402
 from calibkern.pipeline import DemoConfig, build_world, load_results, run_demo, stages, synthetic, write_report  # noqa: E402
 from calibkern.pipeline.demo import tokenizer_corpus  # noqa: E402
 from calibkern.pipeline.model import tiny_llama  # noqa: E402
-from calibkern.pipeline.report import STAGE_ORDER  # noqa: E402
+from calibkern.pipeline.report import STAGE_ORDER, demo_checks  # noqa: E402
+from calibkern.pipeline.seeds import summarise, summary_markdown  # noqa: E402
 from calibkern.pipeline.tokenizer import train_tokenizer  # noqa: E402
 
-METRIC_KEYS = {"ece", "ece_debiased", "ece_l2", "mce", "cw_ece", "accuracy", "mean_confidence", "nll", "brier", "n",
+METRIC_KEYS = {"ece", "ece_debiased", "smece", "ece_l2", "mce", "cw_ece", "accuracy", "mean_confidence", "nll", "brier", "n",
                "ece_ci"}
 
 
@@ -68,6 +69,59 @@ def test_report_is_rebuilt_from_results_json(demo_run, tmp_path):
     write_report(results, tmp_path)
     assert (tmp_path / "results.md").read_text() == (out / "results.md").read_text()
     assert (tmp_path / "reliability_all.png").is_file()
+
+
+def test_reliability_data_holds_the_smooth_curve(demo_run):
+    _, results = demo_run
+    for name, rel in results["reliability"].items():
+        curve = rel["smooth"]
+        assert len(curve["confidence"]) == len(curve["accuracy"]) == len(curve["density"]) == 101
+        assert curve["sigma"] == pytest.approx(results["stages"][name]["smece"], abs=1 / 512)
+
+
+def _with(stages: dict, **changes) -> dict:
+    """``stages`` with ``{stage: {metric: value}}`` overrides."""
+    return {name: {**metrics, **changes.get(name, {})} for name, metrics in stages.items()}
+
+
+def test_cft_accuracy_claim_is_one_sided_and_ece_claims_use_the_debiased_ece(demo_run):
+    _, results = demo_run
+    dpo_accuracy = results["stages"]["dpo"]["accuracy"]
+
+    def holds(stages, claim):
+        return next(c for c in demo_checks(stages) if c["claim"] == claim)["holds"]
+
+    accuracy_claim = "CFT accuracy ≥ DPO accuracy − 2 points"
+    assert holds(_with(results["stages"], cft={"accuracy": dpo_accuracy + 0.10}), accuracy_claim)
+    assert holds(_with(results["stages"], cft={"accuracy": dpo_accuracy - 0.019}), accuracy_claim)
+    assert not holds(_with(results["stages"], cft={"accuracy": dpo_accuracy - 0.021}), accuracy_claim)
+    assert holds(_with(results["stages"], cft={"ece": 0.5, "ece_debiased": 0.05}), "CFT debiased ECE ≤ 0.06")
+    apart = _with(results["stages"], rcft={"ece_debiased": 0.01, "ece_ci": [0.0, 0.02]},
+                  rcft_no_reg={"ece_debiased": 0.10, "ece_ci": [0.08, 0.12]})
+    overlapping = _with(apart, rcft_no_reg={"ece_ci": [0.015, 0.12]})
+    claim = "RCFT debiased ECE < RCFT λ=0's"
+    assert [c["note"] for c in demo_checks(apart) if c["claim"] == claim] == ["outside the intervals"]
+    assert [c["note"] for c in demo_checks(overlapping) if c["claim"] == claim] == ["inside the intervals"]
+
+
+def test_seed_summary_means_sds_and_claim_counts(demo_run):
+    _, results = demo_run
+    other = {**results, "stages": _with(results["stages"], cft={"ece": results["stages"]["cft"]["ece"] + 0.2,
+                                                                  "ece_debiased": 0.9})}
+    other["checks"] = demo_checks(other["stages"])
+    summary = summarise({0: results, 3: other})
+    assert summary["seeds"] == [0, 3]
+    cft = summary["stages"]["cft"]["ece"]
+    assert cft["values"] == [results["stages"]["cft"]["ece"], results["stages"]["cft"]["ece"] + 0.2]
+    assert cft["mean"] == pytest.approx(results["stages"]["cft"]["ece"] + 0.1)
+    assert cft["sd"] == pytest.approx(0.2 / 2 ** 0.5)
+    claims = {c["claim"]: c for c in summary["claims"]}
+    cft_claim = claims["CFT debiased ECE ≤ 0.06"]
+    assert 3 in cft_claim["failed_on"] and cft_claim["held"] == 2 - len(cft_claim["failed_on"])
+    assert claims["DPO mean confidence − accuracy ≥ 0.10"]["inside_intervals"] is None
+    assert claims["RCFT debiased ECE < RCFT λ=0's"]["inside_intervals"] in (0, 1, 2)
+    markdown = summary_markdown(summary)
+    assert "| cft |" in markdown and "± " in markdown and "CFT debiased ECE ≤ 0.06" in markdown
 
 
 def test_load_results_names_the_missing_file(tmp_path):
