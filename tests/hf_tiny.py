@@ -1,5 +1,6 @@
 """Tiny offline fixtures for the Hugging Face tests: a byte-level BPE tokenizer trained here, a small Llama,
-and generated multiple-choice questions. Nothing is downloaded."""
+generated multiple-choice questions and a zoo of tiny causal LMs of 15 architectures (plain or with LoRA).
+Nothing is downloaded."""
 
 from __future__ import annotations
 
@@ -77,3 +78,69 @@ def make_model(tokenizer, seed: int = 0, hidden_size: int = 32, layers: int = 2)
         tie_word_embeddings=False,
     )
     return LlamaForCausalLM(config)
+
+
+# dropout off everywhere: the trainer's pass and the reference pass must see the same network
+SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             max_position_embeddings=256)
+# (config class, its extra settings, what calibkern must apply after the lm_head)
+ZOO = {
+    "llama": ("LlamaConfig", dict(num_key_value_heads=2), {}),
+    "mistral": ("MistralConfig", dict(num_key_value_heads=2), {}),
+    "qwen2": ("Qwen2Config", dict(num_key_value_heads=2), {}),
+    "qwen3": ("Qwen3Config", dict(num_key_value_heads=2, head_dim=8), {}),
+    "gemma2": ("Gemma2Config", dict(num_key_value_heads=2, head_dim=8, final_logit_softcapping=5.0), {"softcap": 5.0}),
+    "gemma3": ("Gemma3TextConfig", dict(num_key_value_heads=2, head_dim=8, final_logit_softcapping=8.0),
+               {"softcap": 8.0}),
+    "cohere": ("CohereConfig", dict(num_key_value_heads=2, logit_scale=0.0625), {"scale": 0.0625}),
+    "granite": ("GraniteConfig", dict(num_key_value_heads=2, logits_scaling=8.0), {"scale": 0.125}),
+    "phi3": ("Phi3Config", dict(num_key_value_heads=2), {}),
+    "olmo2": ("Olmo2Config", dict(num_key_value_heads=2), {}),
+    "gpt2": ("GPT2Config", dict(n_embd=32, n_layer=2, n_head=4, n_positions=256, resid_pdrop=0.0, embd_pdrop=0.0,
+                                attn_pdrop=0.0), {}),
+    "opt": ("OPTConfig", dict(ffn_dim=64, word_embed_proj_dim=32, do_layer_norm_before=True, dropout=0.0,
+                              attention_dropout=0.0), {}),
+    "gpt_neox": ("GPTNeoXConfig", dict(), {}),
+    "phi": ("PhiConfig", dict(), {}),
+    "falcon": ("FalconConfig", dict(hidden_dropout=0.0, attention_dropout=0.0), {}),
+}
+
+
+def make_zoo_model(name, tokenizer, seed=0):
+    """A tiny randomly initialised causal LM of architecture ``name`` (a key of ``ZOO``)."""
+    import transformers
+
+    class_name, extra, _ = ZOO[name]
+    config_class = getattr(transformers, class_name)
+    settings = {**SMALL, **extra} if name != "gpt2" else dict(extra)
+    config = config_class(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                          tie_word_embeddings=False, **settings)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # a visible lm_head bias where the class has one (Phi), random LoRA B below
+        bias = getattr(model.get_output_embeddings(), "bias", None)
+        if bias is not None:
+            bias.normal_()
+    return model
+
+
+def wrap(model, adapter):
+    """``model`` as it is (``"plain"``), with LoRA on the attention (``"lora"``) or also on the lm_head
+    (``"lora_head"``), the adapters' B matrices random so that they count."""
+    from peft import LoraConfig, get_peft_model
+
+    if adapter == "plain":
+        return model
+    modules = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "opt": ["q_proj", "v_proj"],
+               "gpt_neox": ["query_key_value"], "phi": ["q_proj", "v_proj"], "phi3": ["qkv_proj"],
+               "falcon": ["query_key_value"]}
+    arch = model.config.model_type
+    targets = modules.get(arch, modules["llama"]) + (["lm_head"] if adapter == "lora_head" else [])
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets,
+                                           fan_in_fan_out=arch == "gpt2"))
+    with torch.no_grad():  # LoRA starts at B = 0: make the adapters count
+        for name, parameter in peft.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.5)
+    return peft

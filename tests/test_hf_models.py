@@ -14,7 +14,6 @@ import torch
 
 pytest.importorskip("peft")
 
-import transformers  # noqa: E402
 from peft import LoraConfig, PromptTuningConfig, get_peft_model  # noqa: E402
 from transformers import TrainingArguments  # noqa: E402
 
@@ -22,68 +21,9 @@ from calibkern.hf import CalibrationConfig, CalibrationTrainer, build_sft_datase
 from calibkern.hf import detect_option_ids, evaluate  # noqa: E402
 from calibkern.hf.data import encode_prompt  # noqa: E402
 from calibkern.hf.modeling import check_logit_parity, logit_transform  # noqa: E402
-from hf_tiny import make_examples, make_tokenizer  # noqa: E402
+from hf_tiny import ZOO, make_examples, make_tokenizer, make_zoo_model, wrap  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-# dropout off everywhere: the trainer's pass and the reference pass must see the same network
-SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-             max_position_embeddings=256)
-# (config class, its extra settings, what calibkern must apply after the lm_head)
-ZOO = {
-    "llama": ("LlamaConfig", dict(num_key_value_heads=2), {}),
-    "mistral": ("MistralConfig", dict(num_key_value_heads=2), {}),
-    "qwen2": ("Qwen2Config", dict(num_key_value_heads=2), {}),
-    "qwen3": ("Qwen3Config", dict(num_key_value_heads=2, head_dim=8), {}),
-    "gemma2": ("Gemma2Config", dict(num_key_value_heads=2, head_dim=8, final_logit_softcapping=5.0), {"softcap": 5.0}),
-    "gemma3": ("Gemma3TextConfig", dict(num_key_value_heads=2, head_dim=8, final_logit_softcapping=8.0),
-               {"softcap": 8.0}),
-    "cohere": ("CohereConfig", dict(num_key_value_heads=2, logit_scale=0.0625), {"scale": 0.0625}),
-    "granite": ("GraniteConfig", dict(num_key_value_heads=2, logits_scaling=8.0), {"scale": 0.125}),
-    "phi3": ("Phi3Config", dict(num_key_value_heads=2), {}),
-    "olmo2": ("Olmo2Config", dict(num_key_value_heads=2), {}),
-    "gpt2": ("GPT2Config", dict(n_embd=32, n_layer=2, n_head=4, n_positions=256, resid_pdrop=0.0, embd_pdrop=0.0,
-                                attn_pdrop=0.0), {}),
-    "opt": ("OPTConfig", dict(ffn_dim=64, word_embed_proj_dim=32, do_layer_norm_before=True, dropout=0.0,
-                              attention_dropout=0.0), {}),
-    "gpt_neox": ("GPTNeoXConfig", dict(), {}),
-    "phi": ("PhiConfig", dict(), {}),
-    "falcon": ("FalconConfig", dict(hidden_dropout=0.0, attention_dropout=0.0), {}),
-}
-
-
-def make_zoo_model(name, tokenizer, seed=0):
-    class_name, extra, _ = ZOO[name]
-    config_class = getattr(transformers, class_name)
-    settings = {**SMALL, **extra} if name != "gpt2" else dict(extra)
-    config = config_class(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                          tie_word_embeddings=False, **settings)
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():  # a visible lm_head bias where the class has one (Phi), random LoRA B below
-        bias = getattr(model.get_output_embeddings(), "bias", None)
-        if bias is not None:
-            bias.normal_()
-    return model
-
-
-def wrap(model, adapter):
-    if adapter == "plain":
-        return model
-    modules = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "opt": ["q_proj", "v_proj"],
-               "gpt_neox": ["query_key_value"], "phi": ["q_proj", "v_proj"], "phi3": ["qkv_proj"],
-               "falcon": ["query_key_value"]}
-    arch = model.config.model_type
-    targets = modules.get(arch, modules["llama"]) + (["lm_head"] if adapter == "lora_head" else [])
-    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets,
-                                           fan_in_fan_out=arch == "gpt2"))
-    with torch.no_grad():  # LoRA starts at B = 0: make the adapters count
-        for name, parameter in peft.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(std=0.5)
-    return peft
-
 
 @pytest.fixture(scope="module")
 def setup():

@@ -18,6 +18,7 @@ from .data import (
     resolve_pad_token_id,
 )
 from .evaluation import EvaluationResult, calibration_metrics, evaluate, write_evaluation
+from .patching import FusedCausalLMOutput, apply_fused_loss, fused_loss_of
 from .trainer import CalibrationTrainer, compute_loss_func, silence_console
 
 __all__ = [
@@ -26,9 +27,11 @@ __all__ = [
     "CalibrationConfig",
     "CalibrationTrainer",
     "EvaluationResult",
+    "FusedCausalLMOutput",
     "MCQCollator",
     "MCQDataError",
     "MCQExample",
+    "apply_fused_loss",
     "build_sft_dataset",
     "calibration_metrics",
     "compute_loss_func",
@@ -38,6 +41,7 @@ __all__ = [
     "fit_temperature",
     "check_template",
     "format_prompt",
+    "fused_loss_of",
     "load_mcq",
     "preference_dataset",
     "resolve_pad_token_id",

@@ -30,6 +30,8 @@ __all__ = ["DecoderOutput", "LogitTransform", "causal_lm_of", "check_logit_parit
 # Arguments the decoder takes from a causal-LM call; everything else (labels, loss kwargs, output flags that
 # PEFT fills with None) stays out.
 DECODER_ARGUMENTS = ("input_ids", "attention_mask", "position_ids", "inputs_embeds", "token_type_ids")
+# The attribute of a causal LM patched by calibkern.hf.apply_fused_loss that holds its FusedLoss.
+FUSED_LOSS_ATTRIBUTE = "calibkern_fused_loss"
 
 
 def causal_lm_of(model: nn.Module) -> nn.Module:
@@ -154,14 +156,8 @@ def _decoder_as_forward(causal_lm: nn.Module):
     head = causal_lm.get_output_embeddings()
     transform = logit_transform(causal_lm)
 
-    def decoder_forward(*args, **kwargs):
-        arguments = {key: kwargs[key] for key in DECODER_ARGUMENTS if kwargs.get(key) is not None}
-        hidden = decoder(*args, **arguments, use_cache=False, return_dict=True).last_hidden_state
-        weight, bias = _head_projection(head)
-        if transform.scale != 1.0:  # s · (h Wᵀ + b) = (s h) Wᵀ + s b: no [V, D] copy
-            hidden = hidden * transform.scale
-            bias = None if bias is None else bias * transform.scale
-        return DecoderOutput(hidden, weight, bias, transform.softcap)
+    def decoder_forward(**kwargs):
+        return projection(head, transform, decoder_hidden(decoder, kwargs))
 
     # Accelerate may already have set an instance ``forward`` (its autocast wrapper): put it back afterwards.
     previous = causal_lm.__dict__.get("forward")
@@ -175,6 +171,22 @@ def _decoder_as_forward(causal_lm: nn.Module):
             causal_lm.forward = previous
 
 
+def decoder_hidden(decoder: nn.Module, inputs: dict) -> torch.Tensor:
+    """The decoder's final (normed) hidden states ``[B, T, D]`` for the :data:`DECODER_ARGUMENTS` of ``inputs``."""
+    arguments = {key: inputs[key] for key in DECODER_ARGUMENTS if inputs.get(key) is not None}
+    return decoder(**arguments, use_cache=False, return_dict=True).last_hidden_state
+
+
+def projection(head: nn.Module, transform: LogitTransform, hidden: torch.Tensor) -> DecoderOutput:
+    """``hidden`` with the lm_head's effective weight and bias and ``transform`` folded in: the scale goes
+    into the hidden states and the bias, ``s · (h Wᵀ + b) = (s h) Wᵀ + s b`` (no ``[V, D]`` copy)."""
+    weight, bias = _head_projection(head)
+    if transform.scale != 1.0:
+        hidden = hidden * transform.scale
+        bias = None if bias is None else bias * transform.scale
+    return DecoderOutput(hidden, weight, bias, transform.softcap)
+
+
 def decoder_forward(model: nn.Module, inputs: dict) -> DecoderOutput:
     """One decoder pass of ``model`` on ``inputs`` (no lm_head): final (normed) hidden states and the output
     projection to apply to them."""
@@ -185,16 +197,17 @@ def decoder_forward(model: nn.Module, inputs: dict) -> DecoderOutput:
         return DecoderOutput(*model(**arguments))
 
 
-def eval_decoder_passes(model: nn.Module, batches, *, autocast=contextlib.nullcontext):
-    """For each input dict of ``batches``: ``(batch, decoder_forward(model, batch))`` with the model in eval
-    mode and no gradient, its training mode restored afterwards — the one loop of every statistics and
-    evaluation pass. ``autocast`` is a context factory wrapped around each pass."""
+def eval_decoder_passes(model: nn.Module, batches, *, autocast=contextlib.nullcontext, forward=decoder_forward):
+    """For each input dict of ``batches``: ``(batch, forward(model, batch))`` with the model in eval mode and
+    no gradient, its training mode restored afterwards — the one loop of every statistics and evaluation
+    pass. ``autocast`` is a context factory wrapped around each pass; ``forward`` defaults to
+    :func:`decoder_forward` (the trainer passes the fused forward's option-logits pass)."""
     was_training = model.training
     model.eval()
     try:
         for batch in batches:
             with torch.no_grad(), autocast():  # not across the yield: the caller's grad mode stays its own
-                output = decoder_forward(model, batch)
+                output = forward(model, batch)
             yield batch, output
     finally:
         model.train(was_training)
@@ -216,25 +229,36 @@ def option_logits_at(
 def check_logit_parity(model: nn.Module, inputs: dict, *, tokens: int = 16) -> float:
     """Check that calibkern's path (decoder, then ``softcap(h · Wᵀ + b)``) gives ``model``'s own logits on the
     first row's first ``tokens`` positions of ``inputs``, both in eval mode; returns the largest difference,
-    or raises ``ValueError`` naming the model class when they differ beyond float rounding."""
+    or raises ``ValueError`` naming the model class when they differ beyond float rounding. On a model patched
+    by :func:`calibkern.hf.apply_fused_loss` the option columns of its fused forward are compared (the one
+    path that gathers a sharded lm_head)."""
     _refuse_prompt_learning(model)
     causal_lm = causal_lm_of(model)
     probe = {key: inputs[key][:1, :tokens] for key in ("input_ids", "attention_mask")
              if isinstance(inputs.get(key), torch.Tensor)}
+    fused = getattr(causal_lm, FUSED_LOSS_ATTRIBUTE, None)
     was_training = model.training
     model.eval()
     try:
         theirs = model(**probe).logits.float()
-        hidden, weight, bias, softcap = decoder_forward(model, probe)
+        if fused is None:
+            hidden, weight, bias, softcap = decoder_forward(model, probe)
+            exact = weight.dtype == torch.float32 and hidden.dtype == torch.float32
+        else:  # the lm_head may be sharded: only the patched forward gathers it (calibkern.hf.patching)
+            ours = model(**probe, labels=probe["input_ids"], option_logits_only=True).option_logits
+            exact = causal_lm.get_output_embeddings().weight.dtype == torch.float32
     finally:
         model.train(was_training)
-    ours = softcap_logits(hidden.float() @ weight.float().t() + (0.0 if bias is None else bias.float()), softcap)
+    if fused is None:
+        ours = softcap_logits(hidden.float() @ weight.float().t() + (0.0 if bias is None else bias.float()),
+                              softcap)
+    else:
+        theirs = theirs[:, :-1, fused.option_ids.to(theirs.device)].reshape(-1, fused.option_ids.numel())
     name = type(causal_lm).__name__
     if ours.shape != theirs.shape:
         raise ValueError(f"calibkern's fused path reads {tuple(ours.shape)} logits where {name} gives "
                          f"{tuple(theirs.shape)}; the model or a wrapper adds positions calibkern does not account for")
     difference = float((ours - theirs).abs().max()) if ours.numel() else 0.0
-    exact = weight.dtype == torch.float32 and hidden.dtype == torch.float32
     tolerance = (1e-4 if exact else 3e-2) * max(1.0, float(theirs.abs().max()) if theirs.numel() else 1.0)
     if not difference <= tolerance:
         transform = logit_transform(causal_lm)

@@ -1,0 +1,188 @@
+"""``calibkern.hf.apply_fused_loss``: a causal LM whose own forward computes the fused loss (docs/distributed.md).
+
+On every architecture of the zoo (tests/hf_tiny.py), plain and with LoRA (on the lm_head too): the patched
+model's loss and gradients equal the same loss computed from the unpatched twin's full logits — its own
+``loss`` for plain CE, ``compute_loss_func`` for CFT and RCFT; gradient checkpointing; the streaming E-step and
+M-step; the Hugging Face scaling with ``num_items_in_batch``; no ``[tokens, V]`` tensor in forward or backward;
+and the errors.
+"""
+
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+from calibkern.hf import CalibrationConfig, apply_fused_loss, compute_loss_func, detect_option_ids  # noqa: E402
+from calibkern.hf import fused_loss_of  # noqa: E402
+from hf_tiny import ZOO, make_model, make_tokenizer, make_zoo_model, wrap  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def setup():
+    tokenizer = make_tokenizer()
+    return tokenizer, detect_option_ids(tokenizer, 4)
+
+
+def batch(tokenizer, option_ids, rows=3, length=13, seed=0):
+    """Random ids, right padding on the last row, a prompt of 4 unsupervised tokens, one option answer per row."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, len(tokenizer), (rows, length), generator=g)
+    mask = torch.ones_like(ids)
+    mask[-1, -3:] = 0
+    ids[-1, -3:] = tokenizer.pad_token_id
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :4] = -100
+    for row in range(rows):
+        labels[row, 6 + row] = ids[row, 6 + row] = option_ids[row % len(option_ids)]
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def cft(option_ids, **overrides):
+    return CalibrationConfig(method="cft", option_ids=option_ids, lam=5.0, bin_accuracy=[0.3] * 10, **overrides)
+
+
+def assert_same_gradients(model, twin):
+    twin_parameters = dict(twin.named_parameters())
+    compared = 0
+    for key, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            assert parameter.grad is not None, key
+            torch.testing.assert_close(parameter.grad, twin_parameters[key].grad, rtol=1e-3, atol=1e-5,
+                                       msg=lambda m, key=key: f"{key}: {m}")
+            compared += 1
+    assert compared > 0
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_plain_cross_entropy_equals_the_model_own_loss(setup, name):
+    tokenizer, option_ids = setup
+    model = make_zoo_model(name, tokenizer)
+    twin = copy.deepcopy(model)
+    inputs = batch(tokenizer, option_ids)
+    output = apply_fused_loss(model)(**inputs)
+    assert output.logits is None and output.cal_loss is None and output.bin_stats is None
+    output.loss.backward()
+    reference = twin(**inputs).loss
+    reference.backward()
+    torch.testing.assert_close(output.loss, reference, rtol=1e-5, atol=1e-6)
+    assert_same_gradients(model, twin)
+
+
+@pytest.mark.parametrize("adapter", ["plain", "lora_head"])
+@pytest.mark.parametrize("name", ZOO)
+def test_cft_loss_and_gradients_equal_the_loss_from_full_logits(setup, name, adapter):
+    tokenizer, option_ids = setup
+    model = wrap(make_zoo_model(name, tokenizer), adapter)
+    twin = copy.deepcopy(model)
+    inputs = batch(tokenizer, option_ids)
+    config = cft(option_ids)
+    output = apply_fused_loss(model, config)(**inputs)
+    output.loss.backward()
+    reference = compute_loss_func(config)(twin(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]),
+                                          inputs["labels"])
+    reference.backward()
+    torch.testing.assert_close(output.loss, reference, rtol=1e-4, atol=1e-5)
+    assert output.cal_loss > 0 and int(output.bin_stats.counts.sum()) == 3
+    assert_same_gradients(model, twin)
+
+
+def test_rcft_streaming_with_accumulation_and_gradient_checkpointing(setup):
+    """RCFT with a streaming EM state and two micro-batches per optimizer step, the decoder checkpointed:
+    losses (num_items_in_batch: lam / 2 in training), gradients, and the EM state after the M-step equal
+    compute_loss_func's on the full logits."""
+    tokenizer, option_ids = setup
+    model = make_model(tokenizer)
+    twin = copy.deepcopy(model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    twin.train()
+    config = CalibrationConfig(method="rcft", option_ids=option_ids, lam=50.0, em={"refresh": "stream"})
+    apply_fused_loss(model, config, gradient_accumulation_steps=2)
+    reference = compute_loss_func(config, gradient_accumulation_steps=2)
+    micro_batches = [batch(tokenizer, option_ids, seed=seed) for seed in (1, 2)]
+    items = sum(int(b["labels"][:, 1:].ne(-100).sum()) for b in micro_batches)
+    for inputs in micro_batches:
+        ours = model(**inputs, num_items_in_batch=torch.tensor(items)).loss
+        theirs = reference(twin(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]),
+                           inputs["labels"], num_items_in_batch=torch.tensor(items))
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
+        ours.backward()
+        theirs.backward()
+    assert_same_gradients(model, twin)
+    state, twin_state = fused_loss_of(model).em_state, reference.em_state
+    assert int(state.n_msteps) == int(twin_state.n_msteps) == 1
+    for key, value in twin_state.state_dict().items():
+        torch.testing.assert_close(state.state_dict()[key], value, msg=key)
+    with torch.no_grad():
+        model(**micro_batches[0])
+    assert int(state.n_msteps) == 1 and float(state.accum.abs().sum()) == 0.0  # no E-step in evaluation
+
+
+def test_without_labels_the_model_gives_its_logits_and_generates(setup):
+    tokenizer, option_ids = setup
+    model = make_model(tokenizer)
+    inputs = batch(tokenizer, option_ids)
+    before = model(input_ids=inputs["input_ids"]).logits
+    apply_fused_loss(model, cft(option_ids))
+    torch.testing.assert_close(model(input_ids=inputs["input_ids"]).logits, before, rtol=0, atol=0)
+    generated = model.generate(inputs["input_ids"][:1, :5], max_new_tokens=3, do_sample=False,
+                               pad_token_id=tokenizer.pad_token_id)
+    assert generated.shape == (1, 8)
+    copied = copy.deepcopy(model)
+    assert copied.forward.__self__ is copied and fused_loss_of(copied) is not fused_loss_of(model)
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest number of elements of any tensor an op returns."""
+
+    largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(tensor, torch.Tensor):
+                self.largest = max(self.largest, tensor.numel())
+        return out
+
+
+def test_no_tokens_by_vocabulary_tensor_in_forward_or_backward(setup):
+    tokenizer, option_ids = setup
+    model = make_model(tokenizer)
+    inputs = batch(tokenizer, option_ids, rows=4, length=40)
+    inputs["labels"] = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)  # every token
+    config = CalibrationConfig(method="rcft", option_ids=option_ids, em={"refresh": "stream"}, chunk_size=16)
+    apply_fused_loss(model, config)
+    with LargestTensor() as mode:
+        model(**inputs).loss.backward()
+    tokens, vocab = inputs["input_ids"].numel(), len(tokenizer)
+    # the largest tensors are the MLP's [tokens, 2 D] activations; a chunk of logits is [16, V]
+    assert mode.largest <= tokens * 2 * model.config.hidden_size < tokens * vocab / 4
+
+
+def test_errors_name_the_problem(setup):
+    tokenizer, option_ids = setup
+    inputs = batch(tokenizer, option_ids)
+    with pytest.raises(ValueError, match="needs calibration.bin_accuracy"):
+        apply_fused_loss(make_model(tokenizer), CalibrationConfig(method="cft", option_ids=option_ids))
+    with pytest.raises(ValueError, match="official_compat"):
+        apply_fused_loss(make_model(tokenizer), CalibrationConfig(method="cft", option_ids=option_ids,
+                                                                  official_compat=True))
+    with pytest.raises(ValueError, match="em_state applies"):
+        apply_fused_loss(make_model(tokenizer), cft(option_ids), em_state=object())
+    with pytest.raises(ValueError, match="gradient_accumulation_steps"):
+        apply_fused_loss(make_model(tokenizer), gradient_accumulation_steps=0)
+    with pytest.raises(TypeError, match="calibration must be"):
+        apply_fused_loss(make_model(tokenizer), {"method": "cft"})
+    with pytest.raises(ValueError, match="not patched"):
+        fused_loss_of(make_model(tokenizer))
+    model = apply_fused_loss(make_model(tokenizer))
+    with pytest.raises(ValueError, match="needs labels"):
+        model(input_ids=inputs["input_ids"], option_logits_only=True)
+    apply_fused_loss(model, cft(option_ids))  # patching again replaces the loss
+    assert model(**inputs).cal_loss is not None
