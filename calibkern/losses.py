@@ -7,7 +7,12 @@ target
 * ``CE = Σ_{t supervised} (logsumexp(z_t) − z_{t, y_t}) / n`` with ``n`` the number of supervised
   positions, or ``num_items_in_batch`` when given (gradient accumulation);
 * ``L_cal`` is the hard-bin term or the EM regulariser (docs/math.md) on the option logits
-  ``z_t[option_ids]`` of the answer positions, whose option label is the index of ``y_t`` in ``option_ids``.
+  ``z_t[option_ids]`` of the answer positions, whose option label is the index of ``y_t`` in ``option_ids``;
+  or the token term ``token_hard_bin``, ``Σ_t (c_t − A_{b(c_t)})² / n`` over every supervised position with
+  ``c_t`` the top-1 probability over the vocabulary (docs/math.md#token-level-calibration).
+
+``token_stats=True`` / ``full_stats=True`` add the token-level and Full-ECE bin statistics of the supervised
+positions, read from the chunks the loss already forms (calibkern.ops.token_stats).
 
 The ``[tokens, V]`` logits are never held: unsupervised rows are dropped before any matrix product and the
 rest run in chunks (calibkern.ops.fused_linear). On CUDA the one wait on the device is reading the number
@@ -31,25 +36,33 @@ from .metrics import BinStats, binned_stats
 from .ops._dispatch import check_label_values
 from .ops.calibration_loss import calibration_loss
 from .ops.fused_linear import FusedLinearCrossEntropy, default_chunk_size, softcap_logits
+from .ops.token_stats import TokenStatistics
 
-CALIBRATIONS = ("hard_bin", "em", None)
+CALIBRATIONS = ("hard_bin", "em", "token_hard_bin", None)
+OPTION_FREE = (None, "token_hard_bin")  # calibrations that need no option_ids
 HIDDEN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @dataclass
 class CalibrationLossOutput:
-    """``loss = sft_weight · sft_loss + lam · cal_loss``; ``bin_stats`` over the answer positions."""
+    """``loss = sft_weight · sft_loss + lam · cal_loss``; ``bin_stats`` over the answer positions (empty without
+    ``option_ids``); ``token_stats`` / ``full_stats`` over the supervised positions when asked for (else None).
+    With ``calibration="token_hard_bin"`` only ``loss`` carries the gradient (``sft_loss`` and ``cal_loss`` are
+    its detached parts)."""
 
     loss: torch.Tensor
     sft_loss: torch.Tensor
     cal_loss: torch.Tensor
     bin_stats: BinStats
+    token_stats: BinStats | None = None
+    full_stats: BinStats | None = None
 
 
 def fused_linear_calibration_loss(hidden, weight, labels, *, option_ids, bias=None, calibration="hard_bin",
                                   bin_accuracy=None, em_state=None, lam=1.0, sft_weight=1.0, n_bins=10,
                                   ignore_index=-100, shift=True, answer_mask=None, num_items_in_batch=None,
-                                  chunk_size=None, logit_softcap=None, backend=None) -> CalibrationLossOutput:
+                                  chunk_size=None, logit_softcap=None, backend=None, token_stats=False,
+                                  full_stats=False) -> CalibrationLossOutput:
     """SFT cross-entropy plus calibration term from ``hidden [N, D] | [B, T, D]`` and ``weight [V, D]``.
 
     ``labels`` has ``hidden``'s leading shape; with ``shift=True`` a 2-D ``hidden`` is one sequence.
@@ -57,6 +70,15 @@ def fused_linear_calibration_loss(hidden, weight, labels, *, option_ids, bias=No
     default answer positions: the supervised positions whose target is one of ``option_ids``. The
     calibration term is the mean over the batch's answer positions (0 when there is none). One backward
     pass per call.
+
+    ``option_ids=None`` is allowed with ``calibration`` None or ``"token_hard_bin"`` (no answer positions).
+    ``token_stats=True`` adds ``output.token_stats``: the top-1 confidence ``c_t = max_v softmax(z_t)_v`` and
+    correctness ``1[argmax_v z_t = y_t]`` of every supervised position, binned; ``full_stats=True`` adds
+    ``output.full_stats``: every ``p_tv`` binned with ``Σ 1[v = y_t]`` (Full-ECE). Both are device tensors
+    summed inside the chunk loop (docs/math.md#token-level-calibration). ``calibration="token_hard_bin"``
+    needs ``bin_accuracy`` (per-bin token accuracy of the starting model) and adds
+    ``lam · Σ_t (c_t − A_{b(c_t)})² / n`` (``n`` as for the cross-entropy), its gradient folded into the
+    cross-entropy's.
 
     ``logit_softcap=c`` soft-caps every logit, ``z ← c · tanh(z / c)`` (Gemma 2/3), in the cross-entropy and
     the option logits alike (docs/math.md#the-fused-linear-loss).
@@ -73,7 +95,20 @@ def fused_linear_calibration_loss(hidden, weight, labels, *, option_ids, bias=No
     _check_calibration_state(calibration, bin_accuracy, em_state)
     n_bins = V.check_n_bins(n_bins)
     lam, sft_weight = _check_real(lam, "lam"), _check_real(sft_weight, "sft_weight")
-    option_ids = _check_option_ids(option_ids, vocab_size, device)
+    for flag, name in ((token_stats, "token_stats"), (full_stats, "full_stats")):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {flag!r}")
+    has_options = option_ids is not None
+    if not has_options and calibration not in OPTION_FREE:
+        raise ValueError(f"option_ids is required with calibration={calibration!r} (None is allowed only with "
+                         f"calibration None or 'token_hard_bin')")
+    option_ids = (_check_option_ids(option_ids, vocab_size, device) if has_options
+                  else torch.zeros(0, dtype=torch.long, device=device))
+    token = None
+    if token_stats or full_stats or calibration == "token_hard_bin":
+        token = TokenStatistics(n_bins, device, token=token_stats, full=full_stats, lam=lam, sft_weight=sft_weight,
+                                bin_accuracy=None if calibration != "token_hard_bin" else V.check_vector(
+                                    bin_accuracy, "bin_accuracy", n_bins, device, low=0.0, high=1.0).float())
     targets = _targets(labels, hidden, ignore_index, shift, vocab_size)
     answers = None if answer_mask is None else _shifted_answer_mask(answer_mask, labels, shift)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
@@ -93,17 +128,30 @@ def fused_linear_calibration_loss(hidden, weight, labels, *, option_ids, bias=No
     if answers is not None:
         V.require(~(answers & ~(targets[:, None] == option_ids[None, :]).any(1)).any(),
                   "answer_mask marks a position whose (shifted) label is not one of option_ids")
-    row_option_labels = option_labels(targets, option_ids, answers, ignore_index).index_select(0, rows)
+    row_option_labels = (option_labels(targets, option_ids, answers, ignore_index) if has_options
+                         else torch.full_like(targets, ignore_index)).index_select(0, rows)
     if chunk_size is None:
         chunk_size = default_chunk_size(hidden_2d.shape[0], hidden_2d.shape[1], vocab_size, hidden.element_size())
 
     if logit_softcap is not None:
         logit_softcap = V.check_positive_float(logit_softcap, "logit_softcap")
-    loss_sum, option_logits = FusedLinearCrossEntropy.apply(
+    loss_sum, option_logits, *extras = FusedLinearCrossEntropy.apply(
         hidden_2d, weight, bias, rows, row_targets, option_ids, chunk_size, backend_name, ignore_index,
-        torch.is_grad_enabled(), logit_softcap)
+        torch.is_grad_enabled(), logit_softcap, token)
     option_logits = softcap_logits(option_logits, logit_softcap)
-    sft_loss = loss_sum / _denominator(num_items_in_batch, n_supervised, device)
+    denominator = _denominator(num_items_in_batch, n_supervised, device)
+    bin_stats = (binned_stats(option_logits.detach(), row_option_labels, n_bins=n_bins, ignore_index=ignore_index,
+                              nonfinite="skip", backend=backend) if has_options
+                 else BinStats.empty(n_bins, device=device))
+    token_out = {}
+    if token is not None:
+        ce_sum, cal_sum, *stats = extras
+        token_out = {"token_stats": BinStats(*stats[:4]) if token_stats else None,
+                     "full_stats": BinStats(*stats[4:]) if full_stats else None}
+        if token.term:  # loss_sum is sft_weight · Σ CE + lam · Σ (c − A)²: one gradient for both
+            return CalibrationLossOutput(loss_sum / denominator, ce_sum / denominator, cal_sum / denominator,
+                                         bin_stats, **token_out)
+    sft_loss = loss_sum / denominator
     # Non-finite option logits (diverged parameters) give a NaN loss, as the cross-entropy does: the
     # calibration term runs on the finite rows and NaN is added when an answer row is not finite.
     finite = torch.isfinite(option_logits).all(dim=1)
@@ -112,9 +160,7 @@ def fused_linear_calibration_loss(hidden, weight, labels, *, option_ids, bias=No
                                  torch.where(finite, row_option_labels, ignore_index), bin_accuracy, em_state,
                                  n_bins, ignore_index, backend)
     cal_loss = cal_loss + torch.where(poisoned, float("nan"), 0.0)
-    bin_stats = binned_stats(option_logits.detach(), row_option_labels, n_bins=n_bins, ignore_index=ignore_index,
-                             nonfinite="skip", backend=backend)
-    return CalibrationLossOutput(sft_weight * sft_loss + lam * cal_loss, sft_loss, cal_loss, bin_stats)
+    return CalibrationLossOutput(sft_weight * sft_loss + lam * cal_loss, sft_loss, cal_loss, bin_stats, **token_out)
 
 
 class FusedLinearCalibrationLoss(nn.Module):
@@ -122,17 +168,18 @@ class FusedLinearCalibrationLoss(nn.Module):
 
     def __init__(self, option_ids, *, calibration="hard_bin", bin_accuracy=None, em_state=None, lam=1.0,
                  sft_weight=1.0, n_bins=10, ignore_index=-100, shift=True, chunk_size=None, logit_softcap=None,
-                 backend=None):
+                 backend=None, token_stats=False, full_stats=False):
         super().__init__()
         V.check_choice(calibration, "calibration", CALIBRATIONS)
         _check_calibration_state(calibration, bin_accuracy, em_state)
-        self.register_buffer("option_ids", torch.as_tensor(option_ids, dtype=torch.long))
+        self.register_buffer("option_ids", None if option_ids is None
+                             else torch.as_tensor(option_ids, dtype=torch.long))
         self.register_buffer("bin_accuracy", None if bin_accuracy is None
                              else torch.as_tensor(bin_accuracy, dtype=torch.float32))
         self.calibration, self.em_state = calibration, em_state
         self.lam, self.sft_weight, self.n_bins = lam, sft_weight, n_bins
         self.ignore_index, self.shift, self.chunk_size, self.backend = ignore_index, shift, chunk_size, backend
-        self.logit_softcap = logit_softcap
+        self.logit_softcap, self.token_stats, self.full_stats = logit_softcap, token_stats, full_stats
 
     def forward(self, hidden, weight, labels, bias=None, answer_mask=None, num_items_in_batch=None):
         return fused_linear_calibration_loss(
@@ -140,7 +187,7 @@ class FusedLinearCalibrationLoss(nn.Module):
             bin_accuracy=self.bin_accuracy, em_state=self.em_state, lam=self.lam, sft_weight=self.sft_weight,
             n_bins=self.n_bins, ignore_index=self.ignore_index, shift=self.shift, answer_mask=answer_mask,
             num_items_in_batch=num_items_in_batch, chunk_size=self.chunk_size, logit_softcap=self.logit_softcap,
-            backend=self.backend)
+            backend=self.backend, token_stats=self.token_stats, full_stats=self.full_stats)
 
 
 def _autocast(hidden, weight, bias):
@@ -178,13 +225,14 @@ def _check_inputs(hidden, weight, bias):
 
 
 def _check_calibration_state(calibration, bin_accuracy, em_state):
-    if calibration == "hard_bin" and bin_accuracy is None:
-        raise ValueError("bin_accuracy (per-bin accuracy of the starting model) is required with "
-                         "calibration='hard_bin'")
+    if calibration in ("hard_bin", "token_hard_bin") and bin_accuracy is None:
+        raise ValueError(f"bin_accuracy (per-bin accuracy of the starting model) is required with "
+                         f"calibration={calibration!r}")
     if calibration == "em" and em_state is None:
         raise ValueError("em_state (a calibkern.EMState) is required with calibration='em'")
-    if calibration != "hard_bin" and bin_accuracy is not None:
-        raise ValueError(f"bin_accuracy is only used with calibration='hard_bin', not {calibration!r}")
+    if calibration not in ("hard_bin", "token_hard_bin") and bin_accuracy is not None:
+        raise ValueError(f"bin_accuracy is only used with calibration 'hard_bin' or 'token_hard_bin', not "
+                         f"{calibration!r}")
     if calibration != "em" and em_state is not None:
         raise ValueError(f"em_state is only used with calibration='em', not {calibration!r}")
 

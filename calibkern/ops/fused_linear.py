@@ -13,6 +13,10 @@ so only one chunk of logits is ever alive. The option logits ``z[:, option_ids] 
 b[option_ids]`` (``[n, K]``) are a second, differentiable output: the calibration term's gradient arrives
 in backward as ``∂L/∂z[:, option_ids]`` and is added into the same buffers, everything is scaled by
 ``∂L/∂loss_sum`` in place (no recompute of the logits), and ``grad_h`` is scattered to the rows ``r``.
+
+With ``token`` (calibkern.ops.token_stats.TokenStatistics) each chunk's ``g`` is also read for the token and
+Full-ECE statistics, and the token calibration term's gradient is folded into it; the loss output is then
+``s · loss_sum + λ · cal_sum`` and ``(loss_sum, cal_sum, statistics…)`` follow as non-differentiable outputs.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import math
 import torch
 
 from . import custom_ops
+from .token_stats import TokenStatistics
 
 MIN_CHUNK_ROWS = 512
 
@@ -50,7 +55,8 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, rows, targets, option_ids, chunk_size: int, backend: str,
-                ignore_index: int, grad_enabled: bool, softcap: float | None = None):
+                ignore_index: int, grad_enabled: bool, softcap: float | None = None,
+                token: TokenStatistics | None = None):
         acc, device = torch.float32, hidden.device
         h_rows = hidden.index_select(0, rows)
         n, dim = h_rows.shape
@@ -70,6 +76,9 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             row_losses.append(custom_ops.cross_entropy_(logits, targets[start:start + chunk_size], ignore_index,
                                                         backend))
             grad_logits = logits  # overwritten in place by cross_entropy_
+            if token is not None:
+                token.update_(grad_logits, targets[start:start + chunk_size], ignore_index,
+                              fold=need_hidden or need_weight or need_bias)
             if softcap is not None:
                 grad_logits.mul_(cap_slope)
                 del cap_slope
@@ -88,10 +97,16 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         ctx.hidden_shape, ctx.hidden_dtype, ctx.weight_dtype = hidden.shape, hidden.dtype, weight.dtype
         ctx.used = False
         ctx.set_materialize_grads(False)
-        return loss_sum, option_logits
+        if token is None:
+            return loss_sum, option_logits
+        extras = (loss_sum.clone(), *token.outputs())
+        if token.term:
+            loss_sum = token.sft_weight * loss_sum + token.lam * token.cal_sum
+        ctx.mark_non_differentiable(*extras)
+        return (loss_sum, option_logits, *extras)
 
     @staticmethod
-    def backward(ctx, grad_loss_sum, grad_option_logits):
+    def backward(ctx, grad_loss_sum, grad_option_logits, *_):
         if ctx.used:
             raise RuntimeError("fused_linear_calibration_loss supports one backward pass per forward "
                                "(its gradients are scaled in place); do not use retain_graph with it")
@@ -117,7 +132,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             grad_hidden = torch.zeros(ctx.hidden_shape, dtype=ctx.hidden_dtype, device=grad_rows.device)
             grad_hidden.index_copy_(0, rows, grad_rows.to(ctx.hidden_dtype))
         return (grad_hidden, _cast(grad_weight, ctx.weight_dtype), _cast(grad_bias, ctx.weight_dtype),
-                None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None)
 
 
 def softcap_logits(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:

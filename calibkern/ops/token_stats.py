@@ -1,0 +1,135 @@
+"""Token-level calibration read from the fused loss's chunk gradient (docs/math.md#token-level-calibration).
+
+After the cross-entropy kernel a chunk holds ``G = p − e_y`` (``p = softmax(z)`` per row, float32), so the
+softmax needs no second pass: with ``v = max_j G_j`` (the best token other than the label, ``G_y ≤ 0 ≤ G_j``)
+and ``p_y = G_y + 1``,
+
+    correct = p_y > v  or  (p_y = v and y < argmax_j G_j)   (ties: the lowest index, as torch.argmax),
+    c = p_y if correct else v,   ŷ = y if correct else argmax_j G_j.
+
+``p_y`` read back as ``(p_y − 1) + 1`` is within ``2⁻²⁵`` of the kernel's float32 ``p_y``; a label that close
+to ``v`` is a tie, with ``p_y = v``.
+
+Every statistic is binned with ``b(c) = min(floor(c·M), M − 1)`` (calibkern.reference.bin_index) and summed
+with ``scatter_add_`` into ``[M]`` device tensors: no host synchronisation, additive over chunks and ranks.
+
+* token statistics: per bin ``n_k``, ``Σ c_t``, ``Σ correct_t`` over the supervised positions;
+* Full-ECE statistics (arXiv 2406.11345): every ``p_tv`` binned, ``n_k``, ``Σ p_tv``, ``Σ 1[v = y_t]``.
+  Only the ``M + 1`` largest entries of a row can leave bin 0 (``M + 1`` probabilities of at least ``1/M``
+  would sum past 1), so those are binned one by one (``topk``) with the label's ``p_y``, and the rest of the
+  row goes to bin 0 as a count ``V − 1 − #top`` and a mass ``Σ_j G_j − G_y − Σ top`` (float32 row sum);
+* the token calibration term ``L = Σ_t (c_t − A_{b(c_t)})²`` (bins detached) with
+  ``∂L/∂z_t = 2 (c_t − A_b) c_t (e_ŷ − p_t)``, folded into the chunk in place:
+  ``G ← s·G + λ·2(c − A)c (e_ŷ − G − e_y)`` with ``s`` the cross-entropy's weight.
+
+Rows whose logits hold NaN or ±inf (an all-NaN ``G`` row) are left out of the bins and counted in
+``n_skipped``; their cross-entropy and calibration term are NaN.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..reference import bin_index
+
+TIE = 2.0 ** -25  # |fl(fl(p − 1) + 1) − p| ≤ 2⁻²⁵ for p in [0, 1]: closer than that is a tie
+MAX_BLOCK = 512  # columns per block of the two-level arg-max (a vectorised amax, then one block's columns)
+
+
+def _first_max(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, ``(max_j G_j, the lowest j attaining it)``: block maxima (one vectorised ``amax`` pass), the
+    first block holding the maximum, then the first column of that block (``[rows, block]`` work)."""
+    rows, vocab = grad.shape
+    block = min(MAX_BLOCK, vocab)
+    n_blocks = vocab // block
+    maxima = grad[:, :n_blocks * block].view(rows, n_blocks, block).amax(2)
+    if n_blocks * block < vocab:
+        maxima = torch.cat([maxima, grad[:, n_blocks * block:].amax(1, keepdim=True)], 1)
+    value = maxima.amax(1)
+    first_block = (maxima == value[:, None]).int().argmax(1)
+    columns = (first_block[:, None] * block + torch.arange(block, device=grad.device)).clamp_(max=vocab - 1)
+    window = grad.gather(1, columns)
+    index = columns.gather(1, (window == value[:, None]).int().argmax(1, keepdim=True)).squeeze(1)
+    return value, index
+
+
+def _add(stats, bins: torch.Tensor, kept: torch.Tensor, values: torch.Tensor, correct: torch.Tensor) -> None:
+    counts, sum_conf, sum_correct, _ = stats
+    counts.scatter_add_(0, bins, kept.long())
+    sum_conf.scatter_add_(0, bins, torch.where(kept, values.double(), 0.0))
+    sum_correct.scatter_add_(0, bins, correct.double())
+
+
+class TokenStatistics:
+    """Accumulators for one fused-loss call: ``update_`` per chunk, ``outputs`` at the end.
+
+    ``token``/``full`` switch the two telemetries; ``bin_accuracy`` (``[M]`` float32) switches the token
+    calibration term on, with weights ``lam`` (the term) and ``sft_weight`` (the cross-entropy).
+    """
+
+    def __init__(self, n_bins: int, device, *, token: bool, full: bool, bin_accuracy=None, lam: float = 1.0,
+                 sft_weight: float = 1.0):
+        self.n_bins, self.token, self.full = n_bins, token, full
+        self.bin_accuracy, self.lam, self.sft_weight = bin_accuracy, lam, sft_weight
+        self.token_stats = self._zeros(device)
+        self.full_stats = self._zeros(device)
+        self.cal_sum = torch.zeros((), dtype=torch.float32, device=device)
+
+    def _zeros(self, device):
+        return (torch.zeros(self.n_bins, dtype=torch.int64, device=device),
+                torch.zeros(self.n_bins, dtype=torch.float64, device=device),
+                torch.zeros(self.n_bins, dtype=torch.float64, device=device),
+                torch.zeros((), dtype=torch.int64, device=device))
+
+    @property
+    def term(self) -> bool:
+        return self.bin_accuracy is not None
+
+    def update_(self, grad: torch.Tensor, targets: torch.Tensor, ignore_index: int, fold: bool) -> None:
+        """Read one chunk's ``G = p − e_y`` (``[rows, V]`` float32); with ``fold``, add the calibration
+        term's gradient into it in place (before any soft-cap slope)."""
+        supervised = targets != ignore_index
+        label = torch.where(supervised, targets, 0)
+        label_grad = grad.gather(1, label[:, None]).squeeze(1)
+        other, other_index = _first_max(grad)
+        gap = label_grad + 1.0 - other
+        tie = gap.abs() <= TIE
+        label_prob = torch.where(tie, other, label_grad + 1.0)
+        correct = (gap > TIE) | (tie & (label < other_index))
+        conf = torch.where(correct, label_prob, other)
+        finite = torch.isfinite(conf)
+        kept = supervised & finite
+        bins = bin_index(conf, self.n_bins)
+        if self.token:
+            _add(self.token_stats, bins, kept, conf, correct & kept)
+            self.token_stats[3].add_((supervised & ~finite).sum())
+        if self.full:
+            self._update_full(grad, label, label_grad, label_prob, kept, supervised & ~finite)
+        if self.term:
+            miss = conf - self.bin_accuracy[bins]
+            self.cal_sum += torch.where(supervised, miss * miss, 0.0).sum()
+            if fold:
+                coef = torch.where(supervised, (2.0 * self.lam) * miss * conf, 0.0)
+                grad.mul_((self.sft_weight - coef)[:, None])
+                grad.scatter_add_(1, label[:, None], -coef[:, None])
+                grad.scatter_add_(1, torch.where(correct, label, other_index)[:, None], coef[:, None])
+
+    def _update_full(self, grad, label, label_grad, label_prob, kept, skipped) -> None:
+        vocab = grad.shape[1]
+        top, top_index = grad.topk(min(self.n_bins + 1, vocab), dim=1, sorted=False)
+        other = (top_index != label[:, None]) & kept[:, None]
+        top_other = torch.where(other, top, 0.0)
+        _add(self.full_stats, bin_index(top, self.n_bins).reshape(-1), other.reshape(-1), top.reshape(-1),
+             torch.zeros_like(top, dtype=torch.bool).reshape(-1))
+        _add(self.full_stats, bin_index(label_prob, self.n_bins), kept, label_prob, kept)
+        rest_count = torch.where(kept, vocab - 1 - other.sum(1), 0).sum()
+        rest_mass = (grad.sum(1).double() - label_grad.double() - top_other.sum(1).double()).clamp_min(0.0)
+        counts, sum_conf, _, n_skipped = self.full_stats
+        counts[0] += rest_count
+        sum_conf[0] += torch.where(kept, rest_mass, 0.0).sum()
+        n_skipped.add_(skipped.sum())
+
+    def outputs(self) -> tuple[torch.Tensor, ...]:
+        """``(cal_sum, *token statistics, *full statistics)``: each statistic is (counts, Σ conf, Σ correct,
+        n_skipped)."""
+        return (self.cal_sum, *self.token_stats, *self.full_stats)
