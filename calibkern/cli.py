@@ -15,13 +15,15 @@ import sys
 SUBCOMMANDS = ("demo", "align", "evaluate", "baselines", "cft", "rcft", "pipeline", "report", "info")
 
 
-def _common(parser: argparse.ArgumentParser, *, model=True, data=True, out_default=None, training=False):
+def _common(parser: argparse.ArgumentParser, *, model=True, data=True, out_default=None, training=False,
+            inputs_required=True):
     from .hf.data import DEFAULT_TEMPLATE
 
     if model:
-        parser.add_argument("--model", required=True, help="a local Hugging Face causal-LM directory")
+        parser.add_argument("--model", required=inputs_required, help="a local Hugging Face causal-LM directory")
     if data:
-        parser.add_argument("--data", required=True, help="multiple-choice rows: JSONL, CSV or a datasets directory")
+        parser.add_argument("--data", required=inputs_required,
+                            help="multiple-choice rows: JSONL, CSV or a datasets directory")
     parser.add_argument("--template", default=DEFAULT_TEMPLATE,
                         help="prompt format string with {question} and {options} (default: the paper's)")
     parser.add_argument("--n-bins", type=int, default=10, help="equal-width confidence bins (default 10)")
@@ -55,8 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-progress", action="store_true")
 
     evaluate = commands.add_parser("evaluate", help="metrics.json and predictions.jsonl of a model on MCQ data")
-    _common(evaluate)
+    _common(evaluate, inputs_required=False)
     evaluate.add_argument("--temperature", type=float, default=1.0)
+    evaluate.add_argument("--lm-eval", metavar="PATH",
+                          help="instead of --model/--data: an lm-evaluation-harness output directory or samples file "
+                          "(lm_eval --log_samples), one report per task (docs/lm_eval.md)")
+    evaluate.add_argument("--normalize", choices=("none", "chars"),
+                          help="with --lm-eval: divide each log-likelihood by its choice's length in characters "
+                          "(lm-eval's acc_norm; default none)")
 
     align = commands.add_parser("align", help="DPO with trl.DPOTrainer on preference pairs (JSONL with rejected)")
     _common(align, training=True)
@@ -135,6 +143,20 @@ def _check_args(args) -> None:
         raise ValueError(f"--out {out}: exists and is not a directory")
 
 
+def _evaluate_lm_eval(args, progress: bool) -> None:
+    from .integrations import lm_eval
+
+    if args.model is not None or args.data is not None:
+        raise ValueError("--lm-eval reads an lm-eval run's log-likelihoods: give it without --model and --data")
+    report = lm_eval.evaluate_samples(args.lm_eval, n_bins=args.n_bins, normalize=args.normalize or "none",
+                                      temperature=args.temperature, seed=args.seed, progress=progress)
+    print(lm_eval.write_report(report, args.out))
+    if not report.results:
+        raise ValueError(f"--lm-eval {args.lm_eval}: no multiple-choice task could be evaluated; the reasons are in "
+                         f"{args.out}/summary.md")
+    print(f"wrote {args.out}/summary.md, summary.json and <task>/metrics.json, predictions.jsonl, reliability.png")
+
+
 def _info() -> None:
     import platform
 
@@ -186,6 +208,12 @@ def _run(args) -> None:
         print(f"wrote the aligned model to {args.out}")
         return
 
+    if args.command == "evaluate" and args.lm_eval is not None:
+        return _evaluate_lm_eval(args, progress)
+    if args.command == "evaluate" and (args.model is None or args.data is None):
+        raise ValueError("evaluate needs --model and --data, or --lm-eval PATH")
+    if getattr(args, "normalize", None) is not None:
+        raise ValueError("--normalize applies to --lm-eval only")
     examples = hf.load_mcq(args.data)
     extra = {name: hf.load_mcq(getattr(args, name)) for name in ("calibration_data", "train_data") if hasattr(args, name)}
     model, tokenizer = io.load_model(args.model)
