@@ -39,10 +39,10 @@ def _grid_points(sigma: float) -> int:
     return max(2000, round(20 / sigma)) // 2 + 1
 
 
-def _onto_grid(confidence: torch.Tensor, residual: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The residuals and the unit masses spread by linear interpolation onto ``size`` points ``j/(size−1)``:
-    a row at ``c`` gives ``1 − s`` of its value to point ``j = min(⌊c(size−1)⌋, size−2)`` and ``s`` to ``j+1``,
-    ``s = c(size−1) − j`` (float64)."""
+def _onto_grid(confidence: torch.Tensor, residual: torch.Tensor, size: int) -> torch.Tensor:
+    """[2, size]: the residuals and the unit masses spread by linear interpolation onto ``size`` points
+    ``j/(size−1)``: a row at ``c`` gives ``1 − s`` of its value to point ``j = min(⌊c(size−1)⌋, size−2)`` and
+    ``s`` to ``j+1``, ``s = c(size−1) − j`` (float64)."""
     position = confidence * (size - 1)
     left = position.long().clamp_(max=size - 2)
     share = position.sub_(left)
@@ -53,20 +53,20 @@ def _onto_grid(confidence: torch.Tensor, residual: torch.Tensor, size: int) -> t
         grid[1:] += torch.bincount(left, to_right, minlength=size - 1)
         return grid
 
-    return spread(residual - shared_residual, shared_residual), spread(1 - share, share)
+    return torch.stack([spread(residual - shared_residual, shared_residual), spread(1 - share, share)])
 
 
-def _reflected_smooth(grid: torch.Tensor, sigma: float) -> torch.Tensor:
-    """``grid`` (G points on [0, 1]) convolved with ``N(0, σ²)``'s density sampled on a [−½, ½] window of G
-    points, the grid mirrored at both ends first (one FFT product)."""
-    size = grid.shape[0]
-    offsets = torch.linspace(0, 1, size, dtype=torch.float64, device=grid.device) - 0.5
+def _reflected_smooth(grids: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Each row of ``grids`` (G points on [0, 1]) convolved with ``N(0, σ²)``'s density sampled on a [−½, ½]
+    window of G points, the grid mirrored at both ends first (one batched FFT product)."""
+    size = grids.shape[-1]
+    offsets = torch.linspace(0, 1, size, dtype=torch.float64, device=grids.device) - 0.5
     kernel = torch.exp(-offsets.square() / (2 * sigma ** 2)) / (math.sqrt(2 * math.pi) * sigma)
-    mirrored = torch.cat([grid.flip(0)[:-1], grid, grid.flip(0)[1:]])
-    length = mirrored.shape[0] + size - 1
+    mirrored = torch.cat([grids.flip(-1)[:, :-1], grids, grids.flip(-1)[:, 1:]], dim=-1)
+    length = 1 << (mirrored.shape[-1] + size - 2).bit_length()  # ≥ the linear convolution's length
     full = torch.fft.irfft(torch.fft.rfft(mirrored, length) * torch.fft.rfft(kernel, length), length)
     start = size - 1 + size // 2
-    return full[start:start + size]
+    return full[:, start:start + size]
 
 
 def _interpolate(points: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
@@ -82,14 +82,14 @@ class _Smoother:
     def __init__(self, confidence: torch.Tensor, correct: torch.Tensor):
         self.confidence = confidence.double()
         self.residual = self.confidence - correct.double()
-        self.grids: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.grids: dict[int, torch.Tensor] = {}
 
     def curve(self, sigma: float, n_points: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(t, r̂(t), D_σ(t) + 10⁻⁴)`` at ``n_points`` evenly spaced ``t``."""
         size = _grid_points(sigma)
         if size not in self.grids:
             self.grids[size] = _onto_grid(self.confidence, self.residual, size)
-        residual, mass = (_reflected_smooth(grid, sigma) for grid in self.grids[size])
+        residual, mass = _reflected_smooth(self.grids[size], sigma)
         points = torch.linspace(0, 1, n_points, dtype=torch.float64, device=self.confidence.device)
         density = _interpolate(points, mass) + DENSITY_FLOOR
         return points, _interpolate(points, residual) / density, density
