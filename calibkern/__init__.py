@@ -29,6 +29,7 @@ from .metrics import (
 )
 from .losses import CalibrationLossOutput, FusedLinearCalibrationLoss, fused_linear_calibration_loss
 from .ops.calibration_loss import calibration_loss
+from .ops.row_metrics import Top1Rows, top1_rows
 from .smooth import SmoothReliability, smooth_ece, smooth_reliability
 
 __version__ = "0.1.0"
@@ -44,6 +45,7 @@ __all__ = [
     "FusedLinearCalibrationLoss",
     "Reliability",
     "SmoothReliability",
+    "Top1Rows",
     "adaptive_ece",
     "available_backends",
     "backend_report",
@@ -62,4 +64,5 @@ __all__ = [
     "set_deterministic",
     "smooth_ece",
     "smooth_reliability",
+    "top1_rows",
 ]

@@ -62,6 +62,18 @@ def binned_stats(logits: torch.Tensor, labels: torch.Tensor, n_bins: int, temper
     return _C.binned_stats(logits, labels, int(n_bins), float(temperature), int(ignore_index), bool(classwise))
 
 
+def metric_sums(logits: torch.Tensor, labels: torch.Tensor, n_bins: int, temperature: float, ignore_index: int,
+                classwise: bool):
+    """binned_stats' top-1 outputs, ``[Σ NLL, Σ Brier]`` (float64 [2]) and the classwise statistics ([K, M], or
+    [0, M] unless ``classwise``), all from one read of each row (two for classwise with K·M > 1024)."""
+    return _C.metric_sums(logits, labels, int(n_bins), float(temperature), int(ignore_index), bool(classwise))
+
+
+def top1_rows(logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int):
+    """(confidence float32 [N], correct bool [N]) per row; ignored rows 0 and False, non-finite kept rows NaN."""
+    return _C.top1_rows(logits, labels, float(temperature), int(ignore_index))
+
+
 def _checked(outputs, n_classes: int, ignore_index: int):
     """A row-loss kernel's outputs, after the input checks it made in its own passes (counts of labels out
     of range and of rows with non-finite logits): the errors of calibkern._validate, naming the

@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import calibkern as ck
+from calibkern.ops.row_metrics import metric_sums_tensors
 
 IGNORE = -100
 BACKENDS = [b for b in ck.available_backends() if b != "torch"]
@@ -160,6 +161,51 @@ def check_binned_stats(backend, data):
     agree(run, backend, compare)
 
 
+def check_top1_rows(backend, data):
+    logits, labels, _, _ = data.draw(option_batches(backend))
+    nonfinite = data.draw(st.sampled_from(["error", "skip"]))
+    temperature = data.draw(st.sampled_from([1.0, 0.5, 3.0, 1e-36]))
+
+    def run(b):
+        return tuple(ck.top1_rows(logits, labels, temperature=temperature, nonfinite=nonfinite, backend=b))
+
+    def compare(got, want):
+        close(got[0], want[0], rtol=1e-5, atol=1e-7, what="confidence")
+        for index, name in ((1, "correct"), (2, "kept"), (3, "n_skipped")):
+            assert torch.equal(got[index], want[index]), name
+
+    agree(run, backend, compare)
+
+
+def check_metric_sums(backend, data):
+    logits, labels, m, _ = data.draw(option_batches(backend))
+    classwise = data.draw(st.booleans())
+    nonfinite = data.draw(st.sampled_from(["error", "skip"]))
+    temperature = data.draw(st.sampled_from([1.0, 0.5, 3.0, 1e-36]))
+
+    def run(b):
+        return metric_sums_tensors(logits, labels, m, classwise=classwise, temperature=temperature,
+                                   nonfinite=nonfinite, backend=b)
+
+    moved = int(ambiguous_rows(logits, labels, m, temperature).sum())
+    p = torch.softmax(logits.double() / temperature, dim=1) * m
+    near = ((p - p.round()).abs() < EDGE_TOL) & (p.round() > 0) & (p.round() < m)
+    moved_classes = int((near & (labels != IGNORE)[:, None]).sum())
+
+    def compare(got, want):
+        assert torch.equal(got[3], want[3]), "n_skipped"
+        n = max(1, logits.shape[0])
+        for offset, allowed in ((0, moved), (5, moved_classes)):
+            counts, sum_conf, sum_correct = got[offset:offset + 3]
+            assert torch.equal(counts.sum(-1), want[offset].sum(-1)), "rows binned"
+            assert int((counts - want[offset]).abs().sum()) <= 2 * allowed, "counts"
+            close(sum_conf, want[offset + 1], rtol=0, atol=1e-5 * n + allowed, what="sum_conf")
+            close(sum_correct, want[offset + 2], rtol=0, atol=1e-5 * n + allowed, what="sum_correct")
+        close(got[4], want[4], rtol=1e-4, atol=1e-5 * n, what="[Σ NLL, Σ Brier]")
+
+    agree(run, backend, compare)
+
+
 def check_calibration_loss(backend, data):
     logits, labels, m, g = data.draw(option_batches(backend))
     bin_accuracy = poison(data.draw, g, torch.rand(m, generator=g), ("none", "none", "none", "one"))
@@ -265,7 +311,8 @@ def check_fused_linear(backend, data):
     agree(run, backend, compare)
 
 
-PROPERTIES = [check_binned_stats, check_calibration_loss, check_em_regularizer, check_fused_linear]
+PROPERTIES = [check_binned_stats, check_top1_rows, check_metric_sums, check_calibration_loss, check_em_regularizer,
+              check_fused_linear]
 
 
 def _case(prop, backend, long):

@@ -39,6 +39,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   }, py::arg("logits"), py::arg("labels"), py::arg("n_bins"), py::arg("temperature"), py::arg("ignore_index"),
      py::arg("classwise"));
 
+  m.def("metric_sums", [](const at::Tensor& logits, const at::Tensor& labels, int64_t n_bins, double temperature,
+                          int64_t ignore_index, bool classwise) {
+    check_rows(logits, labels);
+    TORCH_CHECK(n_bins >= 1 && temperature > 0, "calibkern._C: n_bins >= 1 and temperature > 0 required");
+    return cpu::metric_sums(logits, labels, n_bins, temperature, ignore_index, classwise);
+  }, py::arg("logits"), py::arg("labels"), py::arg("n_bins"), py::arg("temperature"), py::arg("ignore_index"),
+     py::arg("classwise"));
+
+  m.def("top1_rows", [](const at::Tensor& logits, const at::Tensor& labels, double temperature,
+                        int64_t ignore_index) {
+    check_rows(logits, labels);
+    TORCH_CHECK(temperature > 0, "calibkern._C: temperature > 0 required");
+    return cpu::top1_rows(logits, labels, temperature, ignore_index);
+  }, py::arg("logits"), py::arg("labels"), py::arg("temperature"), py::arg("ignore_index"));
+
   m.def("hard_bin_loss", [](const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& bin_accuracy,
                             int64_t ignore_index, int64_t reduction) {
     check_rows(logits, labels);

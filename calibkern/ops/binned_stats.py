@@ -27,7 +27,13 @@ def binned_stats_tensors(logits, labels, n_bins=10, *, mode="top1", temperature=
     rows = prepare(logits, labels, ignore_index=ignore_index, nonfinite=None, backend=backend)
     counts, sum_conf, sum_correct, n_nonfinite = custom_ops.binned_stats(
         rows.logits, rows.labels, n_bins, temperature, ignore_index, mode == "classwise", rows.backend)
+    return counts, sum_conf, sum_correct, skipped_rows(n_nonfinite, nonfinite, temperature)
+
+
+def skipped_rows(n_nonfinite: torch.Tensor, nonfinite: str, temperature: float) -> torch.Tensor:
+    """The ``nonfinite`` policy on a kernel's count of kept rows with non-finite scaled logits: ``"error"``
+    raises when it is not 0 (one host read), ``"skip"`` returns it as the number of rows skipped."""
     if nonfinite == "error":
         V.require(n_nonfinite == 0, V.nonfinite_message("logits", scaled=temperature != 1.0))
-        n_nonfinite = torch.zeros_like(n_nonfinite)
-    return counts, sum_conf, sum_correct, n_nonfinite
+        return torch.zeros_like(n_nonfinite)
+    return n_nonfinite

@@ -20,7 +20,8 @@ Each op takes the backend by name (``"auto"`` picks triton for CUDA tensors, see
   graph is freed by that backward and ``∂L/∂loss`` is exactly 1);
 * ``em_ece_loss``: ``L = Σ_k (S_k/N) ρ(C_k/S_k − θ_k)`` with r detached; backward is the second phase
   ``∂L/∂z_i = (Σ_k r_ik ρ'(d_k)/N) · c_i (e_ŷ − p_i)`` (``em_ece_grad``), scaled by ``∂L_out``;
-* ``binned_stats``, ``em_stats``, ``em_ece_grad`` and the in-place ``cross_entropy_`` have no gradient.
+* ``binned_stats``, ``metric_sums``, ``top1_rows``, ``em_stats``, ``em_ece_grad`` and the in-place
+  ``cross_entropy_`` have no gradient.
 """
 
 from __future__ import annotations
@@ -237,6 +238,36 @@ def _fake_binned_stats(logits, labels, n_bins, temperature, ignore_index, classw
 
 
 binned_stats = KernelOp(binned_stats, fake=_fake_binned_stats)
+
+
+def metric_sums(logits: Tensor, labels: Tensor, n_bins: int, temperature: float, ignore_index: int, classwise: bool,
+                backend: str = "auto") -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """binned_stats' top-1 (counts, Σ conf, Σ correct, n_nonfinite), ``[Σ NLL, Σ Brier]`` float64 [2] over the
+    kept finite rows (docs/math.md#proper-scores), and the classwise (counts, Σ p, Σ correct) [K, M] —
+    [0, M] unless ``classwise`` — from one read of each row."""
+    return tuple(_kernels(backend, logits).metric_sums(logits, labels, n_bins, temperature, ignore_index, classwise))
+
+
+def _fake_metric_sums(logits, labels, n_bins, temperature, ignore_index, classwise, backend="auto"):
+    class_shape = (logits.shape[1] if classwise else 0, n_bins)
+    return (*_fake_binned_stats(logits, labels, n_bins, temperature, ignore_index, False),
+            logits.new_empty((2,), dtype=torch.float64), logits.new_empty(class_shape, dtype=torch.int64),
+            logits.new_empty(class_shape, dtype=torch.float64), logits.new_empty(class_shape, dtype=torch.float64))
+
+
+metric_sums = KernelOp(metric_sums, fake=_fake_metric_sums)
+
+
+def top1_rows(logits: Tensor, labels: Tensor, temperature: float, ignore_index: int,
+              backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """(confidence [N], correct bool [N]) per row: ``c = 1/s`` and ``ŷ = y``. The confidence is float32 (float64
+    for float64 logits); ignored rows get 0 and False, kept rows whose scaled logits hold NaN or ±inf NaN and
+    False."""
+    return tuple(_kernels(backend, logits).top1_rows(logits, labels, temperature, ignore_index))
+
+
+top1_rows = KernelOp(top1_rows, fake=lambda logits, *_: (logits.new_empty(logits.shape[0], dtype=_float_dtype(logits)),
+                                                         logits.new_empty(logits.shape[0], dtype=torch.bool)))
 
 
 def cross_entropy_(logits: Tensor, targets: Tensor, ignore_index: int, backend: str = "auto") -> Tensor:

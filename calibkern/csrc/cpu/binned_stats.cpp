@@ -5,6 +5,11 @@
 // block order. Classwise first finds each row's max and Σ exp, then splits the classes into fixed column
 // chunks, each accumulated over the rows in order by one thread. A kept row whose scaled logits hold NaN or
 // ±inf is left out of the bins and counted (the softmax pass detects it, so the check costs no extra read).
+//
+// metric_sums runs the same top-1 passes and adds, from the same read of each row, the proper scores' sums
+// (NLL and Brier, docs/math.md#proper-scores) and — for short rows with K·M ≤ kLaneClasswiseCells — the
+// classwise statistics, each class's bins kept per lane like the top-1 bins. Longer rows get their classwise
+// statistics from the classwise pass above (a second read).
 #include "dispatch.h"
 #include "kernels.h"
 #include "row_group.h"
@@ -60,26 +65,52 @@ struct BinPartials {
   }
 };
 
+/// Per-block Σ NLL and Σ Brier of the kept finite rows, reduced in block order.
+struct ScorePartials {
+  std::vector<double> nll, brier;
+
+  explicit ScorePartials(int64_t n_blocks) : nll(n_blocks, 0.0), brier(n_blocks, 0.0) {}
+
+  void reduce_into(double* out) const {
+    double sum_nll = 0.0, sum_brier = 0.0;
+    for (size_t b = 0; b < nll.size(); ++b) {
+      sum_nll += nll[b];
+      sum_brier += brier[b];
+    }
+    out[0] = sum_nll;
+    out[1] = sum_brier;
+  }
+};
+
 constexpr int64_t kRowBlock = 16;     // rows per block, long rows
 constexpr int64_t kGroupBlock = 1024; // rows per block, short rows in lanes
 constexpr int64_t kColumnChunk = 256; // classes per chunk, classwise
+constexpr int64_t kLaneClasswiseCells = 1024;  // K·M up to which short rows bin their classes in the row pass
 
-/// Returns the number of kept rows with non-finite values.
+/// Returns the number of kept rows with non-finite values. With scores: NLL = log1p(Σ_{j≠y} e_j) when y = ŷ
+/// (e_y = 1), else log s − (z_y − m); Brier = (Σ_{j≠y} e_j / s)² + Σ_{j≠y} e_j² / s².
 template <class T>
 int64_t top1_long_rows(const T* x, const int64_t* labels, int64_t N, int64_t K, float inv_t, int64_t ignore_index,
-                       BinPartials& partials) {
+                       BinPartials& partials, ScorePartials* scores = nullptr) {
   const int64_t n_blocks = (N + kRowBlock - 1) / kRowBlock;
   int64_t n_nonfinite = 0;
 #pragma omp parallel for schedule(static) reduction(+ : n_nonfinite)
   for (int64_t b = 0; b < n_blocks; ++b) {
     for (int64_t i = b * kRowBlock; i < std::min(N, (b + 1) * kRowBlock); ++i) {
       if (labels[i] == ignore_index) continue;
-      const RowSoftmax rs = row_softmax(x + i * K, K, inv_t);
+      RowLabelSums ls;
+      const RowSoftmax rs = scores ? row_softmax<true>(x + i * K, K, inv_t, labels[i], &ls)
+                                   : row_softmax(x + i * K, K, inv_t);
       if (!rs.finite) {
         ++n_nonfinite;
         continue;
       }
       partials.add(b, 1.0f / rs.sum, rs.argmax == labels[i]);
+      if (scores) {
+        const double others = ls.others / ls.sum;
+        scores->nll[b] += rs.argmax == labels[i] ? std::log1p(ls.others) : std::log(ls.sum) - (double)ls.gap;
+        scores->brier[b] += others * others + ls.others_sq / (ls.sum * ls.sum);
+      }
     }
   }
   return n_nonfinite;
@@ -142,16 +173,20 @@ struct LaneBins {
     }
   }
 
-  void flush(BinPartials& partials, int64_t block) const {
+  /// Adds the block's sums to partials' bins offset, offset + 1, …
+  void flush(BinPartials& partials, int64_t block, int64_t offset = 0) const {
     for (int64_t k = 0; k < M; ++k)
-      for (int i = 0; i < kLanes; ++i) partials.add_sums(block, k, counts[k][i], conf[k][i], correct[k][i]);
+      for (int i = 0; i < kLanes; ++i) partials.add_sums(block, offset + k, counts[k][i], conf[k][i], correct[k][i]);
   }
 };
 
 /// Short rows, kLanes per SIMD group (row_group.h). Returns the number of kept rows with non-finite values.
-template <class T>
+/// kScores: the NLL and Brier sums (top1_long_rows' formulas, float32 per row, float64 sums) into *scores;
+/// kClasswise: every class's statistics into *class_partials (bins j·M + k), p_j = e_j / s.
+template <bool kScores, bool kClasswise, class T>
 int64_t top1_short_rows(const T* x, const int64_t* labels, int64_t N, int64_t K, float inv_t, int64_t ignore_index,
-                        BinPartials& partials) {
+                        BinPartials& partials, ScorePartials* scores = nullptr,
+                        BinPartials* class_partials = nullptr) {
   const int64_t n_blocks = (N + kGroupBlock - 1) / kGroupBlock, M = partials.n_bins;
   const float m_float = (float)M;
   int64_t n_nonfinite = 0;
@@ -160,18 +195,42 @@ int64_t top1_short_rows(const T* x, const int64_t* labels, int64_t N, int64_t K,
     std::vector<vf> p(K), scratch(K);
     const Transpose16 transpose(K);
     LaneBins bins(M);
+    std::vector<LaneBins> class_bins(kClasswise ? K : 0, LaneBins(M));
+    vd nll = {}, brier = {};
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < n_blocks; ++b) {
       bins.clear();
+      for (LaneBins& c : class_bins) c.clear();
+      nll = brier = vd{};
       for (int64_t r0 = b * kGroupBlock; r0 < std::min(N, (b + 1) * kGroupBlock); r0 += kLanes) {
         const RowGroup<T, vf> g(x, labels, N, K, r0, ignore_index, inv_t, scratch.data(), transpose);
-        const GroupSoftmax<T, vf> sm(g, p.data(), /*probabilities=*/false);
-        const vi kept = g.kept();
+        const GroupSoftmax<T, vf, kScores> sm(g, p.data(), /*probabilities=*/false);
+        const vi kept = g.kept(), binned = kept & sm.finite;
         n_nonfinite += count_true(kept & ~sm.finite);
-        bins.add(bin_of(sm.conf, m_float, (int32_t)M), kept & sm.finite, sm.conf,
+        bins.add(bin_of(sm.conf, m_float, (int32_t)M), binned, sm.conf,
                  sm.pred == g.label ? splat<vf>(1.0f) : vf{});
+        if constexpr (kScores) {
+          const vf row_nll = sm.pred == g.label ? log1p_(sm.others) : log_(sm.sum) - sm.gap;
+          const vf others = sm.others * sm.conf;
+          const vf row_brier = others * others + sm.others_sq * (sm.conf * sm.conf);
+          nll += to_double(binned ? row_nll : vf{});
+          brier += to_double(binned ? row_brier : vf{});
+        }
+        if constexpr (kClasswise) {
+          for (int64_t j = 0; j < K; ++j) {
+            const vf pj = p[j] / sm.sum;
+            class_bins[j].add(bin_of(pj, m_float, (int32_t)M), binned, pj,
+                              g.label == (int32_t)j ? splat<vf>(1.0f) : vf{});
+          }
+        }
       }
       bins.flush(partials, b);
+      if constexpr (kScores) {
+        scores->nll[b] = hsum(nll);
+        scores->brier[b] = hsum(brier);
+      }
+      if constexpr (kClasswise)
+        for (int64_t j = 0; j < K; ++j) class_bins[j].flush(*class_partials, b, j * M);
     }
   }
   return n_nonfinite;
@@ -246,11 +305,51 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> binned_stats(
     }
     const bool short_rows = K <= kGroupK;
     BinPartials partials((N + (short_rows ? kGroupBlock : kRowBlock) - 1) / (short_rows ? kGroupBlock : kRowBlock), M);
-    n_nonfinite = short_rows ? top1_short_rows(x, y, N, K, inv_t, ignore_index, partials)
+    n_nonfinite = short_rows ? top1_short_rows<false, false>(x, y, N, K, inv_t, ignore_index, partials)
                              : top1_long_rows(x, y, N, K, inv_t, ignore_index, partials);
     partials.reduce_into(counts.data_ptr<int64_t>(), conf.data_ptr<double>(), correct.data_ptr<double>());
   });
   return {counts, conf, correct, at::scalar_tensor(n_nonfinite, i64)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> metric_sums(
+    const at::Tensor& logits, const at::Tensor& labels, int64_t n_bins, double temperature, int64_t ignore_index,
+    bool classwise_mode) {
+  const int64_t N = logits.size(0), K = logits.size(1), M = n_bins;
+  const float inv_t = (float)(1.0 / temperature);
+  const auto f64 = logits.options().dtype(at::kDouble);
+  const auto i64 = logits.options().dtype(at::kLong);
+  at::Tensor counts = at::zeros({M}, i64), conf = at::zeros({M}, f64), correct = at::zeros({M}, f64);
+  at::Tensor scores = at::zeros({2}, f64);
+  const std::vector<int64_t> class_shape{classwise_mode ? K : 0, M};
+  at::Tensor cw_counts = at::zeros(class_shape, i64), cw_conf = at::zeros(class_shape, f64),
+             cw_correct = at::zeros(class_shape, f64);
+  const int64_t* y = labels.data_ptr<int64_t>();
+  int64_t n_nonfinite = 0;
+  with_float_type(logits, [&](auto tag) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
+    const T* x = static_cast<const T*>(logits.const_data_ptr());
+    const bool short_rows = K <= kGroupK, lane_classes = classwise_mode && short_rows && K * M <= kLaneClasswiseCells;
+    const int64_t n_blocks = (N + (short_rows ? kGroupBlock : kRowBlock) - 1) / (short_rows ? kGroupBlock : kRowBlock);
+    BinPartials partials(n_blocks, M), class_partials(lane_classes ? n_blocks : 0, K * M);
+    ScorePartials score_partials(n_blocks);
+    if (lane_classes)
+      n_nonfinite = top1_short_rows<true, true>(x, y, N, K, inv_t, ignore_index, partials, &score_partials,
+                                                &class_partials);
+    else if (short_rows)
+      n_nonfinite = top1_short_rows<true, false>(x, y, N, K, inv_t, ignore_index, partials, &score_partials);
+    else
+      n_nonfinite = top1_long_rows(x, y, N, K, inv_t, ignore_index, partials, &score_partials);
+    partials.reduce_into(counts.data_ptr<int64_t>(), conf.data_ptr<double>(), correct.data_ptr<double>());
+    score_partials.reduce_into(scores.data_ptr<double>());
+    if (lane_classes)
+      class_partials.reduce_into(cw_counts.data_ptr<int64_t>(), cw_conf.data_ptr<double>(),
+                                 cw_correct.data_ptr<double>());
+    else if (classwise_mode)
+      classwise(x, y, N, K, M, inv_t, ignore_index, cw_counts.data_ptr<int64_t>(), cw_conf.data_ptr<double>(),
+                cw_correct.data_ptr<double>());
+  });
+  return {counts, conf, correct, at::scalar_tensor(n_nonfinite, i64), scores, cw_counts, cw_conf, cw_correct};
 }
 
 }  // namespace calibkern::cpu

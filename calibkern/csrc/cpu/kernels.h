@@ -18,6 +18,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> binned_stats(
     const at::Tensor& logits, const at::Tensor& labels, int64_t n_bins, double temperature, int64_t ignore_index,
     bool classwise);
 
+/// binned_stats' top-1 statistics and, from the same read of each row, the float64 sums [Σ NLL, Σ Brier] over the
+/// kept finite rows and (classwise) the [K, M] classwise statistics ([0, M] otherwise): (counts, Σ conf,
+/// Σ correct, n_nonfinite, scores, class counts, class Σ p, class Σ correct).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> metric_sums(
+    const at::Tensor& logits, const at::Tensor& labels, int64_t n_bins, double temperature, int64_t ignore_index,
+    bool classwise);
+
+/// Per row: (confidence float32[N], correct bool[N]); ignored rows 0 and false, kept rows with NaN or ±inf in
+/// their scaled logits NaN and false.
+std::tuple<at::Tensor, at::Tensor> top1_rows(const at::Tensor& logits, const at::Tensor& labels, double temperature,
+                                             int64_t ignore_index);
+
 /// What a row-loss kernel finds wrong with its input in the passes it makes anyway: labels outside [0, K)
 /// that are not ignore_index, and rows (kept or not) whose logits hold NaN or ±inf. Its outputs mean nothing
 /// unless both are 0.

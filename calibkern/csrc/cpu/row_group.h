@@ -191,11 +191,15 @@ template <class T, class V> struct RowGroup {
 /// Lane-wise softmax of a row group: fills p[0..K) with the probabilities, and holds confidence c = 1/s, first
 /// argmax ŷ and whether the row's z are all finite (Σ z_j · 0 = 0; the other read-outs are meaningless where it
 /// is false). Σ exp is accumulated in float64 for a long row, float32 for a row group; p_j = exp(z_j − m) · c.
-template <class T, class V> struct GroupSoftmax {
+/// With kLabel it also holds, for each lane's label y (−1: none), Σ_{j≠y} e_j, Σ_{j≠y} e_j² of
+/// e_j = exp(z_j − m) and z_y − m, from the same pass (the proper scores, docs/math.md#proper-scores).
+template <class T, class V, bool kLabel = false> struct GroupSoftmax {
   using I = typename Lane<V>::I;
   V conf;
+  V sum;            // s = Σ_j e_j
   I pred;
   I finite;
+  V others{}, others_sq{}, gap{};  // kLabel only
 
   /// With probabilities=false only conf and pred are computed (p then holds exp(z − m)).
   GroupSoftmax(const RowGroup<T, V>& g, V* p, bool probabilities = true) {
@@ -212,11 +216,20 @@ template <class T, class V> struct GroupSoftmax {
     finite = poison == 0.0f;
     typename Lane<V>::S s = {};
     for (int64_t j = 0; j < g.K; ++j) {
-      p[j] = exp_(p[j] - m);
+      if constexpr (kLabel) {
+        const auto is_label = g.label == (int32_t)j;
+        gap = is_label ? p[j] - m : gap;
+        p[j] = exp_(p[j] - m);
+        const V other = is_label ? V{} : p[j];
+        others += other;
+        others_sq += other * other;
+      } else {
+        p[j] = exp_(p[j] - m);
+      }
       s += row_sum_term(p[j]);
     }
-    const V sf = narrow_lanes(s);
-    conf = 1.0f / sf;
+    sum = narrow_lanes(s);
+    conf = 1.0f / sum;
     if (!probabilities) return;
     for (int64_t j = 0; j < g.K; ++j) p[j] = p[j] * conf;
   }

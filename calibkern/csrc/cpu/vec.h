@@ -203,6 +203,33 @@ template <class V> inline V exp2_(V y) {
   return scale_by_pow2(p * f + 1.0f, n, t);
 }
 
+/// log(1 + f) + e · ln 2 for f ∈ [√½ − 1, √2 − 1] and an integer-valued e: Cephes' logf,
+/// f − f²/2 + f³ P(f) with ln 2 split in two (about 1 ulp).
+template <class V> inline V log_reduced(V f, V e) {
+  const V z = f * f;
+  V y = polynomial(f, 7.0376836292e-2f, -1.1514610310e-1f, 1.1676998740e-1f, -1.2420140846e-1f, 1.4249322787e-1f,
+                   -1.6668057665e-1f, 2.0000714765e-1f, -2.4999993993e-1f, 3.3333331174e-1f) * f * z;
+  y = y + e * -2.12194440e-4f;
+  y = y - 0.5f * z;
+  return (f + y) + e * 0.693359375f;
+}
+
+/// log(x) in float32 for a positive normal x: x = 2^e · a with a ∈ [√½, √2), then log_reduced(a − 1, e).
+template <class V> inline V log_(V x) {
+  const auto bits = as_bits(x);
+  auto e = ((bits >> 23) & 0xff) - 126;                       // x = 2^e · a', a' ∈ [½, 1)
+  const V a = from_bits((bits & 0x007fffff) | 0x3f000000);
+  const auto small = a < 0.70710678f;
+  e = small ? e - 1 : e;
+  return log_reduced(small ? a + a - 1.0f : a - 1.0f, to_float(e));
+}
+
+/// log(1 + x) in float32 for x ≥ 0, about 1 ulp: the polynomial on x itself below √2 − 1 (so a tiny x keeps
+/// its relative precision), log_(1 + x) above.
+template <class V> inline V log1p_(V x) {
+  return x < 0.41421356f ? log_reduced(x, V{}) : log_(1.0f + x);
+}
+
 /// 1/b to about 1 ulp without a divide: AVX-512 rcp14 (14 bits) and one Newton step; exact division
 /// otherwise. For values that only feed losses and gradients — never for a confidence that is binned.
 template <class V> inline V recip(V b) {

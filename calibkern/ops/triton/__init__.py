@@ -11,6 +11,16 @@ def binned_stats(logits, labels, n_bins: int, temperature: float, ignore_index: 
     return run(logits, labels, n_bins, temperature, ignore_index, classwise)
 
 
+def metric_sums(logits, labels, n_bins: int, temperature: float, ignore_index: int, classwise: bool):
+    from .row_metrics import metric_sums as run
+    return run(logits, labels, n_bins, temperature, ignore_index, classwise)
+
+
+def top1_rows(logits, labels, temperature: float, ignore_index: int):
+    from .row_metrics import top1_rows as run
+    return run(logits, labels, temperature, ignore_index)
+
+
 def hard_bin_loss(logits, labels, bin_accuracy, ignore_index: int, reduction: str):
     from .calibration import hard_bin_loss as run
     return run(logits, labels, bin_accuracy, ignore_index, reduction)

@@ -34,9 +34,15 @@ def _top1_kernel(logits_ptr, labels_ptr, counts_ptr, conf_ptr, correct_ptr, nonf
     keep = keep & finite
     conf = 1.0 / s
     b = bin_index(conf, M)
+    store_bin_partials(counts_ptr, conf_ptr, correct_ptr, pid.to(tl.int64) * M, b, conf, top == labels, keep, M,
+                       BLOCK_M)
+
+
+@triton.jit
+def store_bin_partials(counts_ptr, conf_ptr, correct_ptr, out, b, conf, correct, keep, M, BLOCK_M: tl.constexpr):
+    """Per bin k of [out, out + M): count, Σ conf and Σ correct (float64) of the kept rows with b = k."""
     conf64 = conf.to(tl.float64)
-    correct64 = (top == labels).to(tl.float64)
-    out = pid.to(tl.int64) * M
+    correct64 = correct.to(tl.float64)
     for m0 in range(0, M, BLOCK_M):
         bins = m0 + tl.arange(0, BLOCK_M)
         hit = (b[:, None] == bins[None, :]) & keep[:, None]

@@ -1,0 +1,129 @@
+"""Triton kernels for ``top1_rows`` (per-row confidence and correctness) and ``metric_sums`` (top-1 bin
+statistics with the NLL and Brier sums, docs/math.md#proper-scores).
+
+``metric_sums``: one program per block of rows reads each row once in K-tiles, carrying, besides the online
+softmax's ``m`` and ``s``, ``O = Σ_{j≠y} e_j`` and ``Q = Σ_{j≠y} e_j²`` (rescaled with ``s`` when the max
+grows) and ``z_y``; ``NLL = log1p(O)`` when ``y = ŷ``, else ``log s − (z_y − m)``, and
+``Brier = (O/s)² + Q/s²``. Each program writes its partial bins and score sums (float64), summed in a fixed
+order afterwards. The classwise statistics come from ``binned_stats``' classwise kernels (another read).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .binning import binned_stats, store_bin_partials, top1_blocks
+from .common import bin_index, load_tile, online_softmax, row_blocks, sum_partials, warps
+
+
+@triton.jit
+def _top1_rows_kernel(logits_ptr, labels_ptr, conf_ptr, correct_ptr, N, K, inv_t, ignore_index,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """conf_i = 1/s_i (0 ignored, NaN non-finite) and correct_i = (ŷ_i = y_i) for one block of rows."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_range = rows < N
+    rows = tl.minimum(rows, N - 1)
+    labels = tl.load(labels_ptr + rows)
+    keep = labels != ignore_index
+    _, s, top, _, finite = online_softmax(logits_ptr, rows.to(tl.int64) * K, K, inv_t, BLOCK_N, BLOCK_K, False)
+    conf = tl.where(keep, tl.where(finite, 1.0 / s, float("nan")), 0.0)
+    tl.store(conf_ptr + rows, conf, mask=in_range)
+    tl.store(correct_ptr + rows, (keep & finite & (top == labels)).to(tl.int8), mask=in_range)
+
+
+@triton.jit
+def _log1p(x):
+    """log(1 + x) for x ≥ 0 to a few ulps: log(u) · x / (u − 1) with u = 1 + x rounded (Goldberg)."""
+    u = 1.0 + x
+    return tl.where(u == 1.0, x, tl.log(u) * (x / (u - 1.0)))
+
+
+@triton.jit
+def _metric_sums_kernel(logits_ptr, labels_ptr, counts_ptr, conf_ptr, correct_ptr, nonfinite_ptr, scores_ptr,
+                        N, K, M, inv_t, ignore_index,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Partial top-1 bins of one block of rows into row pid of [P, M], its kept non-finite rows into
+    nonfinite[pid], its Σ NLL and Σ Brier into scores[pid, 0:2]."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_range = rows < N
+    rows = tl.minimum(rows, N - 1)
+    labels = tl.load(labels_ptr + rows)
+    keep = in_range & (labels != ignore_index)
+    row_off = rows.to(tl.int64) * K
+    m = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    s = tl.zeros([BLOCK_N], tl.float32)
+    others = tl.zeros([BLOCK_N], tl.float32)
+    others_sq = tl.zeros([BLOCK_N], tl.float32)
+    z_label = tl.zeros([BLOCK_N], tl.float32)
+    poison = tl.zeros([BLOCK_N], tl.float32)
+    top = tl.zeros([BLOCK_N], tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        z = load_tile(logits_ptr, row_off, cols, K, inv_t)
+        poison += tl.sum(tl.where((cols < K)[None, :], z * 0.0, 0.0), axis=1)
+        tile_max = tl.max(z, axis=1)
+        tile_top = tl.argmax(tl.where(z == z, z, float("-inf")), axis=1, tie_break_left=True) + k0
+        new_m = tl.maximum(m, tile_max)
+        rescale = tl.exp(m - new_m)
+        e = tl.exp(z - new_m[:, None])
+        is_label = cols[None, :] == labels[:, None]
+        other = tl.where(is_label, 0.0, e)
+        s = s * rescale + tl.sum(e, axis=1)
+        others = others * rescale + tl.sum(other, axis=1)
+        others_sq = others_sq * (rescale * rescale) + tl.sum(other * other, axis=1)
+        z_label += tl.sum(tl.where(is_label, z, 0.0), axis=1)
+        top = tl.where(tile_max > m, tile_top, top)
+        m = new_m
+    finite = poison == 0.0
+    tl.store(nonfinite_ptr + pid, tl.sum((keep & ~finite).to(tl.int64), axis=0))
+    keep = keep & finite
+    conf = 1.0 / s
+    store_bin_partials(counts_ptr, conf_ptr, correct_ptr, pid.to(tl.int64) * M, bin_index(conf, M), conf,
+                       top == labels, keep, M, BLOCK_M)
+    nll = tl.where(top == labels, _log1p(others), tl.log(s) - (z_label - m))
+    brier = (others * conf) * (others * conf) + others_sq * (conf * conf)
+    tl.store(scores_ptr + pid * 2, tl.sum(tl.where(keep, nll, 0.0).to(tl.float64), axis=0))
+    tl.store(scores_ptr + pid * 2 + 1, tl.sum(tl.where(keep, brier, 0.0).to(tl.float64), axis=0))
+
+
+def _inv_t(temperature: float) -> float:
+    return float(torch.tensor(1.0 / temperature, dtype=torch.float32))
+
+
+def top1_rows(logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int):
+    """(confidence float32 [N], correct bool [N]); ignored rows 0 and False, non-finite kept rows NaN and False."""
+    N, K = logits.shape
+    conf = torch.empty(N, dtype=torch.float32, device=logits.device)
+    correct = torch.empty(N, dtype=torch.bool, device=logits.device)
+    if N:
+        block_n, block_k = row_blocks(N, K)
+        _top1_rows_kernel[(triton.cdiv(N, block_n),)](logits, labels, conf, correct.view(torch.int8), N, K,
+                                                      _inv_t(temperature), ignore_index, BLOCK_N=block_n,
+                                                      BLOCK_K=block_k, num_warps=warps(block_n, block_k))
+    return conf, correct
+
+
+def metric_sums(logits: torch.Tensor, labels: torch.Tensor, n_bins: int, temperature: float, ignore_index: int,
+                classwise: bool):
+    """binned_stats' top-1 outputs, ``[Σ NLL, Σ Brier]`` float64, and the classwise statistics [K, M] (or
+    [0, M])."""
+    N, K = logits.shape
+    M = n_bins
+    if classwise:
+        per_class = binned_stats(logits, labels, M, temperature, ignore_index, True)[:3]
+    else:
+        per_class = (torch.zeros((0, M), dtype=torch.int64, device=logits.device),
+                     *(torch.zeros((0, M), dtype=torch.float64, device=logits.device) for _ in range(2)))
+    if N == 0:
+        return (*binned_stats(logits, labels, M, temperature, ignore_index, False),
+                torch.zeros(2, dtype=torch.float64, device=logits.device), *per_class)
+    block_n, block_k, block_m = top1_blocks(N, K, M)
+    P = triton.cdiv(N, block_n)
+    parts = (torch.empty((P, M), dtype=torch.int64, device=logits.device),
+             torch.empty((P, M), dtype=torch.float64, device=logits.device),
+             torch.empty((P, M), dtype=torch.float64, device=logits.device),
+             torch.empty(P, dtype=torch.int64, device=logits.device),
+             torch.empty((P, 2), dtype=torch.float64, device=logits.device))
+    _metric_sums_kernel[(P,)](logits, labels, *parts, N, K, M, _inv_t(temperature), ignore_index,
+                              BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_M=block_m, num_warps=warps(block_n, block_k))
+    return (*(sum_partials(t) for t in parts), *per_class)
