@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("evaluate", help="metrics.json and predictions.jsonl of a model on MCQ data")
     _common(evaluate, inputs_required=False)
     evaluate.add_argument("--temperature", type=float, default=1.0)
+    evaluate.add_argument("--token-level", action="store_true",
+                          help="token-level calibration of text rows ({\"text\"} or {\"prompt\", \"completion\"}, "
+                               "the completion scored): token ECE, Full-ECE, accuracy, NLL, a reliability diagram")
+    evaluate.add_argument("--max-length", type=int, default=None, help="--token-level: tokens kept per row")
     evaluate.add_argument("--lm-eval", metavar="PATH",
                           help="instead of --model/--data: an lm-evaluation-harness output directory or samples file "
                           "(lm_eval --log_samples), one report per task (docs/lm_eval.md)")
@@ -157,6 +161,27 @@ def _evaluate_lm_eval(args, progress: bool) -> None:
     print(f"wrote {args.out}/summary.md, summary.json and <task>/metrics.json, predictions.jsonl, reliability.png")
 
 
+def _evaluate_token_level(args, progress: bool) -> None:
+    from .hf import token_evaluation
+    from .pipeline import io
+
+    if args.lm_eval is not None or args.model is None or args.data is None:
+        raise ValueError("--token-level needs --model and --data (text rows), without --lm-eval")
+    if args.temperature != 1.0:
+        raise ValueError("--temperature applies to multiple-choice evaluation, not to --token-level")
+    if args.max_length is not None and args.max_length < 2:
+        raise ValueError(f"--max-length must be ≥ 2, got {args.max_length}")
+    rows = token_evaluation.load_text_rows(args.data)
+    model, tokenizer = io.load_model(args.model)
+    result = token_evaluation.evaluate_tokens(model, tokenizer, rows, n_bins=args.n_bins, max_length=args.max_length,
+                                              progress=progress)
+    token_evaluation.write_token_evaluation(result, args.out)
+    m = result.metrics
+    print(f"wrote {args.out}/token_metrics.json and token_reliability.png: token ECE {m['token_ece']:.4f} "
+          f"(debiased {m['token_ece_debiased']:.4f}), Full-ECE {m['full_ece']:.4f}, accuracy "
+          f"{m['token_accuracy']:.4f}, NLL {m['nll']:.4f} over {m['n_tokens']} tokens")
+
+
 def _info() -> None:
     import platform
 
@@ -208,6 +233,8 @@ def _run(args) -> None:
         print(f"wrote the aligned model to {args.out}")
         return
 
+    if args.command == "evaluate" and args.token_level:
+        return _evaluate_token_level(args, progress)
     if args.command == "evaluate" and args.lm_eval is not None:
         return _evaluate_lm_eval(args, progress)
     if args.command == "evaluate" and (args.model is None or args.data is None):

@@ -1,0 +1,100 @@
+"""Token-level evaluation of a causal LM on text rows against its own full logits in float64."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("transformers")
+
+from calibkern import BinStats  # noqa: E402
+from calibkern.hf.data import MCQDataError  # noqa: E402
+from calibkern.hf.token_evaluation import (  # noqa: E402
+    encode_text_row,
+    evaluate_tokens,
+    load_text_rows,
+    write_token_evaluation,
+)
+from calibkern.reference import bin_index  # noqa: E402
+from hf_tiny import make_model, make_tokenizer  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+ROWS = [{"text": "which goes with red 3? Answer: B"}, {"prompt": "which goes with the", "completion": " blue moon"},
+        {"text": "the cat and the dog and the star and the fish and the bird"}]
+
+
+def direct(model, tokenizer, rows, n_bins=10):
+    """Token and Full-ECE statistics and the NLL from ``model(input_ids).logits`` in float64, row by row."""
+    token, full, nll, n = BinStats.empty(n_bins), BinStats.empty(n_bins), 0.0, 0
+    for row in rows:
+        encoded = encode_text_row(tokenizer, row)
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([encoded["input_ids"]])).logits[0, :-1].double()
+        labels = torch.tensor(encoded["labels"][1:])
+        keep = labels != -100
+        logits, labels = logits[keep], labels[keep]
+        p = torch.softmax(logits, 1)
+        conf, pred = p.max(1).values, logits.argmax(1)
+        token = token + BinStats.from_confidences(conf, pred == labels, n_bins)
+        full_bins = bin_index(p, n_bins).reshape(-1)
+        full = full + BinStats.from_bins(full_bins, p.reshape(-1), F.one_hot(labels, p.shape[1]).reshape(-1), n_bins)
+        nll += float(F.cross_entropy(logits, labels, reduction="sum"))
+        n += int(keep.sum())
+    return token, full, nll / n
+
+
+def test_metrics_equal_the_model_s_own_logits(tmp_path):
+    tokenizer = make_tokenizer()
+    model = make_model(tokenizer).eval()
+    result = evaluate_tokens(model, tokenizer, ROWS, batch_size=2, progress=False)
+    token, full, nll = direct(model, tokenizer, ROWS)
+    assert torch.equal(result.token_stats.counts, token.counts)
+    assert torch.equal(result.token_stats.sum_correct, token.sum_correct)
+    assert torch.equal(result.full_stats.counts, full.counts)
+    torch.testing.assert_close(result.full_stats.sum_conf, full.sum_conf, atol=1e-5, rtol=1e-5)
+    metrics = result.metrics
+    assert metrics["n_tokens"] == int(token.total()) and metrics["n_skipped"] == 0
+    for key, want in (("token_ece", token.ece()), ("token_accuracy", token.accuracy()),
+                      ("token_confidence", token.mean_confidence()), ("full_ece", full.ece()), ("nll", nll)):
+        assert metrics[key] == pytest.approx(float(want), abs=1e-5), key
+    write_token_evaluation(result, tmp_path)
+    written = json.loads((tmp_path / "token_metrics.json").read_text())
+    assert written["token_ece"] == metrics["token_ece"] and sum(written["reliability"]["counts"]) == metrics["n_tokens"]
+    assert (tmp_path / "token_reliability.png").stat().st_size > 0
+
+
+def test_completion_only_scores_the_completion():
+    tokenizer = make_tokenizer()
+    encoded = encode_text_row(tokenizer, {"prompt": "which goes with the", "completion": " blue moon"})
+    completion = tokenizer(" blue moon")["input_ids"]
+    assert encoded["labels"][-len(completion):] == completion
+    assert encoded["labels"][:-len(completion)] == [-100] * (len(encoded["labels"]) - len(completion))
+
+
+def test_load_text_rows(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"text": "a b"}\n\n{"prompt": "q", "completion": " a"}\n')
+    assert load_text_rows(path) == [{"text": "a b"}, {"prompt": "q", "completion": " a"}]
+    for bad in ('{"question": "x"}', '{"text": ""}', '{"prompt": 1, "completion": "a"}', "[1]", "{"):
+        path.write_text(bad + "\n")
+        with pytest.raises(MCQDataError, match="rows.jsonl:1"):
+            load_text_rows(path)
+
+
+def test_cli_evaluate_token_level(tmp_path, capsys):
+    from calibkern.cli import main
+
+    tokenizer = make_tokenizer()
+    make_model(tokenizer).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
+    args = ["evaluate", "--token-level", "--model", str(tmp_path / "model"), "--data", str(data), "--no-progress"]
+    assert main(args + ["--out", str(tmp_path / "out")]) == 0
+    metrics = json.loads((tmp_path / "out" / "token_metrics.json").read_text())
+    assert metrics["n_tokens"] > 0 and 0.0 <= metrics["full_ece"] <= metrics["token_ece"] + 1.0
+    assert "token ECE" in capsys.readouterr().out
+    assert main(args[:4] + ["--out", str(tmp_path / "bad")]) == 2
+    assert main(args + ["--out", str(tmp_path / "bad"), "--temperature", "2"]) == 2
+    assert "--temperature" in capsys.readouterr().err
