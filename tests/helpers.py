@@ -4,6 +4,7 @@
 import socket
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import calibkern as ck
 
@@ -19,6 +20,19 @@ def random_labels(n, k, ignore_frac=0.0, seed=1, ignore_index=-100):
     if ignore_frac:
         y[torch.rand(n, generator=g) < ignore_frac] = ignore_index
     return y
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest number of elements of any tensor an op returns."""
+
+    largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(tensor, torch.Tensor):
+                self.largest = max(self.largest, tensor.numel())
+        return out
 
 
 def free_port() -> int:

@@ -144,3 +144,17 @@ def wrap(model, adapter):
             if "lora_B" in name:
                 parameter.normal_(std=0.5)
     return peft
+
+
+def random_batch(tokenizer, option_ids, rows=3, length=13, seed=0):
+    """Random ids, right padding on the last row, a prompt of 4 unsupervised tokens, one option answer per row."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, len(tokenizer), (rows, length), generator=g)
+    mask = torch.ones_like(ids)
+    mask[-1, -3:] = 0
+    ids[-1, -3:] = tokenizer.pad_token_id
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :4] = -100
+    for row in range(rows):
+        labels[row, 6 + row] = ids[row, 6 + row] = option_ids[row % len(option_ids)]
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

@@ -14,11 +14,10 @@ import torch
 
 pytest.importorskip("peft")
 
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-
 from calibkern.hf import CalibrationConfig, apply_fused_loss, compute_loss_func, detect_option_ids  # noqa: E402
 from calibkern.hf import fused_loss_of  # noqa: E402
-from hf_tiny import ZOO, make_model, make_tokenizer, make_zoo_model, wrap  # noqa: E402
+from helpers import LargestTensor  # noqa: E402
+from hf_tiny import ZOO, make_model, make_tokenizer, make_zoo_model, random_batch, wrap  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -27,20 +26,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def setup():
     tokenizer = make_tokenizer()
     return tokenizer, detect_option_ids(tokenizer, 4)
-
-
-def batch(tokenizer, option_ids, rows=3, length=13, seed=0):
-    """Random ids, right padding on the last row, a prompt of 4 unsupervised tokens, one option answer per row."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, len(tokenizer), (rows, length), generator=g)
-    mask = torch.ones_like(ids)
-    mask[-1, -3:] = 0
-    ids[-1, -3:] = tokenizer.pad_token_id
-    labels = ids.masked_fill(mask == 0, -100)
-    labels[:, :4] = -100
-    for row in range(rows):
-        labels[row, 6 + row] = ids[row, 6 + row] = option_ids[row % len(option_ids)]
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 def cft(option_ids, **overrides):
@@ -64,7 +49,7 @@ def test_plain_cross_entropy_equals_the_model_own_loss(setup, name):
     tokenizer, option_ids = setup
     model = make_zoo_model(name, tokenizer)
     twin = copy.deepcopy(model)
-    inputs = batch(tokenizer, option_ids)
+    inputs = random_batch(tokenizer, option_ids)
     output = apply_fused_loss(model)(**inputs)
     assert output.logits is None and output.cal_loss is None and output.bin_stats is None
     output.loss.backward()
@@ -80,7 +65,7 @@ def test_cft_loss_and_gradients_equal_the_loss_from_full_logits(setup, name, ada
     tokenizer, option_ids = setup
     model = wrap(make_zoo_model(name, tokenizer), adapter)
     twin = copy.deepcopy(model)
-    inputs = batch(tokenizer, option_ids)
+    inputs = random_batch(tokenizer, option_ids)
     config = cft(option_ids)
     output = apply_fused_loss(model, config)(**inputs)
     output.loss.backward()
@@ -105,7 +90,7 @@ def test_rcft_streaming_with_accumulation_and_gradient_checkpointing(setup):
     config = CalibrationConfig(method="rcft", option_ids=option_ids, lam=50.0, em={"refresh": "stream"})
     apply_fused_loss(model, config, gradient_accumulation_steps=2)
     reference = compute_loss_func(config, gradient_accumulation_steps=2)
-    micro_batches = [batch(tokenizer, option_ids, seed=seed) for seed in (1, 2)]
+    micro_batches = [random_batch(tokenizer, option_ids, seed=seed) for seed in (1, 2)]
     items = sum(int(b["labels"][:, 1:].ne(-100).sum()) for b in micro_batches)
     for inputs in micro_batches:
         ours = model(**inputs, num_items_in_batch=torch.tensor(items)).loss
@@ -127,7 +112,7 @@ def test_rcft_streaming_with_accumulation_and_gradient_checkpointing(setup):
 def test_without_labels_the_model_gives_its_logits_and_generates(setup):
     tokenizer, option_ids = setup
     model = make_model(tokenizer)
-    inputs = batch(tokenizer, option_ids)
+    inputs = random_batch(tokenizer, option_ids)
     before = model(input_ids=inputs["input_ids"]).logits
     apply_fused_loss(model, cft(option_ids))
     torch.testing.assert_close(model(input_ids=inputs["input_ids"]).logits, before, rtol=0, atol=0)
@@ -138,23 +123,10 @@ def test_without_labels_the_model_gives_its_logits_and_generates(setup):
     assert copied.forward.__self__ is copied and fused_loss_of(copied) is not fused_loss_of(model)
 
 
-class LargestTensor(TorchDispatchMode):
-    """Records the largest number of elements of any tensor an op returns."""
-
-    largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for tensor in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(tensor, torch.Tensor):
-                self.largest = max(self.largest, tensor.numel())
-        return out
-
-
 def test_no_tokens_by_vocabulary_tensor_in_forward_or_backward(setup):
     tokenizer, option_ids = setup
     model = make_model(tokenizer)
-    inputs = batch(tokenizer, option_ids, rows=4, length=40)
+    inputs = random_batch(tokenizer, option_ids, rows=4, length=40)
     inputs["labels"] = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)  # every token
     config = CalibrationConfig(method="rcft", option_ids=option_ids, em={"refresh": "stream"}, chunk_size=16)
     apply_fused_loss(model, config)
@@ -167,7 +139,7 @@ def test_no_tokens_by_vocabulary_tensor_in_forward_or_backward(setup):
 
 def test_errors_name_the_problem(setup):
     tokenizer, option_ids = setup
-    inputs = batch(tokenizer, option_ids)
+    inputs = random_batch(tokenizer, option_ids)
     with pytest.raises(ValueError, match="needs calibration.bin_accuracy"):
         apply_fused_loss(make_model(tokenizer), CalibrationConfig(method="cft", option_ids=option_ids))
     with pytest.raises(ValueError, match="official_compat"):

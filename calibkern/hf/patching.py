@@ -135,7 +135,8 @@ class FusedLoss:
             hidden, weight, labels, option_ids=option_ids, bias=bias, calibration=form,
             bin_accuracy=self.bin_accuracy.to(hidden.device) if form == "hard_bin" else None,
             em_state=self.em_state if form == "em" else None, lam=lam, sft_weight=sft_weight,
-            n_bins=10 if calibration is None else calibration.n_bins, shift=True, answer_mask=answer_mask,
+            n_bins=10 if calibration is None else calibration.n_bins, shift=True,
+            answer_mask=None if calibration is None else answer_mask,
             num_items_in_batch=num_items_in_batch, chunk_size=None if calibration is None else calibration.chunk_size,
             logit_softcap=softcap, backend=None if calibration is None else calibration.backend)
         if calibration is None:

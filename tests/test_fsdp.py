@@ -1,0 +1,197 @@
+"""``apply_fused_loss`` under FSDP2 (docs/distributed.md): 2 gloo ranks on CPU under ``torchrun``.
+
+A tiny Llama with ``fully_shard`` on every decoder layer, on the lm_head and on the root trains three SGD
+(momentum) steps on rank-split batches — plain CE, CFT and RCFT with a streaming E-step — the HF convention
+(``num_items_in_batch`` = the global supervised tokens, the loss times the world size). It ends with the weights
+of one process trained on the whole batches (float32, max abs difference ≤ 1e-5) and the same EM state; with
+chunks of 8 rows no op on either rank returns a tensor half the size of the full logits; and a run saved
+after two steps with ``torch.distributed.checkpoint`` (model, optimizer, EM state) and resumed into a fresh
+sharded model equals the uninterrupted run.
+
+Run as a script by ``torchrun`` (the worker), as a test by pytest (the launcher).
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from helpers import LargestTensor, free_port  # noqa: E402
+
+WORLD, ROWS, STEPS, SAVED_AT = 2, 8, 3, 2
+CHUNK = 8  # rows of logits per chunk (CFT, RCFT): the largest-tensor check needs chunks below a rank's tokens
+MODES = ("ce", "cft", "rcft")
+
+
+def fixtures():
+    from calibkern.hf import detect_option_ids
+    from hf_tiny import make_tokenizer
+
+    tokenizer = make_tokenizer()
+    return tokenizer, detect_option_ids(tokenizer, 4)
+
+
+def calibration(mode, option_ids):
+    from calibkern.hf import CalibrationConfig
+
+    if mode == "ce":
+        return None
+    if mode == "cft":
+        return CalibrationConfig(method="cft", option_ids=option_ids, lam=5.0, bin_accuracy=[0.3] * 10,
+                                 chunk_size=CHUNK)
+    return CalibrationConfig(method="rcft", option_ids=option_ids, lam=5.0, em={"refresh": "stream"},
+                             chunk_size=CHUNK)
+
+
+def global_batch(tokenizer, option_ids, step):
+    """Step ``step``'s batch of ROWS rows, every token supervised, one answer per row (``answer_mask``: the
+    calibration term is a mean over each rank's answers, equal to the global mean for equal counts)."""
+    from hf_tiny import random_batch
+
+    inputs = random_batch(tokenizer, option_ids, rows=ROWS, length=24, seed=100 + step)
+    inputs["labels"][:, :4] = inputs["input_ids"][:, :4]
+    inputs["answer_mask"] = torch.zeros_like(inputs["labels"], dtype=torch.bool)
+    inputs["answer_mask"][torch.arange(ROWS), 6 + torch.arange(ROWS)] = True
+    return inputs
+
+
+def new_model(tokenizer, mode, option_ids, sharded):
+    from calibkern.hf import apply_fused_loss
+    from hf_tiny import make_model
+
+    model = make_model(tokenizer)
+    if sharded:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model.lm_head)
+        fully_shard(model)
+    apply_fused_loss(model, calibration(mode, option_ids))
+    return model, torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+
+
+def train(model, optimizer, tokenizer, option_ids, steps, rank=0, world=1):
+    """``steps`` optimizer steps; each process takes rows ``rank::world`` of every global batch."""
+    for step in steps:
+        inputs = global_batch(tokenizer, option_ids, step)
+        items = int(inputs["labels"][:, 1:].ne(-100).sum())
+        local = {key: value[rank::world] for key, value in inputs.items()}
+        (model(**local, num_items_in_batch=torch.tensor(items)).loss * world).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def end_state(model):
+    from calibkern.hf import fused_loss_of
+
+    weights = {key: getattr(value, "full_tensor", lambda v=value: v)().detach().clone()
+               for key, value in model.state_dict().items()}
+    em_state = fused_loss_of(model).em_state
+    return {"weights": weights, "em": None if em_state is None else em_state.state_dict()}
+
+
+def worker(out_dir):
+    """Runs under torchrun: every mode sharded, the largest tensor, then the resumed RCFT run."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    from calibkern.hf import fused_loss_of
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.set_num_threads(1)
+    tokenizer, option_ids = fixtures()
+    results = {}
+    for mode in MODES:
+        model, optimizer = new_model(tokenizer, mode, option_ids, sharded=True)
+        with LargestTensor() as largest:
+            train(model, optimizer, tokenizer, option_ids, range(STEPS), rank, world)
+        results[mode] = {**end_state(model), "largest": largest.largest}
+
+    model, optimizer = new_model(tokenizer, "rcft", option_ids, sharded=True)
+    train(model, optimizer, tokenizer, option_ids, range(SAVED_AT), rank, world)
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    checkpoint = os.path.join(out_dir, "checkpoint")
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=checkpoint)
+    em_saved = fused_loss_of(model).em_state.state_dict()
+    del model, optimizer
+    model, optimizer = new_model(tokenizer, "rcft", option_ids, sharded=True)
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=checkpoint)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    fused_loss_of(model).em_state.load_state_dict(em_saved)
+    train(model, optimizer, tokenizer, option_ids, range(SAVED_AT, STEPS), rank, world)
+    results["resumed"] = end_state(model)
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("fsdp")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}",
+               f"--master_port={free_port()}", __file__, str(out_dir)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+@pytest.fixture(scope="module")
+def one_process():
+    torch.set_num_threads(1)
+    tokenizer, option_ids = fixtures()
+    results = {}
+    for mode in MODES:
+        model, optimizer = new_model(tokenizer, mode, option_ids, sharded=False)
+        train(model, optimizer, tokenizer, option_ids, range(STEPS))
+        results[mode] = end_state(model)
+    return results
+
+
+def assert_same_state(ours, theirs):
+    assert ours["weights"].keys() == theirs["weights"].keys()
+    for key, value in theirs["weights"].items():
+        assert (ours["weights"][key] - value).abs().max() <= 1e-5, key
+    assert (ours["em"] is None) == (theirs["em"] is None)
+    for key, value in (theirs["em"] or {}).items():
+        torch.testing.assert_close(ours["em"][key], value, rtol=1e-5, atol=1e-7, msg=key)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_fully_sharded_training_equals_one_process(ranks, one_process, mode):
+    start = fixtures()[0]
+    from hf_tiny import make_model
+
+    initial = make_model(start).state_dict()
+    assert any((one_process[mode]["weights"][k] - v).abs().max() > 1e-3 for k, v in initial.items())  # it trained
+    for rank in ranks:
+        assert_same_state(rank[mode], one_process[mode])
+
+
+@pytest.mark.parametrize("mode", ["cft", "rcft"])
+def test_no_rank_holds_a_tokens_by_vocabulary_tensor(ranks, mode):
+    """With chunks of CHUNK rows no op returns half of a rank's [tokens, V] logits: the largest tensor is the
+    root unit's all-gathered parameters (embedding [V, D] and norm), a chunk of logits [8, V]. (Plain CE keeps the
+    default chunk of at least 512 rows, all of this test's tokens: see docs/distributed.md#what-was-tested.)"""
+    tokenizer, _ = fixtures()
+    tokens_per_rank = ROWS // WORLD * 24
+    for rank in ranks:
+        assert rank[mode]["largest"] < tokens_per_rank * len(tokenizer) / 2
+
+
+def test_resumed_sharded_run_equals_the_uninterrupted_one(ranks):
+    for rank in ranks:
+        assert_same_state(rank["resumed"], ranks[0]["rcft"])
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    worker(sys.argv[1])
