@@ -14,6 +14,7 @@ __all__ = ["CalibrationConfig", "OFFICIAL_ALPHA", "OFFICIAL_CAL_SCALE"]
 OFFICIAL_ALPHA = 0.5
 OFFICIAL_CAL_SCALE = 1e-3
 EM_OPTIONS = {"refresh", "momentum", "prior", "fixed_components"}  # EMState's keyword arguments
+METHODS = ("cft", "rcft", "token_cft")
 
 
 @dataclass
@@ -37,6 +38,13 @@ class CalibrationConfig:
       (``refresh="epoch"`` only): also rerun the E-step pass and the M-step after every ``refresh_steps`` optimizer
       steps, so the statistics follow a model whose confidence moves within an epoch (each refresh costs one no-grad
       pass over the statistics rows).
+    * ``method="token_cft"``: loss ``sft_weight · CE + lam · Σ_t (c_t − A_{b(c_t)})² / n`` over every
+      supervised token (``calibration="token_hard_bin"``, docs/math.md#token-level-calibration) — any SFT text,
+      no options (``option_ids`` may be None). ``A_k`` are the starting model's per-bin token accuracies from
+      the same kind of no-grad pass as cft's, over the supervised tokens (an empty bin takes the overall
+      accuracy; ``bin_prior`` as for cft), unless ``bin_accuracy`` is given.
+    * ``token_stats`` (default on): log ``token_ece``, ``token_accuracy`` and ``token_confidence`` of the
+      supervised tokens of the training batches at each logging step; ``full_stats``: also ``full_ece``.
     * ``official_compat=True`` (cft only): the published reference code's loss,
       ``(1 − α)·L_SFT + α·1e-3·L_cal`` with α = 0.5, the hard-bin term in its ``official_compat`` form
       (per-bin sums over ``N⁰_k``, top bin excluded, gradients through the targets), on the torch backend;
@@ -50,7 +58,7 @@ class CalibrationConfig:
     """
 
     method: str
-    option_ids: Sequence[int]
+    option_ids: Sequence[int] | None = None
     n_bins: int = 10
     lam: float = 1.0
     sft_weight: float = 1.0
@@ -64,15 +72,23 @@ class CalibrationConfig:
     refresh_steps: int | None = None
     bin_prior: float = 0.0
     check_logits: bool = True
+    token_stats: bool = True
+    full_stats: bool = False
 
     def __post_init__(self):
-        if self.method not in ("cft", "rcft"):
-            raise ValueError(f"method must be 'cft' or 'rcft', got {self.method!r}")
-        self.option_ids = [int(i) for i in self.option_ids]
-        if len(self.option_ids) < 2:
-            raise ValueError(f"option_ids needs at least 2 ids, got {self.option_ids}")
-        if len(set(self.option_ids)) != len(self.option_ids):
-            raise ValueError(f"option_ids must be distinct, got {self.option_ids}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}, got {self.method!r}")
+        if self.option_ids is None and self.method != "token_cft":
+            raise ValueError(f"option_ids is required with method={self.method!r} (only 'token_cft' needs none)")
+        if self.option_ids is not None:
+            self.option_ids = [int(i) for i in self.option_ids]
+            if len(self.option_ids) < 2:
+                raise ValueError(f"option_ids needs at least 2 ids, got {self.option_ids}")
+            if len(set(self.option_ids)) != len(self.option_ids):
+                raise ValueError(f"option_ids must be distinct, got {self.option_ids}")
+        for flag in ("token_stats", "full_stats"):
+            if not isinstance(getattr(self, flag), bool):
+                raise TypeError(f"{flag} must be a bool, got {getattr(self, flag)!r}")
         if not isinstance(self.n_bins, int) or self.n_bins < 1:
             raise ValueError(f"n_bins must be a positive int, got {self.n_bins!r}")
         if self.lam < 0 or self.sft_weight < 0:
@@ -84,10 +100,10 @@ class CalibrationConfig:
                 "official_compat estimates bin_accuracy and the counts N⁰_k itself; leave bin_accuracy None"
             )
         if self.method == "rcft" and self.bin_accuracy is not None:
-            raise ValueError("bin_accuracy applies to method='cft' only")
+            raise ValueError("bin_accuracy applies to method 'cft' or 'token_cft' only")
         if self.bin_accuracy is not None and len(self.bin_accuracy) != self.n_bins:
             raise ValueError(f"bin_accuracy must have n_bins={self.n_bins} values, got {len(self.bin_accuracy)}")
-        if self.method == "cft" and self.em:
+        if self.method != "rcft" and self.em:
             raise ValueError("em options apply to method='rcft' only")
         if self.method == "rcft":
             self.new_em_state()  # the EMState's own checks of every em option, now rather than at training

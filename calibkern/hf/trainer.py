@@ -22,8 +22,14 @@ Statistics: per-bin accuracies (cft) and the EM state (rcft) come from no-grad p
 (before the first step; at each epoch start), over this rank's share of the rows, all-reduced
 (``BinStats.all_reduce``, ``EMState.mstep``). Logged at each logging step, through ``Trainer.log`` (so every
 ``report_to`` target sees them), from device-side sums over the steps since the last log — no host sync per
-step: ``calib_ece``, ``calib_accuracy``, ``calib_mean_confidence`` (answers of the training batches, all ranks)
-and ``calib_term`` (the mean calibration term).
+step: ``calib_ece``, ``calib_accuracy``, ``calib_mean_confidence`` (answers of the training batches, all ranks;
+with ``option_ids``) and ``calib_term`` (the mean calibration term); for every method ``token_ece``,
+``token_accuracy``, ``token_confidence`` of the supervised tokens (``token_stats``, on by default) and
+``full_ece`` (``full_stats``), read inside the fused loss (docs/math.md#token-level-calibration).
+
+token_cft: the token term ``Σ_t (c_t − A_b)² / n`` shares the cross-entropy's denominator
+(``num_items_in_batch``), so it is not divided by the accumulation steps; ``A_k`` come from a no-grad pass of
+the fused loss's token statistics over the statistics rows.
 
 Checkpoints: ``calibkern_state.pt`` in each checkpoint directory holds the bin accuracies and counts, the EM
 state and the index of the last epoch whose refresh ran; ``train(resume_from_checkpoint=...)`` loads it, so a
@@ -110,7 +116,8 @@ class CalibrationTrainer(Trainer):
                              "it to 0 (calibkern.pipeline.stages.label_smoothing is the label-smoothing baseline)")
         self.calibration = calibration
         device = self.args.device
-        self.option_ids = torch.tensor(calibration.option_ids, dtype=torch.long, device=device)
+        self.option_ids = (None if calibration.option_ids is None
+                           else torch.tensor(calibration.option_ids, dtype=torch.long, device=device))
         self.bin_accuracy = None
         self.bin_counts = None
         if calibration.bin_accuracy is not None:
@@ -140,16 +147,16 @@ class CalibrationTrainer(Trainer):
         sft_weight, lam = calibration.loss_weights
         if num_items_in_batch is not None:
             self.loss_is_scaled_for_ga = True
-            if model.training:
+            if model.training and calibration.method != "token_cft":
                 lam = lam / getattr(self, "current_gradient_accumulation_steps", 1)
             if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
                 num_items_in_batch = num_items_in_batch / self.accelerator.num_processes
         else:
             self.loss_is_scaled_for_ga = False
-        if calibration.method == "cft" and self.bin_accuracy is None:
+        if calibration.method in ("cft", "token_cft") and self.bin_accuracy is None:
             self._prepare_statistics()
         labels = inputs["labels"]
-        answer_mask = inputs.get("answer_mask")
+        answer_mask = inputs.get("answer_mask") if self.option_ids is not None else None
         form = None if calibration.official_compat else _CALIBRATION_FORM[calibration.method]
         # The products with the lm_head weight run under the same autocast as the decoder, as nn.Linear would.
         with self.accelerator.autocast():
@@ -161,7 +168,7 @@ class CalibrationTrainer(Trainer):
                 option_ids=self.option_ids,
                 bias=bias,
                 calibration=form,
-                bin_accuracy=self.bin_accuracy if form == "hard_bin" else None,
+                bin_accuracy=self.bin_accuracy if form in ("hard_bin", "token_hard_bin") else None,
                 em_state=self.em_state if form == "em" else None,
                 lam=lam,
                 sft_weight=sft_weight,
@@ -172,6 +179,8 @@ class CalibrationTrainer(Trainer):
                 chunk_size=calibration.chunk_size,
                 logit_softcap=softcap,
                 backend=calibration.backend,
+                token_stats=calibration.token_stats,
+                full_stats=calibration.full_stats,
             )
         loss, cal_loss, stats = fused.loss, fused.cal_loss, fused.bin_stats
         if calibration.official_compat:
@@ -191,7 +200,7 @@ class CalibrationTrainer(Trainer):
             with torch.no_grad():
                 self.em_state.estep(*self._answer_option_logits(hidden, weight, bias, softcap, labels, answer_mask))
         if model.training and torch.is_grad_enabled():
-            self._record(stats, cal_loss)
+            self._record(stats, cal_loss, fused.token_stats, fused.full_stats)
         if return_outputs:
             return loss, {"sft_loss": fused.sft_loss.detach(), "cal_loss": cal_loss.detach()}
         return loss
@@ -209,10 +218,15 @@ class CalibrationTrainer(Trainer):
         self._window_stats = None
         self._window_cal = None
         self._window_batches = 0
+        self._window_token = {"token": None, "full": None}
 
-    def _record(self, stats, cal_loss):
+    def _record(self, stats, cal_loss, token_stats=None, full_stats=None):
         """Add a micro-batch's statistics to the logging window (device tensors, no sync)."""
         self._window_stats = stats if self._window_stats is None else self._window_stats + stats
+        for name, new in (("token", token_stats), ("full", full_stats)):
+            if new is not None:
+                old = self._window_token[name]
+                self._window_token[name] = new if old is None else old + new
         cal_loss = cal_loss.detach().float()
         self._window_cal = cal_loss if self._window_cal is None else self._window_cal + cal_loss
         self._window_batches += 1
@@ -224,10 +238,21 @@ class CalibrationTrainer(Trainer):
             if self.accelerator.num_processes > 1:
                 stats.all_reduce()
             cal = self.accelerator.reduce(self._window_cal / self._window_batches, reduction="mean")
-            logs["calib_ece"] = float(stats.ece())
-            logs["calib_accuracy"] = float(stats.accuracy())
-            logs["calib_mean_confidence"] = float(stats.mean_confidence())
+            if self.option_ids is not None:
+                logs["calib_ece"] = float(stats.ece())
+                logs["calib_accuracy"] = float(stats.accuracy())
+                logs["calib_mean_confidence"] = float(stats.mean_confidence())
             logs["calib_term"] = float(cal)
+            token, full = self._window_token["token"], self._window_token["full"]
+            for window in (token, full):
+                if window is not None and self.accelerator.num_processes > 1:
+                    window.all_reduce()
+            if token is not None:
+                logs["token_ece"] = float(token.ece())
+                logs["token_accuracy"] = float(token.accuracy())
+                logs["token_confidence"] = float(token.mean_confidence())
+            if full is not None:
+                logs["full_ece"] = float(full.ece())
             self._reset_window()
         return super().log(logs, *args, **kwargs)
 
@@ -251,17 +276,22 @@ class CalibrationTrainer(Trainer):
             )
         return dataset
 
-    @torch.no_grad()
-    def _answer_logits(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """``(option_logits, option_labels)`` per batch over this rank's share of the statistics rows, with the
-        model in eval mode. Rows are batched in order by hand (no DataLoader), so no RNG is consumed."""
+    def _statistics_batches(self):
+        """This rank's share of the statistics rows as collated batches, in order, batched by hand (no
+        DataLoader), so no RNG is consumed."""
         dataset = self._statistics_dataset()
         batch_size = self.calibration.refresh_batch_size or self.args.per_device_eval_batch_size
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         indices = list(range(rank, len(dataset), world))
-        batches = (self._prepare_inputs(self.data_collator([dataset[i] for i in indices[start : start + batch_size]]))
-                   for start in range(0, len(indices), batch_size))
-        for batch, output in eval_decoder_passes(self.model, batches, autocast=self.accelerator.autocast):
+        return (self._prepare_inputs(self.data_collator([dataset[i] for i in indices[start : start + batch_size]]))
+                for start in range(0, len(indices), batch_size))
+
+    @torch.no_grad()
+    def _answer_logits(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``(option_logits, option_labels)`` per batch over this rank's share of the statistics rows, with the
+        model in eval mode."""
+        for batch, output in eval_decoder_passes(self.model, self._statistics_batches(),
+                                                 autocast=self.accelerator.autocast):
             yield self._answer_option_logits(*output, batch["labels"], batch.get("answer_mask"))
 
     def _check_logit_parity(self):
@@ -273,17 +303,34 @@ class CalibrationTrainer(Trainer):
             return
         check_logit_parity(self.model, self._prepare_inputs(self.data_collator([dataset[0]])))
 
-    def _prepare_statistics(self):
-        """cft: per-bin accuracies ``A_k`` and counts ``N⁰_k`` of the starting model (once, unless given)."""
-        if self.calibration.method != "cft" or self.bin_accuracy is not None:
-            return
+    @torch.no_grad()
+    def _token_statistics(self) -> calibkern.BinStats:
+        """token_cft: the starting model's token statistics over the supervised tokens of this rank's share of
+        the statistics rows (the fused loss without gradient, no option term)."""
         stats = calibkern.BinStats.empty(self.calibration.n_bins, device=self.args.device)
-        for option_logits, option_labels in self._answer_logits():
-            stats = stats + calibkern.binned_stats(option_logits, option_labels, self.calibration.n_bins)
+        for batch, (hidden, weight, bias, softcap) in eval_decoder_passes(self.model, self._statistics_batches(),
+                                                                          autocast=self.accelerator.autocast):
+            stats = stats + calibkern.fused_linear_calibration_loss(
+                hidden, weight, batch["labels"], option_ids=None, bias=bias, calibration=None,
+                n_bins=self.calibration.n_bins, chunk_size=self.calibration.chunk_size, logit_softcap=softcap,
+                backend=self.calibration.backend, token_stats=True).token_stats
+        return stats
+
+    def _prepare_statistics(self):
+        """cft / token_cft: per-bin accuracies ``A_k`` and counts ``N⁰_k`` of the starting model (once, unless
+        given): of the answers (cft) or of every supervised token (token_cft)."""
+        if self.calibration.method not in ("cft", "token_cft") or self.bin_accuracy is not None:
+            return
+        if self.calibration.method == "token_cft":
+            stats = self._token_statistics()
+        else:
+            stats = calibkern.BinStats.empty(self.calibration.n_bins, device=self.args.device)
+            for option_logits, option_labels in self._answer_logits():
+                stats = stats + calibkern.binned_stats(option_logits, option_labels, self.calibration.n_bins)
         if self.accelerator.num_processes > 1:
             stats.all_reduce()
         if int(stats.counts.sum()) == 0:
-            raise ValueError(_NO_ANSWERS)
+            raise ValueError(_NO_TOKENS if self.calibration.method == "token_cft" else _NO_ANSWERS)
         if self.calibration.official_compat:  # the published code: an empty bin's accuracy is 0/0 → 0
             accuracy = stats.sum_correct / stats.counts.clamp_min(1).double()
         else:
@@ -358,11 +405,14 @@ class CalibrationTrainer(Trainer):
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
 
-_CALIBRATION_FORM = {"cft": "hard_bin", "rcft": "em"}
+_CALIBRATION_FORM = {"cft": "hard_bin", "rcft": "em", "token_cft": "token_hard_bin"}
 _NO_ANSWERS = (
     "no answer positions in the statistics rows: no supervised label is one of option_ids "
     "(check option_ids against the tokenizer, or pass answer_mask)"
 )
+
+
+_NO_TOKENS = "no supervised tokens in the statistics rows (every label is -100)"
 
 
 def silence_console(trainer: Trainer) -> Trainer:
@@ -408,6 +458,8 @@ def compute_loss_func(
     """
     if calibration.official_compat:
         raise ValueError("compute_loss_func does not support official_compat; use CalibrationTrainer")
+    if calibration.method == "token_cft":
+        raise ValueError("compute_loss_func does not support method='token_cft'; use CalibrationTrainer")
     if calibration.method == "cft" and calibration.bin_accuracy is None:
         raise ValueError("compute_loss_func with method='cft' needs calibration.bin_accuracy")
     if calibration.method == "rcft" and em_state is None:

@@ -1,4 +1,5 @@
-"""Token-level evaluation of a causal LM on text rows against its own full logits in float64."""
+"""Token-level evaluation of a causal LM on text rows against its own full logits in float64; the trainer's
+token_cft method and token telemetry."""
 
 import json
 
@@ -8,8 +9,11 @@ import torch.nn.functional as F
 
 pytest.importorskip("transformers")
 
+import calibkern  # noqa: E402
 from calibkern import BinStats  # noqa: E402
-from calibkern.hf.data import MCQDataError  # noqa: E402
+from calibkern.hf import CalibrationConfig, CalibrationTrainer, build_sft_dataset  # noqa: E402
+from calibkern.hf.data import MCQDataError, detect_option_ids  # noqa: E402
+from calibkern.hf.modeling import decoder_forward  # noqa: E402
 from calibkern.hf.token_evaluation import (  # noqa: E402
     encode_text_row,
     evaluate_tokens,
@@ -17,7 +21,7 @@ from calibkern.hf.token_evaluation import (  # noqa: E402
     write_token_evaluation,
 )
 from calibkern.reference import bin_index  # noqa: E402
-from hf_tiny import make_model, make_tokenizer  # noqa: E402
+from hf_tiny import make_examples, make_model, make_tokenizer  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 ROWS = [{"text": "which goes with red 3? Answer: B"}, {"prompt": "which goes with the", "completion": " blue moon"},
@@ -98,3 +102,52 @@ def test_cli_evaluate_token_level(tmp_path, capsys):
     assert main(args[:4] + ["--out", str(tmp_path / "bad")]) == 2
     assert main(args + ["--out", str(tmp_path / "bad"), "--temperature", "2"]) == 2
     assert "--temperature" in capsys.readouterr().err
+
+
+def _trainer(tmp_path, config, supervise="full"):
+    from transformers import TrainingArguments
+
+    tokenizer = make_tokenizer()
+    dataset = build_sft_dataset(tokenizer, make_examples(8), detect_option_ids(tokenizer, 4), supervise=supervise)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, per_device_eval_batch_size=8,
+                             num_train_epochs=1, learning_rate=1e-2, logging_steps=1, report_to=[], save_strategy="no",
+                             use_cpu=True, disable_tqdm=True, seed=0, data_seed=0)
+    return CalibrationTrainer(make_model(tokenizer), args, dataset, calibration=config), dataset
+
+
+def test_token_cft_bin_accuracy_is_the_starting_model_s_token_statistics(tmp_path):
+    trainer, dataset = _trainer(tmp_path, CalibrationConfig(method="token_cft", lam=2.0, check_logits=False))
+    batch = trainer.data_collator([dataset[i] for i in range(len(dataset))])
+    with torch.no_grad():
+        hidden, weight, bias, _ = decoder_forward(trainer.model, batch)
+        start = calibkern.fused_linear_calibration_loss(hidden, weight, batch["labels"], option_ids=None, bias=bias,
+                                                        calibration=None, token_stats=True).token_stats
+    trainer.train()
+    torch.testing.assert_close(trainer.bin_accuracy, start.bin_accuracy())
+    logged = [entry for entry in trainer.state.log_history if "token_ece" in entry]
+    assert len(logged) == 2 and all("calib_ece" not in entry and entry["calib_term"] > 0 for entry in logged)
+    assert all(0.0 <= entry[key] <= 1.0 for entry in logged
+               for key in ("token_ece", "token_accuracy", "token_confidence"))
+
+
+def test_cft_logs_token_telemetry_and_full_ece(tmp_path):
+    tokenizer = make_tokenizer()
+    config = CalibrationConfig(method="cft", option_ids=detect_option_ids(tokenizer, 4), bin_accuracy=[0.5] * 10,
+                               full_stats=True, check_logits=False)
+    trainer, _ = _trainer(tmp_path, config, supervise="completion")
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "token_ece" in entry]
+    assert logged and all({"calib_ece", "token_accuracy", "token_confidence", "full_ece"} <= set(entry)
+                          for entry in logged)
+
+
+@pytest.mark.parametrize("changes, error, name", [
+    ({"method": "cft"}, ValueError, "option_ids"),
+    ({"method": "rcft"}, ValueError, "option_ids"),
+    ({"token_stats": 1}, TypeError, "token_stats"),
+    ({"bin_accuracy": [0.5] * 3}, ValueError, "bin_accuracy"),
+    ({"em": {"refresh": "stream"}}, ValueError, "em"),
+])
+def test_config_errors(changes, error, name):
+    with pytest.raises(error, match=name):
+        CalibrationConfig(**{"method": "token_cft", **changes})
