@@ -154,7 +154,7 @@ def test_errors_name_the_problem(setup):
     with pytest.raises(ValueError, match="not patched"):
         fused_loss_of(make_model(tokenizer))
     model = apply_fused_loss(make_model(tokenizer))
-    with pytest.raises(ValueError, match="needs labels"):
+    with pytest.raises(ValueError, match="needs labels and a CalibrationConfig"):
         model(input_ids=inputs["input_ids"], option_logits_only=True)
     apply_fused_loss(model, cft(option_ids))  # patching again replaces the loss
     assert model(**inputs).cal_loss is not None

@@ -237,6 +237,7 @@ def check_logit_parity(model: nn.Module, inputs: dict, *, tokens: int = 16) -> f
     probe = {key: inputs[key][:1, :tokens] for key in ("input_ids", "attention_mask")
              if isinstance(inputs.get(key), torch.Tensor)}
     fused = getattr(causal_lm, FUSED_LOSS_ATTRIBUTE, None)
+    fused = None if fused is None or fused.option_ids is None else fused
     was_training = model.training
     model.eval()
     try:

@@ -51,7 +51,6 @@ __all__ = ["FusedCausalLMOutput", "FusedLoss", "answer_option_labels", "apply_fu
 IGNORE_INDEX = -100
 GATHERED_METHOD = "calibkern_gathered_call"  # the lm_head method registered with FSDP2
 CALIBRATION_FORM = {"cft": "hard_bin", "rcft": "em"}
-CE_ONLY_OPTION_IDS = (0, 1)  # plain CE: the fused op's option columns are computed and discarded
 
 
 def answer_option_labels(
@@ -94,10 +93,12 @@ class FusedLoss:
                 or gradient_accumulation_steps < 1:
             raise ValueError(f"gradient_accumulation_steps must be a positive int, got {gradient_accumulation_steps!r}")
         method = None if calibration is None else calibration.method
+        if method not in (None, *CALIBRATION_FORM):
+            raise ValueError(f"the fused forward computes method 'cft' or 'rcft', got {method!r}")
         if em_state is not None and method != "rcft":
             raise ValueError("em_state applies to a CalibrationConfig with method='rcft' only")
         self.calibration = calibration
-        self.option_ids = torch.tensor(CE_ONLY_OPTION_IDS if calibration is None else calibration.option_ids)
+        self.option_ids = None if calibration is None else torch.tensor(calibration.option_ids)
         self.bin_accuracy = None
         if calibration is not None and calibration.bin_accuracy is not None:
             self.bin_accuracy = torch.as_tensor(calibration.bin_accuracy, dtype=torch.float32)
@@ -125,7 +126,7 @@ class FusedLoss:
         parameters are gathered."""
         hidden, weight, bias, softcap = projection(head, transform, hidden)
         calibration = self.calibration
-        option_ids = self.option_ids.to(hidden.device)
+        option_ids = None if self.option_ids is None else self.option_ids.to(hidden.device)
         sft_weight, lam = self.loss_weights(training, num_items_in_batch)
         form = None if calibration is None or calibration.official_compat else CALIBRATION_FORM[calibration.method]
         if form == "hard_bin" and self.bin_accuracy is None:
@@ -136,7 +137,7 @@ class FusedLoss:
             bin_accuracy=self.bin_accuracy.to(hidden.device) if form == "hard_bin" else None,
             em_state=self.em_state if form == "em" else None, lam=lam, sft_weight=sft_weight,
             n_bins=10 if calibration is None else calibration.n_bins, shift=True,
-            answer_mask=None if calibration is None else answer_mask,
+            answer_mask=None if calibration is None else answer_mask,  # plain CE has no answers
             num_items_in_batch=num_items_in_batch, chunk_size=None if calibration is None else calibration.chunk_size,
             logit_softcap=softcap, backend=None if calibration is None else calibration.backend)
         if calibration is None:
@@ -217,8 +218,8 @@ def _fused_forward(self, *args, labels=None, answer_mask=None, num_items_in_batc
     state: FusedLoss = getattr(self, FUSED_LOSS_ATTRIBUTE)
     if labels is None and not option_logits_only:
         return state.original_forward(self, *args, **kwargs)
-    if labels is None:
-        raise ValueError("option_logits_only=True needs labels")
+    if option_logits_only and (labels is None or state.option_ids is None):
+        raise ValueError("option_logits_only=True needs labels and a CalibrationConfig (its option_ids)")
     if len(args) > 1:
         raise TypeError("the fused forward takes input_ids as its one positional argument; pass the rest by name")
     if args:
