@@ -158,3 +158,28 @@ def test_errors_name_the_problem(setup):
         model(input_ids=inputs["input_ids"], option_logits_only=True)
     apply_fused_loss(model, cft(option_ids))  # patching again replaces the loss
     assert model(**inputs).cal_loss is not None
+
+
+def test_a_plain_trainer_gets_the_fused_loss_by_one_call(setup, tmp_path):
+    """``transformers.Trainer`` on a patched model (it passes labels, answer_mask and num_items_in_batch to the
+    forward) takes the step that ``compute_loss_func`` takes from the full logits."""
+    from transformers import Trainer, TrainingArguments
+
+    from calibkern.hf import MCQCollator, build_sft_dataset
+    from hf_tiny import make_examples
+
+    tokenizer, option_ids = setup
+    dataset = build_sft_dataset(tokenizer, make_examples(8), option_ids, supervise="completion")
+    config = cft(option_ids)
+    weights = []
+    for patched in (True, False):
+        model = make_model(tokenizer)
+        args = TrainingArguments(output_dir=str(tmp_path / str(patched)), per_device_train_batch_size=8, max_steps=1,
+                                 optim="sgd", learning_rate=1.0, lr_scheduler_type="constant", report_to=[],
+                                 save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0)
+        Trainer(model=apply_fused_loss(model, config) if patched else model, args=args, train_dataset=dataset,
+                data_collator=MCQCollator(tokenizer.pad_token_id),
+                compute_loss_func=None if patched else compute_loss_func(config)).train()
+        weights.append(model.state_dict())
+    for key, value in weights[1].items():
+        torch.testing.assert_close(weights[0][key], value, rtol=1e-5, atol=1e-6, msg=key)
