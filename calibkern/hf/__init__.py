@@ -19,6 +19,7 @@ from .data import (
 )
 from .evaluation import EvaluationResult, calibration_metrics, evaluate, write_evaluation
 from .patching import FusedCausalLMOutput, apply_fused_loss, fused_loss_of
+from .token_evaluation import TokenEvaluation, evaluate_tokens, load_text_rows, write_token_evaluation
 from .trainer import CalibrationTrainer, compute_loss_func, silence_console
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "CalibrationConfig",
     "CalibrationTrainer",
     "EvaluationResult",
+    "TokenEvaluation",
     "FusedCausalLMOutput",
     "MCQCollator",
     "MCQDataError",
@@ -38,11 +40,13 @@ __all__ = [
     "detect_option_ids",
     "encode_example",
     "evaluate",
+    "evaluate_tokens",
     "fit_temperature",
     "check_template",
     "format_prompt",
     "fused_loss_of",
     "load_mcq",
+    "load_text_rows",
     "preference_dataset",
     "resolve_pad_token_id",
     "silence_console",
@@ -50,4 +54,5 @@ __all__ = [
     "train_dpo",
     "train_label_smoothing",
     "write_evaluation",
+    "write_token_evaluation",
 ]
