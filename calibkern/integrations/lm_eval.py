@@ -331,7 +331,9 @@ def evaluate_samples(
         if samples[task].skip_reason is None:
             results[task] = _evaluate_task(samples[task], n_bins=n_bins, temperature=temperature, seed=seed)
     micro = None
-    if results:
+    if len(results) == 1:  # one task: its rows are all the rows
+        micro = next(iter(results.values())).metrics
+    elif results:
         logits, labels = _concatenated([samples[task] for task in results])
         micro = calibration_metrics(padded_option_logits(logits, temperature), labels, n_bins=n_bins,
                                     temperature=temperature, seed=seed)
