@@ -295,6 +295,10 @@ def test_round_trip_through_the_real_harness(tmp_path, monkeypatch):
         assert metrics[name] == pytest.approx(expected[name], abs=1e-6), name
     assert metrics["n"] == expected["n"] == 32
     assert metrics["accuracy"] == pytest.approx(results["results"]["tiny_mcq"]["acc,none"], abs=1e-12)
+    assert main(["evaluate", "--lm-eval", str(tmp_path / "lm_eval_out"), "--out", str(tmp_path / "norm"),
+                 "--normalize", "chars", "--no-progress"]) == 0
+    normalized = json.loads((tmp_path / "norm" / "tiny_mcq" / "metrics.json").read_text())
+    assert normalized["accuracy"] == pytest.approx(results["results"]["tiny_mcq"]["acc_norm,none"], abs=1e-12)
 
     samples_file, = (tmp_path / "lm_eval_out").rglob("samples_tiny_mcq_*.jsonl")
     logged = [json.loads(line) for line in samples_file.read_text().splitlines()]
