@@ -23,7 +23,7 @@ from hf_tiny import make_examples, make_model, make_tokenizer  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-METRIC_KEYS = {"ece", "ece_debiased", "ece_l2", "mce", "cw_ece", "accuracy", "mean_confidence", "nll", "brier", "n",
+METRIC_KEYS = {"ece", "ece_debiased", "smece", "ece_l2", "mce", "cw_ece", "accuracy", "mean_confidence", "nll", "brier", "n",
                "ece_ci"}
 
 
@@ -52,6 +52,7 @@ def test_probabilities_equal_a_direct_forward_pass(setup, tmp_path):
 
     assert set(result.metrics) == METRIC_KEYS and result.metrics["n"] == len(examples)
     assert result.metrics["ece"] == pytest.approx(float(calibkern.ece(result.option_logits, result.labels, 10)))
+    assert result.metrics["smece"] == float(calibkern.smooth_ece(result.option_logits, result.labels))
     low, high = result.metrics["ece_ci"]
     assert low <= high
     write_evaluation(result, tmp_path)
