@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="the embedded default pipeline, offline, on a tiny Llama")
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seeds", default=None, metavar="S,S,...",
+                      help="run the demo once per seed (instead of --seed) into OUT/seed_<s>, summarised in "
+                           "OUT/summary.md")
     demo.add_argument("--n-bins", type=int, default=10)
     demo.add_argument("--quick", action="store_true", help="a few-second configuration (numbers mean nothing)")
     demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -142,6 +145,10 @@ def _check_args(args) -> None:
             raise ValueError(f"--template: {error}") from None
     if getattr(args, "n_bins", 1) < 1:
         raise ValueError(f"--n-bins must be ≥ 1, got {args.n_bins}")
+    if getattr(args, "seeds", None) is not None:
+        from .pipeline.seeds import parse_seeds
+
+        parse_seeds(args.seeds)
     out = getattr(args, "out", None)
     if out is not None and os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out}: exists and is not a directory")
@@ -197,7 +204,7 @@ def _run(args) -> None:
     if args.command == "info":
         return _info()
     from . import hf, pipeline
-    from .pipeline import io, report, runner, stages
+    from .pipeline import io, report, runner, seeds, stages
 
     _check_args(args)
 
@@ -209,6 +216,11 @@ def _run(args) -> None:
     if args.command == "demo":
         config = pipeline.DemoConfig.small(args.seed) if args.quick else pipeline.DemoConfig(seed=args.seed)
         config = _parse_overrides(args.set, config.replace(n_bins=args.n_bins))
+        if args.seeds is not None:
+            summary = seeds.run_seeds(config, seeds.parse_seeds(args.seeds), args.out, progress=progress)
+            print(seeds.summary_markdown(summary))
+            print(f"wrote {args.out}/summary.json, summary.md and seed_<s>/ per seed")
+            return
         results = pipeline.run_demo(config, args.out, progress=progress)
         print(open(os.path.join(args.out, "results.md"), encoding="utf-8").read())
         failed = [c["claim"] for c in results["checks"] if not c["holds"]]
@@ -249,8 +261,10 @@ def _run(args) -> None:
         result = hf.evaluate(model, tokenizer, examples, option_ids, template=args.template, n_bins=args.n_bins,
                              temperature=args.temperature, progress=progress, seed=args.seed)
         hf.write_evaluation(result, args.out)
-        print(f"wrote {args.out}/metrics.json and predictions.jsonl: ECE {result.metrics['ece']:.4f}, "
-              f"accuracy {result.metrics['accuracy']:.4f}")
+        m = result.metrics
+        print(f"wrote {args.out}/metrics.json and predictions.jsonl: ECE {m['ece']:.4f} (debiased "
+              f"{m['ece_debiased']:.4f}, 95 % CI [{m['ece_ci'][0]:.4f}, {m['ece_ci'][1]:.4f}]), smooth ECE "
+              f"{m['smece']:.4f}, accuracy {m['accuracy']:.4f}")
     elif args.command == "baselines":
         temperature, scaled = stages.temperature_scaling(model, tokenizer, extra["calibration_data"], examples,
                                                          option_ids, n_bins=args.n_bins, template=args.template,

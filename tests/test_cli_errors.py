@@ -66,6 +66,9 @@ CASES = [
     ("demo --out {out} --set no_such_field=1", "expected KEY=VALUE"),
     ("demo --out {out} --set seed=abc", "seed"),
     ("demo --out {out} --n-bins 0", "--n-bins must be ≥ 1"),
+    ("demo --out {out} --seeds 0,x", "--seeds must be comma-separated integers"),
+    ("demo --out {out} --seeds 1,1", "--seeds must be distinct non-negative integers"),
+    ("demo --out {out} --seeds=-1", "--seeds must be distinct non-negative integers"),
 ]
 
 
