@@ -17,7 +17,7 @@ from typing import NamedTuple
 import torch
 
 from . import _validate as V
-from .metrics import _kept_rows
+from .ops.row_metrics import top1_rows
 
 SIGMA_FLOOR = 1e-3
 SEARCH_STEPS = 10
@@ -116,8 +116,12 @@ class _Smoother:
         return high
 
 
-def _smoother(logits, labels, temperature, ignore_index, nonfinite) -> _Smoother:
-    _, confidence, correct, _ = _kept_rows(logits, labels, temperature, ignore_index, nonfinite)
+def _smoother(logits, labels, temperature, ignore_index, nonfinite, backend) -> _Smoother:
+    """The kept rows' top-1 confidences and correctness, from one read of the logits by ``backend``'s kernel."""
+    V.check_logits(logits)
+    rows = top1_rows(logits, labels, temperature=temperature, ignore_index=ignore_index, nonfinite=nonfinite,
+                     backend=backend)
+    confidence, correct = rows.confidence[rows.kept], rows.correct[rows.kept]
     if confidence.shape[0] == 0:
         raise ValueError("labels: every row is ignored, so there is no smooth ECE to compute")
     return _Smoother(confidence, correct)
@@ -134,13 +138,14 @@ def _check_sigma(sigma) -> float | None:
 
 @torch.no_grad()
 def smooth_ece(logits, labels, *, sigma=None, temperature=1.0, ignore_index=-100, nonfinite="error",
-               return_sigma=False):
+               backend=None, return_sigma=False):
     """Smooth ECE of the top-1 confidences ``max softmax(logits / temperature)`` against correctness, as a
     float64 0-dim tensor; ``sigma=None`` takes the fixed-point bandwidth (``return_sigma=True`` returns it too,
-    as ``(smece, sigma)``). An evaluation metric: the bandwidth search reads values on the host.
+    as ``(smece, sigma)``). The logits are read once, by ``backend``'s ``top1_rows`` kernel; the smoothing runs
+    on the rows' confidences. An evaluation metric: the bandwidth search reads values on the host.
     """
     sigma = _check_sigma(sigma)
-    smoother = _smoother(logits, labels, temperature, ignore_index, nonfinite)
+    smoother = _smoother(logits, labels, temperature, ignore_index, nonfinite, backend)
     sigma = smoother.fixed_point() if sigma is None else sigma
     value = torch.tensor(smoother.ece(sigma), dtype=torch.float64)
     return (value, sigma) if return_sigma else value
@@ -148,14 +153,14 @@ def smooth_ece(logits, labels, *, sigma=None, temperature=1.0, ignore_index=-100
 
 @torch.no_grad()
 def smooth_reliability(logits, labels, *, sigma=None, points=CURVE_POINTS, temperature=1.0, ignore_index=-100,
-                       nonfinite="error") -> SmoothReliability:
+                       nonfinite="error", backend=None) -> SmoothReliability:
     """The smooth reliability curve at ``points`` evenly spaced confidences in [0, 1], at ``sigma`` (default:
     the smooth ECE's fixed-point bandwidth)."""
     sigma = _check_sigma(sigma)
     points = V.check_n_bins(points, "points")
     if points < 2:
         raise ValueError(f"points must be at least 2, got {points}")
-    smoother = _smoother(logits, labels, temperature, ignore_index, nonfinite)
+    smoother = _smoother(logits, labels, temperature, ignore_index, nonfinite, backend)
     sigma = smoother.fixed_point() if sigma is None else sigma
     t, residual, density = smoother.curve(sigma, points)
     density = (density - DENSITY_FLOOR).clamp_min_(0) / smoother.confidence.shape[0]

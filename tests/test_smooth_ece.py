@@ -39,6 +39,20 @@ def test_equals_relplot(n, k, scale, tempered):
     assert abs(float(value) - expected) <= 1e-6
 
 
+@pytest.mark.parametrize("backend", [b for b in ("torch", "cpp", "triton") if b in ck.available_backends()])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_every_backend_equals_relplot(backend, dtype):
+    logits, labels = calibrated_rows(123, 5, 2.0, seed=11, tempered=2.0)
+    logits = logits.to(dtype)
+    labels[::7] = IGNORE
+    expected, expected_sigma = relplot_smece(logits.float(), labels)
+    value, sigma = ck.smooth_ece(logits, labels, backend=backend, return_sigma=True)
+    assert sigma == expected_sigma and abs(float(value) - expected) <= 1e-6
+    curve = ck.smooth_reliability(logits, labels, backend=backend)
+    reference = ck.smooth_reliability(logits, labels, backend="torch")
+    torch.testing.assert_close(curve.accuracy, reference.accuracy, rtol=0, atol=1e-6)  # float32 confidences
+
+
 def test_fixed_bandwidth_ignored_rows_and_temperature_equal_relplot():
     logits = random_logits(300, 5, seed=3)
     labels = random_labels(300, 5, ignore_frac=0.3, seed=4)
