@@ -22,6 +22,7 @@ import torch
 from calibkern import _build
 from calibkern import _validate as V
 from calibkern._cpu_flags import cpu_flags
+from calibkern.reference.bootstrap import POISSON_THRESHOLDS
 
 
 def _ahead_of_time_problem() -> str | None:
@@ -72,6 +73,13 @@ def metric_sums(logits: torch.Tensor, labels: torch.Tensor, n_bins: int, tempera
 def top1_rows(logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int):
     """(confidence float32 [N], correct bool [N]) per row; ignored rows 0 and False, non-finite kept rows NaN."""
     return _C.top1_rows(logits, labels, float(temperature), int(ignore_index))
+
+
+def bootstrap_stats(confidence: torch.Tensor, correct: torch.Tensor, n_bins: int, n_boot: int, seed: int):
+    """(counts, Σ w c, Σ w · correct), each [n_boot, M], of Poisson replicates of the rows (the weights of
+    calibkern.reference.bootstrap)."""
+    thresholds = torch.tensor(POISSON_THRESHOLDS, dtype=torch.int64)
+    return _C.bootstrap_stats(confidence, correct, thresholds, int(n_bins), int(n_boot), int(seed))
 
 
 def _checked(outputs, n_classes: int, ignore_index: int):

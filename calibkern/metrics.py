@@ -18,9 +18,11 @@ import numpy as np
 import torch
 
 from . import _validate as V
+from . import backends
 from .ops import custom_ops
 from .ops._dispatch import prepare
 from .ops.binned_stats import binned_stats_tensors
+from .ops.row_metrics import metric_sums_tensors, top1_rows
 from .reference import bin_index, softmax_parts
 
 NORMS = ("l1", "l2", "max")
@@ -282,15 +284,23 @@ def _kept_rows(logits, labels, temperature, ignore_index, nonfinite):
     return p, conf, (pred == rows.labels[keep]), rows.labels[keep]
 
 
+def _kept_top1(logits, labels, temperature, ignore_index, nonfinite, backend):
+    """Confidence and correctness of the kept rows, from the backend's ``top1_rows`` kernel (syncs the host)."""
+    V.check_logits(logits)
+    rows = top1_rows(logits, labels, temperature=temperature, ignore_index=ignore_index, nonfinite=nonfinite,
+                     backend=backend)
+    return rows.confidence[rows.kept], rows.correct[rows.kept]
+
+
 def adaptive_ece(logits, labels, n_bins=10, norm="l1", *, temperature=1.0, ignore_index=-100,
-                 nonfinite="error") -> torch.Tensor:
+                 nonfinite="error", backend=None) -> torch.Tensor:
     """ECE over equal-mass bins: samples sorted by confidence, bin of the j-th of N is ``floor(j·M/N)``.
 
     Ties at a bin edge are split by sort position (a stable sort keeps input order among equals).
     """
     n_bins = V.check_n_bins(n_bins)
     V.check_choice(norm, "norm", NORMS)
-    _, conf, correct, _ = _kept_rows(logits, labels, temperature, ignore_index, nonfinite)
+    conf, correct = _kept_top1(logits, labels, temperature, ignore_index, nonfinite, backend)
     order = torch.sort(conf, stable=True).indices
     n = conf.shape[0]
     bins = torch.div(torch.arange(n, device=conf.device) * n_bins, max(n, 1), rounding_mode="floor")
@@ -311,8 +321,10 @@ def ece_confidence_interval(logits, labels, n_bins=10, norm="l1", *, method="deb
     miscalibrated predictors alike (docs/math.md#intervals has the table). One pass over the
     logits (the binning kernel of ``backend``); the resampling runs on the M bin statistics.
 
-    ``method="percentile"``: the plug-in ECE and the percentile interval of the ECEs of ``n_boot`` row
-    resamples. It covers the truth where the predictor is clearly miscalibrated, and almost never where it is
+    ``method="percentile"``: the plug-in ECE and the percentile interval of the ECEs of ``n_boot`` Poisson
+    resamples of the rows (each row's multiplicity Poisson(1), from a counter-based hash of ``seed``, replicate
+    and row: the same replicates on every backend), accumulated by the backend's ``bootstrap_stats`` kernel on
+    the rows' confidences and correctness, computed once by ``top1_rows``. It covers the truth where the predictor is clearly miscalibrated, and almost never where it is
     nearly calibrated: the plug-in's upward bias then moves the whole interval above the truth.
     """
     n_bins = V.check_n_bins(n_bins)
@@ -330,25 +342,12 @@ def ece_confidence_interval(logits, labels, n_bins=10, norm="l1", *, method="deb
         stats = binned_stats(logits, labels, n_bins, temperature=temperature, ignore_index=ignore_index,
                              nonfinite=nonfinite, backend=backend)
         return _debiased_interval(stats, norm, n_boot, tail, seed)
-    _, conf, correct, _ = _kept_rows(logits, labels, temperature, ignore_index, nonfinite)
-    n = conf.shape[0]
-    if n == 0:
+    conf, correct = _kept_top1(logits, labels, temperature, ignore_index, nonfinite, backend)
+    if conf.shape[0] == 0:
         raise ValueError("labels: every row is ignored, so the ECE has no confidence interval")
-    bins = bin_index(conf, n_bins)
     estimate = float(BinStats.from_confidences(conf, correct, n_bins).ece(norm))
-    generator = torch.Generator(device=conf.device).manual_seed(seed)
-    chunk = max(1, min(n_boot, 2 ** 24 // n))
-    values = []
-    for start in range(0, n_boot, chunk):
-        b = min(chunk, n_boot - start)
-        idx = torch.randint(n, (b, n), generator=generator, device=conf.device)
-        flat = (bins[idx] + torch.arange(b, device=conf.device)[:, None] * n_bins).reshape(-1)
-        size = b * n_bins
-        counts = torch.bincount(flat, minlength=size).view(b, n_bins)
-        sum_conf = torch.bincount(flat, conf.double()[idx].reshape(-1), minlength=size).view(b, n_bins)
-        sum_correct = torch.bincount(flat, correct.double()[idx].reshape(-1), minlength=size).view(b, n_bins)
-        values.append(_ece_from_sums(counts, sum_conf, sum_correct, norm))
-    values = torch.cat(values)
+    name = backends.resolve(backend, conf.device, conf.dtype)[0]
+    values = _ece_from_sums(*custom_ops.bootstrap_stats(conf, correct, n_bins, n_boot, seed, name), norm)
     low, high = torch.quantile(values, torch.tensor([tail, 1.0 - tail], dtype=torch.float64, device=values.device))
     return ConfidenceInterval(estimate, float(low), float(high), "percentile")
 
@@ -385,40 +384,22 @@ def _debiased_interval(stats: BinStats, norm: str, n_boot: int, tail: float, see
     return ConfidenceInterval(estimate, min(low, estimate), max(high, estimate), "debiased")
 
 
-def proper_score_sums(logits, labels, *, temperature=1.0, ignore_index=-100):
-    """Row sums of the negative log-likelihood ``−log p_y`` and the Brier score ``Σ_j (p_j − 1[y=j])²``
-    over kept rows, as float64 0-dim tensors (no host sync).
-
-    The Brier term is ``(Σ_{j≠y} p_j)² + Σ_{j≠y} p_j²``: sums of non-negative terms, with ``1 − p_y`` taken
-    as the sum of the other probabilities, so a confident row keeps its relative precision (the expanded
-    ``Σ p² − 2 p_y + 1`` cancels to 0 in float32 once ``p_y`` rounds to 1)."""
-    from .reference.softmax import scaled
-
-    log_p = torch.log_softmax(scaled(logits, temperature), dim=1)
-    keep = labels != ignore_index
-    safe = torch.where(keep, labels, torch.zeros_like(labels))[:, None]
-    log_p_y = log_p.gather(1, safe).squeeze(1)
-    others = log_p.exp_().scatter_(1, safe, 0.0)
-    brier = others.sum(dim=1).square() + others.square().sum(dim=1)
-    return (-log_p_y * keep).double().sum(), (brier * keep).double().sum()
-
-
-def _proper_score(logits, labels, which: int, temperature, ignore_index, nonfinite) -> torch.Tensor:
+def _proper_score(logits, labels, which: int, temperature, ignore_index, nonfinite, backend) -> torch.Tensor:
+    """Σ over the kept finite rows of NLL (``which`` 0) or Brier (1), from the one-pass kernel, over their count."""
     V.check_logits(logits)
-    temperature = V.check_positive_float(temperature, "temperature")
-    rows = prepare(logits, labels, ignore_index=ignore_index, nonfinite=nonfinite, backend="torch")
-    total = proper_score_sums(rows.logits, rows.labels, temperature=temperature, ignore_index=ignore_index)[which]
-    return total / (rows.labels != ignore_index).sum().clamp_min(1).double()
+    out = metric_sums_tensors(logits, labels, 1, temperature=temperature, ignore_index=ignore_index,
+                              nonfinite=nonfinite, backend=backend)
+    return out[4][which] / out[0].sum().clamp_min(1).double()
 
 
-def nll(logits, labels, *, temperature=1.0, ignore_index=-100, nonfinite="error") -> torch.Tensor:
-    """Mean negative log-likelihood of the labels."""
-    return _proper_score(logits, labels, 0, temperature, ignore_index, nonfinite)
+def nll(logits, labels, *, temperature=1.0, ignore_index=-100, nonfinite="error", backend=None) -> torch.Tensor:
+    """Mean negative log-likelihood of the labels (docs/math.md#proper-scores)."""
+    return _proper_score(logits, labels, 0, temperature, ignore_index, nonfinite, backend)
 
 
-def brier(logits, labels, *, temperature=1.0, ignore_index=-100, nonfinite="error") -> torch.Tensor:
-    """Mean multi-class Brier score ``Σ_j (p_j − 1[y = j])²`` (range [0, 2])."""
-    return _proper_score(logits, labels, 1, temperature, ignore_index, nonfinite)
+def brier(logits, labels, *, temperature=1.0, ignore_index=-100, nonfinite="error", backend=None) -> torch.Tensor:
+    """Mean multi-class Brier score ``Σ_j (p_j − 1[y = j])²`` (range [0, 2]; docs/math.md#proper-scores)."""
+    return _proper_score(logits, labels, 1, temperature, ignore_index, nonfinite, backend)
 
 
 class CalibrationMeter:
@@ -453,26 +434,25 @@ class CalibrationMeter:
 
     @torch.no_grad()
     def update(self, logits, labels) -> None:
-        """Add one batch: validated once, binned by the backend's kernel, NLL/Brier summed in torch. Every
-        check runs and every batch statistic is computed before the state changes, so a rejected batch
-        leaves the meter as it was."""
-        rows = prepare(logits, labels, ignore_index=self.ignore_index, nonfinite=self.nonfinite, backend=self.backend)
-        n_classes = rows.logits.shape[1]
+        """Add one batch: validated once, then one kernel (``metric_sums``) reads each row once for its bin
+        statistics, NLL and Brier sums and (classwise) class statistics. Every check runs and every batch
+        statistic is computed before the state changes, so a rejected batch leaves the meter as it was."""
+        V.check_logits(logits, allow_empty=True)
+        n_classes = logits.shape[1]
         expected = self.n_classes if self.class_stats is None else self.class_stats.counts.shape[0]
         if self.classwise and expected is not None and n_classes != expected:
             raise ValueError(f"logits has K = {n_classes} classes but this classwise meter holds {expected} "
                              "(n_classes, or the first batch's K)")
-        args = (rows.logits, rows.labels, self.n_bins, self.temperature, self.ignore_index)
-        batch = BinStats(*custom_ops.binned_stats(*args, False, rows.backend)[:3], rows.n_skipped)
-        batch_cw = BinStats(*custom_ops.binned_stats(*args, True, rows.backend)[:3]) if self.classwise else None
-        s_nll, s_brier = proper_score_sums(rows.logits, rows.labels, temperature=self.temperature,
-                                           ignore_index=self.ignore_index)
-        device = rows.logits.device
-        self.stats = self.stats.to(device) + batch
-        if batch_cw is not None:
+        counts, sum_conf, sum_correct, n_skipped, scores, *per_class = metric_sums_tensors(
+            logits, labels, self.n_bins, classwise=self.classwise, temperature=self.temperature,
+            ignore_index=self.ignore_index, nonfinite=self.nonfinite, backend=self.backend)
+        device = counts.device
+        self.stats = self.stats.to(device) + BinStats(counts, sum_conf, sum_correct, n_skipped)
+        if self.classwise:
+            batch_cw = BinStats(*per_class)
             self.class_stats = batch_cw if self.class_stats is None else self.class_stats.to(device) + batch_cw
-        self.sum_nll = self.sum_nll.to(device) + s_nll
-        self.sum_brier = self.sum_brier.to(device) + s_brier
+        self.sum_nll = self.sum_nll.to(device) + scores[0]
+        self.sum_brier = self.sum_brier.to(device) + scores[1]
         self.updated = True
 
     def compute(self) -> dict:

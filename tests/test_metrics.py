@@ -125,7 +125,7 @@ def test_bootstrap_interval_is_seeded_and_brackets_the_estimate():
     c = ck.ece_confidence_interval(logits, labels, n_boot=300, seed=4, method="percentile")
     assert a == b and a != c
     assert a.low <= a.estimate <= a.high
-    assert a.estimate == pytest.approx(ck.ece(logits, labels, backend="torch").item(), abs=1e-12)
+    assert a.estimate == pytest.approx(ck.ece(logits, labels).item(), abs=1e-12)
 
 
 def test_binstats_merge_and_reliability():

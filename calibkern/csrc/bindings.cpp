@@ -54,6 +54,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return cpu::top1_rows(logits, labels, temperature, ignore_index);
   }, py::arg("logits"), py::arg("labels"), py::arg("temperature"), py::arg("ignore_index"));
 
+  m.def("bootstrap_stats", [](const at::Tensor& confidence, const at::Tensor& correct, const at::Tensor& thresholds,
+                              int64_t n_bins, int64_t n_boot, int64_t seed) {
+    TORCH_CHECK(confidence.device().is_cpu() && confidence.dim() == 1 && confidence.is_contiguous() &&
+                    confidence.scalar_type() == at::kFloat,
+                "calibkern._C: confidence must be a contiguous float32 [n] CPU tensor");
+    TORCH_CHECK(correct.sizes() == confidence.sizes() && correct.scalar_type() == at::kBool && correct.is_contiguous(),
+                "calibkern._C: correct must be a contiguous bool tensor shaped like confidence");
+    TORCH_CHECK(thresholds.dim() == 1 && thresholds.scalar_type() == at::kLong && thresholds.is_contiguous(),
+                "calibkern._C: thresholds must be a contiguous int64 [T] tensor");
+    TORCH_CHECK(n_bins >= 1 && n_boot >= 1 && confidence.size(0) < (int64_t{1} << 31),
+                "calibkern._C: n_bins >= 1, n_boot >= 1 and fewer than 2^31 rows required");
+    return cpu::bootstrap_stats(confidence, correct, thresholds, n_bins, n_boot, seed);
+  }, py::arg("confidence"), py::arg("correct"), py::arg("thresholds"), py::arg("n_bins"), py::arg("n_boot"),
+     py::arg("seed"));
+
   m.def("hard_bin_loss", [](const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& bin_accuracy,
                             int64_t ignore_index, int64_t reduction) {
     check_rows(logits, labels);

@@ -20,7 +20,7 @@ Each op takes the backend by name (``"auto"`` picks triton for CUDA tensors, see
   graph is freed by that backward and ``∂L/∂loss`` is exactly 1);
 * ``em_ece_loss``: ``L = Σ_k (S_k/N) ρ(C_k/S_k − θ_k)`` with r detached; backward is the second phase
   ``∂L/∂z_i = (Σ_k r_ik ρ'(d_k)/N) · c_i (e_ŷ − p_i)`` (``em_ece_grad``), scaled by ``∂L_out``;
-* ``binned_stats``, ``metric_sums``, ``top1_rows``, ``em_stats``, ``em_ece_grad`` and the in-place
+* ``binned_stats``, ``metric_sums``, ``top1_rows``, ``bootstrap_stats``, ``em_stats``, ``em_ece_grad`` and the in-place
   ``cross_entropy_`` have no gradient.
 """
 
@@ -268,6 +268,22 @@ def top1_rows(logits: Tensor, labels: Tensor, temperature: float, ignore_index: 
 
 top1_rows = KernelOp(top1_rows, fake=lambda logits, *_: (logits.new_empty(logits.shape[0], dtype=_float_dtype(logits)),
                                                          logits.new_empty(logits.shape[0], dtype=torch.bool)))
+
+
+def bootstrap_stats(confidence: Tensor, correct: Tensor, n_bins: int, n_boot: int, seed: int,
+                    backend: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
+    """(counts int64, Σ w c float64, Σ w · correct float64), each [n_boot, M], of Poisson replicates of the rows
+    (``confidence`` [n], ``correct`` bool [n]) with the counter-based weights of calibkern.reference.bootstrap."""
+    return tuple(_kernels(backend, confidence).bootstrap_stats(confidence, correct, n_bins, n_boot, seed))
+
+
+def _fake_bootstrap_stats(confidence, correct, n_bins, n_boot, seed, backend="auto"):
+    return (confidence.new_empty((n_boot, n_bins), dtype=torch.int64),
+            confidence.new_empty((n_boot, n_bins), dtype=torch.float64),
+            confidence.new_empty((n_boot, n_bins), dtype=torch.float64))
+
+
+bootstrap_stats = KernelOp(bootstrap_stats, fake=_fake_bootstrap_stats)
 
 
 def cross_entropy_(logits: Tensor, targets: Tensor, ignore_index: int, backend: str = "auto") -> Tensor:

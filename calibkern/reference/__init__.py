@@ -4,6 +4,7 @@ It implements the kernel contract of docs/backends.md, vectorised (no Python loo
 """
 
 from .binned_stats import binned_stats
+from .bootstrap import bootstrap_stats
 from .cross_entropy import cross_entropy_
 from .em import em_ece_grad, em_stats, em_target_loss, responsibilities
 from .row_metrics import metric_sums, proper_scores, top1_rows
@@ -15,6 +16,7 @@ __all__ = [
     "REDUCTIONS",
     "bin_index",
     "binned_stats",
+    "bootstrap_stats",
     "cross_entropy_",
     "em_ece_grad",
     "em_stats",

@@ -2,8 +2,10 @@
 //
 // Top-1 reads every row once: long rows with the online softmax of row_softmax.h, short rows (K ≤ 64)
 // sixteen at a time across SIMD lanes. Rows go in fixed blocks whose float64 partials are reduced in
-// block order. Classwise first finds each row's max and Σ exp, then splits the classes into fixed column
-// chunks, each accumulated over the rows in order by one thread. A kept row whose scaled logits hold NaN or
+// block order. Classwise with short rows and K·M ≤ kLaneClasswiseCells bins every class in the lanes of
+// that same pass (per block, per class, per lane, then in order); otherwise it first finds each row's max and
+// Σ exp, then splits the classes into fixed column chunks, each accumulated over the rows in order by one
+// thread. A kept row whose scaled logits hold NaN or
 // ±inf is left out of the bins and counted (the softmax pass detects it, so the check costs no extra read).
 //
 // metric_sums runs the same top-1 passes and adds, from the same read of each row, the proper scores' sums
@@ -298,12 +300,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> binned_stats(
   with_float_type(logits, [&](auto tag) {
     using T = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
     const T* x = static_cast<const T*>(logits.const_data_ptr());
+    const bool short_rows = K <= kGroupK;
+    if (classwise_mode && short_rows && K * M <= kLaneClasswiseCells) {  // the top-1 bins come free: dropped
+      const int64_t n_blocks = (N + kGroupBlock - 1) / kGroupBlock;
+      BinPartials top1(n_blocks, M), class_partials(n_blocks, K * M);
+      n_nonfinite = top1_short_rows<false, true>(x, y, N, K, inv_t, ignore_index, top1, nullptr, &class_partials);
+      class_partials.reduce_into(counts.data_ptr<int64_t>(), conf.data_ptr<double>(), correct.data_ptr<double>());
+      return;
+    }
     if (classwise_mode) {
       n_nonfinite = classwise(x, y, N, K, M, inv_t, ignore_index, counts.data_ptr<int64_t>(),
                               conf.data_ptr<double>(), correct.data_ptr<double>());
       return;
     }
-    const bool short_rows = K <= kGroupK;
     BinPartials partials((N + (short_rows ? kGroupBlock : kRowBlock) - 1) / (short_rows ? kGroupBlock : kRowBlock), M);
     n_nonfinite = short_rows ? top1_short_rows<false, false>(x, y, N, K, inv_t, ignore_index, partials)
                              : top1_long_rows(x, y, N, K, inv_t, ignore_index, partials);

@@ -30,6 +30,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 std::tuple<at::Tensor, at::Tensor> top1_rows(const at::Tensor& logits, const at::Tensor& labels, double temperature,
                                              int64_t ignore_index);
 
+/// n_boot Poisson replicates of the rows (confidence float32[n] in [0, 1], correct bool[n]), weights from the
+/// counter-based hash of calibkern/reference/bootstrap.py with `thresholds` int64[T]: (counts int64[B, M],
+/// Σ w·c float64[B, M], Σ w·correct float64[B, M]).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bootstrap_stats(const at::Tensor& confidence, const at::Tensor& correct,
+                                                               const at::Tensor& thresholds, int64_t n_bins,
+                                                               int64_t n_boot, int64_t seed);
+
 /// What a row-loss kernel finds wrong with its input in the passes it makes anyway: labels outside [0, K)
 /// that are not ignore_index, and rows (kept or not) whose logits hold NaN or ±inf. Its outputs mean nothing
 /// unless both are 0.

@@ -11,6 +11,11 @@ def binned_stats(logits, labels, n_bins: int, temperature: float, ignore_index: 
     return run(logits, labels, n_bins, temperature, ignore_index, classwise)
 
 
+def bootstrap_stats(confidence, correct, n_bins: int, n_boot: int, seed: int):
+    from .bootstrap import bootstrap_stats as run
+    return run(confidence, correct, n_bins, n_boot, seed)
+
+
 def metric_sums(logits, labels, n_bins: int, temperature: float, ignore_index: int, classwise: bool):
     from .row_metrics import metric_sums as run
     return run(logits, labels, n_bins, temperature, ignore_index, classwise)
