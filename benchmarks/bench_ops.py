@@ -11,6 +11,11 @@ Every comparison times its candidates side by side in one process with :func:`ti
 * ``calibration_loss`` forward + backward, N = 65536, K = 4: cpp against the reference and against the
   per-bin Python loop of the published reference code (benchmarks/reference_style.py).
 * the EM ``target`` regulariser forward + backward, same size: cpp against the reference.
+* every metric around ``ece``, N = 10⁶, K = 4, on the rows ``ece`` reads (auto backend, cpp here):
+  ``CalibrationMeter(10).update``, ``nll``, ``brier`` (goal ≤ 2× ``ece``), ``classwise_ece`` (≤ 3×), and
+  ``adaptive_ece`` against one ``torch.sort`` of the N confidences (≤ 3×).
+* ``ece_confidence_interval`` at N = 10⁵ with 1000 resamples, both methods, against a user's Python loop of
+  ``calibkern.ece`` over 1000 resampled copies of the rows (goal ≥ 10× faster).
 
 ``rows(quick)`` returns dicts ``{what, candidate, baseline, median_s, baseline_median_s, ratio, goal}``
 (``ratio = baseline / candidate``: how many times faster the candidate is); run this file to print them.
@@ -83,6 +88,54 @@ def ece_small_k(quick: bool) -> list[dict]:
             _row(what, times, "cpp", "torch reference", "")]
 
 
+def metrics_small_k(quick: bool) -> list[dict]:
+    import calibkern
+
+    n = 100_000 if quick else 1_000_000
+    logits, labels = _rows_and_labels(n, 4)
+    meter = calibkern.CalibrationMeter(N_BINS)
+    confidences = torch.softmax(logits, dim=1).amax(dim=1)
+    what = f"metrics from logits N={n} K=4 fp32"
+    times = timing.median_times({
+        "ece": lambda: calibkern.ece(logits, labels, N_BINS),
+        "CalibrationMeter.update": lambda: meter.update(logits, labels),
+        "nll": lambda: calibkern.nll(logits, labels),
+        "brier": lambda: calibkern.brier(logits, labels),
+        "classwise_ece": lambda: calibkern.classwise_ece(logits, labels, N_BINS),
+        "adaptive_ece": lambda: calibkern.adaptive_ece(logits, labels, N_BINS),
+        "torch.sort of the N confidences": lambda: torch.sort(confidences, stable=True),
+    }, repeats=5 if quick else 11, warmup=2)
+    return [_row(what, times, "CalibrationMeter.update", "ece", "time ≤ 2×"),
+            _row(what, times, "nll", "ece", "time ≤ 2×"),
+            _row(what, times, "brier", "ece", "time ≤ 2×"),
+            _row(what, times, "classwise_ece", "ece", "time ≤ 3×"),
+            _row(what, times, "adaptive_ece", "torch.sort of the N confidences", "time ≤ 3×")]
+
+
+def bootstrap_interval(quick: bool) -> list[dict]:
+    import calibkern
+
+    n, n_boot = (10_000, 100) if quick else (100_000, 1000)
+    logits, labels = _rows_and_labels(n, 4, seed=2)
+
+    def python_loop():
+        generator = torch.Generator().manual_seed(0)
+        for _ in range(n_boot):
+            index = torch.randint(n, (n,), generator=generator)
+            calibkern.ece(logits[index], labels[index], N_BINS)
+
+    what = f"ece_confidence_interval N={n} K=4, {n_boot} resamples"
+    times = timing.median_times({
+        "percentile (kernel bootstrap)": lambda: calibkern.ece_confidence_interval(
+            logits, labels, N_BINS, method="percentile", n_boot=n_boot),
+        "debiased (default)": lambda: calibkern.ece_confidence_interval(logits, labels, N_BINS, n_boot=n_boot),
+        "Python loop of ece over resampled rows": python_loop,
+    }, repeats=3, warmup=1)
+    return [_row(what, times, "percentile (kernel bootstrap)", "Python loop of ece over resampled rows",
+                 "≥ 10× faster"),
+            _row(what, times, "debiased (default)", "Python loop of ece over resampled rows", "≥ 10× faster")]
+
+
 def _fwd_bwd(loss_fn, logits):
     def step():
         z = logits.detach().requires_grad_()
@@ -127,7 +180,7 @@ def losses(quick: bool) -> list[dict]:
 
 
 def rows(quick: bool = False) -> list[dict]:
-    return ece_small_k(quick) + losses(quick) + ece_vocab(quick)
+    return ece_small_k(quick) + metrics_small_k(quick) + bootstrap_interval(quick) + losses(quick) + ece_vocab(quick)
 
 
 def main() -> None:

@@ -119,23 +119,26 @@ def calibration_metrics(
     ci_samples: int = 1000,
     seed: int = 0,
 ) -> dict:
-    """The metric set of the module docstring for ``softmax(option_logits / temperature)``."""
+    """The metric set of the module docstring for ``softmax(option_logits / temperature)``: the binned
+    metrics, NLL and Brier from one read of the logits (a classwise ``CalibrationMeter``)."""
     logits = option_logits.float()
-    stats = calibkern.binned_stats(logits, labels, n_bins, temperature=temperature)
+    meter = calibkern.CalibrationMeter(n_bins, classwise=True, temperature=temperature)
+    meter.update(logits, labels)
+    summary = meter.compute()
     interval = calibkern.ece_confidence_interval(
         logits, labels, n_bins, n_boot=ci_samples, seed=seed, temperature=temperature
     )
     return {
-        "ece": float(stats.ece("l1")),
-        "ece_debiased": float(stats.ece("l1", "debiased")),
+        "ece": float(summary["ece"]),
+        "ece_debiased": float(summary["ece_debiased"]),
         "smece": float(calibkern.smooth_ece(logits, labels, temperature=temperature)),
-        "ece_l2": float(stats.ece("l2")),
-        "mce": float(stats.mce()),
-        "cw_ece": float(calibkern.classwise_ece(logits, labels, n_bins, temperature=temperature)),
-        "accuracy": float(stats.accuracy()),
-        "mean_confidence": float(stats.mean_confidence()),
-        "nll": float(calibkern.nll(logits, labels, temperature=temperature)),
-        "brier": float(calibkern.brier(logits, labels, temperature=temperature)),
+        "ece_l2": float(summary["ece_l2"]),
+        "mce": float(summary["mce"]),
+        "cw_ece": float(summary["cw_ece"]),
+        "accuracy": float(summary["accuracy"]),
+        "mean_confidence": float(summary["mean_confidence"]),
+        "nll": float(summary["nll"]),
+        "brier": float(summary["brier"]),
         "n": int(labels.numel()),
         "ece_ci": [interval.low, interval.high],
     }
