@@ -32,7 +32,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from calibkern.ops.triton import binning, calibration, common, cross_entropy  # noqa: E402
+from calibkern.ops.triton import binning, bootstrap, calibration, common, cross_entropy, row_metrics  # noqa: E402
 
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024, 100: 227 * 1024}
 DTYPES = {"fp32": "*fp32", "bf16": "*bf16", "fp16": "*fp16"}
@@ -72,7 +72,25 @@ def launches(shapes: dict) -> dict:
                 add(binning._row_softmax_kernel,
                     *_sig({"logits_ptr": logits, "max_ptr": "*fp32", "sum_ptr": "*fp32"},
                           {"N": "i32", "K": "i32", "inv_t": "fp32"}, {"BLOCK_N": block_n, "BLOCK_K": block_k}), w)
+                add(row_metrics._top1_rows_kernel,
+                    *_sig({"logits_ptr": logits, "labels_ptr": "*i64", "conf_ptr": "*fp32", "correct_ptr": "*i8"},
+                          {"N": "i32", "K": "i32", "inv_t": "fp32", "ignore_index": "i32"},
+                          {"BLOCK_N": block_n, "BLOCK_K": block_k}), w)
                 for m in shapes["M"]:
+                    s_n, s_k, s_m = row_metrics.metric_blocks(n, k, m)
+                    add(row_metrics._metric_sums_kernel,
+                        *_sig({"logits_ptr": logits, "labels_ptr": "*i64", "counts_ptr": "*i64", "conf_ptr": "*fp64",
+                               "correct_ptr": "*fp64", "nonfinite_ptr": "*i64", "scores_ptr": "*fp64"},
+                              {**ints, "inv_t": "fp32"}, {"BLOCK_N": s_n, "BLOCK_K": s_k, "BLOCK_M": s_m}),
+                        common.warps(s_n, s_k))
+                    b_n, b_m, b_t = bootstrap.bootstrap_blocks(n, m)
+                    for seed_type in ("i32", "i64"):  # a seed key below or above 2³¹
+                        add(bootstrap._bootstrap_kernel,
+                            *_sig({"conf_ptr": "*fp32", "correct_ptr": "*i8", "thresholds_ptr": "*i64",
+                                   "counts_ptr": "*i64", "sum_conf_ptr": "*fp64", "sum_correct_ptr": "*fp64"},
+                                  {"n": "i32", "M": "i32", "n_thresholds": "i32", "seed_key": seed_type,
+                                   "golden": "i64"},
+                                  {"BLOCK_N": b_n, "BLOCK_M": b_m, "BLOCK_T": b_t}), 4)
                     t_n, t_k, block_m = binning.top1_blocks(n, k, m)
                     add(binning._top1_kernel,
                         *_sig({"logits_ptr": logits, "labels_ptr": "*i64", "counts_ptr": "*i64", "conf_ptr": "*fp64",

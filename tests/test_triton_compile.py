@@ -24,7 +24,8 @@ def test_every_kernel_compiles_for_sm90_without_spills(tmp_path):
     records = json.loads((tmp_path / "records.json").read_text())
     kernels = {r["kernel"] for r in records}
     assert kernels == {"_cross_entropy_kernel", "_row_softmax_kernel", "_top1_kernel", "_classwise_kernel",
-                       "_sum_partials_kernel", "_calibration_rows_kernel"}
+                       "_sum_partials_kernel", "_calibration_rows_kernel", "_top1_rows_kernel", "_metric_sums_kernel",
+                       "_bootstrap_kernel"}
     failed = [r for r in records if r["problems"]]
     assert out.returncode == 0 and not failed, failed or out.stderr[-2000:]
     assert all(r["registers"] <= 255 and r["spills"] == 0 for r in records)

@@ -64,9 +64,16 @@ def bootstrap_stats(confidence: torch.Tensor, correct: torch.Tensor, n_bins: int
                torch.empty((n_boot, M), dtype=torch.float64, device=device),
                torch.empty((n_boot, M), dtype=torch.float64, device=device))
     thresholds = torch.tensor(POISSON_THRESHOLDS, dtype=torch.int64, device=device)
-    block_m = bins_block(M)
-    block_n = max(1, min(triton.next_power_of_2(max(n, 1)), 1024, MAX_ROW_BINS // block_m))
+    block_n, block_m, block_t = bootstrap_blocks(n, M)
     _bootstrap_kernel[(n_boot,)](confidence, correct.view(torch.int8), thresholds, *outputs, n, M,
                                  len(POISSON_THRESHOLDS), seed_key(seed), GOLDEN, BLOCK_N=block_n, BLOCK_M=block_m,
-                                 BLOCK_T=triton.next_power_of_2(len(POISSON_THRESHOLDS)))
+                                 BLOCK_T=block_t)
     return outputs
+
+
+def bootstrap_blocks(n: int, M: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_M, BLOCK_T): a [rows, bins] weight tile within MAX_ROW_BINS cells, the thresholds in one
+    vector."""
+    block_m = bins_block(M)
+    block_n = max(1, min(triton.next_power_of_2(max(n, 1)), 1024, MAX_ROW_BINS // block_m))
+    return block_n, block_m, triton.next_power_of_2(len(POISSON_THRESHOLDS))

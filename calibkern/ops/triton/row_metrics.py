@@ -11,8 +11,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .binning import binned_stats, store_bin_partials, top1_blocks
-from .common import bin_index, load_tile, online_softmax, row_blocks, sum_partials, warps
+from .binning import binned_stats, store_bin_partials
+from .common import (MAX_LOSS_TILE, MAX_ROW_BINS, bin_index, bins_block, load_tile, online_softmax, row_blocks,
+                     sum_partials, warps)
 
 
 @triton.jit
@@ -86,6 +87,13 @@ def _metric_sums_kernel(logits_ptr, labels_ptr, counts_ptr, conf_ptr, correct_pt
     tl.store(scores_ptr + pid * 2 + 1, tl.sum(tl.where(keep, brier, 0.0).to(tl.float64), axis=0))
 
 
+def metric_blocks(N: int, K: int, M: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, BLOCK_M) of the metric-sums kernel: top1_blocks' bounds with the loss kernels' K-tile
+    (MAX_LOSS_TILE), since it keeps several tile-sized temporaries (e, the label mask, e without the label)."""
+    block_m = bins_block(M)
+    return (*row_blocks(N, K, max_tile=MAX_LOSS_TILE, max_rows=MAX_ROW_BINS // block_m), block_m)
+
+
 def _inv_t(temperature: float) -> float:
     return float(torch.tensor(1.0 / temperature, dtype=torch.float32))
 
@@ -117,7 +125,7 @@ def metric_sums(logits: torch.Tensor, labels: torch.Tensor, n_bins: int, tempera
     if N == 0:
         return (*binned_stats(logits, labels, M, temperature, ignore_index, False),
                 torch.zeros(2, dtype=torch.float64, device=logits.device), *per_class)
-    block_n, block_k, block_m = top1_blocks(N, K, M)
+    block_n, block_k, block_m = metric_blocks(N, K, M)
     P = triton.cdiv(N, block_n)
     parts = (torch.empty((P, M), dtype=torch.int64, device=logits.device),
              torch.empty((P, M), dtype=torch.float64, device=logits.device),
