@@ -11,7 +11,12 @@ and calls ``F.cross_entropy``, then gathers the option logits from them; the can
   resident set of one step minus the resident set before it — every byte the step allocates, torch's or
   not, counts (the ``V × D`` gradient of the weight included, for both).
 
-``python benchmarks/bench_fused_linear.py [--quick]`` prints the rows as a table.
+Token-level rows (:func:`token_rows`, docs/math.md#token-level-calibration): the option-free fused loss
+(``CE`` only) without telemetry, with ``token_stats=True``, with ``full_stats=True`` and with the
+``token_hard_bin`` term, and the three matrix products of the step alone (``h Wᵀ``, ``dZ W``, ``dZᵀ h`` at
+full size) — all five alternated in one run, every row supervised.
+
+``python benchmarks/bench_fused_linear.py [--quick] [--token-only]`` prints the rows as a table.
 """
 
 from __future__ import annotations
@@ -70,6 +75,77 @@ def eager_step(hidden, weight, labels):
 
 
 STEPS = {"fused": fused_step, "eager": eager_step}
+TOKEN_ACCURACY = torch.linspace(0.05, 0.95, N_BINS)
+TOKEN_STEPS = {
+    "plain": {"calibration": None},
+    "token_stats": {"calibration": None, "token_stats": True},
+    "full_stats": {"calibration": None, "full_stats": True},
+    "token_hard_bin": {"calibration": "token_hard_bin", "bin_accuracy": TOKEN_ACCURACY, "token_stats": True},
+}
+
+
+def _token_runner(options, inputs):
+    import calibkern
+
+    hidden, weight, labels = inputs
+
+    def run():
+        hidden.grad = weight.grad = None
+        calibkern.fused_linear_calibration_loss(hidden, weight, labels, option_ids=None, shift=False,
+                                                **options).loss.backward()
+    return run
+
+
+def _matmul_runner(inputs):
+    """The step's three products at full size: ``Z = h Wᵀ``, ``dZ W`` and ``dZᵀ h`` (a random dZ, made once)."""
+    hidden, weight, _ = inputs
+    h, w = hidden.detach(), weight.detach()
+    grad_z = torch.randn(h.shape[0], w.shape[0]) * 1e-4
+
+    def run():
+        torch.mm(h, w.t())
+        torch.mm(grad_z, w)
+        torch.mm(grad_z.t(), h)
+    return run
+
+
+def token_rows(quick=False, n_tok=None, repeats=None) -> list[dict]:
+    """Token telemetry and the token term against the plain fused loss, and the fused loss with token_stats
+    against its three matrix products (module docstring); ``n_tok`` scales the rows down (the chunk's shape,
+    512 × V, stays). Besides the medians, each row notes the median of the per-round ratios (the candidates
+    of a round run back to back, so a load change between rounds cancels)."""
+    n_tok, dim, vocab = (512, 256, 8000) if quick else (n_tok or 4096, 1024, 32000)
+    inputs = make_inputs(n_tok, dim, vocab, supervised_every=1)
+    candidates = {name: _token_runner(options, inputs) for name, options in TOKEN_STEPS.items()}
+    candidates["matmuls"] = _matmul_runner(inputs)
+    times = timing.median_times(candidates, repeats=repeats or (3 if quick else 7), warmup=1)
+    shape = f"N={n_tok} D={dim} V={vocab} fp32 fwd+bwd, all rows supervised"
+    goals = {"token_stats": "≤ 1.03×", "full_stats": "≤ 1.15×", "token_hard_bin": "≤ 1.05×"}
+    def paired(name, base):
+        ratios = sorted(a / b for a, b in zip(times[name]["samples_s"], times[base]["samples_s"]))
+        return f"median of per-round ratios {ratios[len(ratios) // 2]:.3f}× over {len(ratios)} rounds"
+
+    out = [{"what": f"fused CE + {name}, {shape}", "candidate": f"fused_linear_calibration_loss, {name}",
+            "baseline": "fused_linear_calibration_loss, CE without telemetry", "goal": f"time {goals[name]}",
+            "median_s": times[name]["median_s"], "baseline_median_s": times["plain"]["median_s"],
+            "note": paired(name, "plain")}
+           for name in goals]
+    out.append({"what": f"fused CE + token_stats vs its matrix products, {shape}",
+                "candidate": "fused_linear_calibration_loss, token_stats",
+                "baseline": "h Wᵀ, dZ W, dZᵀ h alone (torch.mm, full size)", "goal": "time ≤ 1.2×",
+                "median_s": times["token_stats"]["median_s"], "baseline_median_s": times["matmuls"]["median_s"],
+                "note": paired("token_stats", "matmuls")})
+    out.append({"what": f"fused CE without telemetry vs its matrix products, {shape}",
+                "candidate": "fused_linear_calibration_loss, CE",
+                "baseline": "h Wᵀ, dZ W, dZᵀ h alone (torch.mm, full size)",
+                "goal": "time (report)", "median_s": times["plain"]["median_s"],
+                "baseline_median_s": times["matmuls"]["median_s"], "note": paired("plain", "matmuls")})
+    for row in out:
+        row["ratio"] = row["median_s"] / row["baseline_median_s"]
+    if quick:
+        for row in out:
+            row["goal"] = "time (report)"
+    return out
 
 
 def _runner(step, inputs):
@@ -142,7 +218,7 @@ def rows(quick=False) -> list[dict]:
             row["peak_mem_ratio"] = row["baseline_peak_mem_bytes"] and (row["peak_mem_bytes"]
                                                                         / row["baseline_peak_mem_bytes"])
         out.append(row)
-    return out
+    return out + token_rows(quick)
 
 
 def _fmt(value, unit):
@@ -166,12 +242,18 @@ def table(results) -> str:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shapes (seconds)")
+    parser.add_argument("--token-only", action="store_true", help="only the token-level rows")
+    parser.add_argument("--token-rows", type=int, default=None, help="token rows: N (default 4096)")
+    parser.add_argument("--repeats", type=int, default=None, help="token rows: timed rounds")
     args = parser.parse_args()
     import calibkern
 
     backend = calibkern.backends.resolve(None, torch.device("cpu"))[0]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, calibkern backend {backend}")
-    print(table(rows(quick=args.quick)))
+    if args.token_only:
+        print(table(token_rows(quick=args.quick, n_tok=args.token_rows, repeats=args.repeats)))
+    else:
+        print(table(rows(quick=args.quick)))
 
 
 if __name__ == "__main__":
