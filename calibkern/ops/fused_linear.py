@@ -50,6 +50,8 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     ``option_logits [n, K]`` (float32, not soft-capped: the caller caps them with autograd). ``backend``
     names the backend whose ``cross_entropy_`` runs, through its custom op (calibkern/ops/custom_ops.py).
     ``grad_enabled`` is the caller's grad mode: without it no gradient is accumulated (evaluation).
+    ``token`` (a :class:`~calibkern.ops.token_stats.TokenStatistics`, or None) reads each chunk's gradient for
+    the token statistics and folds the token term into it; its sums follow the two outputs.
     Backward may run once (the gradients are scaled in place).
     """
 
