@@ -18,6 +18,12 @@ candidate in a fresh process with glibc's allocator cache off (``timing.UNCACHED
 optimizer and batch exist and one warm-up step has created the AdamW state, ``VmHWM`` is reset and the
 measured steps run; the row compares the peak RSS *above* the RSS at that point (what a step adds:
 activations, logits, gradients). Absolute peaks are in the notes.
+
+The price of calibration (:func:`telemetry_rows`, docs/math.md#token-level-calibration): on the same batch with
+every position supervised (SFT labels, the answer letter last), ``CalibrationTrainer.compute_loss`` with cft
+and token telemetry on (``token_stats=True``, the default) against the plain fused-CE SFT step of the same
+model (:func:`calibkern.hf.apply_fused_loss` without calibration: its own forward with ``labels``), and cft
+without telemetry; each step includes ``zero_grad``, backward and the AdamW step, alternated in one process.
 """
 
 from __future__ import annotations
@@ -59,14 +65,16 @@ def build(vocab: int, hidden: int, layers: int, seq: int, batch: int, seed: int 
     return model, optimizer, inputs, bin_accuracy, bin_counts
 
 
-def calibkern_loss_fn(model, bin_accuracy, workdir: str):
-    """The loss of ``CalibrationTrainer`` (cft, per-bin accuracies given) as ``loss(inputs)``."""
+def calibkern_loss_fn(model, bin_accuracy, workdir: str, **options):
+    """The loss of ``CalibrationTrainer`` (cft, per-bin accuracies given, ``options`` for its
+    CalibrationConfig) as ``loss(inputs)``."""
     from transformers import TrainingArguments
 
     from calibkern.hf import CalibrationConfig, CalibrationTrainer
 
     args = TrainingArguments(output_dir=workdir, report_to=[], use_cpu=True, save_strategy="no")
-    config = CalibrationConfig(method="cft", option_ids=OPTION_IDS, n_bins=N_BINS, bin_accuracy=bin_accuracy.tolist())
+    config = CalibrationConfig(method="cft", option_ids=OPTION_IDS, n_bins=N_BINS, bin_accuracy=bin_accuracy.tolist(),
+                               **options)
     trainer = CalibrationTrainer(model=model, args=args, calibration=config)
     return lambda inputs: trainer.compute_loss(model, inputs)
 
@@ -115,6 +123,11 @@ def step_memory(candidate: str, sizes: dict, steps: int) -> dict:
 
 
 def rows(quick: bool = False) -> list[dict]:
+    return calibration_rows(quick) + telemetry_rows(quick)
+
+
+def calibration_rows(quick: bool = False) -> list[dict]:
+    """calibkern's CFT step against the reference-style step: time and the peak memory a step adds."""
     sizes = QUICK if quick else FULL
     name = ("CFT training step, Llama V={vocab} D={hidden} {layers} layers, seq {seq}, batch {batch}"
             .format(**sizes))
@@ -141,3 +154,43 @@ def rows(quick: bool = False) -> list[dict]:
                              candidate_value=memory["calibkern"]["step_peak_mib"],
                              baseline_value=memory["reference"]["step_peak_mib"],
                              goal="lower peak memory", min_gain=1.0, notes=absolute)]
+
+
+TELEMETRY_STEPS = {"cft + token telemetry": {"token_stats": True}, "cft": {"token_stats": False}}
+
+
+def _telemetry_step(candidate: str, sizes: dict, workdir: str):
+    """A training step of ``candidate`` (a TELEMETRY_STEPS key, or "sft") on SFT labels (every position)."""
+    from calibkern.hf import apply_fused_loss
+
+    model, optimizer, inputs, bin_accuracy, _ = build(**sizes)
+    inputs["labels"] = inputs["input_ids"].clone()
+    if candidate == "sft":
+        apply_fused_loss(model)
+        loss_fn = lambda batch: model(**batch).loss  # noqa: E731
+    else:
+        loss_fn = calibkern_loss_fn(model, bin_accuracy, workdir, **TELEMETRY_STEPS[candidate])
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn(inputs).backward()
+        optimizer.step()
+
+    return step
+
+
+def telemetry_rows(quick: bool = False) -> list[dict]:
+    """A CFT step with token telemetry, and without, against the plain fused-CE SFT step (module docstring)."""
+    sizes = QUICK if quick else FULL
+    name = ("training step, SFT labels, Llama V={vocab} D={hidden} {layers} layers, seq {seq}, batch {batch}"
+            .format(**sizes))
+    with tempfile.TemporaryDirectory() as workdir:
+        steps = {c: _telemetry_step(c, sizes, workdir) for c in ("sft", *TELEMETRY_STEPS)}
+        times = timing.median_times(steps, repeats=3 if quick else 9, warmup=1)
+    sft = times["sft"]["median_s"]
+    return [timing.ratio_row(source=SOURCE, name=name, candidate=f"CalibrationTrainer, {c}",
+                             baseline="plain fused-CE SFT step (apply_fused_loss)", quantity="time per step",
+                             unit="s", candidate_value=times[c]["median_s"], baseline_value=sft,
+                             goal="time ≤ 1.05×" if c == "cft + token telemetry" else "",
+                             min_gain=1 / 1.05 if c == "cft + token telemetry" else None)
+            for c in TELEMETRY_STEPS]
