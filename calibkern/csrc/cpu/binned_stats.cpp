@@ -184,11 +184,13 @@ struct LaneBins {
 
 /// Short rows, kLanes per SIMD group (row_group.h). Returns the number of kept rows with non-finite values.
 /// kScores: the NLL and Brier sums (top1_long_rows' formulas, float32 per row, float64 sums) into *scores;
-/// kClasswise: every class's statistics into *class_partials (bins j·M + k), p_j = e_j / s.
+/// kClasswise: every class's statistics into *class_partials (bins j·M + k), p_j = e_j / s. The top-1 bins are
+/// skipped when only the classwise statistics are asked for (kClasswise without kScores).
 template <bool kScores, bool kClasswise, class T>
 int64_t top1_short_rows(const T* x, const int64_t* labels, int64_t N, int64_t K, float inv_t, int64_t ignore_index,
                         BinPartials& partials, ScorePartials* scores = nullptr,
                         BinPartials* class_partials = nullptr) {
+  constexpr bool kTop1 = kScores || !kClasswise;
   const int64_t n_blocks = (N + kGroupBlock - 1) / kGroupBlock, M = partials.n_bins;
   const float m_float = (float)M;
   int64_t n_nonfinite = 0;
@@ -209,8 +211,8 @@ int64_t top1_short_rows(const T* x, const int64_t* labels, int64_t N, int64_t K,
         const GroupSoftmax<T, vf, kScores> sm(g, p.data(), /*probabilities=*/false);
         const vi kept = g.kept(), binned = kept & sm.finite;
         n_nonfinite += count_true(kept & ~sm.finite);
-        bins.add(bin_of(sm.conf, m_float, (int32_t)M), binned, sm.conf,
-                 sm.pred == g.label ? splat<vf>(1.0f) : vf{});
+        if constexpr (kTop1)
+          bins.add(bin_of(sm.conf, m_float, (int32_t)M), binned, sm.conf, sm.pred == g.label ? splat<vf>(1.0f) : vf{});
         if constexpr (kScores) {
           const vf row_nll = sm.pred == g.label ? log1p_(sm.others) : log_(sm.sum) - sm.gap;
           const vf others = sm.others * sm.conf;
@@ -226,7 +228,7 @@ int64_t top1_short_rows(const T* x, const int64_t* labels, int64_t N, int64_t K,
           }
         }
       }
-      bins.flush(partials, b);
+      if constexpr (kTop1) bins.flush(partials, b);
       if constexpr (kScores) {
         scores->nll[b] = hsum(nll);
         scores->brier[b] = hsum(brier);
@@ -301,9 +303,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> binned_stats(
     using T = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
     const T* x = static_cast<const T*>(logits.const_data_ptr());
     const bool short_rows = K <= kGroupK;
-    if (classwise_mode && short_rows && K * M <= kLaneClasswiseCells) {  // the top-1 bins come free: dropped
+    if (classwise_mode && short_rows && K * M <= kLaneClasswiseCells) {
       const int64_t n_blocks = (N + kGroupBlock - 1) / kGroupBlock;
-      BinPartials top1(n_blocks, M), class_partials(n_blocks, K * M);
+      BinPartials top1(0, M), class_partials(n_blocks, K * M);  // top1: the n_bins it reads, no blocks
       n_nonfinite = top1_short_rows<false, true>(x, y, N, K, inv_t, ignore_index, top1, nullptr, &class_partials);
       class_partials.reduce_into(counts.data_ptr<int64_t>(), conf.data_ptr<double>(), correct.data_ptr<double>());
       return;
