@@ -217,3 +217,21 @@ def test_percentile_interval_is_the_same_on_every_backend(backend):
     assert got.method == "percentile" and got.low <= got.estimate <= got.high
     for a, b in zip(got[:3], want[:3]):
         assert abs(a - b) <= 1e-6
+
+
+def test_the_custom_ops_trace_under_torch_compile():
+    """The fake functions give the shapes and dtypes the kernels return: fullgraph compiles and equals eager."""
+    from calibkern.ops import custom_ops
+
+    backend = "cpp" if "cpp" in BACKENDS else "torch"
+    logits, labels = rows(47, 4, torch.float32)
+
+    def run(z, y):
+        sums = custom_ops.metric_sums(z, y, M, 1.0, IGNORE, True, backend)
+        conf, correct = custom_ops.top1_rows(z, y, 1.0, IGNORE, backend)
+        replicates = custom_ops.bootstrap_stats(conf, correct, M, 8, 0, backend)
+        return (*sums, conf, correct, *replicates)
+
+    compiled = torch.compile(run, fullgraph=True, backend="aot_eager")
+    for got, want in zip(compiled(logits, labels), run(logits, labels), strict=True):
+        assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want)
