@@ -3,8 +3,8 @@
 Both see the same stream of ``[chunk, K = 4]`` logits and labels (a pool of ten seeded chunks, cycled, so
 no candidate pays for data generation) and return the top-1 ECE (M = 10 bins, l1) at the end:
 
-* ``calibkern.CalibrationMeter``: per chunk, the bin statistics (plus NLL and Brier sums) are added to an
-  O(M) state; nothing of the chunk is kept.
+* ``calibkern.CalibrationMeter``: per chunk, one read of the rows (the ``metric_sums`` kernel) adds the bin
+  statistics and the NLL and Brier sums to an O(M) state; nothing of the chunk is kept.
 * ``torchmetrics.classification.MulticlassCalibrationError``: per chunk, softmax, then the confidences and
   correctness of every row are appended to its state; ``compute()`` concatenates them and bins.
 
