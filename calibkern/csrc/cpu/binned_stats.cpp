@@ -88,6 +88,14 @@ constexpr int64_t kRowBlock = 16;     // rows per block, long rows
 constexpr int64_t kGroupBlock = 1024; // rows per block, short rows in lanes
 constexpr int64_t kColumnChunk = 256; // classes per chunk, classwise
 constexpr int64_t kLaneClasswiseCells = 1024;  // K·M up to which short rows bin their classes in the row pass
+constexpr int64_t kClassPartialCells = 1 << 20;  // per-block classwise partial cells kept at once (24 MiB)
+
+/// Rows per block of the lane-wise pass: kGroupBlock, or more (a multiple of it, a function of N, K and M only)
+/// when the blocks' classwise partials would exceed kClassPartialCells.
+int64_t lane_block_rows(int64_t N, int64_t class_cells) {
+  const int64_t n_blocks = (N + kGroupBlock - 1) / kGroupBlock;
+  return kGroupBlock * std::max<int64_t>(1, (n_blocks * class_cells + kClassPartialCells - 1) / kClassPartialCells);
+}
 
 /// Returns the number of kept rows with non-finite values. With scores: NLL = log1p(Σ_{j≠y} e_j) when y = ŷ
 /// (e_y = 1), else log s − (z_y − m); Brier = (Σ_{j≠y} e_j / s)² + Σ_{j≠y} e_j² / s².
@@ -189,9 +197,9 @@ struct LaneBins {
 template <bool kScores, bool kClasswise, class T>
 int64_t top1_short_rows(const T* x, const int64_t* labels, int64_t N, int64_t K, float inv_t, int64_t ignore_index,
                         BinPartials& partials, ScorePartials* scores = nullptr,
-                        BinPartials* class_partials = nullptr) {
+                        BinPartials* class_partials = nullptr, int64_t block_rows = kGroupBlock) {
   constexpr bool kTop1 = kScores || !kClasswise;
-  const int64_t n_blocks = (N + kGroupBlock - 1) / kGroupBlock, M = partials.n_bins;
+  const int64_t n_blocks = (N + block_rows - 1) / block_rows, M = partials.n_bins;
   const float m_float = (float)M;
   int64_t n_nonfinite = 0;
 #pragma omp parallel reduction(+ : n_nonfinite)
@@ -206,7 +214,7 @@ int64_t top1_short_rows(const T* x, const int64_t* labels, int64_t N, int64_t K,
       bins.clear();
       for (LaneBins& c : class_bins) c.clear();
       nll = brier = vd{};
-      for (int64_t r0 = b * kGroupBlock; r0 < std::min(N, (b + 1) * kGroupBlock); r0 += kLanes) {
+      for (int64_t r0 = b * block_rows; r0 < std::min(N, (b + 1) * block_rows); r0 += kLanes) {
         const RowGroup<T, vf> g(x, labels, N, K, r0, ignore_index, inv_t, scratch.data(), transpose);
         const GroupSoftmax<T, vf, kScores> sm(g, p.data(), /*probabilities=*/false);
         const vi kept = g.kept(), binned = kept & sm.finite;
@@ -304,9 +312,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> binned_stats(
     const T* x = static_cast<const T*>(logits.const_data_ptr());
     const bool short_rows = K <= kGroupK;
     if (classwise_mode && short_rows && K * M <= kLaneClasswiseCells) {
-      const int64_t n_blocks = (N + kGroupBlock - 1) / kGroupBlock;
+      const int64_t block_rows = lane_block_rows(N, K * M), n_blocks = (N + block_rows - 1) / block_rows;
       BinPartials top1(0, M), class_partials(n_blocks, K * M);  // top1: the n_bins it reads, no blocks
-      n_nonfinite = top1_short_rows<false, true>(x, y, N, K, inv_t, ignore_index, top1, nullptr, &class_partials);
+      n_nonfinite = top1_short_rows<false, true>(x, y, N, K, inv_t, ignore_index, top1, nullptr, &class_partials,
+                                                 block_rows);
       class_partials.reduce_into(counts.data_ptr<int64_t>(), conf.data_ptr<double>(), correct.data_ptr<double>());
       return;
     }
@@ -341,12 +350,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     using T = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
     const T* x = static_cast<const T*>(logits.const_data_ptr());
     const bool short_rows = K <= kGroupK, lane_classes = classwise_mode && short_rows && K * M <= kLaneClasswiseCells;
-    const int64_t n_blocks = (N + (short_rows ? kGroupBlock : kRowBlock) - 1) / (short_rows ? kGroupBlock : kRowBlock);
+    const int64_t block_rows = !short_rows ? kRowBlock : lane_classes ? lane_block_rows(N, K * M) : kGroupBlock;
+    const int64_t n_blocks = (N + block_rows - 1) / block_rows;
     BinPartials partials(n_blocks, M), class_partials(lane_classes ? n_blocks : 0, K * M);
     ScorePartials score_partials(n_blocks);
     if (lane_classes)
       n_nonfinite = top1_short_rows<true, true>(x, y, N, K, inv_t, ignore_index, partials, &score_partials,
-                                                &class_partials);
+                                                &class_partials, block_rows);
     else if (short_rows)
       n_nonfinite = top1_short_rows<true, false>(x, y, N, K, inv_t, ignore_index, partials, &score_partials);
     else
