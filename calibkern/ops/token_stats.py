@@ -38,19 +38,18 @@ MAX_BLOCK = 512  # columns per block of the two-level arg-max (a vectorised amax
 
 def _first_max(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row, ``(max_j G_j, the lowest j attaining it)``: block maxima (one vectorised ``amax`` pass), the
-    first block holding the maximum, then the first column of that block (``[rows, block]`` work)."""
+    first block holding the maximum, then the first arg-max of that block's columns (``[rows, block]`` work;
+    past the last column the window repeats it, after its own first place)."""
     rows, vocab = grad.shape
     block = min(MAX_BLOCK, vocab)
     n_blocks = vocab // block
     maxima = grad[:, :n_blocks * block].view(rows, n_blocks, block).amax(2)
     if n_blocks * block < vocab:
         maxima = torch.cat([maxima, grad[:, n_blocks * block:].amax(1, keepdim=True)], 1)
-    value = maxima.amax(1)
-    first_block = (maxima == value[:, None]).int().argmax(1)
-    columns = (first_block[:, None] * block + torch.arange(block, device=grad.device)).clamp_(max=vocab - 1)
-    window = grad.gather(1, columns)
-    index = columns.gather(1, (window == value[:, None]).int().argmax(1, keepdim=True)).squeeze(1)
-    return value, index
+    value, first_block = maxima.max(1)
+    start = first_block * block
+    columns = (start[:, None] + torch.arange(block, device=grad.device)).clamp_(max=vocab - 1)
+    return value, start + grad.gather(1, columns).argmax(1)
 
 
 def _add(stats, bins: torch.Tensor, kept: torch.Tensor, values: torch.Tensor, correct: torch.Tensor) -> None:
