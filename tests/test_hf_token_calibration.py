@@ -12,7 +12,7 @@ pytest.importorskip("transformers")
 import calibkern  # noqa: E402
 from calibkern import BinStats  # noqa: E402
 from calibkern.hf import CalibrationConfig, CalibrationTrainer, build_sft_dataset  # noqa: E402
-from calibkern.hf.data import MCQDataError, detect_option_ids  # noqa: E402
+from calibkern.hf.data import MCQCollator, MCQDataError, detect_option_ids  # noqa: E402
 from calibkern.hf.modeling import decoder_forward  # noqa: E402
 from calibkern.hf.token_evaluation import (  # noqa: E402
     encode_text_row,
@@ -151,3 +151,21 @@ def test_cft_logs_token_telemetry_and_full_ece(tmp_path):
 def test_config_errors(changes, error, name):
     with pytest.raises(error, match=name):
         CalibrationConfig(**{"method": "token_cft", **changes})
+
+
+def test_apply_fused_loss_returns_token_statistics():
+    from calibkern.hf import apply_fused_loss
+
+    tokenizer = make_tokenizer()
+    dataset = build_sft_dataset(tokenizer, make_examples(4), detect_option_ids(tokenizer, 4), supervise="full")
+    batch = MCQCollator(tokenizer.pad_token_id)([dataset[i] for i in range(len(dataset))])
+    model = make_model(tokenizer)
+    with torch.no_grad():
+        hidden, weight, bias, _ = decoder_forward(model, batch)
+        want = calibkern.fused_linear_calibration_loss(hidden, weight, batch["labels"], option_ids=None, bias=bias,
+                                                       calibration=None, token_stats=True)
+        out = apply_fused_loss(model)(**batch)
+    assert out.full_stats is None
+    assert torch.equal(out.token_stats.counts, want.token_stats.counts)
+    torch.testing.assert_close(out.token_stats.sum_conf, want.token_stats.sum_conf)
+    torch.testing.assert_close(out.loss, want.loss)

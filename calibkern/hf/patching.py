@@ -66,12 +66,16 @@ def answer_option_labels(
 class FusedCausalLMOutput(CausalLMOutputWithPast):
     """``CausalLMOutputWithPast`` with ``logits=None`` and the fused loss's parts: ``loss = sft_weight ·
     sft_loss + lam′ · cal_loss``; ``bin_stats`` over the answer positions (``cal_loss`` and ``bin_stats`` are
-    None for plain CE). The option-logits pass (``option_logits_only=True``) sets only ``option_logits``
-    ``[B·(T-1), K]`` (float32) and ``option_labels`` ``[B·(T-1)]``."""
+    None for plain CE); ``token_stats`` / ``full_stats`` over the supervised tokens when the calibration's
+    ``token_stats`` / ``full_stats`` are on (plain CE: token statistics on, Full-ECE off;
+    docs/math.md#token-level-calibration). The option-logits pass (``option_logits_only=True``) sets only
+    ``option_logits`` ``[B·(T-1), K]`` (float32) and ``option_labels`` ``[B·(T-1)]``."""
 
     sft_loss: torch.Tensor | None = None
     cal_loss: torch.Tensor | None = None
     bin_stats: BinStats | None = None
+    token_stats: BinStats | None = None
+    full_stats: BinStats | None = None
     option_logits: torch.Tensor | None = None
     option_labels: torch.Tensor | None = None
 
@@ -103,6 +107,8 @@ class FusedLoss:
         if calibration is not None and calibration.bin_accuracy is not None:
             self.bin_accuracy = torch.as_tensor(calibration.bin_accuracy, dtype=torch.float32)
         self.bin_counts = None
+        self.token_stats = True if calibration is None else calibration.token_stats
+        self.full_stats = False if calibration is None else calibration.full_stats
         self.em_state = em_state if em_state is not None or method != "rcft" else calibration.new_em_state()
         self.gradient_accumulation_steps = gradient_accumulation_steps
         self.stream_mstep = True
@@ -122,8 +128,8 @@ class FusedLoss:
         return sft_weight, lam / ((self.gradient_accumulation_steps if training else 1) * _world_size())
 
     def loss(self, head: nn.Module, transform, hidden, labels, answer_mask, num_items_in_batch, training: bool):
-        """``(loss, sft_loss, cal_loss, bin_stats)`` from the final hidden states; runs where ``head``'s
-        parameters are gathered."""
+        """``(loss, sft_loss, cal_loss, bin_stats, token_stats, full_stats)`` from the final hidden states; runs
+        where ``head``'s parameters are gathered."""
         hidden, weight, bias, softcap = projection(head, transform, hidden)
         calibration = self.calibration
         option_ids = None if self.option_ids is None else self.option_ids.to(hidden.device)
@@ -139,9 +145,10 @@ class FusedLoss:
             n_bins=10 if calibration is None else calibration.n_bins, shift=True,
             answer_mask=None if calibration is None else answer_mask,  # plain CE has no answers
             num_items_in_batch=num_items_in_batch, chunk_size=None if calibration is None else calibration.chunk_size,
-            logit_softcap=softcap, backend=None if calibration is None else calibration.backend)
+            logit_softcap=softcap, backend=None if calibration is None else calibration.backend,
+            token_stats=self.token_stats, full_stats=self.full_stats)
         if calibration is None:
-            return fused.loss, fused.sft_loss, None, None
+            return fused.loss, fused.sft_loss, None, None, fused.token_stats, fused.full_stats
         loss, cal_loss = fused.loss, fused.cal_loss
         if calibration.official_compat or (self.streaming and training):
             option_logits, option_labels = self._option_logits(hidden, weight, bias, softcap, labels, answer_mask)
@@ -152,7 +159,7 @@ class FusedLoss:
             loss = loss + lam * cal_loss
         if self.streaming and training:
             self._stream_estep(option_logits.detach(), option_labels)
-        return loss, fused.sft_loss, cal_loss, fused.bin_stats
+        return loss, fused.sft_loss, cal_loss, fused.bin_stats, fused.token_stats, fused.full_stats
 
     def option_logits(self, head: nn.Module, transform, hidden, labels, answer_mask):
         """``(option_logits [B·(T-1), K], option_labels [B·(T-1)])`` at every predicting position, non-answers
@@ -233,10 +240,11 @@ def _fused_forward(self, *args, labels=None, answer_mask=None, num_items_in_batc
             head, functools.partial(_head_first, state.option_logits, transform), hidden, labels, answer_mask)
         return FusedCausalLMOutput(option_logits=option_logits, option_labels=option_labels)
     training = self.training and torch.is_grad_enabled()
-    loss, sft_loss, cal_loss, bin_stats = _gathered_call(
+    loss, sft_loss, cal_loss, bin_stats, token_stats, full_stats = _gathered_call(
         head, functools.partial(_head_first, state.loss, transform), hidden, labels, answer_mask, num_items_in_batch,
         training)
-    return FusedCausalLMOutput(loss=loss, logits=None, sft_loss=sft_loss, cal_loss=cal_loss, bin_stats=bin_stats)
+    return FusedCausalLMOutput(loss=loss, logits=None, sft_loss=sft_loss, cal_loss=cal_loss, bin_stats=bin_stats,
+                               token_stats=token_stats, full_stats=full_stats)
 
 
 def _head_first(method, transform, head, *args):
