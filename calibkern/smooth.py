@@ -40,21 +40,23 @@ def _grid_points(sigma: float) -> int:
     return max(2000, round(20 / sigma)) // 2 + 1
 
 
-def _onto_grid(confidence: torch.Tensor, residual: torch.Tensor, size: int) -> torch.Tensor:
+def _onto_grid(confidence: torch.Tensor, moments: torch.Tensor, size: int) -> torch.Tensor:
     """[2, size]: the residuals and the unit masses spread by linear interpolation onto ``size`` points
     ``j/(size−1)``: a row at ``c`` gives ``1 − s`` of its value to point ``j = min(⌊c(size−1)⌋, size−2)`` and
-    ``s`` to ``j+1``, ``s = c(size−1) − j`` (float64)."""
-    position = confidence * (size - 1)
-    left = position.long().clamp_(max=size - 2)
-    share = position.sub_(left)
-    shared_residual = share * residual
+    ``s`` to ``j+1``, ``s = c(size−1) − j`` (float64).
 
-    def spread(to_left, to_right):
-        grid = torch.bincount(left, to_left, minlength=size)
-        grid[1:] += torch.bincount(left, to_right, minlength=size - 1)
-        return grid
-
-    return torch.stack([spread(residual - shared_residual, shared_residual), spread(1 - share, share)])
+    One pass sums the rows' ``moments`` ``(1, c, r, c·r)`` per cell j; then ``Σ s = (size−1) Σ c − j Σ 1`` and
+    ``Σ s·r = (size−1) Σ c·r − j Σ r`` give both shares of every cell without a per-row share."""
+    cells = size - 1
+    left = (confidence * cells).long().clamp_(max=cells - 1)
+    count, sum_c, sum_r, sum_cr = torch.zeros(cells, 4, dtype=torch.float64, device=confidence.device).index_add_(
+        0, left, moments).unbind(1)
+    j = torch.arange(cells, dtype=torch.float64, device=confidence.device)
+    to_right = torch.stack([cells * sum_cr - j * sum_r, cells * sum_c - j * count])
+    grids = torch.zeros(2, size, dtype=torch.float64, device=confidence.device)
+    grids[:, :-1] = torch.stack([sum_r, count]) - to_right
+    grids[:, 1:] += to_right
+    return grids
 
 
 def _reflected_smooth(grids: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -86,14 +88,15 @@ class _Smoother:
 
     def __init__(self, confidence: torch.Tensor, correct: torch.Tensor):
         self.confidence = confidence.double()
-        self.residual = self.confidence - correct.double()
+        residual = self.confidence - correct.double()
+        self.moments = torch.stack([torch.ones_like(residual), self.confidence, residual, self.confidence * residual], 1)
         self.grids: dict[int, torch.Tensor] = {}
 
     def curve(self, sigma: float, n_points: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(t, r̂(t), D_σ(t) + 10⁻⁴)`` at ``n_points`` evenly spaced ``t``."""
         size = _grid_points(sigma)
         if size not in self.grids:
-            self.grids[size] = _onto_grid(self.confidence, self.residual, size)
+            self.grids[size] = _onto_grid(self.confidence, self.moments, size)
         residual, mass = _reflected_smooth(self.grids[size], sigma)
         points = torch.linspace(0, 1, n_points, dtype=torch.float64, device=self.confidence.device)
         density = _interpolate(points, mass) + DENSITY_FLOOR
