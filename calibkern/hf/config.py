@@ -113,7 +113,8 @@ class CalibrationConfig:
         if not self.bin_prior >= 0:
             raise ValueError(f"bin_prior must be ≥ 0, got {self.bin_prior!r}")
         if self.refresh_steps is not None:
-            if isinstance(self.refresh_steps, bool) or not isinstance(self.refresh_steps, int) or self.refresh_steps < 1:
+            steps = self.refresh_steps
+            if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
                 raise ValueError(f"refresh_steps must be a positive int or None, got {self.refresh_steps!r}")
             if self.method != "rcft" or self.em.get("refresh", "epoch") != "epoch":
                 raise ValueError("refresh_steps applies to method='rcft' with em refresh='epoch'")

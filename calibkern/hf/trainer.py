@@ -1,11 +1,15 @@
 """CalibrationTrainer: CFT / RCFT as a ``transformers.Trainer`` with one decoder pass per step (docs/hf.md).
 
-Each training step runs the decoder once (:func:`calibkern.hf.modeling.decoder_forward`) and hands the final
-hidden states and the lm_head weight to :func:`calibkern.fused_linear_calibration_loss`, which computes
+The trainer patches its model with the fused forward of :mod:`calibkern.hf.patching` (as
+:func:`calibkern.hf.apply_fused_loss` does): each training step is one call of the model, whose forward runs the
+decoder once and, where the lm_head weight is gathered (FSDP2 / FSDP1 / ZeRO-3 or directly), computes
+:func:`calibkern.fused_linear_calibration_loss`
 
-    loss = sft_weight · CE + lam · calibration term
+    loss = sft_weight · CE + lam′ · calibration term
 
-without the ``[tokens, V]`` logits; the lm_head module is never called on the sequence.
+without the ``[tokens, V]`` logits; the lm_head module is never called on the sequence. Weights, scaling, the
+calibration form, the streaming M-step and the telemetry are the run's :class:`calibkern.hf.loss_policy.LossPolicy`
+(``trainer.loss_policy``), the one policy of every calibkern loss path.
 
 Answer positions: the ``answer_mask`` column when the batch has one (``True`` at the answer token in ``labels``,
 as :func:`calibkern.hf.data.encode_example` writes it), otherwise the supervised positions whose target is one of
@@ -15,11 +19,13 @@ Gradient accumulation: Transformers passes ``num_items_in_batch`` (supervised to
 the optimizer step, all ranks when ``average_tokens_across_devices``); CE is summed and divided by it, and the
 calibration term — a mean over the micro-batch's answers — is divided by the number of micro-batches. Both are
 then exact for micro-batches with the same number of answers (one per row: equal batch sizes). Under data
-parallelism the count covers all ranks, so it is divided by the number of processes before the loss, to cancel
-DDP's gradient averaging for CE while the calibration term stays a mean.
+parallelism the count covers all ranks; the calibration term is also divided by the number of processes and the
+loss multiplied by it (as ``Trainer.compute_loss`` does), so CE is the global token mean after DDP's / FSDP's
+gradient averaging while the calibration term stays a mean.
 
 Statistics: per-bin accuracies (cft) and the EM state (rcft) come from no-grad passes outside the training steps
-(before the first step; at each epoch start), over this rank's share of the rows, all-reduced
+(before the first step; at each epoch start) through the model's own forward (``option_logits_only=True`` /
+``token_stats_only=True``, so a sharded lm_head is gathered), over this rank's share of the rows, all-reduced
 (``BinStats.all_reduce``, ``EMState.mstep``). Logged at each logging step, through ``Trainer.log`` (so every
 ``report_to`` target sees them), from device-side sums over the steps since the last log — no host sync per
 step: ``calib_ece``, ``calib_accuracy``, ``calib_mean_confidence`` (answers of the training batches, all ranks;
@@ -51,24 +57,15 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 import calibkern
 
-from ..losses import option_labels as option_labels_of
 from .config import CalibrationConfig
 from .data import MCQCollator, resolve_pad_token_id
-from .modeling import check_logit_parity, decoder_forward, eval_decoder_passes, option_logits_at
+from .loss_policy import IGNORE_INDEX, LossPolicy, answer_option_labels
+from .modeling import check_logit_parity, eval_decoder_passes
+from .patching import FusedLoss, option_logits_pass, patch_causal_lm, token_statistics_pass
 
 __all__ = ["CalibrationTrainer", "compute_loss_func", "answer_option_labels", "STATE_FILE"]
 
 STATE_FILE = "calibkern_state.pt"
-IGNORE_INDEX = -100
-
-
-def answer_option_labels(
-    labels: torch.Tensor, option_ids: torch.Tensor, answer_mask: torch.Tensor | None = None
-) -> torch.Tensor:
-    """``[B·(T-1)]`` option label per *predicting* position (position t predicts ``labels[t+1]``):
-    :func:`calibkern.losses.option_labels` of the shifted labels, with ``answer_mask[:, 1:]`` when given."""
-    answers = None if answer_mask is None else answer_mask[:, 1:].bool()
-    return option_labels_of(labels[:, 1:], option_ids, answers, IGNORE_INDEX).reshape(-1)
 
 
 class _CalibrationCallback(TrainerCallback):
@@ -88,11 +85,23 @@ class _CalibrationCallback(TrainerCallback):
         trainer = self.trainer
         if trainer.em_state is None:
             return
-        if trainer.calibration.refresh == "stream":
-            trainer.em_state.mstep()
+        trainer.loss_policy.end_optimizer_step()
         every = trainer.calibration.refresh_steps
         if every and state.global_step % every == 0 and state.global_step < state.max_steps:
             trainer._refresh_em_pass(step=state.global_step)
+
+
+class _FromPolicy:
+    """A trainer attribute that is its loss policy's attribute of the same name."""
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, trainer, owner=None):
+        return self if trainer is None else getattr(trainer.loss_policy, self.name)
+
+    def __set__(self, trainer, value):
+        setattr(trainer.loss_policy, self.name, value)
 
 
 class CalibrationTrainer(Trainer):
@@ -115,23 +124,18 @@ class CalibrationTrainer(Trainer):
                              "applied by CalibrationTrainer, whose fused loss computes the cross-entropy itself; set "
                              "it to 0 (calibkern.pipeline.stages.label_smoothing is the label-smoothing baseline)")
         self.calibration = calibration
-        device = self.args.device
-        self.option_ids = (None if calibration.option_ids is None
-                           else torch.tensor(calibration.option_ids, dtype=torch.long, device=device))
-        self.bin_accuracy = None
-        self.bin_counts = None
-        if calibration.bin_accuracy is not None:
-            self.bin_accuracy = torch.as_tensor(calibration.bin_accuracy, dtype=torch.float32, device=device)
-        self.em_state = None
-        if calibration.method == "rcft":
-            self.em_state = calibration.new_em_state()
+        # The loss runs inside the model's forward (calibkern.hf.patching), where FSDP2 / FSDP1 / ZeRO-3 gather the
+        # lm_head; the M-step runs at each optimizer step (the callback), P is what compute_loss multiplies by.
+        self.loss_policy = FusedLoss(calibration, gradient_accumulation_steps=self.args.gradient_accumulation_steps)
+        self.loss_policy.stream_mstep = False
+        self.loss_policy.world_size = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
+        patch_causal_lm(self.model, self.loss_policy)
         self.em_refreshed_epoch = -1
         self.em_refreshed_step = -1
         # num_items_in_batch is what makes CE exact under accumulation: ask for it whatever the model accepts,
         # counted over labels[..., 1:] since the loss shifts.
         self.model_accepts_loss_kwargs = True
         self._loss_shifts_labels = True
-        self._reset_window()
         self.add_callback(_CalibrationCallback(self))
 
     # ------------------------------------------------------------------------------------------- the loss
@@ -141,119 +145,37 @@ class CalibrationTrainer(Trainer):
         if "answer_mask" not in self._signature_columns:
             self._signature_columns.append("answer_mask")
 
+    bin_accuracy = _FromPolicy()  # cft / token_cft: the per-bin accuracies A_k the loss uses
+    bin_counts = _FromPolicy()  # the counts N⁰_k of the statistics pass that estimated them
+    em_state = _FromPolicy()  # rcft: the calibkern.EMState the loss uses
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """One decoder pass, then the fused loss on the final hidden states (module docstring)."""
-        calibration = self.calibration
-        sft_weight, lam = calibration.loss_weights
-        if num_items_in_batch is not None:
-            self.loss_is_scaled_for_ga = True
-            if model.training and calibration.method != "token_cft":
-                lam = lam / getattr(self, "current_gradient_accumulation_steps", 1)
-            if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
-                num_items_in_batch = num_items_in_batch / self.accelerator.num_processes
-        else:
-            self.loss_is_scaled_for_ga = False
-        if calibration.method in ("cft", "token_cft") and self.bin_accuracy is None:
+        """One call of the patched model: decoder, then the fused loss where the lm_head is gathered (module
+        docstring); the loss times the processes when the Trainer averages tokens across them, as
+        ``Trainer.compute_loss`` does."""
+        policy = self.loss_policy
+        if policy.needs_bin_accuracy:
             self._prepare_statistics()
-        labels = inputs["labels"]
-        answer_mask = inputs.get("answer_mask") if self.option_ids is not None else None
-        form = None if calibration.official_compat else _CALIBRATION_FORM[calibration.method]
+        policy.gradient_accumulation_steps = getattr(self, "current_gradient_accumulation_steps",
+                                                     self.args.gradient_accumulation_steps)
+        self.loss_is_scaled_for_ga = num_items_in_batch is not None
         # The products with the lm_head weight run under the same autocast as the decoder, as nn.Linear would.
         with self.accelerator.autocast():
-            hidden, weight, bias, softcap = decoder_forward(model, inputs)
-            fused = calibkern.fused_linear_calibration_loss(
-                hidden,
-                weight,
-                labels,
-                option_ids=self.option_ids,
-                bias=bias,
-                calibration=form,
-                bin_accuracy=self.bin_accuracy if form in ("hard_bin", "token_hard_bin") else None,
-                em_state=self.em_state if form == "em" else None,
-                lam=lam,
-                sft_weight=sft_weight,
-                n_bins=calibration.n_bins,
-                shift=True,
-                answer_mask=answer_mask,
-                num_items_in_batch=num_items_in_batch,
-                chunk_size=calibration.chunk_size,
-                logit_softcap=softcap,
-                backend=calibration.backend,
-                token_stats=calibration.token_stats,
-                full_stats=calibration.full_stats,
-            )
-        loss, cal_loss, stats = fused.loss, fused.cal_loss, fused.bin_stats
-        if calibration.official_compat:
-            option_logits, option_labels = self._answer_option_logits(hidden, weight, bias, softcap, labels,
-                                                                      answer_mask)
-            cal_loss = calibkern.calibration_loss(
-                option_logits,
-                option_labels,
-                self.bin_accuracy,
-                n_bins=calibration.n_bins,
-                bin_counts=self.bin_counts.double(),
-                official_compat=True,
-                backend="torch",
-            )
-            loss = loss + lam * cal_loss
-        if self.em_state is not None and calibration.refresh == "stream" and model.training:
-            with torch.no_grad():
-                self.em_state.estep(*self._answer_option_logits(hidden, weight, bias, softcap, labels, answer_mask))
-        if model.training and torch.is_grad_enabled():
-            self._record(stats, cal_loss, fused.token_stats, fused.full_stats)
+            outputs = model(**inputs, num_items_in_batch=num_items_in_batch)
+        loss = outputs.loss
+        if num_items_in_batch is not None and policy.processes() > 1:
+            loss = loss * policy.processes()
         if return_outputs:
-            return loss, {"sft_loss": fused.sft_loss.detach(), "cal_loss": cal_loss.detach()}
+            return loss, {"sft_loss": outputs.sft_loss.detach(), "cal_loss": outputs.cal_loss.detach()}
         return loss
-
-    def _answer_option_logits(self, hidden, weight, bias, softcap, labels, answer_mask):
-        """``(option_logits [B·(T-1), K], option_labels)`` at every predicting position, non-answers ignored
-        (``-100``): a ``[tokens, K]`` product, cheap next to the decoder, with static shapes."""
-        option_labels = answer_option_labels(labels, self.option_ids, answer_mask)
-        hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-        return option_logits_at(hidden, weight, bias, self.option_ids, softcap), option_labels
 
     # ------------------------------------------------------------------------------------------- logging
 
-    def _reset_window(self):
-        self._window_stats = None
-        self._window_cal = None
-        self._window_batches = 0
-        self._window_token = {"token": None, "full": None}
-
-    def _record(self, stats, cal_loss, token_stats=None, full_stats=None):
-        """Add a micro-batch's statistics to the logging window (device tensors, no sync)."""
-        self._window_stats = stats if self._window_stats is None else self._window_stats + stats
-        for name, new in (("token", token_stats), ("full", full_stats)):
-            if new is not None:
-                old = self._window_token[name]
-                self._window_token[name] = new if old is None else old + new
-        cal_loss = cal_loss.detach().float()
-        self._window_cal = cal_loss if self._window_cal is None else self._window_cal + cal_loss
-        self._window_batches += 1
-
     def log(self, logs: dict, *args, **kwargs):
-        """Adds the window's ``calib_*`` values to the training logs (all ranks reduce together)."""
-        if "loss" in logs and self._window_stats is not None:
-            stats = self._window_stats
-            if self.accelerator.num_processes > 1:
-                stats.all_reduce()
-            cal = self.accelerator.reduce(self._window_cal / self._window_batches, reduction="mean")
-            if self.option_ids is not None:
-                logs["calib_ece"] = float(stats.ece())
-                logs["calib_accuracy"] = float(stats.accuracy())
-                logs["calib_mean_confidence"] = float(stats.mean_confidence())
-            logs["calib_term"] = float(cal)
-            token, full = self._window_token["token"], self._window_token["full"]
-            for window in (token, full):
-                if window is not None and self.accelerator.num_processes > 1:
-                    window.all_reduce()
-            if token is not None:
-                logs["token_ece"] = float(token.ece())
-                logs["token_accuracy"] = float(token.accuracy())
-                logs["token_confidence"] = float(token.mean_confidence())
-            if full is not None:
-                logs["full_ece"] = float(full.ece())
-            self._reset_window()
+        """Adds the loss window's ``calib_*`` / ``token_*`` values to the training logs (calibkern.hf.telemetry;
+        all ranks reduce together)."""
+        if "loss" in logs:
+            logs.update(self.loss_policy.window.read())
         return super().log(logs, *args, **kwargs)
 
     # ------------------------------------------------------------------------------------------- statistics
@@ -290,9 +212,9 @@ class CalibrationTrainer(Trainer):
     def _answer_logits(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """``(option_logits, option_labels)`` per batch over this rank's share of the statistics rows, with the
         model in eval mode."""
-        for batch, output in eval_decoder_passes(self.model, self._statistics_batches(),
-                                                 autocast=self.accelerator.autocast):
-            yield self._answer_option_logits(*output, batch["labels"], batch.get("answer_mask"))
+        for _, output in eval_decoder_passes(self.model, self._statistics_batches(),
+                                             autocast=self.accelerator.autocast, forward=option_logits_pass):
+            yield output.option_logits, output.option_labels
 
     def _check_logit_parity(self):
         """Before the first step: the fused path gives the model's own logits on one training row, or the run
@@ -306,14 +228,11 @@ class CalibrationTrainer(Trainer):
     @torch.no_grad()
     def _token_statistics(self) -> calibkern.BinStats:
         """token_cft: the starting model's token statistics over the supervised tokens of this rank's share of
-        the statistics rows (the fused loss without gradient, no option term)."""
+        the statistics rows (the patched forward's token-statistics pass)."""
         stats = calibkern.BinStats.empty(self.calibration.n_bins, device=self.args.device)
-        for batch, (hidden, weight, bias, softcap) in eval_decoder_passes(self.model, self._statistics_batches(),
-                                                                          autocast=self.accelerator.autocast):
-            stats = stats + calibkern.fused_linear_calibration_loss(
-                hidden, weight, batch["labels"], option_ids=None, bias=bias, calibration=None,
-                n_bins=self.calibration.n_bins, chunk_size=self.calibration.chunk_size, logit_softcap=softcap,
-                backend=self.calibration.backend, token_stats=True).token_stats
+        for _, output in eval_decoder_passes(self.model, self._statistics_batches(),
+                                             autocast=self.accelerator.autocast, forward=token_statistics_pass):
+            stats = stats + output.token_stats
         return stats
 
     def _prepare_statistics(self):
@@ -405,7 +324,6 @@ class CalibrationTrainer(Trainer):
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
 
-_CALIBRATION_FORM = {"cft": "hard_bin", "rcft": "em", "token_cft": "token_hard_bin"}
 _NO_ANSWERS = (
     "no answer positions in the statistics rows: no supervised label is one of option_ids "
     "(check option_ids against the tokenizer, or pass answer_mask)"
@@ -423,12 +341,6 @@ def silence_console(trainer: Trainer) -> Trainer:
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     return trainer
-
-
-def _world_size() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 # ----------------------------------------------------------------------------------------------- logits API
@@ -462,46 +374,31 @@ def compute_loss_func(
         raise ValueError("compute_loss_func does not support method='token_cft'; use CalibrationTrainer")
     if calibration.method == "cft" and calibration.bin_accuracy is None:
         raise ValueError("compute_loss_func with method='cft' needs calibration.bin_accuracy")
-    if calibration.method == "rcft" and em_state is None:
-        em_state = calibration.new_em_state()
-    sft_weight, lam = calibration.loss_weights
-
-    micro_batches = 0  # training calls since the last streaming M-step
+    policy = LossPolicy(calibration, em_state=em_state, gradient_accumulation_steps=gradient_accumulation_steps)
 
     def loss_func(outputs, labels, num_items_in_batch=None):
-        nonlocal micro_batches
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
         training = torch.is_grad_enabled() and logits.requires_grad  # evaluation runs under no_grad
+        sft_weight, lam = policy.loss_weights(training, num_items_in_batch)
         shifted = logits[:, :-1].float()
         target = labels[:, 1:]
         ce = torch.nn.functional.cross_entropy(
             shifted.reshape(-1, shifted.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
         )
-        if num_items_in_batch is not None:
-            ce = ce / num_items_in_batch
-            # The Trainer multiplies this loss by the number of processes (average_tokens_across_devices).
-            scale = lam / (gradient_accumulation_steps * _world_size()) if training else lam / _world_size()
-        else:
-            ce = ce / target.ne(IGNORE_INDEX).sum().clamp_min(1)
-            scale = lam
-        option_ids = torch.tensor(calibration.option_ids, dtype=torch.long, device=logits.device)
+        ce = ce / (target.ne(IGNORE_INDEX).sum().clamp_min(1) if num_items_in_batch is None else num_items_in_batch)
+        option_ids = policy.option_ids.to(logits.device)
         option_labels = answer_option_labels(labels, option_ids)
         option_logits = shifted[..., option_ids].reshape(-1, len(option_ids))
-        if calibration.method == "cft":
-            bin_accuracy = torch.as_tensor(calibration.bin_accuracy, dtype=torch.float32, device=logits.device)
-            cal = calibkern.calibration_loss(
-                option_logits, option_labels, bin_accuracy, n_bins=calibration.n_bins, backend=calibration.backend
-            )
+        if policy.form == "hard_bin":
+            cal = calibkern.calibration_loss(option_logits, option_labels, policy.bin_accuracy.to(logits.device),
+                                             n_bins=calibration.n_bins, backend=calibration.backend)
         else:
-            cal = calibkern.em_regularizer(option_logits, option_labels, em_state, backend=calibration.backend)
-        loss = sft_weight * ce + scale * cal
-        if em_state is not None and calibration.refresh == "stream" and training:
-            em_state.estep(option_logits.detach(), option_labels)
-            micro_batches += 1
-            if micro_batches == gradient_accumulation_steps:  # one M-step per optimizer step, as the trainer
-                em_state.mstep()
-                micro_batches = 0
+            cal = calibkern.em_regularizer(option_logits, option_labels, policy.em_state, backend=calibration.backend)
+        loss = sft_weight * ce + lam * cal
+        if policy.streaming and training:
+            policy.stream_estep(option_logits, option_labels)
         return loss
 
-    loss_func.em_state = em_state
+    loss_func.em_state = policy.em_state
+    loss_func.loss_policy = policy
     return loss_func
