@@ -18,7 +18,9 @@ from .data import (
     resolve_pad_token_id,
 )
 from .evaluation import EvaluationResult, calibration_metrics, evaluate, write_evaluation
+from .loss_policy import LossPolicy
 from .patching import FusedCausalLMOutput, apply_fused_loss, fused_loss_of
+from .telemetry import TokenTelemetryCallback
 from .token_evaluation import TokenEvaluation, evaluate_tokens, load_text_rows, write_token_evaluation
 from .trainer import CalibrationTrainer, compute_loss_func, silence_console
 
@@ -29,7 +31,9 @@ __all__ = [
     "CalibrationTrainer",
     "EvaluationResult",
     "TokenEvaluation",
+    "TokenTelemetryCallback",
     "FusedCausalLMOutput",
+    "LossPolicy",
     "MCQCollator",
     "MCQDataError",
     "MCQExample",
