@@ -9,9 +9,10 @@
 // ±inf is left out of the bins and counted (the softmax pass detects it, so the check costs no extra read).
 //
 // metric_sums runs the same top-1 passes and adds, from the same read of each row, the proper scores' sums
-// (NLL and Brier, docs/math.md#proper-scores) and — for short rows with K·M ≤ kLaneClasswiseCells — the
-// classwise statistics, each class's bins kept per lane like the top-1 bins. Longer rows get their classwise
-// statistics from the classwise pass above (a second read).
+// (NLL and Brier, docs/math.md#proper-scores) and the classwise statistics: short rows with
+// K·M ≤ kLaneClasswiseCells keep each class's bins per lane like the top-1 bins; long rows with
+// K·M ≤ kRowClasswiseCells bin their classes right after their softmax, from cache (binned_stats' classwise
+// mode does the same). Beyond, the classwise pass above (a second read).
 #include "dispatch.h"
 #include "kernels.h"
 #include "row_group.h"
@@ -89,6 +90,14 @@ constexpr int64_t kGroupBlock = 1024; // rows per block, short rows in lanes
 constexpr int64_t kColumnChunk = 256; // classes per chunk, classwise
 constexpr int64_t kLaneClasswiseCells = 1024;  // K·M up to which short rows bin their classes in the row pass
 constexpr int64_t kClassPartialCells = 1 << 20;  // per-block classwise partial cells kept at once (24 MiB)
+constexpr int64_t kRowClasswiseCells = 16384;    // K·M up to which long rows bin their classes as they are read
+
+/// Rows per block when long rows bin their classes: kRowBlock, or more (a function of N, K and M only) so
+/// that the blocks' partials stay within kClassPartialCells (at least 64 blocks where N allows).
+int64_t row_block_rows(int64_t N, int64_t class_cells) {
+  const int64_t max_blocks = std::max<int64_t>(1, kClassPartialCells / class_cells);
+  return std::max(kRowBlock, (N + max_blocks - 1) / max_blocks);
+}
 
 /// Rows per block of the lane-wise pass: kGroupBlock, or more (a multiple of it, a function of N, K and M only)
 /// when the blocks' classwise partials would exceed kClassPartialCells.
@@ -97,16 +106,39 @@ int64_t lane_block_rows(int64_t N, int64_t class_cells) {
   return kGroupBlock * std::max<int64_t>(1, (n_blocks * class_cells + kClassPartialCells - 1) / kClassPartialCells);
 }
 
+/// Bins p_j = exp(z_j − m) / s of one row's classes j ∈ [j0, j1), j1 − j0 ≤ kColumnChunk: count, Σ p and
+/// Σ 1[j = label] into counts, conf and correct at j·M + b(p_j).
+template <class T>
+void bin_classes(const T* row, int64_t label, int64_t j0, int64_t j1, int64_t M, float inv_t, float m, float s,
+                 int64_t* counts, double* conf, double* correct) {
+  alignas(64) float p[kColumnChunk];
+  int64_t j = j0;
+  for (; j + kLanes <= j1; j += kLanes) {
+    const vf pj = exp_(scaled_vector(row + j, inv_t) - m) / s;
+    std::memcpy(p + (j - j0), &pj, sizeof(pj));
+  }
+  for (; j < j1; ++j) p[j - j0] = exp_(scaled1(row + j, inv_t) - m) / s;
+  for (j = j0; j < j1; ++j) {
+    const int64_t k = j * M + bin_of(p[j - j0], (float)M, (int32_t)M);
+    counts[k] += 1;
+    conf[k] += (double)p[j - j0];
+    if (j == label) correct[k] += 1.0;
+  }
+}
+
 /// Returns the number of kept rows with non-finite values. With scores: NLL = log1p(Σ_{j≠y} e_j) when y = ŷ
 /// (e_y = 1), else log s − (z_y − m); Brier = (Σ_{j≠y} e_j / s)² + Σ_{j≠y} e_j² / s².
+/// With class_partials, every class's statistics too (bins j·M + k of the block), from the row just read
+/// (still in cache): one read of the logits.
 template <class T>
 int64_t top1_long_rows(const T* x, const int64_t* labels, int64_t N, int64_t K, float inv_t, int64_t ignore_index,
-                       BinPartials& partials, ScorePartials* scores = nullptr) {
-  const int64_t n_blocks = (N + kRowBlock - 1) / kRowBlock;
+                       BinPartials& partials, ScorePartials* scores = nullptr, BinPartials* class_partials = nullptr,
+                       int64_t block_rows = kRowBlock) {
+  const int64_t n_blocks = (N + block_rows - 1) / block_rows, M = partials.n_bins;
   int64_t n_nonfinite = 0;
 #pragma omp parallel for schedule(static) reduction(+ : n_nonfinite)
   for (int64_t b = 0; b < n_blocks; ++b) {
-    for (int64_t i = b * kRowBlock; i < std::min(N, (b + 1) * kRowBlock); ++i) {
+    for (int64_t i = b * block_rows; i < std::min(N, (b + 1) * block_rows); ++i) {
       if (labels[i] == ignore_index) continue;
       RowLabelSums ls;
       const RowSoftmax rs = scores ? row_softmax<true>(x + i * K, K, inv_t, labels[i], &ls)
@@ -116,6 +148,12 @@ int64_t top1_long_rows(const T* x, const int64_t* labels, int64_t N, int64_t K, 
         continue;
       }
       partials.add(b, 1.0f / rs.sum, rs.argmax == labels[i]);
+      if (class_partials) {
+        const int64_t at = b * K * M;
+        for (int64_t j0 = 0; j0 < K; j0 += kColumnChunk)
+          bin_classes(x + i * K, labels[i], j0, std::min(K, j0 + kColumnChunk), M, inv_t, rs.max, rs.sum,
+                      &class_partials->counts[at], &class_partials->conf[at], &class_partials->correct[at]);
+      }
       if (scores) {
         const double others = ls.others / ls.sum;
         scores->nll[b] += rs.argmax == labels[i] ? std::log1p(ls.others) : std::log(ls.sum) - (double)ls.gap;
@@ -265,31 +303,11 @@ int64_t classwise(const T* x, const int64_t* labels, int64_t N, int64_t K, int64
     n_nonfinite += !rs.finite;
   }
   const int64_t n_chunks = (K + kColumnChunk - 1) / kColumnChunk;
-  const float m_float = (float)M;
-#pragma omp parallel
-  {
-    alignas(64) float p[kColumnChunk];
-#pragma omp for schedule(static)
-    for (int64_t chunk = 0; chunk < n_chunks; ++chunk) {
-      const int64_t j0 = chunk * kColumnChunk, j1 = std::min(K, j0 + kColumnChunk);
-      for (int64_t i = 0; i < N; ++i) {
-        if (!binned[i]) continue;
-        const T* row = x + i * K;
-        const float m = row_max[i], s = row_sum[i];
-        int64_t j = j0;
-        for (; j + kLanes <= j1; j += kLanes) {
-          const vf pj = exp_(scaled_vector(row + j, inv_t) - m) / s;
-          std::memcpy(p + (j - j0), &pj, sizeof(pj));
-        }
-        for (; j < j1; ++j) p[j - j0] = exp_(scaled1(row + j, inv_t) - m) / s;
-        for (j = j0; j < j1; ++j) {
-          const int64_t k = j * M + bin_of(p[j - j0], m_float, (int32_t)M);
-          counts[k] += 1;
-          conf[k] += (double)p[j - j0];
-          if (j == labels[i]) correct[k] += 1.0;
-        }
-      }
-    }
+#pragma omp parallel for schedule(static)
+  for (int64_t chunk = 0; chunk < n_chunks; ++chunk) {
+    const int64_t j0 = chunk * kColumnChunk, j1 = std::min(K, j0 + kColumnChunk);
+    for (int64_t i = 0; i < N; ++i)
+      if (binned[i]) bin_classes(x + i * K, labels[i], j0, j1, M, inv_t, row_max[i], row_sum[i], counts, conf, correct);
   }
   return n_nonfinite;
 }
@@ -316,6 +334,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> binned_stats(
       BinPartials top1(0, M), class_partials(n_blocks, K * M);  // top1: the n_bins it reads, no blocks
       n_nonfinite = top1_short_rows<false, true>(x, y, N, K, inv_t, ignore_index, top1, nullptr, &class_partials,
                                                  block_rows);
+      class_partials.reduce_into(counts.data_ptr<int64_t>(), conf.data_ptr<double>(), correct.data_ptr<double>());
+      return;
+    }
+    if (classwise_mode && !short_rows && K * M <= kRowClasswiseCells) {
+      const int64_t block_rows = row_block_rows(N, K * M), n_blocks = (N + block_rows - 1) / block_rows;
+      BinPartials top1(n_blocks, M), class_partials(n_blocks, K * M);
+      n_nonfinite = top1_long_rows(x, y, N, K, inv_t, ignore_index, top1, nullptr, &class_partials, block_rows);
       class_partials.reduce_into(counts.data_ptr<int64_t>(), conf.data_ptr<double>(), correct.data_ptr<double>());
       return;
     }
@@ -349,10 +374,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   with_float_type(logits, [&](auto tag) {
     using T = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
     const T* x = static_cast<const T*>(logits.const_data_ptr());
-    const bool short_rows = K <= kGroupK, lane_classes = classwise_mode && short_rows && K * M <= kLaneClasswiseCells;
-    const int64_t block_rows = !short_rows ? kRowBlock : lane_classes ? lane_block_rows(N, K * M) : kGroupBlock;
+    const bool short_rows = K <= kGroupK;
+    const bool lane_classes = classwise_mode && short_rows && K * M <= kLaneClasswiseCells;
+    const bool row_classes = classwise_mode && !short_rows && K * M <= kRowClasswiseCells;
+    const int64_t block_rows = lane_classes ? lane_block_rows(N, K * M) : row_classes ? row_block_rows(N, K * M)
+                               : short_rows ? kGroupBlock : kRowBlock;
     const int64_t n_blocks = (N + block_rows - 1) / block_rows;
-    BinPartials partials(n_blocks, M), class_partials(lane_classes ? n_blocks : 0, K * M);
+    BinPartials partials(n_blocks, M), class_partials(lane_classes || row_classes ? n_blocks : 0, K * M);
     ScorePartials score_partials(n_blocks);
     if (lane_classes)
       n_nonfinite = top1_short_rows<true, true>(x, y, N, K, inv_t, ignore_index, partials, &score_partials,
@@ -360,10 +388,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     else if (short_rows)
       n_nonfinite = top1_short_rows<true, false>(x, y, N, K, inv_t, ignore_index, partials, &score_partials);
     else
-      n_nonfinite = top1_long_rows(x, y, N, K, inv_t, ignore_index, partials, &score_partials);
+      n_nonfinite = top1_long_rows(x, y, N, K, inv_t, ignore_index, partials, &score_partials,
+                                   row_classes ? &class_partials : nullptr, block_rows);
     partials.reduce_into(counts.data_ptr<int64_t>(), conf.data_ptr<double>(), correct.data_ptr<double>());
     score_partials.reduce_into(scores.data_ptr<double>());
-    if (lane_classes)
+    if (lane_classes || row_classes)
       class_partials.reduce_into(cw_counts.data_ptr<int64_t>(), cw_conf.data_ptr<double>(),
                                  cw_correct.data_ptr<double>());
     else if (classwise_mode)
