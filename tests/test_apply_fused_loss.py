@@ -183,3 +183,34 @@ def test_a_plain_trainer_gets_the_fused_loss_by_one_call(setup, tmp_path):
         weights.append(model.state_dict())
     for key, value in weights[1].items():
         torch.testing.assert_close(weights[0][key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_token_cft_and_the_statistics_passes_equal_the_fused_loss_on_the_decoder_output(setup):
+    """token_cft through the patched forward (with and without num_items_in_batch) and the token-statistics pass
+    give what fused_linear_calibration_loss gives on the decoder's hidden states; token_cft needs bin_accuracy."""
+    import calibkern
+    from calibkern.hf.modeling import decoder_forward
+    from calibkern.hf.patching import token_statistics_pass
+
+    tokenizer, option_ids = setup
+    with pytest.raises(ValueError, match="method='token_cft' needs calibration.bin_accuracy"):
+        apply_fused_loss(make_model(tokenizer), CalibrationConfig(method="token_cft"))
+    accuracy = torch.linspace(0.1, 0.9, 10)
+    model = apply_fused_loss(make_model(tokenizer),
+                             CalibrationConfig(method="token_cft", lam=3.0, bin_accuracy=accuracy.tolist()))
+    inputs = random_batch(tokenizer, option_ids, rows=4, length=20)
+    hidden, weight, bias, _ = decoder_forward(model, inputs)
+    for items in (None, torch.tensor(17)):
+        want = calibkern.fused_linear_calibration_loss(
+            hidden, weight, inputs["labels"], option_ids=None, bias=bias, calibration="token_hard_bin",
+            bin_accuracy=accuracy,
+            lam=3.0, shift=True, num_items_in_batch=items, token_stats=True)
+        got = model(**inputs, num_items_in_batch=items)
+        torch.testing.assert_close(got.loss, want.loss)
+        torch.testing.assert_close(got.cal_loss, want.cal_loss)
+    with torch.no_grad():
+        stats = token_statistics_pass(model, inputs).token_stats
+    assert torch.equal(stats.counts, want.token_stats.counts)
+    torch.testing.assert_close(stats.sum_conf, want.token_stats.sum_conf)
+    with pytest.raises(ValueError, match="token_stats_only=True needs labels"):
+        model(input_ids=inputs["input_ids"], token_stats_only=True)
