@@ -203,8 +203,7 @@ def test_token_cft_and_the_statistics_passes_equal_the_fused_loss_on_the_decoder
     for items in (None, torch.tensor(17)):
         want = calibkern.fused_linear_calibration_loss(
             hidden, weight, inputs["labels"], option_ids=None, bias=bias, calibration="token_hard_bin",
-            bin_accuracy=accuracy,
-            lam=3.0, shift=True, num_items_in_batch=items, token_stats=True)
+            bin_accuracy=accuracy, lam=3.0, shift=True, num_items_in_batch=items, token_stats=True)
         got = model(**inputs, num_items_in_batch=items)
         torch.testing.assert_close(got.loss, want.loss)
         torch.testing.assert_close(got.cal_loss, want.cal_loss)
