@@ -143,7 +143,6 @@ def binned_stats(logits: torch.Tensor, labels: torch.Tensor, n_bins: int, temper
                 torch.zeros(shape, dtype=torch.float64, device=logits.device),
                 torch.zeros((), dtype=torch.int64, device=logits.device))
     inv_t = float(torch.tensor(1.0 / temperature, dtype=torch.float32))
-    block_m = bins_block(M)
     if not classwise:
         block_n, block_k, block_m = top1_blocks(N, K, M)
         P = triton.cdiv(N, block_n)
@@ -159,11 +158,17 @@ def binned_stats(logits: torch.Tensor, labels: torch.Tensor, n_bins: int, temper
     _row_softmax_kernel[(triton.cdiv(N, block_n),)](logits, row_max, row_sum, N, K, inv_t,
                                                    BLOCK_N=block_n, BLOCK_K=block_k,
                                                    num_warps=warps(block_n, block_k))
-    row_block, class_block, chunks, rows_per_chunk = classwise_blocks(N, K, M)
-    parts = _partials(chunks, shape, logits.device)
-    grid = (chunks, triton.cdiv(K, class_block))
-    _classwise_kernel[grid](logits, labels, row_max, row_sum, *parts, N, K, M, inv_t, ignore_index,
-                            rows_per_chunk, BLOCK_N=row_block, BLOCK_K=class_block, BLOCK_M=block_m,
-                            num_warps=warps(row_block, class_block))
     n_nonfinite = (torch.isnan(row_sum) & (labels != ignore_index)).sum()
-    return (*(sum_partials(t) for t in parts), n_nonfinite)
+    return (*classwise_from_rows(logits, labels, row_max, row_sum, M, inv_t, ignore_index), n_nonfinite)
+
+
+def classwise_from_rows(logits, labels, row_max, row_sum, n_bins: int, inv_t: float, ignore_index: int):
+    """The classwise (counts, Σ p, Σ correct) [K, M] given each row's ``m`` and ``s`` (NaN: a non-finite row)."""
+    N, K = logits.shape
+    row_block, class_block, chunks, rows_per_chunk = classwise_blocks(N, K, n_bins)
+    parts = _partials(chunks, (K, n_bins), logits.device)
+    grid = (chunks, triton.cdiv(K, class_block))
+    _classwise_kernel[grid](logits, labels, row_max, row_sum, *parts, N, K, n_bins, inv_t, ignore_index,
+                            rows_per_chunk, BLOCK_N=row_block, BLOCK_K=class_block, BLOCK_M=bins_block(n_bins),
+                            num_warps=warps(row_block, class_block))
+    return tuple(sum_partials(t) for t in parts)

@@ -5,13 +5,14 @@ statistics with the NLL and Brier sums, docs/math.md#proper-scores).
 softmax's ``m`` and ``s``, ``O = Σ_{j≠y} e_j`` and ``Q = Σ_{j≠y} e_j²`` (rescaled with ``s`` when the max
 grows) and ``z_y``; ``NLL = log1p(O)`` when ``y = ŷ``, else ``log s − (z_y − m)``, and
 ``Brier = (O/s)² + Q/s²``. Each program writes its partial bins and score sums (float64), summed in a fixed
-order afterwards. The classwise statistics come from ``binned_stats``' classwise kernels (another read).
+order afterwards. For the classwise statistics it also stores each row's ``m`` and ``s``, and
+``binned_stats``' classwise kernel bins every class from them (a second read of the logits).
 """
 import torch
 import triton
 import triton.language as tl
 
-from .binning import binned_stats, store_bin_partials
+from .binning import binned_stats, classwise_from_rows, store_bin_partials
 from .common import (MAX_LOSS_TILE, MAX_ROW_BINS, bin_index, bins_block, load_tile, online_softmax, row_blocks,
                      sum_partials, warps)
 
@@ -40,10 +41,12 @@ def _log1p(x):
 
 @triton.jit
 def _metric_sums_kernel(logits_ptr, labels_ptr, counts_ptr, conf_ptr, correct_ptr, nonfinite_ptr, scores_ptr,
-                        N, K, M, inv_t, ignore_index,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr):
+                        max_ptr, sum_ptr, N, K, M, inv_t, ignore_index,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                        STORE_ROWS: tl.constexpr):
     """Partial top-1 bins of one block of rows into row pid of [P, M], its kept non-finite rows into
-    nonfinite[pid], its Σ NLL and Σ Brier into scores[pid, 0:2]."""
+    nonfinite[pid], its Σ NLL and Σ Brier into scores[pid, 0:2]; with STORE_ROWS each row's m and s (NaN for a
+    non-finite row) for the classwise kernel."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     in_range = rows < N
@@ -76,6 +79,9 @@ def _metric_sums_kernel(logits_ptr, labels_ptr, counts_ptr, conf_ptr, correct_pt
         top = tl.where(tile_max > m, tile_top, top)
         m = new_m
     finite = poison == 0.0
+    if STORE_ROWS:
+        tl.store(max_ptr + rows, m, mask=in_range)
+        tl.store(sum_ptr + rows, tl.where(finite, s, float("nan")), mask=in_range)
     tl.store(nonfinite_ptr + pid, tl.sum((keep & ~finite).to(tl.int64), axis=0))
     keep = keep & finite
     conf = 1.0 / s
@@ -117,14 +123,13 @@ def metric_sums(logits: torch.Tensor, labels: torch.Tensor, n_bins: int, tempera
     [0, M])."""
     N, K = logits.shape
     M = n_bins
-    if classwise:
-        per_class = binned_stats(logits, labels, M, temperature, ignore_index, True)[:3]
-    else:
-        per_class = (torch.zeros((0, M), dtype=torch.int64, device=logits.device),
-                     *(torch.zeros((0, M), dtype=torch.float64, device=logits.device) for _ in range(2)))
     if N == 0:
+        class_shape = (K if classwise else 0, M)
         return (*binned_stats(logits, labels, M, temperature, ignore_index, False),
-                torch.zeros(2, dtype=torch.float64, device=logits.device), *per_class)
+                torch.zeros(2, dtype=torch.float64, device=logits.device),
+                torch.zeros(class_shape, dtype=torch.int64, device=logits.device),
+                *(torch.zeros(class_shape, dtype=torch.float64, device=logits.device) for _ in range(2)))
+    inv_t = _inv_t(temperature)
     block_n, block_k, block_m = metric_blocks(N, K, M)
     P = triton.cdiv(N, block_n)
     parts = (torch.empty((P, M), dtype=torch.int64, device=logits.device),
@@ -132,6 +137,13 @@ def metric_sums(logits: torch.Tensor, labels: torch.Tensor, n_bins: int, tempera
              torch.empty((P, M), dtype=torch.float64, device=logits.device),
              torch.empty(P, dtype=torch.int64, device=logits.device),
              torch.empty((P, 2), dtype=torch.float64, device=logits.device))
-    _metric_sums_kernel[(P,)](logits, labels, *parts, N, K, M, _inv_t(temperature), ignore_index,
-                              BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_M=block_m, num_warps=warps(block_n, block_k))
+    rows = torch.empty((2, N if classwise else 1), dtype=torch.float32, device=logits.device)  # m, s
+    _metric_sums_kernel[(P,)](logits, labels, *parts, rows[0], rows[1], N, K, M, inv_t, ignore_index,
+                              BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_M=block_m, STORE_ROWS=classwise,
+                              num_warps=warps(block_n, block_k))
+    if classwise:
+        per_class = classwise_from_rows(logits, labels, rows[0], rows[1], M, inv_t, ignore_index)
+    else:
+        per_class = (torch.zeros((0, M), dtype=torch.int64, device=logits.device),
+                     *(torch.zeros((0, M), dtype=torch.float64, device=logits.device) for _ in range(2)))
     return (*(sum_partials(t) for t in parts), *per_class)
