@@ -12,7 +12,9 @@
 3. A short table, printed last, and JSON in ``benchmarks/results/gpu_<device name>.json``.
 
 Goals (docs/backends.md, issue #4): ``binned_stats`` ≥ 70 % of the measured copy bandwidth; ``calibration_loss``
-forward + backward ≥ 10× faster than the reference backend. Exit status 1 when a correctness check fails,
+forward + backward ≥ 10× faster than the reference backend; at N = 65536, K = 4 the meter's update, ``nll`` and
+``brier`` ≤ 2× ``ece``, ``classwise_ece`` ≤ 3×, ``adaptive_ece`` ≤ 3× one ``torch.sort``, and the percentile
+interval (1000 resamples) ≥ 10× a loop of ``ece`` over resampled rows. Exit status 1 when a correctness check fails,
 2 when the machine cannot run the check.
 """
 
@@ -152,6 +154,49 @@ def check_binned_stats(logits, labels, classwise: bool) -> dict:
     return result
 
 
+def check_metric_sums(logits, labels, classwise: bool) -> dict:
+    """metric_sums against the reference: bins as check_binned_stats, [Σ NLL, Σ Brier] to 1e-5 relative."""
+    from calibkern import reference as ref
+    from calibkern.ops import triton as tri
+
+    args = (logits, labels, N_BINS, 1.0, IGNORE, classwise)
+    got, again, want = tri.metric_sums(*args), tri.metric_sums(*args), ref.metric_sums(*args)
+    keep = labels != IGNORE
+    probs, conf, _ = ref.softmax_parts(logits[keep])
+    allowed = 2 * near_edge_rows(conf, N_BINS) + (2 * near_edge_rows(probs, N_BINS) if classwise else 0)
+    scores_err = float(((got[4] - want[4]).abs() / want[4].abs().clamp_min(1.0)).max())
+    result = {"count_mismatch": int((got[0] - want[0]).abs().sum() + (got[5] - want[5]).abs().sum()),
+              "count_mismatch_allowed": allowed, "scores_rel_err": scores_err,
+              "bitwise_reproducible": all(bool((a == b).all()) for a, b in zip(got, again))}
+    result["ok"] = (result["count_mismatch"] <= allowed and scores_err <= 1e-5 and result["bitwise_reproducible"])
+    return result
+
+
+def check_top1_rows_and_bootstrap(logits, labels) -> dict:
+    """top1_rows against the reference; bootstrap_stats' integer sums equal to the reference's."""
+    from calibkern import reference as ref
+    from calibkern.ops import triton as tri
+
+    conf, correct = tri.top1_rows(logits, labels, 1.0, IGNORE)
+    want_conf, want_correct = ref.top1_rows(logits, labels, 1.0, IGNORE)
+    keep = labels != IGNORE
+    rows = min(int(keep.sum()), 100_000)
+    c, k = conf[keep][:rows].contiguous(), correct[keep][:rows].contiguous()
+    got, want = tri.bootstrap_stats(c, k, N_BINS, 200, 0), ref.bootstrap_stats(c, k, N_BINS, 200, 0)
+    result = {"confidence_max_err": max_err(conf, want_conf), "correct_mismatch": int((correct != want_correct).sum()),
+              "bootstrap_counts_equal": bool(torch_equal(got[0], want[0]) and torch_equal(got[2], want[2])),
+              "bootstrap_sum_conf_max_err": max_err(got[1], want[1])}
+    result["ok"] = (result["confidence_max_err"] <= 1e-6 and result["correct_mismatch"] == 0
+                    and result["bootstrap_counts_equal"] and result["bootstrap_sum_conf_max_err"] <= 1e-6)
+    return result
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return torch.equal(a, b)
+
+
 def check_rows(name: str, got, want) -> dict:
     """Per-row losses / gradients / statistics of the calibration kernels to float32 tolerance."""
     errors = {f"{name}_{i}_max_err": max_err(g, w) for i, (g, w) in enumerate(zip(got, want))}
@@ -229,6 +274,56 @@ def time_binned_stats(logits, labels, label: str, classwise: bool, copy_bw: floa
     row["fraction_of_copy_bw"] = row["triton_GBps"] / copy_bw
     row["speedup_vs_reference"] = row["reference_ms"] / row["triton_ms"]
     return row
+
+
+METRIC_GOALS = {"CalibrationMeter.update": 2.0, "nll": 2.0, "brier": 2.0, "classwise_ece": 3.0}
+
+
+def time_metrics(logits, labels, label: str) -> list[dict]:
+    """Every metric through the public API on triton against ``ece`` on the same rows (and the reference);
+    ``adaptive_ece`` against one ``torch.sort`` of the confidences; the kernel bootstrap (N ≤ 10⁵, 1000
+    resamples) against a loop of ``ece`` over resampled rows (100 resamples, scaled to 1000)."""
+    import torch
+
+    import calibkern
+
+    def metric(name, backend):
+        if name == "CalibrationMeter.update":
+            meter = calibkern.CalibrationMeter(N_BINS, backend=backend)
+            return lambda: meter.update(logits, labels)
+        if name == "classwise_ece":
+            return lambda: calibkern.classwise_ece(logits, labels, N_BINS, backend=backend)
+        return lambda: getattr(calibkern, name)(logits, labels, backend=backend)
+
+    ece_ms = bench_ms(lambda: calibkern.ece(logits, labels, N_BINS, backend="triton"))
+    rows = []
+    for name, limit in METRIC_GOALS.items():
+        row = {"op": f"{name} (public API)", "shape": label, "triton_ms": bench_ms(metric(name, "triton")),
+               "reference_ms": bench_ms(metric(name, "torch")), "ece_ms": ece_ms, "goal_vs_ece": limit}
+        row["speedup_vs_reference"] = row["reference_ms"] / row["triton_ms"]
+        row["time_vs_ece"] = row["triton_ms"] / ece_ms
+        rows.append(row)
+    conf = torch.softmax(logits.float(), dim=1).amax(dim=1)
+    sort_ms = bench_ms(lambda: torch.sort(conf, stable=True))
+    adaptive_ms = bench_ms(lambda: calibkern.adaptive_ece(logits, labels, N_BINS, backend="triton"))
+    rows.append({"op": "adaptive_ece (public API)", "shape": label, "adaptive_ms": adaptive_ms, "sort_ms": sort_ms,
+                 "time_vs_sort": adaptive_ms / sort_ms})
+    n = min(logits.shape[0], 100_000)
+    z, y = logits[:n], labels[:n]
+
+    def loop(resamples=100):
+        generator = torch.Generator(device=z.device).manual_seed(0)
+        for _ in range(resamples):
+            index = torch.randint(n, (n,), generator=generator, device=z.device)
+            calibkern.ece(z[index], y[index], N_BINS, backend="triton")
+            torch.cuda.synchronize()
+
+    interval_ms = bench_ms(lambda: calibkern.ece_confidence_interval(z, y, N_BINS, method="percentile",
+                                                                   n_boot=1000, backend="triton"))
+    loop_ms = 10 * bench_ms(loop)
+    rows.append({"op": "ece_confidence_interval percentile", "shape": f"N={n}, 1000 resamples",
+                 "interval_ms": interval_ms, "loop_ms": loop_ms, "speedup_vs_loop": loop_ms / interval_ms})
+    return rows
 
 
 def time_calibration_losses(logits, labels, params, label: str) -> list[dict]:
@@ -378,6 +473,15 @@ def goals(timings: list[dict]) -> list[dict]:
         if row["op"] == "binned_stats top1" and row["shape"].startswith(f"N={LM_SHAPE[0]}"):
             out.append({"goal": f"binned_stats ≥ {COPY_GOAL:.0%} of copy bandwidth ({row['shape']})",
                         "measured": row["fraction_of_copy_bw"], "met": row["fraction_of_copy_bw"] >= COPY_GOAL})
+        if "time_vs_ece" in row:
+            out.append({"goal": f"{row['op']} ≤ {row['goal_vs_ece']:.0f}x ece ({row['shape']})",
+                        "measured": row["time_vs_ece"], "met": row["time_vs_ece"] <= row["goal_vs_ece"]})
+        if "time_vs_sort" in row:
+            out.append({"goal": f"adaptive_ece ≤ 3x one torch.sort ({row['shape']})", "measured": row["time_vs_sort"],
+                        "met": row["time_vs_sort"] <= 3.0})
+        if "speedup_vs_loop" in row:
+            out.append({"goal": f"percentile interval ≥ 10x a loop of ece ({row['shape']})",
+                        "measured": row["speedup_vs_loop"], "met": row["speedup_vs_loop"] >= 10.0})
         if row["op"] == "calibration_loss fwd+bwd":
             out.append({"goal": f"calibration_loss fwd+bwd ≥ {LOSS_SPEEDUP_GOAL:.0f}x reference ({row['shape']})",
                         "measured": row["speedup_vs_reference"],
@@ -402,6 +506,9 @@ def run(device, scale: int = 1) -> dict:
         f"binned_stats top1 {opt_label}": check_binned_stats(opt_logits, opt_labels, classwise=False),
         f"binned_stats classwise {opt_label}": check_binned_stats(opt_logits, opt_labels, classwise=True),
         f"cross_entropy_ N={lm_n}, V={vocab} fp32": check_cross_entropy(lm_logits, lm_labels),
+        f"metric_sums top1 {lm_label}": check_metric_sums(lm_logits, lm_labels, classwise=False),
+        f"metric_sums classwise {opt_label}": check_metric_sums(opt_logits, opt_labels, classwise=True),
+        f"top1_rows + bootstrap_stats {opt_label}": check_top1_rows_and_bootstrap(opt_logits, opt_labels),
     }
     for dtype in (torch.float32, torch.bfloat16):
         for name, result in check_calibration_kernels(opt_logits.to(dtype), opt_labels, params).items():
@@ -414,6 +521,7 @@ def run(device, scale: int = 1) -> dict:
                time_binned_stats(opt_logits, opt_labels, opt_label, False, copy_bw),
                time_binned_stats(opt_logits, opt_labels, opt_label, True, copy_bw),
                *time_calibration_losses(opt_logits, opt_labels, params, opt_label),
+               *time_metrics(opt_logits, opt_labels, opt_label),
                time_cross_entropy(lm_logits, lm_labels, f"N={lm_n}, V={vocab} fp32", copy_bw)]
     print("timed the kernels; now the fused linear loss", flush=True)
     del lm_logits
