@@ -82,6 +82,11 @@ def bootstrap_stats(confidence: torch.Tensor, correct: torch.Tensor, n_bins: int
     return _C.bootstrap_stats(confidence, correct, thresholds, int(n_bins), int(n_boot), int(seed))
 
 
+def grid_moments(confidence: torch.Tensor, correct: torch.Tensor, cells: int):
+    """The smooth ECE's per-cell sums of (1, c, r, c·r) as float64 [cells, 4] (calibkern.reference.smooth_grid)."""
+    return _C.grid_moments(confidence, correct, int(cells))
+
+
 def _checked(outputs, n_classes: int, ignore_index: int):
     """A row-loss kernel's outputs, after the input checks it made in its own passes (counts of labels out
     of range and of rows with non-finite logits): the errors of calibkern._validate, naming the

@@ -22,8 +22,8 @@ from . import backends
 from .ops import custom_ops
 from .ops._dispatch import prepare
 from .ops.binned_stats import binned_stats_tensors
-from .ops.row_metrics import metric_sums_tensors, top1_rows
-from .reference import bin_index, softmax_parts
+from .ops.row_metrics import kept_top1, metric_sums_tensors
+from .reference import bin_index
 
 NORMS = ("l1", "l2", "max")
 
@@ -274,24 +274,6 @@ def classwise_ece(logits, labels, n_bins=10, norm="l1", *, estimator="plugin", t
                   nonfinite=nonfinite, backend=backend).ece(norm, estimator)
 
 
-def _kept_rows(logits, labels, temperature, ignore_index, nonfinite):
-    """Probabilities, confidences and correctness of the kept rows (evaluation helper; syncs the host)."""
-    V.check_logits(logits)
-    temperature = V.check_positive_float(temperature, "temperature")
-    rows = prepare(logits, labels, ignore_index=ignore_index, nonfinite=nonfinite, backend="torch")
-    keep = rows.labels != ignore_index
-    p, conf, pred = softmax_parts(rows.logits[keep], temperature)
-    return p, conf, (pred == rows.labels[keep]), rows.labels[keep]
-
-
-def _kept_top1(logits, labels, temperature, ignore_index, nonfinite, backend):
-    """Confidence and correctness of the kept rows, from the backend's ``top1_rows`` kernel (syncs the host)."""
-    V.check_logits(logits)
-    rows = top1_rows(logits, labels, temperature=temperature, ignore_index=ignore_index, nonfinite=nonfinite,
-                     backend=backend)
-    return rows.confidence[rows.kept], rows.correct[rows.kept]
-
-
 def adaptive_ece(logits, labels, n_bins=10, norm="l1", *, temperature=1.0, ignore_index=-100,
                  nonfinite="error", backend=None) -> torch.Tensor:
     """ECE over equal-mass bins: samples sorted by confidence, bin of the j-th of N is ``floor(j·M/N)``.
@@ -300,7 +282,7 @@ def adaptive_ece(logits, labels, n_bins=10, norm="l1", *, temperature=1.0, ignor
     """
     n_bins = V.check_n_bins(n_bins)
     V.check_choice(norm, "norm", NORMS)
-    conf, correct = _kept_top1(logits, labels, temperature, ignore_index, nonfinite, backend)
+    conf, correct = kept_top1(logits, labels, temperature, ignore_index, nonfinite, backend)
     order = torch.sort(conf, stable=True).indices
     n = conf.shape[0]
     bins = torch.div(torch.arange(n, device=conf.device) * n_bins, max(n, 1), rounding_mode="floor")
@@ -324,8 +306,8 @@ def ece_confidence_interval(logits, labels, n_bins=10, norm="l1", *, method="deb
     ``method="percentile"``: the plug-in ECE and the percentile interval of the ECEs of ``n_boot`` Poisson
     resamples of the rows (each row's multiplicity Poisson(1), from a counter-based hash of ``seed``, replicate
     and row: the same replicates on every backend), accumulated by the backend's ``bootstrap_stats`` kernel on
-    the rows' confidences and correctness, computed once by ``top1_rows``. It covers the truth where the predictor is clearly miscalibrated, and almost never where it is
-    nearly calibrated: the plug-in's upward bias then moves the whole interval above the truth.
+    the rows' confidences and correctness, computed once by ``top1_rows``. It covers the truth where the
+    predictor is clearly miscalibrated, and almost never where it is nearly calibrated: the plug-in's upward bias then moves the whole interval above the truth.
     """
     n_bins = V.check_n_bins(n_bins)
     V.check_choice(norm, "norm", NORMS)
@@ -342,7 +324,7 @@ def ece_confidence_interval(logits, labels, n_bins=10, norm="l1", *, method="deb
         stats = binned_stats(logits, labels, n_bins, temperature=temperature, ignore_index=ignore_index,
                              nonfinite=nonfinite, backend=backend)
         return _debiased_interval(stats, norm, n_boot, tail, seed)
-    conf, correct = _kept_top1(logits, labels, temperature, ignore_index, nonfinite, backend)
+    conf, correct = kept_top1(logits, labels, temperature, ignore_index, nonfinite, backend)
     if conf.shape[0] == 0:
         raise ValueError("labels: every row is ignored, so the ECE has no confidence interval")
     estimate = float(BinStats.from_confidences(conf, correct, n_bins).ece(norm))

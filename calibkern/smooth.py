@@ -18,7 +18,9 @@ import numpy as np
 import torch
 
 from . import _validate as V
-from .ops.row_metrics import top1_rows
+from .backends import resolve
+from .ops import custom_ops
+from .ops.row_metrics import kept_top1
 
 SIGMA_FLOOR = 1e-3
 SEARCH_STEPS = 10
@@ -40,20 +42,16 @@ def _grid_points(sigma: float) -> int:
     return max(2000, round(20 / sigma)) // 2 + 1
 
 
-def _onto_grid(confidence: torch.Tensor, moments: torch.Tensor, size: int) -> torch.Tensor:
-    """[2, size]: the residuals and the unit masses spread by linear interpolation onto ``size`` points
-    ``j/(size−1)``: a row at ``c`` gives ``1 − s`` of its value to point ``j = min(⌊c(size−1)⌋, size−2)`` and
-    ``s`` to ``j+1``, ``s = c(size−1) − j`` (float64).
-
-    One pass sums the rows' ``moments`` ``(1, c, r, c·r)`` per cell j; then ``Σ s = (size−1) Σ c − j Σ 1`` and
-    ``Σ s·r = (size−1) Σ c·r − j Σ r`` give both shares of every cell without a per-row share."""
-    cells = size - 1
-    left = (confidence * cells).long().clamp_(max=cells - 1)
-    count, sum_c, sum_r, sum_cr = torch.zeros(cells, 4, dtype=torch.float64, device=confidence.device).index_add_(
-        0, left, moments).unbind(1)
-    j = torch.arange(cells, dtype=torch.float64, device=confidence.device)
+def _onto_grid(moments: torch.Tensor) -> torch.Tensor:
+    """[2, cells + 1]: the residuals and the unit masses spread by linear interpolation onto the ``cells + 1``
+    points ``j/cells``, from the rows' per-cell sums ``(1, c, r, c·r)`` (``grid_moments``). A row at ``c`` in
+    cell ``j`` gives ``1 − s`` of its value to point j and ``s = c·cells − j`` to point ``j + 1``; summed over a
+    cell, ``Σ s = cells Σ c − j Σ 1`` and ``Σ s·r = cells Σ c·r − j Σ r``."""
+    cells = moments.shape[0]
+    count, sum_c, sum_r, sum_cr = moments.unbind(1)
+    j = torch.arange(cells, dtype=torch.float64, device=moments.device)
     to_right = torch.stack([cells * sum_cr - j * sum_r, cells * sum_c - j * count])
-    grids = torch.zeros(2, size, dtype=torch.float64, device=confidence.device)
+    grids = torch.zeros(2, cells + 1, dtype=torch.float64, device=moments.device)
     grids[:, :-1] = torch.stack([sum_r, count]) - to_right
     grids[:, 1:] += to_right
     return grids
@@ -86,17 +84,16 @@ def _interpolate(points: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
 class _Smoother:
     """The rows' residuals and masses on each grid size used so far (a bandwidth search reuses them)."""
 
-    def __init__(self, confidence: torch.Tensor, correct: torch.Tensor):
-        self.confidence = confidence.double()
-        residual = self.confidence - correct.double()
-        self.moments = torch.stack([torch.ones_like(residual), self.confidence, residual, self.confidence * residual], 1)
+    def __init__(self, confidence: torch.Tensor, correct: torch.Tensor, backend: str):
+        self.confidence, self.correct, self.backend = confidence, correct, backend
         self.grids: dict[int, torch.Tensor] = {}
 
     def curve(self, sigma: float, n_points: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(t, r̂(t), D_σ(t) + 10⁻⁴)`` at ``n_points`` evenly spaced ``t``."""
         size = _grid_points(sigma)
         if size not in self.grids:
-            self.grids[size] = _onto_grid(self.confidence, self.moments, size)
+            self.grids[size] = _onto_grid(custom_ops.grid_moments(self.confidence, self.correct, size - 1,
+                                                                  self.backend))
         residual, mass = _reflected_smooth(self.grids[size], sigma)
         points = torch.linspace(0, 1, n_points, dtype=torch.float64, device=self.confidence.device)
         density = _interpolate(points, mass) + DENSITY_FLOOR
@@ -126,13 +123,10 @@ class _Smoother:
 
 def _smoother(logits, labels, temperature, ignore_index, nonfinite, backend) -> _Smoother:
     """The kept rows' top-1 confidences and correctness, from one read of the logits by ``backend``'s kernel."""
-    V.check_logits(logits)
-    rows = top1_rows(logits, labels, temperature=temperature, ignore_index=ignore_index, nonfinite=nonfinite,
-                     backend=backend)
-    confidence, correct = rows.confidence[rows.kept], rows.correct[rows.kept]
+    confidence, correct = kept_top1(logits, labels, temperature, ignore_index, nonfinite, backend)
     if confidence.shape[0] == 0:
         raise ValueError("labels: every row is ignored, so there is no smooth ECE to compute")
-    return _Smoother(confidence, correct)
+    return _Smoother(confidence, correct, resolve(backend, confidence.device, confidence.dtype)[0])
 
 
 def _check_sigma(sigma) -> float | None:

@@ -9,6 +9,7 @@ import calibkern as ck
 from helpers import IGNORE, random_labels, random_logits
 
 relplot = pytest.importorskip("relplot")
+BACKENDS = [b for b in ("torch", "cpp", "triton") if b in ck.available_backends()]
 
 
 def calibrated_rows(n, k, scale, seed, tempered=1.0):
@@ -39,7 +40,7 @@ def test_equals_relplot(n, k, scale, tempered):
     assert abs(float(value) - expected) <= 1e-6
 
 
-@pytest.mark.parametrize("backend", [b for b in ("torch", "cpp", "triton") if b in ck.available_backends()])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_every_backend_equals_relplot(backend, dtype):
     logits, labels = calibrated_rows(123, 5, 2.0, seed=11, tempered=2.0)
@@ -135,3 +136,44 @@ def test_extreme_logits_and_float16():
     half = random_logits(500, 4, seed=10).half()
     expected, _ = relplot_smece(half.float(), labels)
     assert np.isclose(float(ck.smooth_ece(half, labels)), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n", [0, 1, 47, 123, 70_001])
+@pytest.mark.parametrize("cells", [1, 7, 1000, 10240])
+def test_grid_moments_equal_float64_sums(backend, n, cells):
+    from calibkern.ops import custom_ops
+
+    g = torch.Generator().manual_seed(n + cells)
+    confidence = torch.rand(n, generator=g)
+    edges = torch.tensor([0.0, 1.0, 0.5, 3 / cells, 1 - 1e-7])[:n]  # both ends, cell edges, just below 1
+    confidence[:edges.shape[0]] = edges
+    correct = torch.rand(n, generator=g) < confidence
+    got = custom_ops.grid_moments(confidence, correct, cells, backend)
+    c = confidence.double()
+    r = c - correct.double()
+    cell = torch.clamp((c * cells).floor().long(), max=cells - 1)
+    expected = torch.zeros(cells, 4, dtype=torch.float64)
+    for column, value in enumerate((torch.ones_like(c), c, r, c * r)):
+        expected[:, column] = torch.bincount(cell, value, minlength=cells)
+    assert got.dtype == torch.float64 and got.shape == (cells, 4)
+    assert torch.equal(got[:, 0], expected[:, 0])  # counts exact
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-9)
+
+
+@pytest.mark.skipif("cpp" not in ck.available_backends(), reason="the C++ extension is not built")
+def test_cpp_grid_moments_do_not_depend_on_the_thread_count():
+    from calibkern.ops import custom_ops
+
+    g = torch.Generator().manual_seed(5)
+    confidence = torch.rand(300_001, generator=g)
+    correct = torch.rand(300_001, generator=g) < confidence
+    previous = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append(custom_ops.grid_moments(confidence, correct, 1000, "cpp"))
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(results[0], results[1])

@@ -69,6 +69,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   }, py::arg("confidence"), py::arg("correct"), py::arg("thresholds"), py::arg("n_bins"), py::arg("n_boot"),
      py::arg("seed"));
 
+  m.def("grid_moments", [](const at::Tensor& confidence, const at::Tensor& correct, int64_t cells) {
+    TORCH_CHECK(confidence.device().is_cpu() && confidence.dim() == 1 && confidence.is_contiguous() &&
+                    confidence.scalar_type() == at::kFloat,
+                "calibkern._C: confidence must be a contiguous float32 [n] CPU tensor");
+    TORCH_CHECK(correct.sizes() == confidence.sizes() && correct.scalar_type() == at::kBool && correct.is_contiguous(),
+                "calibkern._C: correct must be a contiguous bool tensor shaped like confidence");
+    TORCH_CHECK(cells >= 1, "calibkern._C: cells >= 1 required");
+    return cpu::grid_moments(confidence, correct, cells);
+  }, py::arg("confidence"), py::arg("correct"), py::arg("cells"));
+
   m.def("hard_bin_loss", [](const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& bin_accuracy,
                             int64_t ignore_index, int64_t reduction) {
     check_rows(logits, labels);

@@ -20,8 +20,8 @@ Each op takes the backend by name (``"auto"`` picks triton for CUDA tensors, see
   graph is freed by that backward and ``∂L/∂loss`` is exactly 1);
 * ``em_ece_loss``: ``L = Σ_k (S_k/N) ρ(C_k/S_k − θ_k)`` with r detached; backward is the second phase
   ``∂L/∂z_i = (Σ_k r_ik ρ'(d_k)/N) · c_i (e_ŷ − p_i)`` (``em_ece_grad``), scaled by ``∂L_out``;
-* ``binned_stats``, ``metric_sums``, ``top1_rows``, ``bootstrap_stats``, ``em_stats``, ``em_ece_grad`` and the in-place
-  ``cross_entropy_`` have no gradient.
+* ``binned_stats``, ``metric_sums``, ``top1_rows``, ``bootstrap_stats``, ``grid_moments``, ``em_stats``,
+  ``em_ece_grad`` and the in-place ``cross_entropy_`` have no gradient.
 """
 
 from __future__ import annotations
@@ -284,6 +284,17 @@ def _fake_bootstrap_stats(confidence, correct, n_bins, n_boot, seed, backend="au
 
 
 bootstrap_stats = KernelOp(bootstrap_stats, fake=_fake_bootstrap_stats)
+
+
+def grid_moments(confidence: Tensor, correct: Tensor, cells: int, backend: str = "auto") -> Tensor:
+    """float64 [cells, 4]: per cell ``j = min(⌊c · cells⌋, cells − 1)`` the sums of ``(1, c, r, c · r)``,
+    ``r = c − correct``, over the rows (``confidence`` [n] in [0, 1], ``correct`` bool [n]; the smooth ECE's
+    grid, calibkern.reference.smooth_grid)."""
+    return _kernels(backend, confidence).grid_moments(confidence, correct, cells)
+
+
+grid_moments = KernelOp(grid_moments, fake=lambda confidence, correct, cells, *_: confidence.new_empty(
+    (cells, 4), dtype=torch.float64))
 
 
 def cross_entropy_(logits: Tensor, targets: Tensor, ignore_index: int, backend: str = "auto") -> Tensor:

@@ -40,6 +40,15 @@ def top1_rows(logits, labels, *, temperature=1.0, ignore_index=-100, nonfinite="
                     skipped_rows(bad.sum(), nonfinite, temperature))
 
 
+def kept_top1(logits, labels, temperature, ignore_index, nonfinite, backend) -> tuple[torch.Tensor, torch.Tensor]:
+    """Confidence and correctness of the kept rows only, from the backend's ``top1_rows`` kernel (the boolean
+    selection syncs the host: for evaluation metrics)."""
+    V.check_logits(logits)
+    rows = top1_rows(logits, labels, temperature=temperature, ignore_index=ignore_index, nonfinite=nonfinite,
+                     backend=backend)
+    return rows.confidence[rows.kept], rows.correct[rows.kept]
+
+
 @torch.no_grad()
 def metric_sums_tensors(logits, labels, n_bins=10, *, classwise=False, temperature=1.0, ignore_index=-100,
                         nonfinite="error", backend=None):

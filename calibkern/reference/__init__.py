@@ -8,6 +8,7 @@ from .bootstrap import bootstrap_stats
 from .cross_entropy import cross_entropy_
 from .em import em_ece_grad, em_stats, em_target_loss, responsibilities
 from .row_metrics import metric_sums, proper_scores, top1_rows
+from .smooth_grid import grid_moments
 from .softmax import bin_index, softmax_parts
 from .target_loss import (REDUCTIONS, hard_bin_loss, hard_bin_loss_autograd, loss_to_fixed_targets, non_max_targets,
                           reduce_rows, reduced_row_loss)
@@ -21,6 +22,7 @@ __all__ = [
     "em_ece_grad",
     "em_stats",
     "em_target_loss",
+    "grid_moments",
     "hard_bin_loss",
     "hard_bin_loss_autograd",
     "loss_to_fixed_targets",

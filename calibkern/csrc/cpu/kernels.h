@@ -37,6 +37,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bootstrap_stats(const at::Tensor&
                                                                const at::Tensor& thresholds, int64_t n_bins,
                                                                int64_t n_boot, int64_t seed);
 
+/// The smooth ECE's grid moments of rows (confidence float32[n] in [0, 1], correct bool[n]): per cell
+/// j = min(⌊c·cells⌋, cells − 1) the sums of (1, c, r, c·r), r = c − correct, as float64[cells, 4].
+at::Tensor grid_moments(const at::Tensor& confidence, const at::Tensor& correct, int64_t cells);
+
 /// What a row-loss kernel finds wrong with its input in the passes it makes anyway: labels outside [0, K)
 /// that are not ignore_index, and rows (kept or not) whose logits hold NaN or ±inf. Its outputs mean nothing
 /// unless both are 0.

@@ -16,6 +16,13 @@ def bootstrap_stats(confidence, correct, n_bins: int, n_boot: int, seed: int):
     return run(confidence, correct, n_bins, n_boot, seed)
 
 
+def grid_moments(confidence, correct, cells: int):
+    """The smooth ECE's grid moments of per-row values (no logits read): the reference's ``index_add_`` on the
+    device, O(n) with four float64 sums per row."""
+    from ...reference.smooth_grid import grid_moments as run
+    return run(confidence, correct, cells)
+
+
 def metric_sums(logits, labels, n_bins: int, temperature: float, ignore_index: int, classwise: bool):
     from .row_metrics import metric_sums as run
     return run(logits, labels, n_bins, temperature, ignore_index, classwise)
