@@ -1,13 +1,13 @@
 """Compile every launched Triton kernel, at every launch configuration calibkern's launchers choose, for real
 NVIDIA targets — no GPU needed — and read registers, spills and shared memory from the cubins.
 
-    python benchmarks/triton_compile.py [--arch 80 90] [--json FILE] [--shapes full|test]   (make gpu-compile)
+    python benchmarks/triton_compile.py [--arch 80 90] [--json FILE] [--shapes full|test] [--jobs N]  (make gpu-compile)
 
 The configurations come from the launchers' own heuristics (``row_blocks``, ``top1_blocks``, ``rows_blocks``,
-``classwise_blocks``, ``sum_blocks``, ``warps`` in calibkern/ops/triton), evaluated with the GPU constants (this script
-refuses to run under ``TRITON_INTERPRET=1``), over the shapes calibkern supports: logits fp32/bf16/fp16, K
-from 2 to 262144, N from 1 to 10⁶, n_bins 1 to 100, top-1 and classwise, each loss form. Identical
-configurations are compiled once. Each record: kernel, arch, config, registers, spills (local + stack bytes),
+``metric_blocks``, ``bootstrap_blocks``, ``classwise_blocks``, ``sum_blocks``, ``warps`` in calibkern/ops/triton),
+evaluated with the GPU constants (this script refuses to run under ``TRITON_INTERPRET=1``), over the shapes calibkern
+supports: logits fp32/bf16/fp16, K from 2 to 262144, N from 1 to 10⁶, n_bins 1 to 100, top-1 and classwise, each
+loss form. Identical configurations are compiled once, ``--jobs`` at a time (default: every CPU). Each record: kernel, arch, config, registers, spills (local + stack bytes),
 shared_bytes, cubin_bytes. A record fails when it does not compile, spills, uses more shared memory than the
 arch allows (sm_80: 163 KiB, sm_90: 227 KiB) or more than 255 registers.
 """
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import multiprocessing
 import os
 import re
 import subprocess
@@ -125,7 +126,7 @@ def launches(shapes: dict) -> dict:
                                 pointers[name] = kind
                             else:
                                 absent[name] = None
-                        r_n, r_k, r_m = calibration.rows_blocks(n, k, m, em, loss, ece_grad)
+                        r_n, r_k, r_m, r_w = calibration.rows_blocks(n, k, m, em, loss, stats, ece_grad)
                         constexprs = {**absent, "EM": em, "LOSS": loss, "STATS": stats, "ECE_GRAD": ece_grad,
                                       "BLOCK_N": r_n, "BLOCK_K": r_k, "BLOCK_M": r_m}
                         signature, _ = _sig(pointers, {**ints, "gamma0": "fp32"}, constexprs)
@@ -133,7 +134,7 @@ def launches(shapes: dict) -> dict:
                                  "log_pi_ptr", "mu_ptr", "sigma_ptr", "coef_ptr", "N", "K", "M", "ignore_index",
                                  "gamma0", "EM", "LOSS", "STATS", "ECE_GRAD", "BLOCK_N", "BLOCK_K", "BLOCK_M"]
                         add(calibration._calibration_rows_kernel, {name: signature[name] for name in order},
-                            constexprs, common.warps(r_n, r_k))
+                            constexprs, r_w)
     return found
 
 
@@ -161,6 +162,16 @@ def compile_one(fn, signature, constexprs, num_warps, arch: int) -> dict:
                      "cubin_bytes": len(kernel.asm["cubin"])}
 
 
+_CONFIGS: list = []  # the launch configurations, shared with the forked workers
+
+
+def _compile_task(task: tuple[int, int]) -> dict:
+    """Compile configuration ``_CONFIGS[index]`` for ``arch`` and judge it."""
+    index, arch = task
+    record = compile_one(*_CONFIGS[index], arch)
+    return record | {"problems": problems(record)}
+
+
 def problems(record: dict) -> list[str]:
     if "error" in record:
         return [f"does not compile: {record['error']}"]
@@ -179,18 +190,18 @@ def main() -> int:
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90])
     parser.add_argument("--shapes", choices=sorted(SHAPES), default="full")
     parser.add_argument("--json", help="write the records here")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="compile in this many processes")
     args = parser.parse_args()
-    configs = launches(SHAPES[args.shapes])
+    _CONFIGS[:] = launches(SHAPES[args.shapes]).values()
+    tasks = [(index, arch) for index in range(len(_CONFIGS)) for arch in args.arch]
     records = []
-    print(f"{len(configs)} launch configurations × {len(args.arch)} targets", flush=True)
+    print(f"{len(_CONFIGS)} launch configurations × {len(args.arch)} targets", flush=True)
     print("| kernel | arch | config | registers | spills | shared | result |\n|---|---|---|---|---|---|---|")
-    for fn, signature, constexprs, num_warps in configs.values():
-        for arch in args.arch:
-            record = compile_one(fn, signature, constexprs, num_warps, arch)
-            record["problems"] = problems(record)
+    with multiprocessing.get_context("fork").Pool(max(1, args.jobs)) as pool:
+        for record in pool.imap(_compile_task, tasks):
             records.append(record)
             config = ", ".join(f"{k}={v}" for k, v in record["config"].items())
-            print(f"| {record['kernel']} | sm_{arch} | {config} | {record.get('registers', '—')} | "
+            print(f"| {record['kernel']} | sm_{record['arch']} | {config} | {record.get('registers', '—')} | "
                   f"{record.get('spills', '—')} | {record.get('shared_bytes', '—')} | "
                   f"{'; '.join(record['problems']) or 'ok'} |", flush=True)
     if args.json:

@@ -33,6 +33,12 @@ from ...reference.target_loss import reduced_row_loss
 from . import common
 from .common import bin_index, bins_block, load_tile, online_softmax, row_blocks, sum_partials, warps
 
+# the E-step statistics run on 8 warps from a [rows, bins] tile of STATS_WARP_ROW_BINS cells or a [rows, K-tile]
+# tile of STATS_WARP_TILE (at 4 warps ptxas capped those at 72-168 registers and spilled 8-40 bytes; a 512-cell
+# K-tile spilled at 8 warps instead)
+STATS_WARP_ROW_BINS = 512
+STATS_WARP_TILE = 1024
+
 
 @triton.jit
 def _log_weights(conf, comps, M, log_pi_ptr, mu_ptr, sigma_ptr):
@@ -141,21 +147,28 @@ def _calibration_rows_kernel(
                      mask=in_range[:, None] & (cols < K)[None, :])
 
 
-def rows_blocks(N: int, K: int, M: int, em: bool, loss: bool, ece_grad: bool) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, BLOCK_M) of the rows kernel: a smaller tile where the loss or the ECE gradient keep
-    several tile-sized temporaries alive, and a [BLOCK_N, BLOCK_M] responsibility tile within MAX_ROW_BINS."""
+def rows_blocks(N: int, K: int, M: int, em: bool, loss: bool, stats: bool,
+                ece_grad: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, BLOCK_M, num_warps) of the rows kernel: a smaller tile where the loss or the ECE gradient
+    keep several tile-sized temporaries alive, a [BLOCK_N, BLOCK_M] responsibility tile within MAX_ROW_BINS, and
+    8 warps where the E-step statistics' float64 tiles join a large tile (benchmarks/triton_compile.py)."""
     block_m = bins_block(M)
     max_tile = common.MAX_LOSS_TILE if loss or ece_grad else common.MAX_TILE
     if em and loss:  # the target form keeps the responsibilities' statistics and the loss's temporaries
         max_tile //= 2
-    return (*row_blocks(N, K, max_tile, common.MAX_ROW_BINS // block_m if em else None), block_m)
+    block_n, block_k = row_blocks(N, K, max_tile, common.MAX_ROW_BINS // block_m if em else None)
+    num_warps = warps(block_n, block_k)
+    if stats and (block_n * block_m >= STATS_WARP_ROW_BINS or block_n * block_k >= STATS_WARP_TILE):
+        num_warps = 8
+    return block_n, block_k, block_m, num_warps
 
 
 def _run(logits, labels, ignore_index, accuracy, em_params, coef, loss, stats, grad):
     """Launch the rows kernel; the flags follow from which outputs and parameters are given."""
     N, K = logits.shape
     M = (accuracy if accuracy is not None else em_params[0]).numel()
-    block_n, block_k, block_m = rows_blocks(N, K, M, em_params is not None, loss is not None, coef is not None)
+    block_n, block_k, block_m, num_warps = rows_blocks(N, K, M, em_params is not None, loss is not None, stats,
+                                                       coef is not None)
     P = triton.cdiv(N, block_n)
     partials = torch.empty((P, 4, M), dtype=torch.float64, device=logits.device) if stats else None
     log_pi, mu, sigma = em_params if em_params is not None else (None, None, None)
@@ -163,7 +176,7 @@ def _run(logits, labels, ignore_index, accuracy, em_params, coef, loss, stats, g
         logits, labels, loss, grad, partials, accuracy, log_pi, mu, sigma, coef,
         N, K, M, ignore_index, math.log(K - 1),
         EM=em_params is not None, LOSS=loss is not None, STATS=stats, ECE_GRAD=coef is not None,
-        BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_M=block_m, num_warps=warps(block_n, block_k))
+        BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_M=block_m, num_warps=num_warps)
     return sum_partials(partials) if stats else None
 
 

@@ -30,6 +30,9 @@ MAX_ONEHOT = 262144 if INTERPRETED else 512
 # one-hot or responsibility tile, and the K-tile of a kernel that keeps several tile-sized temporaries alive
 MAX_ROW_BINS = 1 << 30 if INTERPRETED else 512
 MAX_LOSS_TILE = MAX_TILE if INTERPRETED else 2048
+# the top-1 kernel's tile beside a [rows, bins] one-hot: a 2048-element tile on 8 warps spilled (ptxas held it to
+# 128 registers), 1024 on 4 warps does not
+MAX_BINNED_TILE = MAX_TILE if INTERPRETED else 1024
 
 
 def row_blocks(n_rows: int, width: int, max_tile: int = MAX_TILE, max_rows: int | None = None) -> tuple[int, int]:
