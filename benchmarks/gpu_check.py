@@ -9,7 +9,11 @@
    here as a ``torch`` copy of the same bytes; the fused linear loss (hidden states → SFT CE + calibration
    term) against eager full logits and Liger-Kernel's ``LigerFusedLinearCrossEntropyLoss`` when installed,
    with peak memory.
-3. A short table, printed last, and JSON in ``benchmarks/results/gpu_<device name>.json``.
+3. Roofline: each timed kernel's lower bound (benchmarks/roofline.py, the sheet of
+   docs/backends.md#roofline-what-a-first-gpu-run-will-be-read-against) for the card ``torch.cuda.get_device_name()``
+   names (H100 SXM, H200; any other card is read against the copy bandwidth measured here), as bound ÷ measured
+   time: the fraction of the limit the kernel reaches.
+4. A short table, printed last, and JSON in ``benchmarks/results/gpu_<device name>.json``.
 
 Goals (docs/backends.md, issue #4): ``binned_stats`` ≥ 70 % of the measured copy bandwidth; ``calibration_loss``
 forward + backward ≥ 10× faster than the reference backend; at N = 65536, K = 4 the meter's update, ``nll`` and
@@ -32,17 +36,17 @@ from pathlib import Path
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:  # `python benchmarks/gpu_check.py` from a checkout that is not installed
-    sys.path.insert(1, str(REPO_ROOT))
+for _path in (REPO_ROOT, RESULTS_DIR.parent):  # calibkern from a checkout that is not installed; roofline.py
+    if str(_path) not in sys.path:
+        sys.path.insert(1, str(_path))
+
+import roofline  # noqa: E402
+
 IGNORE = -100
 N_BINS = 15
 COPY_GOAL = 0.70  # binned_stats GB/s ÷ copy GB/s
 LOSS_SPEEDUP_GOAL = 10.0  # calibration_loss forward+backward, reference ÷ triton
 
-# (rows, vocabulary) of the real sizes; --quick divides them for a smoke run
-LM_SHAPE = (4096, 128256)
-OPTIONS_SHAPE = (65536, 4)
-HIDDEN_DIM = 4096
 
 
 def fail(message: str, status: int = 2):
@@ -247,14 +251,15 @@ def em_params(n_bins: int, device):
     return log_pi, mu, sigma, theta, accuracy
 
 
-def time_binned_stats(logits, labels, label: str, classwise: bool, copy_bw: float) -> dict:
-    """Kernel-level triton vs reference, torchmetrics (top-1 only), and the public API on triton."""
+def time_binned_stats(logits, labels, label: str, classwise: bool, copy_bw: float, load: str) -> dict:
+    """Kernel-level triton vs reference, torchmetrics (top-1 only), and the public API on triton; ``load`` names
+    the roofline workload."""
     import calibkern
     from calibkern import reference as ref
     from calibkern.ops import triton as tri
 
     args = (logits, labels, N_BINS, 1.0, IGNORE, classwise)
-    row = {"op": f"binned_stats {'classwise' if classwise else 'top1'}", "shape": label,
+    row = {"op": f"binned_stats {'classwise' if classwise else 'top1'}", "shape": label, "roofline": load,
            "triton_ms": bench_ms(lambda: tri.binned_stats(*args)),
            "reference_ms": bench_ms(lambda: ref.binned_stats(*args)),
            "public_api_triton_ms": bench_ms(lambda: calibkern.binned_stats(
@@ -277,6 +282,8 @@ def time_binned_stats(logits, labels, label: str, classwise: bool, copy_bw: floa
 
 
 METRIC_GOALS = {"CalibrationMeter.update": 2.0, "nll": 2.0, "brier": 2.0, "classwise_ece": 3.0}
+METRIC_ROOFLINE = {"CalibrationMeter.update": "metric_sums top1 options", "nll": "metric_sums top1 options",
+                   "brier": "metric_sums top1 options", "classwise_ece": "metric_sums classwise options"}
 
 
 def time_metrics(logits, labels, label: str) -> list[dict]:
@@ -298,7 +305,8 @@ def time_metrics(logits, labels, label: str) -> list[dict]:
     ece_ms = bench_ms(lambda: calibkern.ece(logits, labels, N_BINS, backend="triton"))
     rows = []
     for name, limit in METRIC_GOALS.items():
-        row = {"op": f"{name} (public API)", "shape": label, "triton_ms": bench_ms(metric(name, "triton")),
+        row = {"op": f"{name} (public API)", "shape": label, "roofline": METRIC_ROOFLINE[name],
+               "triton_ms": bench_ms(metric(name, "triton")),
                "reference_ms": bench_ms(metric(name, "torch")), "ece_ms": ece_ms, "goal_vs_ece": limit}
         row["speedup_vs_reference"] = row["reference_ms"] / row["triton_ms"]
         row["time_vs_ece"] = row["triton_ms"] / ece_ms
@@ -341,7 +349,7 @@ def time_calibration_losses(logits, labels, params, label: str) -> list[dict]:
     }
     rows = []
     for name, loss in losses.items():
-        row = {"op": name, "shape": label}
+        row = {"op": name, "shape": label, "roofline": "row loss options"}
         for backend in ("triton", "torch"):
             row[f"{'reference' if backend == 'torch' else backend}_ms"] = bench_ms(
                 lambda: loss(backend).backward(), grad_to_none=[x])
@@ -363,7 +371,7 @@ def time_cross_entropy(logits, labels, label: str, copy_bw: float) -> dict:
     from calibkern.ops import triton as tri
 
     buffer = logits.float().clone()  # overwritten in place on every run; the work is the same
-    row = {"op": "cross_entropy_ (in place)", "shape": label,
+    row = {"op": "cross_entropy_ (in place)", "shape": label, "roofline": "cross_entropy_ lm",
            "triton_ms": bench_ms(lambda: tri.cross_entropy_(buffer, labels, IGNORE)),
            "reference_ms": bench_ms(lambda: ref.cross_entropy_(buffer, labels, IGNORE))}
     nbytes = buffer.numel() * buffer.element_size()
@@ -397,7 +405,7 @@ def time_fused_linear(n: int, vocab: int, hidden_dim: int, device) -> dict:
         F.cross_entropy(F.linear(hidden, weight).float(), labels, ignore_index=IGNORE).backward()
 
     candidates = {"eager full logits (CE)": eager}
-    row = {"op": "fused linear loss fwd+bwd", "shape": label}
+    row = {"op": "fused linear loss fwd+bwd", "shape": label, "roofline": "fused linear"}
     fused = getattr(calibkern, "fused_linear_calibration_loss", None)
     if fused is None:
         row["note"] = "calibkern.fused_linear_calibration_loss is not available in this checkout"
@@ -431,6 +439,55 @@ def time_fused_linear(n: int, vocab: int, hidden_dim: int, device) -> dict:
     return row
 
 
+def time_kernel(op: str, label: str, load: str, triton_fn: Callable[[], object],
+                reference_fn: Callable[[], object]) -> dict:
+    """One triton kernel against the reference backend's function on the same arguments."""
+    row = {"op": op, "shape": label, "roofline": load, "triton_ms": bench_ms(triton_fn),
+           "reference_ms": bench_ms(reference_fn)}
+    row["speedup_vs_reference"] = row["reference_ms"] / row["triton_ms"]
+    return row
+
+
+def time_row_kernels(lm_logits, lm_labels, lm_label: str, opt_logits, opt_labels, opt_label: str,
+                     n_boot: int) -> list[dict]:
+    """metric_sums (top-1 at the vocabulary, classwise at the options), top1_rows at both, and bootstrap_stats over
+    every options row's confidence."""
+    from calibkern import reference as ref
+    from calibkern.ops import triton as tri
+
+    def both(name, *args):
+        return lambda: getattr(tri, name)(*args), lambda: getattr(ref, name)(*args)
+
+    conf, correct = tri.top1_rows(opt_logits, opt_labels, 1.0, -1)  # every row kept
+    return [
+        time_kernel("metric_sums top1", lm_label, "metric_sums top1 lm",
+                    *both("metric_sums", lm_logits, lm_labels, N_BINS, 1.0, IGNORE, False)),
+        time_kernel("metric_sums classwise", opt_label, "metric_sums classwise options",
+                    *both("metric_sums", opt_logits, opt_labels, N_BINS, 1.0, IGNORE, True)),
+        time_kernel("top1_rows", lm_label, "top1_rows lm", *both("top1_rows", lm_logits, lm_labels, 1.0, IGNORE)),
+        time_kernel("top1_rows", opt_label, "top1_rows options",
+                    *both("top1_rows", opt_logits, opt_labels, 1.0, IGNORE)),
+        time_kernel("bootstrap_stats", f"n={conf.numel()}, {n_boot} replicates", "bootstrap_stats",
+                    *both("bootstrap_stats", conf, correct, N_BINS, n_boot, 0)),
+    ]
+
+
+def roofline_fractions(timings: list[dict], gpu: "roofline.GPU", scale: int) -> None:
+    """Each row's roofline bound on ``gpu`` (ms) and bound ÷ measured time, the fraction of the limit reached."""
+    loads = roofline.workloads(scale)
+    for row in timings:
+        if "roofline" not in row:
+            continue
+        bound, ms = loads[row["roofline"]].bound_s(gpu), row.get("triton_ms", row.get("calibkern (CE) ms"))
+        row["roofline_bound_ms"] = None if bound is None else bound * 1e3
+        row["fraction_of_roofline"] = None if bound is None or ms is None else bound * 1e3 / ms
+
+
+def roofline_gpu(device_name: str, copy_bw: float) -> "roofline.GPU":
+    """The card's roofline rates, or the copy bandwidth measured here for a card the table lacks."""
+    return roofline.gpu_for(device_name) or roofline.GPU(f"{device_name} (measured copy bandwidth)", copy_bw * 1e9)
+
+
 # ---------------------------------------------------------------------------------------------- report
 
 def summary_lines(report: dict) -> list[str]:
@@ -460,6 +517,14 @@ def summary_lines(report: dict) -> list[str]:
                     lines.append(f"  {name:<34} {value:>9.2f} ms {row[name + ' peak MiB']:>9.0f} MiB peak")
                 elif key in ("note", "liger"):
                     lines.append(f"  {value}")
+    gpu = report["roofline_gpu"]
+    lines.append(f"roofline on {gpu['name']} ({gpu['bandwidth'] / 1e12:.2f} TB/s): bound ÷ measured time "
+                 "(docs/backends.md#roofline-what-a-first-gpu-run-will-be-read-against)")
+    for row in report["timings"]:
+        if row.get("fraction_of_roofline") is not None:
+            ms = row.get("triton_ms", row.get("calibkern (CE) ms"))
+            lines.append(f"  {row['op']:<36} {row['shape']:<26} {ms:>10.3f} ms  bound {row['roofline_bound_ms']:>9.4f} "
+                         f"ms  {100 * row['fraction_of_roofline']:>5.1f}% of the limit")
     for goal in report["goals"]:
         lines.append(f"goal {goal['goal']}: measured {goal['measured']:.2f} → {'MET' if goal['met'] else 'MISSED'}")
     failed = [name for name, result in report["correctness"].items() if not result["ok"]]
@@ -470,7 +535,7 @@ def summary_lines(report: dict) -> list[str]:
 def goals(timings: list[dict]) -> list[dict]:
     out = []
     for row in timings:
-        if row["op"] == "binned_stats top1" and row["shape"].startswith(f"N={LM_SHAPE[0]}"):
+        if row.get("roofline") == "binned_stats top1 lm":
             out.append({"goal": f"binned_stats ≥ {COPY_GOAL:.0%} of copy bandwidth ({row['shape']})",
                         "measured": row["fraction_of_copy_bw"], "met": row["fraction_of_copy_bw"] >= COPY_GOAL})
         if "time_vs_ece" in row:
@@ -494,8 +559,8 @@ def run(device, scale: int = 1) -> dict:
     import torch
     import triton
 
-    lm_n, vocab = LM_SHAPE[0] // scale, LM_SHAPE[1] // scale
-    opt_n, k = OPTIONS_SHAPE[0] // scale, OPTIONS_SHAPE[1]
+    shapes = roofline.shapes(scale)
+    (lm_n, vocab), (opt_n, k) = shapes["lm"], shapes["options"]
     lm_logits, lm_labels = make_inputs(lm_n, vocab, torch.bfloat16, device, seed=0)
     opt_logits, opt_labels = make_inputs(opt_n, k, torch.float32, device, seed=1)
     lm_label, opt_label = f"N={lm_n}, V={vocab} bf16", f"N={opt_n}, K={k} fp32"
@@ -517,19 +582,24 @@ def run(device, scale: int = 1) -> dict:
     print("correctness:", "all passed" if not failed else f"FAILED {failed}", flush=True)
 
     copy_bw = copy_gbps(lm_logits.numel() * lm_logits.element_size(), device)
-    timings = [time_binned_stats(lm_logits, lm_labels, lm_label, False, copy_bw),
-               time_binned_stats(opt_logits, opt_labels, opt_label, False, copy_bw),
-               time_binned_stats(opt_logits, opt_labels, opt_label, True, copy_bw),
+    timings = [time_binned_stats(lm_logits, lm_labels, lm_label, False, copy_bw, "binned_stats top1 lm"),
+               time_binned_stats(opt_logits, opt_labels, opt_label, False, copy_bw, "binned_stats top1 options"),
+               time_binned_stats(opt_logits, opt_labels, opt_label, True, copy_bw, "binned_stats classwise options"),
+               *time_row_kernels(lm_logits, lm_labels, lm_label, opt_logits, opt_labels, opt_label, shapes["n_boot"]),
                *time_calibration_losses(opt_logits, opt_labels, params, opt_label),
                *time_metrics(opt_logits, opt_labels, opt_label),
                time_cross_entropy(lm_logits, lm_labels, f"N={lm_n}, V={vocab} fp32", copy_bw)]
     print("timed the kernels; now the fused linear loss", flush=True)
     del lm_logits
     torch.cuda.empty_cache()
-    timings.append(time_fused_linear(lm_n, vocab, HIDDEN_DIM // scale, device))
-    return {"device": torch.cuda.get_device_name(device), "torch": torch.__version__, "triton": triton.__version__,
+    timings.append(time_fused_linear(lm_n, vocab, shapes["hidden_dim"], device))
+    name = torch.cuda.get_device_name(device)
+    gpu = roofline_gpu(name, copy_bw)
+    roofline_fractions(timings, gpu, scale)
+    return {"device": name, "torch": torch.__version__, "triton": triton.__version__,
             "cuda": torch.version.cuda, "python": platform.python_version(), "scale": scale,
-            "copy_GBps": copy_bw, "correctness": correctness, "timings": timings, "goals": goals(timings)}
+            "copy_GBps": copy_bw, "roofline_gpu": vars(gpu), "correctness": correctness, "timings": timings,
+            "goals": goals(timings)}
 
 
 def main(argv=None) -> int:

@@ -7,7 +7,7 @@ The configurations come from the launchers' own heuristics (``row_blocks``, ``to
 ``metric_blocks``, ``bootstrap_blocks``, ``classwise_blocks``, ``sum_blocks``, ``warps`` in calibkern/ops/triton),
 evaluated with the GPU constants (this script refuses to run under ``TRITON_INTERPRET=1``), over the shapes calibkern
 supports: logits fp32/bf16/fp16, K from 2 to 262144, N from 1 to 10⁶, n_bins 1 to 100, top-1 and classwise, each
-loss form. Identical configurations are compiled once, ``--jobs`` at a time (default: every CPU). Each record: kernel, arch, config, registers, spills (local + stack bytes),
+loss form (``--shapes full``: chosen values; ``--shapes all``: every power of two, so every block configuration). Identical configurations are compiled once, ``--jobs`` at a time (default: every CPU). Each record: kernel, arch, config, registers, spills (local + stack bytes),
 shared_bytes, cubin_bytes. A record fails when it does not compile, spills, uses more shared memory than the
 arch allows (sm_80: 163 KiB, sm_90: 227 KiB) or more than 255 registers.
 """
@@ -44,6 +44,9 @@ SHAPES = {
     "full": dict(K=(2, 3, 4, 5, 8, 16, 31, 64, 100, 1000, 4096, 5000, 32000, 128256, 262144),
                  N=(1, 100, 4096, 1_000_000), M=(1, 10, 15, 64, 100), dtypes=tuple(DTYPES)),
     "test": dict(K=(4, 1000, 32000), N=(64, 4096), M=(10,), dtypes=("fp32", "bf16")),
+    # every power of two of N, K and n_bins: every block configuration the heuristics can produce
+    "all": dict(K=tuple(2 ** j for j in range(1, 13)) + (262144,), N=tuple(2 ** j for j in range(22)),
+                M=(1, 2, 4, 8, 16, 32, 64, 100), dtypes=tuple(DTYPES)),
 }
 
 
