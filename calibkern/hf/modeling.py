@@ -237,7 +237,9 @@ def check_logit_parity(model: nn.Module, inputs: dict, *, tokens: int = 16) -> f
     probe = {key: inputs[key][:1, :tokens] for key in ("input_ids", "attention_mask")
              if isinstance(inputs.get(key), torch.Tensor)}
     fused = getattr(causal_lm, FUSED_LOSS_ATTRIBUTE, None)
-    fused = None if fused is None or fused.option_ids is None else fused
+    # patched and still calling the patched forward (a caller may have removed the instance forward since)
+    patched = fused is not None and fused.option_ids is not None and "forward" in causal_lm.__dict__
+    fused = fused if patched else None
     was_training = model.training
     model.eval()
     try:
