@@ -80,7 +80,7 @@ class LossPolicy:
         self.gradient_accumulation_steps = gradient_accumulation_steps
         self.world_size: int | None = None
         self.stream_mstep = True
-        self.window = LossWindow(option_ids=self.option_ids is not None)
+        self.window = LossWindow(answers=self.option_ids is not None)
         self._micro_batches = 0  # streaming training calls since the last M-step
 
     @property

@@ -38,8 +38,8 @@ def _add(total: BinStats | None, new: BinStats | None) -> BinStats | None:
 class LossWindow:
     """Sums of the fused loss's statistics over the training calls since the last :meth:`read` (module docstring)."""
 
-    def __init__(self, option_ids: bool = True):
-        self.option_ids = option_ids  # whether calib_* of the answers are meaningful (cft / rcft)
+    def __init__(self, answers: bool = True):
+        self.answers = answers  # whether the answers' calib_* are meaningful (cft / rcft: option_ids)
         self.reset()
 
     def reset(self) -> None:
@@ -69,7 +69,7 @@ class LossWindow:
         for stats in (self.bin_stats, self.token_stats, self.full_stats):
             if stats is not None and processes > 1:
                 stats.all_reduce()
-        if self.bin_stats is not None and self.option_ids:
+        if self.bin_stats is not None and self.answers:
             logs["calib_ece"] = float(self.bin_stats.ece())
             logs["calib_accuracy"] = float(self.bin_stats.accuracy())
             logs["calib_mean_confidence"] = float(self.bin_stats.mean_confidence())
