@@ -35,11 +35,46 @@ class LargestTensor(TorchDispatchMode):
         return out
 
 
+def em_params(m: int = 7, seed: int = 1, device="cpu"):
+    """A mixture's kernel parameters (log π, μ, σ, θ; float32, [m]) with components near their bin centres."""
+    gen = torch.Generator().manual_seed(seed)
+    log_pi = torch.log_softmax(torch.randn(m, generator=gen), dim=0)
+    mu = (torch.arange(m) + 0.5) / m + 0.02 * torch.randn(m, generator=gen)
+    sigma = torch.rand(m, generator=gen) * 0.1 + 1.0 / (4 * m)
+    theta = torch.rand(m, generator=gen)
+    return tuple(t.float().to(device) for t in (log_pi, mu, sigma, theta))
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on now (for a gloo rendezvous)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def torchrun_ranks(script: str, out_dir, world: int) -> list:
+    """Run ``script out_dir`` under ``torchrun --nproc_per_node world`` (one thread per rank) and load the
+    ``rank{r}.pt`` each rank saved in ``out_dir``."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}",
+               f"--master_port={free_port()}", script, str(out_dir)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+
+
+def assert_same_training_state(ours: dict, theirs: dict) -> None:
+    """Equal ``weights`` (full tensors, max abs difference ≤ 1e-5, float32) and ``em`` (an EMState dict or None)."""
+    assert ours["weights"].keys() == theirs["weights"].keys()
+    for key, value in theirs["weights"].items():
+        assert (ours["weights"][key] - value).abs().max() <= 1e-5, key
+    assert (ours["em"] is None) == (theirs["em"] is None)
+    for key, value in (theirs["em"] or {}).items():
+        torch.testing.assert_close(ours["em"][key], value, rtol=1e-5, atol=1e-7, msg=key)
 
 
 M = 10

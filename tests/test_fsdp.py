@@ -12,7 +12,6 @@ Run as a script by ``torchrun`` (the worker), as a test by pytest (the launcher)
 """
 
 import os
-import subprocess
 import sys
 
 import pytest
@@ -20,7 +19,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from helpers import LargestTensor, free_port  # noqa: E402
+from helpers import LargestTensor, assert_same_training_state, torchrun_ranks  # noqa: E402
 
 WORLD, ROWS, STEPS, SAVED_AT = 2, 8, 3, 2
 CHUNK = 8  # rows of logits per chunk (CFT, RCFT): the largest-tensor check needs chunks below a rank's tokens
@@ -135,13 +134,7 @@ def worker(out_dir):
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("fsdp")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}",
-               f"--master_port={free_port()}", __file__, str(out_dir)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return torchrun_ranks(__file__, tmp_path_factory.mktemp("fsdp"), WORLD)
 
 
 @pytest.fixture(scope="module")
@@ -156,15 +149,6 @@ def one_process():
     return results
 
 
-def assert_same_state(ours, theirs):
-    assert ours["weights"].keys() == theirs["weights"].keys()
-    for key, value in theirs["weights"].items():
-        assert (ours["weights"][key] - value).abs().max() <= 1e-5, key
-    assert (ours["em"] is None) == (theirs["em"] is None)
-    for key, value in (theirs["em"] or {}).items():
-        torch.testing.assert_close(ours["em"][key], value, rtol=1e-5, atol=1e-7, msg=key)
-
-
 @pytest.mark.parametrize("mode", MODES)
 def test_fully_sharded_training_equals_one_process(ranks, one_process, mode):
     start = fixtures()[0]
@@ -173,7 +157,7 @@ def test_fully_sharded_training_equals_one_process(ranks, one_process, mode):
     initial = make_model(start).state_dict()
     assert any((one_process[mode]["weights"][k] - v).abs().max() > 1e-3 for k, v in initial.items())  # it trained
     for rank in ranks:
-        assert_same_state(rank[mode], one_process[mode])
+        assert_same_training_state(rank[mode], one_process[mode])
 
 
 @pytest.mark.parametrize("mode", ["cft", "rcft"])
@@ -189,7 +173,7 @@ def test_no_rank_holds_a_tokens_by_vocabulary_tensor(ranks, mode):
 
 def test_resumed_sharded_run_equals_the_uninterrupted_one(ranks):
     for rank in ranks:
-        assert_same_state(rank["resumed"], ranks[0]["rcft"])
+        assert_same_training_state(rank["resumed"], ranks[0]["rcft"])
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ Run as a script by ``torchrun`` (the worker), as a test by pytest (the launcher)
 """
 
 import os
-import subprocess
 import sys
 
 import pytest
@@ -24,7 +23,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from helpers import LargestTensor, free_port  # noqa: E402
+from helpers import LargestTensor, assert_same_training_state, torchrun_ranks  # noqa: E402
 
 WORLD, ROWS, STEPS, SAVED_AT, CHUNK = 2, 8, 3, 2, 8
 METHODS = ("cft", "rcft")
@@ -138,13 +137,7 @@ def worker(out_dir):
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("trainer_fsdp")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}",
-               f"--master_port={free_port()}", __file__, str(out_dir)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return torchrun_ranks(__file__, tmp_path_factory.mktemp("trainer_fsdp"), WORLD)
 
 
 @pytest.fixture(scope="module")
@@ -159,16 +152,11 @@ def one_process(tmp_path_factory):
 
 
 def assert_same_state(ours, theirs):
-    assert ours["weights"].keys() == theirs["weights"].keys()
-    for key, value in theirs["weights"].items():
-        assert (ours["weights"][key] - value).abs().max() <= 1e-5, key
-    for key in ("bin_accuracy",):
-        assert (ours[key] is None) == (theirs[key] is None)
-        if theirs[key] is not None:
-            torch.testing.assert_close(ours[key].cpu(), theirs[key].cpu(), rtol=0, atol=1e-6)
-    assert (ours["em"] is None) == (theirs["em"] is None)
-    for key, value in (theirs["em"] or {}).items():
-        torch.testing.assert_close(ours["em"][key], value, rtol=1e-5, atol=1e-7, msg=key)
+    """The weights and EM state, the per-bin accuracies and the logged statistics."""
+    assert_same_training_state(ours, theirs)
+    assert (ours["bin_accuracy"] is None) == (theirs["bin_accuracy"] is None)
+    if theirs["bin_accuracy"] is not None:
+        torch.testing.assert_close(ours["bin_accuracy"].cpu(), theirs["bin_accuracy"].cpu(), rtol=0, atol=1e-6)
     for key in LOG_KEYS:
         assert ours["logs"][key] == pytest.approx(theirs["logs"][key], abs=1e-6), key
 
