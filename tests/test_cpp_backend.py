@@ -11,6 +11,7 @@ _C = pytest.importorskip("calibkern._C", reason="the C++ extension calibkern._C 
 
 from calibkern import _cpp as cpp  # noqa: E402
 from calibkern import reference as ref  # noqa: E402
+from helpers import em_params  # noqa: E402
 
 IGNORE = -100
 M_BINS = 10
@@ -38,15 +39,6 @@ def make_rows(n: int, k: int, dtype: torch.dtype, kind: str, seed: int = 0):
     labels = torch.randint(0, k, (n,), generator=gen)
     labels[::5] = IGNORE
     return z.to(dtype), labels
-
-
-def em_params(m: int = 7, seed: int = 1):
-    gen = torch.Generator().manual_seed(seed)
-    log_pi = torch.log_softmax(torch.randn(m, generator=gen), dim=0)
-    mu = (torch.arange(m) + 0.5) / m + 0.02 * torch.randn(m, generator=gen)
-    sigma = torch.rand(m, generator=gen) * 0.1 + 1.0 / (4 * m)
-    weight = torch.rand(m, generator=gen)
-    return log_pi, mu, sigma, weight
 
 
 def assert_same(got, want, what):

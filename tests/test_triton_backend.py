@@ -17,7 +17,7 @@ import torch
 
 import calibkern
 from calibkern import reference as ref
-from helpers import random_labels, random_logits
+from helpers import em_params, random_labels, random_logits
 
 pytest.importorskip("triton", reason="triton is not installed (pip install 'calibkern[triton]')")
 if not calibkern.backends.is_available("triton"):
@@ -49,15 +49,6 @@ def inputs(n, k, dtype, seed=0):
     logits = random_logits(n, k, dtype=dtype, seed=seed).to(DEVICE)
     labels = random_labels(n, k, ignore_frac=0.2, seed=seed + 1).to(DEVICE)
     return logits, labels
-
-
-def em_params(m, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    log_pi = torch.log_softmax(torch.randn(m, generator=g), 0)
-    mu = (torch.arange(m) + 0.5) / m
-    sigma = torch.full((m,), 0.5 / m) * (0.5 + torch.rand(m, generator=g))
-    theta = torch.rand(m, generator=g)
-    return [t.float().to(DEVICE) for t in (log_pi, mu, sigma, theta)]
 
 
 def bin_accuracy(m, seed=0):
@@ -99,7 +90,7 @@ def test_binned_stats_matches_reference(n, k, max_block_k, dtype, classwise):
 def test_target_losses_match_reference(n, k, max_block_k, dtype):
     logits, labels = inputs(n, k, dtype, seed=3)
     acc = bin_accuracy(10)
-    log_pi, mu, sigma, theta = em_params(6)
+    log_pi, mu, sigma, theta = em_params(6, device=DEVICE)
     for reduction in ("none", "sum", "mean"):
         assert_close(tri.hard_bin_loss(logits, labels, acc, IGNORE, reduction),
                      ref.hard_bin_loss(logits, labels, acc, IGNORE, reduction))
@@ -113,7 +104,7 @@ def test_target_losses_match_reference(n, k, max_block_k, dtype):
 @pytest.mark.parametrize("n,k,max_block_k", SHAPES, indirect=["max_block_k"])
 def test_em_kernels_match_reference(n, k, max_block_k, dtype):
     logits, labels = inputs(n, k, dtype, seed=5)
-    log_pi, mu, sigma, theta = em_params(70)  # more components than one step of the loop over M
+    log_pi, mu, sigma, theta = em_params(70, device=DEVICE)  # more components than one step of the loop over M
     got = tri.em_stats(logits, labels, log_pi, mu, sigma, IGNORE)
     assert got.dtype == torch.float64 and got.shape == (4, 70)
     torch.testing.assert_close(got, ref.em_stats(logits, labels, log_pi, mu, sigma, IGNORE), rtol=RTOL, atol=1e-5)
@@ -137,7 +128,7 @@ def test_bfloat16_inputs_are_loaded_as_float32(max_block_k):
     for classwise in (False, True):
         args = (logits, labels, 10, 1.0, IGNORE, classwise)
         assert_stats_equal(tri.binned_stats(*args), ref.binned_stats(*args))
-    log_pi, mu, sigma, theta = em_params(10)
+    log_pi, mu, sigma, theta = em_params(10, device=DEVICE)
     assert_close(tri.em_target_loss(logits, labels, log_pi, mu, sigma, theta, IGNORE, "mean")[:2],
                  ref.em_target_loss(logits, labels, log_pi, mu, sigma, theta, IGNORE, "mean")[:2])
 
@@ -179,7 +170,7 @@ def test_ties_bin_edges_and_extreme_logits(max_block_k, dtype):
         acc = torch.linspace(0, 1, n_bins, device=DEVICE)
         assert_close(tri.hard_bin_loss(logits, labels, acc, IGNORE, "none"),
                      ref.hard_bin_loss(logits, labels, acc, IGNORE, "none"))
-    log_pi, mu, sigma, theta = em_params(10)
+    log_pi, mu, sigma, theta = em_params(10, device=DEVICE)
     got = tri.em_target_loss(logits, labels, log_pi, mu, sigma, theta, IGNORE, "none")
     assert_close(got[:2], ref.em_target_loss(logits, labels, log_pi, mu, sigma, theta, IGNORE, "none")[:2])
     assert torch.isfinite(got[0]).all() and torch.isfinite(got[1]).all()
@@ -260,7 +251,7 @@ def test_public_api_with_backend_triton():
 # ------------------------------------------------------------------------------------------------ custom ops
 
 def custom_op_args(logits, labels):
-    log_pi, mu, sigma, theta = em_params(5)
+    log_pi, mu, sigma, theta = em_params(5, device=DEVICE)
     x = logits.clone().requires_grad_()
     return {
         "hard_bin_loss": (x, labels, bin_accuracy(5), IGNORE, "mean"),
@@ -286,7 +277,7 @@ def test_custom_ops_pass_opcheck(backend):
 def test_torch_compile_traces_a_training_step_without_graph_breaks():
     logits, labels = inputs(16, 4, torch.float32)
     weight = torch.randn(4, 4, device=DEVICE)
-    log_pi, mu, sigma, theta = em_params(5)
+    log_pi, mu, sigma, theta = em_params(5, device=DEVICE)
     acc = bin_accuracy(5)
 
     def step(x, backend):
