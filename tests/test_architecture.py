@@ -1,7 +1,10 @@
 """The package's shape: no import cycle among calibkern's modules (every import counted, lazy ones inside
-functions too), ``_validate`` imports nothing from calibkern, and every cited document is in the repository."""
+functions too), ``_validate`` imports nothing from calibkern, every cited document is in the repository, and
+every kernel the custom ops dispatch exists in each backend with the same parameters (docs/architecture.md)."""
 
 import ast
+import importlib
+import inspect
 import os
 import re
 
@@ -136,3 +139,52 @@ def test_tests_import_no_other_test_module():
                 names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else [module or ""]
                 offenders += [f"{name}: {n}" for n in names if n.startswith(("test_", "conftest"))]
     assert offenders == []
+
+
+def dispatched_ops() -> dict[str, int]:
+    """Op name -> number of positional arguments, for every call ``_kernels(backend, x).<op>(...)`` of
+    calibkern/ops/custom_ops.py: the kernels the custom ops run on whichever backend is picked."""
+    tree = ast.parse(open(os.path.join(ROOT, PACKAGE, "ops", "custom_ops.py"), encoding="utf-8").read())
+    ops = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+                and isinstance(node.func.value, ast.Call) and getattr(node.func.value.func, "id", None) == "_kernels":
+            assert ops.setdefault(node.func.attr, len(node.args)) == len(node.args), node.func.attr
+    return ops
+
+
+def backend_modules() -> dict[str, object]:
+    """The three backend modules by name; ``calibkern.ops.triton`` imports without triton (its kernels load on
+    first call), ``calibkern._cpp`` only where the extension is built."""
+    found = {"torch": importlib.import_module("calibkern.reference"),
+             "triton": importlib.import_module("calibkern.ops.triton")}
+    try:
+        found["cpp"] = importlib.import_module("calibkern._cpp")
+    except ImportError:
+        pass
+    return found
+
+
+def test_the_op_finder_finds_the_kernels():
+    assert {"binned_stats", "hard_bin_loss", "em_stats", "cross_entropy_"} <= set(dispatched_ops())
+
+
+@pytest.mark.parametrize("op", sorted(dispatched_ops()))
+def test_every_backend_implements_each_dispatched_op_with_the_same_parameters(op):
+    """An op added to one backend only, or with other parameter names, fails here (docs/architecture.md)."""
+    modules = backend_modules()
+    want = list(inspect.signature(getattr(modules["torch"], op)).parameters)
+    assert len(want) == dispatched_ops()[op], f"custom_ops calls {op} with {dispatched_ops()[op]} arguments"
+    for name, module in modules.items():
+        assert hasattr(module, op), f"backend {name!r} ({module.__name__}) has no {op}"
+        assert list(inspect.signature(getattr(module, op)).parameters) == want, f"{name}.{op}"
+
+
+@pytest.mark.parametrize("op", sorted(dispatched_ops()))
+def test_every_dispatched_op_is_bound_in_the_extension_and_documented(op):
+    """The C++ side, read as text (no build needed): ``_C.<op>`` is bound in csrc/bindings.cpp; and the
+    contract entry in docs/backends.md#functions."""
+    bindings = open(os.path.join(ROOT, PACKAGE, "csrc", "bindings.cpp"), encoding="utf-8").read()
+    assert f'm.def("{op}"' in bindings
+    contract = open(os.path.join(ROOT, "docs", "backends.md"), encoding="utf-8").read()
+    assert re.search(rf"^{re.escape(op)}\(", contract.split("### Functions", 1)[1], flags=re.MULTILINE), op
