@@ -29,7 +29,7 @@ import io
 import json
 import os
 import string
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -147,8 +147,9 @@ def as_examples(rows) -> list[MCQExample]:
     return [row if isinstance(row, MCQExample) else _make_example(row, f"row {i + 1}") for i, row in enumerate(rows)]
 
 
-def _load_jsonl(path: str) -> list[MCQExample]:
-    examples = []
+def jsonl_records(path: str) -> Iterator[tuple[str, Any]]:
+    """``(file:line, record)`` for each non-blank line of a JSONL file (lines split at ``\\n`` only, so the line
+    numbers are the file's); a line that is not JSON raises :class:`MCQDataError` naming the file and line."""
     for line_number, line in enumerate(read_text(path).split("\n"), start=1):
         if not line.strip():
             continue
@@ -157,8 +158,11 @@ def _load_jsonl(path: str) -> list[MCQExample]:
             record = json.loads(line)
         except json.JSONDecodeError as error:
             raise MCQDataError(f"{where}: malformed JSON ({error.msg})") from None
-        examples.append(_make_example(record, where))
-    return examples
+        yield where, record
+
+
+def _load_jsonl(path: str) -> list[MCQExample]:
+    return [_make_example(record, where) for where, record in jsonl_records(path)]
 
 
 def _csv_choices(row: dict, header: list[str], where: str) -> list:

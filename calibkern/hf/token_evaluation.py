@@ -23,7 +23,7 @@ import torch
 
 from ..losses import fused_linear_calibration_loss
 from ..metrics import BinStats
-from .data import MCQCollator, MCQDataError, read_text, resolve_pad_token_id
+from .data import MCQCollator, MCQDataError, jsonl_records, resolve_pad_token_id
 from .modeling import check_logit_parity, eval_decoder_passes
 
 __all__ = ["TokenEvaluation", "load_text_rows", "encode_text_row", "evaluate_tokens", "write_token_evaluation"]
@@ -42,14 +42,7 @@ def load_text_rows(path: str | os.PathLike) -> list[dict]:
     """JSONL rows with ``text`` (a non-empty string) or ``prompt`` and ``completion`` (strings, the completion
     non-empty); an error names the file and line."""
     rows = []
-    for number, line in enumerate(read_text(str(path)).splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise MCQDataError(f"{where}: not valid JSON ({error.msg})") from None
+    for where, record in jsonl_records(str(path)):
         if not isinstance(record, dict):
             raise MCQDataError(f"{where}: a row must be a JSON object")
         if "text" in record:
