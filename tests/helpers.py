@@ -3,6 +3,7 @@
 
 import socket
 
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -75,6 +76,21 @@ def assert_same_training_state(ours: dict, theirs: dict) -> None:
     assert (ours["em"] is None) == (theirs["em"] is None)
     for key, value in (theirs["em"] or {}).items():
         torch.testing.assert_close(ours["em"][key], value, rtol=1e-5, atol=1e-7, msg=key)
+
+
+def assert_trained(weights: dict, tokenizer) -> None:
+    """Some parameter of ``weights`` is more than 1e-3 from the initial model of tests/hf_tiny.py (seed 0): the
+    run trained, so runs that agree do not agree by doing nothing."""
+    from hf_tiny import make_model
+
+    initial = make_model(tokenizer).state_dict()
+    assert any((weights[key] - value).abs().max() > 1e-3 for key, value in initial.items()), "no parameter moved"
+
+
+def skip_unsupported_dtype(backend: str, dtype: torch.dtype) -> None:
+    """Skip a case the backend cannot run in the tests: the Triton interpreter has no bfloat16 arithmetic."""
+    if backend == "triton" and dtype == torch.bfloat16:
+        pytest.skip("the Triton interpreter has no bfloat16 arithmetic")
 
 
 M = 10

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 import calibkern
 from calibkern import CalibrationLossOutput, FusedLinearCalibrationLoss, fused_linear_calibration_loss
+from helpers import skip_unsupported_dtype
 
 BACKENDS = calibkern.available_backends()
 CALIBRATIONS = [None, "hard_bin", "em"]
@@ -151,8 +152,7 @@ def test_all_ignored_batch_is_zero(backend, calibration):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_inputs(backend, dtype):
-    if backend == "triton" and dtype == torch.bfloat16:
-        pytest.skip("the Triton interpreter has no bfloat16 arithmetic")
+    skip_unsupported_dtype(backend, dtype)
     hidden, weight, bias, labels = make_batch(seed=4, dtype=dtype)
     check_against_eager(backend, hidden, weight, bias, labels, calibration="hard_bin", chunk_size=6,
                         atol=3e-2, rtol=3e-2)

@@ -71,19 +71,19 @@ def test_csv_with_letter_columns_and_with_a_json_choices_column(tmp_path):
     assert load_mcq(as_json)[0].choices == ("p", "q")
 
 
-def test_csv_errors_name_file_and_line(tmp_path):
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("question,A,B,answer\nq?,p,q,A\n\"multi\nline?\",p,q,C\n", "4: answer 'C' is not among the 2 choices"),
+        ('question,choices,answer\nq?,"[""p"", ",0\n', "2: the choices column"),
+        ("question,A,B,answer\nq?,p,q,A,extra\n", "2: row has 5 cells but the header has 4"),
+        ("prompt,answer\nq?,A\n", "1: the CSV header"),
+    ],
+)
+def test_csv_errors_name_file_and_line(tmp_path, text, message):
     path = tmp_path / "bad.csv"
-    path.write_text("question,A,B,answer\nq?,p,q,A\n\"multi\nline?\",p,q,C\n")
-    with pytest.raises(MCQDataError, match=rf"^{path}:4: answer 'C' is not among the 2 choices"):
-        load_mcq(path)
-    path.write_text('question,choices,answer\nq?,"[""p"", ",0\n')
-    with pytest.raises(MCQDataError, match=rf"^{path}:2: the choices column"):
-        load_mcq(path)
-    path.write_text("question,A,B,answer\nq?,p,q,A,extra\n")
-    with pytest.raises(MCQDataError, match=rf"^{path}:2: row has 5 cells but the header has 4"):
-        load_mcq(path)
-    path.write_text("prompt,answer\nq?,A\n")
-    with pytest.raises(MCQDataError, match=rf"^{path}:1: the CSV header"):
+    path.write_text(text)
+    with pytest.raises(MCQDataError, match=rf"^{path}:{message}"):
         load_mcq(path)
 
 

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 import calibkern
 from calibkern import BinStats, fused_linear_calibration_loss
 from calibkern.reference import bin_index
+from helpers import skip_unsupported_dtype
 
 BACKENDS = calibkern.available_backends()
 M, IGNORE = 10, -100
@@ -145,8 +146,7 @@ def test_token_hard_bin_with_options_and_num_items(backend, num_items):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_inputs(backend, dtype):
-    if backend == "triton" and dtype == torch.bfloat16:
-        pytest.skip("the Triton interpreter has no bfloat16 arithmetic")
+    skip_unsupported_dtype(backend, dtype)
     hidden, weight, bias, labels = make_batch(seed=6, dtype=dtype)
     inputs = [x.clone().requires_grad_() for x in (hidden, weight, bias)]
     out = fused_linear_calibration_loss(inputs[0], inputs[1], labels, option_ids=None, bias=inputs[2],
