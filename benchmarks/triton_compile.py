@@ -81,15 +81,14 @@ def launches(shapes: dict) -> dict:
                           {"N": "i32", "K": "i32", "inv_t": "fp32", "ignore_index": "i32"},
                           {"BLOCK_N": block_n, "BLOCK_K": block_k}), w)
                 for m in shapes["M"]:
-                    s_n, s_k, s_m = row_metrics.metric_blocks(n, k, m)
+                    s_n, s_k, s_m, s_w = row_metrics.metric_blocks(n, k, m)
                     for store_rows in (False, True):  # top-1 only, or with the classwise statistics
                         add(row_metrics._metric_sums_kernel,
                             *_sig({"logits_ptr": logits, "labels_ptr": "*i64", "counts_ptr": "*i64",
                                    "conf_ptr": "*fp64", "correct_ptr": "*fp64", "nonfinite_ptr": "*i64",
                                    "scores_ptr": "*fp64", "max_ptr": "*fp32", "sum_ptr": "*fp32"},
                                   {**ints, "inv_t": "fp32"},
-                                  {"BLOCK_N": s_n, "BLOCK_K": s_k, "BLOCK_M": s_m, "STORE_ROWS": store_rows}),
-                            common.warps(s_n, s_k))
+                                  {"BLOCK_N": s_n, "BLOCK_K": s_k, "BLOCK_M": s_m, "STORE_ROWS": store_rows}), s_w)
                     b_n, b_m, b_t = bootstrap.bootstrap_blocks(n, m)
                     for seed_type in ("i32", "i64"):  # a seed key below or above 2³¹
                         add(bootstrap._bootstrap_kernel,

@@ -93,11 +93,15 @@ def _metric_sums_kernel(logits_ptr, labels_ptr, counts_ptr, conf_ptr, correct_pt
     tl.store(scores_ptr + pid * 2 + 1, tl.sum(tl.where(keep, brier, 0.0).to(tl.float64), axis=0))
 
 
-def metric_blocks(N: int, K: int, M: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, BLOCK_M) of the metric-sums kernel: top1_blocks' bounds with the loss kernels' K-tile
-    (MAX_LOSS_TILE), since it keeps several tile-sized temporaries (e, the label mask, e without the label)."""
+def metric_blocks(N: int, K: int, M: int) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, BLOCK_M, num_warps) of the metric-sums kernel: top1_blocks' bounds with the loss kernels'
+    K-tile (MAX_LOSS_TILE), since it keeps several tile-sized temporaries (e, the label mask, e without the label),
+    and 8 warps beside a [rows, bins] one-hot of MAX_ROW_BINS cells (at 4 warps ptxas held the kernel with 8 × 64
+    and 32 × 16 one-hots to 40 and 80 registers and spilled 8 bytes on sm_90, benchmarks/triton_compile.py)."""
     block_m = bins_block(M)
-    return (*row_blocks(N, K, max_tile=MAX_LOSS_TILE, max_rows=MAX_ROW_BINS // block_m), block_m)
+    block_n, block_k = row_blocks(N, K, max_tile=MAX_LOSS_TILE, max_rows=MAX_ROW_BINS // block_m)
+    num_warps = 8 if block_n * block_m >= MAX_ROW_BINS else warps(block_n, block_k)
+    return block_n, block_k, block_m, num_warps
 
 
 def _inv_t(temperature: float) -> float:
@@ -130,7 +134,7 @@ def metric_sums(logits: torch.Tensor, labels: torch.Tensor, n_bins: int, tempera
                 torch.zeros(class_shape, dtype=torch.int64, device=logits.device),
                 *(torch.zeros(class_shape, dtype=torch.float64, device=logits.device) for _ in range(2)))
     inv_t = _inv_t(temperature)
-    block_n, block_k, block_m = metric_blocks(N, K, M)
+    block_n, block_k, block_m, num_warps = metric_blocks(N, K, M)
     P = triton.cdiv(N, block_n)
     parts = (torch.empty((P, M), dtype=torch.int64, device=logits.device),
              torch.empty((P, M), dtype=torch.float64, device=logits.device),
@@ -140,7 +144,7 @@ def metric_sums(logits: torch.Tensor, labels: torch.Tensor, n_bins: int, tempera
     rows = torch.empty((2, N if classwise else 1), dtype=torch.float32, device=logits.device)  # m, s
     _metric_sums_kernel[(P,)](logits, labels, *parts, rows[0], rows[1], N, K, M, inv_t, ignore_index,
                               BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_M=block_m, STORE_ROWS=classwise,
-                              num_warps=warps(block_n, block_k))
+                              num_warps=num_warps)
     if classwise:
         per_class = classwise_from_rows(logits, labels, rows[0], rows[1], M, inv_t, ignore_index)
     else:
