@@ -34,9 +34,10 @@ bench: $(STAMP)
 gpu-check: $(STAMP)
 	$(PY) benchmarks/gpu_check.py
 
-# every Triton kernel at every launch configuration, compiled for sm_80 and sm_90 (no GPU needed)
+# every Triton kernel at every launch configuration, compiled for sm_80, sm_90 and sm_100 (no GPU needed)
 gpu-compile: $(STAMP)
-	env -u TRITON_INTERPRET $(PY) benchmarks/triton_compile.py --arch 80 90 --json benchmarks/results/triton_compile.json
+	env -u TRITON_INTERPRET $(PY) benchmarks/triton_compile.py --arch 80 90 100 \
+		--json benchmarks/results/triton_compile.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info calibkern/_C*.so calibkern/_build_config.py

@@ -103,13 +103,12 @@ def launches(shapes: dict) -> dict:
                                "correct_ptr": "*fp64", "nonfinite_ptr": "*i64"},
                               {**ints, "inv_t": "fp32"}, {"BLOCK_N": t_n, "BLOCK_K": t_k, "BLOCK_M": block_m}),
                         common.warps(t_n, t_k))
-                    row_block, class_block, chunks, _ = binning.classwise_blocks(n, k, m)
+                    row_block, class_block, chunks, _, c_w = binning.classwise_blocks(n, k, m)
                     add(binning._classwise_kernel,
                         *_sig({"logits_ptr": logits, "labels_ptr": "*i64", "max_ptr": "*fp32", "sum_ptr": "*fp32",
                                "counts_ptr": "*i64", "conf_ptr": "*fp64", "correct_ptr": "*fp64"},
                               {**ints, "inv_t": "fp32", "rows_per_chunk": "i32"},
-                              {"BLOCK_N": row_block, "BLOCK_K": class_block, "BLOCK_M": block_m}),
-                        common.warps(row_block, class_block))
+                              {"BLOCK_N": row_block, "BLOCK_K": class_block, "BLOCK_M": block_m}), c_w)
                     for partial_type, count in (("*i64", triton.cdiv(n, block_n)), ("*fp64", chunks)):
                         for length in (m, k * m):
                             block_p, block_l = common.sum_blocks(count, length)

@@ -112,18 +112,21 @@ def top1_blocks(N: int, K: int, M: int) -> tuple[int, int, int]:
     return (*row_blocks(N, K, max_tile, max_rows=common.MAX_ROW_BINS // block_m), block_m)
 
 
-def classwise_blocks(N: int, K: int, M: int) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, chunks, rows_per_chunk) of the classwise kernel: class tiles whose [BLOCK_K, BLOCK_M]
-    accumulators and [BLOCK_N, BLOCK_K, BLOCK_M] one-hot stay in registers, row chunks bounded by the
-    partials' memory."""
+def classwise_blocks(N: int, K: int, M: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, chunks, rows_per_chunk, num_warps) of the classwise kernel: class tiles whose [BLOCK_K,
+    BLOCK_M] accumulators and [BLOCK_N, BLOCK_K, BLOCK_M] one-hot stay in registers, row chunks bounded by the
+    partials' memory, and 8 warps for a one-hot of MAX_ONEHOT cells (at 4 warps the sm_100 ptxas held 16 × 2 × 16
+    and 8 × 4 × 16 one-hots to 48 registers and spilled 8 bytes, benchmarks/triton_compile.py)."""
+    block_m = bins_block(M)
     class_block = min(triton.next_power_of_2(K), common.MAX_CLASS_BLOCK, common.MAX_BLOCK_K,
-                      max(1, common.MAX_CLASS_CELLS // bins_block(M)))
+                      max(1, common.MAX_CLASS_CELLS // block_m))
     class_tiles = triton.cdiv(K, class_block)
-    row_block = min(triton.next_power_of_2(N), max(1, common.MAX_ONEHOT // (class_block * bins_block(M))))
+    row_block = min(triton.next_power_of_2(N), max(1, common.MAX_ONEHOT // (class_block * block_m)))
     chunks = max(1, min(triton.cdiv(N, row_block), triton.cdiv(common.MIN_PROGRAMS, class_tiles),
                         PARTIAL_BUDGET // (K * M)))
     rows_per_chunk = triton.cdiv(N, chunks)
-    return row_block, class_block, triton.cdiv(N, rows_per_chunk), rows_per_chunk
+    num_warps = 8 if row_block * class_block * block_m >= common.MAX_ONEHOT else warps(row_block, class_block)
+    return row_block, class_block, triton.cdiv(N, rows_per_chunk), rows_per_chunk, num_warps
 
 
 def _partials(P: int, shape: tuple, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -167,10 +170,10 @@ def binned_stats(logits: torch.Tensor, labels: torch.Tensor, n_bins: int, temper
 def classwise_from_rows(logits, labels, row_max, row_sum, n_bins: int, inv_t: float, ignore_index: int):
     """The classwise (counts, Σ p, Σ correct) [K, M] given each row's ``m`` and ``s`` (NaN: a non-finite row)."""
     N, K = logits.shape
-    row_block, class_block, chunks, rows_per_chunk = classwise_blocks(N, K, n_bins)
+    row_block, class_block, chunks, rows_per_chunk, num_warps = classwise_blocks(N, K, n_bins)
     parts = _partials(chunks, (K, n_bins), logits.device)
     grid = (chunks, triton.cdiv(K, class_block))
     _classwise_kernel[grid](logits, labels, row_max, row_sum, *parts, N, K, n_bins, inv_t, ignore_index,
                             rows_per_chunk, BLOCK_N=row_block, BLOCK_K=class_block, BLOCK_M=bins_block(n_bins),
-                            num_warps=warps(row_block, class_block))
+                            num_warps=num_warps)
     return tuple(sum_partials(t) for t in parts)
