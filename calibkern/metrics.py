@@ -307,7 +307,8 @@ def ece_confidence_interval(logits, labels, n_bins=10, norm="l1", *, method="deb
     resamples of the rows (each row's multiplicity Poisson(1), from a counter-based hash of ``seed``, replicate
     and row: the same replicates on every backend), accumulated by the backend's ``bootstrap_stats`` kernel on
     the rows' confidences and correctness, computed once by ``top1_rows``. It covers the truth where the
-    predictor is clearly miscalibrated, and almost never where it is nearly calibrated: the plug-in's upward bias then moves the whole interval above the truth.
+    predictor is clearly miscalibrated, and almost never where it is nearly calibrated: the plug-in's upward
+    bias then moves the whole interval above the truth.
     """
     n_bins = V.check_n_bins(n_bins)
     V.check_choice(norm, "norm", NORMS)

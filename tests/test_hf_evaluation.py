@@ -18,13 +18,12 @@ from calibkern.hf import (  # noqa: E402
     train_dpo,
     write_evaluation,
 )
+from helpers import METRIC_KEYS  # noqa: E402
 from calibkern.hf.data import MCQExample, detect_option_ids, format_prompt  # noqa: E402
 from hf_tiny import make_examples, make_model, make_tokenizer  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-METRIC_KEYS = {"ece", "ece_debiased", "smece", "ece_l2", "mce", "cw_ece", "accuracy", "mean_confidence", "nll", "brier", "n",
-               "ece_ci"}
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,8 @@ from calibkern.pipeline.model import tiny_llama  # noqa: E402
 from calibkern.pipeline.report import STAGE_ORDER, demo_checks  # noqa: E402
 from calibkern.pipeline.seeds import summarise, summary_markdown  # noqa: E402
 from calibkern.pipeline.tokenizer import train_tokenizer  # noqa: E402
+from helpers import METRIC_KEYS  # noqa: E402
 
-METRIC_KEYS = {"ece", "ece_debiased", "smece", "ece_l2", "mce", "cw_ece", "accuracy", "mean_confidence", "nll", "brier", "n",
-               "ece_ci"}
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -15,7 +15,8 @@ import torch
 import calibkern
 
 STAGE_ORDER = ("base", "dpo", "temperature_scaling", "label_smoothing", "cft", "rcft", "rcft_no_reg")
-TABLE_COLUMNS = ("ece", "ece_debiased", "smece", "ece_l2", "mce", "cw_ece", "accuracy", "mean_confidence", "nll", "brier", "n")
+TABLE_COLUMNS = ("ece", "ece_debiased", "smece", "ece_l2", "mce", "cw_ece", "accuracy", "mean_confidence", "nll",
+                 "brier", "n")
 
 
 def reliability_data(option_logits: torch.Tensor, labels: torch.Tensor, n_bins: int,
