@@ -68,11 +68,13 @@ def launches(shapes: dict) -> dict:
         logits = DTYPES[dtype]
         for n in shapes["N"]:
             for k in shapes["K"]:
-                block_n, block_k = common.row_blocks(n, k)
-                w = common.warps(block_n, block_k)
+                ce_n, ce_k = cross_entropy.ce_blocks(n, k)
                 ce_sig = {"logits_ptr": "*fp32", "targets_ptr": "*i64", "loss_ptr": "*fp32"}
                 add(cross_entropy._cross_entropy_kernel, *_sig(ce_sig, {"N": "i32", "V": "i32", "ignore_index": "i32"},
-                                                             {"BLOCK_N": block_n, "BLOCK_K": block_k}), w)
+                                                             {"BLOCK_N": ce_n, "BLOCK_K": ce_k}),
+                    common.warps(ce_n, ce_k))
+                block_n, block_k = common.row_blocks(n, k)
+                w = common.warps(block_n, block_k)
                 add(binning._row_softmax_kernel,
                     *_sig({"logits_ptr": logits, "max_ptr": "*fp32", "sum_ptr": "*fp32"},
                           {"N": "i32", "K": "i32", "inv_t": "fp32"}, {"BLOCK_N": block_n, "BLOCK_K": block_k}), w)

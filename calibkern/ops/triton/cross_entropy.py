@@ -9,7 +9,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import load_tile, online_softmax, row_blocks, warps
+from .common import INTERPRETED, load_tile, online_softmax, row_blocks, warps
+
+MAX_CE_ROWS = None if INTERPRETED else 32
 
 
 @triton.jit
@@ -34,12 +36,18 @@ def _cross_entropy_kernel(logits_ptr, targets_ptr, loss_ptr, N, V, ignore_index,
         tl.store(logits_ptr + row_off[:, None] + cols[None, :], grad, mask=in_range[:, None] & (cols < V)[None, :])
 
 
+def ce_blocks(N: int, V: int) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_K) of ``_cross_entropy_kernel``: at most MAX_CE_ROWS rows (64 rows × 4 columns on 4 warps
+    left an 8-byte stack frame on sm_80, benchmarks/triton_compile.py)."""
+    return row_blocks(N, V, max_rows=MAX_CE_ROWS)
+
+
 def cross_entropy_(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
     """loss float32[n]; logits (float32 [n, V], contiguous) is overwritten with ∂loss_i/∂z_i."""
     N, V = logits.shape
     loss = torch.empty(N, dtype=torch.float32, device=logits.device)
     if N:
-        block_n, block_k = row_blocks(N, V)
+        block_n, block_k = ce_blocks(N, V)
         _cross_entropy_kernel[(triton.cdiv(N, block_n),)](logits, targets, loss, N, V, ignore_index,
                                                         BLOCK_N=block_n, BLOCK_K=block_k,
                                                         num_warps=warps(block_n, block_k))
