@@ -1,7 +1,8 @@
 """Compile every launched Triton kernel, at every launch configuration calibkern's launchers choose, for real
 NVIDIA targets — no GPU needed — and read registers, spills and shared memory from the cubins.
 
-    python benchmarks/triton_compile.py [--arch 80 90] [--json FILE] [--shapes full|test] [--jobs N]  (make gpu-compile)
+    python benchmarks/triton_compile.py [--arch 80 90] [--json FILE] [--shapes full|test|all] [--jobs N]
+        [--kernels NAME ...]  (make gpu-compile)
 
 The configurations come from the launchers' own heuristics (``row_blocks``, ``top1_blocks``, ``rows_blocks``,
 ``metric_blocks``, ``bootstrap_blocks``, ``classwise_blocks``, ``sum_blocks``, ``warps`` in calibkern/ops/triton),
@@ -56,12 +57,13 @@ def _sig(pointers: dict, scalars: dict, constexprs: dict) -> tuple[dict, dict]:
 
 
 def launches(shapes: dict) -> dict:
-    """{(kernel, signature, constexprs, num_warps) key: (jit function, signature, constexprs, num_warps)}."""
+    """{(kernel, signature, constexprs, num_warps, options) key: (jit function, signature, constexprs, num_warps,
+    other launch options)}."""
     found = {}
 
-    def add(fn, signature, constexprs, num_warps):
-        key = (fn.__name__, tuple(signature.items()), tuple(constexprs.items()), num_warps)
-        found.setdefault(key, (fn, signature, constexprs, num_warps))
+    def add(fn, signature, constexprs, num_warps, **options):
+        key = (fn.__name__, tuple(signature.items()), tuple(constexprs.items()), num_warps, tuple(options.items()))
+        found.setdefault(key, (fn, signature, constexprs, num_warps, options))
 
     ints = {"N": "i32", "K": "i32", "M": "i32", "ignore_index": "i32"}
     for dtype in shapes["dtypes"]:
@@ -106,11 +108,18 @@ def launches(shapes: dict) -> dict:
                               {**ints, "inv_t": "fp32"}, {"BLOCK_N": t_n, "BLOCK_K": t_k, "BLOCK_M": block_m}),
                         common.warps(t_n, t_k))
                     row_block, class_block, chunks, _, c_w = binning.classwise_blocks(n, k, m)
-                    add(binning._classwise_kernel,
-                        *_sig({"logits_ptr": logits, "labels_ptr": "*i64", "max_ptr": "*fp32", "sum_ptr": "*fp32",
-                               "counts_ptr": "*i64", "conf_ptr": "*fp64", "correct_ptr": "*fp64"},
-                              {**ints, "inv_t": "fp32", "rows_per_chunk": "i32"},
-                              {"BLOCK_N": row_block, "BLOCK_K": class_block, "BLOCK_M": block_m}), c_w)
+                    # (ROW_SOFTMAX, TOP1_SCORES): given m and s, or one read for binned_stats and metric_sums
+                    for flags in ([(True, False), (True, True)] if binning.classwise_in_one_read(n, k, m)
+                                  else [(False, False)]):
+                        add(binning._classwise_kernel,
+                            *_sig({"logits_ptr": logits, "labels_ptr": "*i64", "max_ptr": "*fp32", "sum_ptr": "*fp32",
+                                   "counts_ptr": "*i64", "conf_ptr": "*fp64", "correct_ptr": "*fp64",
+                                   "top1_counts_ptr": "*i64", "top1_conf_ptr": "*fp64", "top1_correct_ptr": "*fp64",
+                                   "nonfinite_ptr": "*i64", "scores_ptr": "*fp64"},
+                                  {**ints, "inv_t": "fp32", "rows_per_chunk": "i32"},
+                                  {"BLOCK_N": row_block, "BLOCK_K": class_block, "BLOCK_M": block_m,
+                                   "ROW_SOFTMAX": flags[0], "TOP1_SCORES": flags[1]}), c_w,
+                            maxnreg=binning.CLASSWISE_MAXNREG)
                     for partial_type, count in (("*i64", triton.cdiv(n, block_n)), ("*fp64", chunks)):
                         for length in (m, k * m):
                             block_p, block_l = common.sum_blocks(count, length)
@@ -145,13 +154,13 @@ def _cuobjdump() -> str:
     return glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))[0]
 
 
-def compile_one(fn, signature, constexprs, num_warps, arch: int) -> dict:
-    config = {k: v for k, v in constexprs.items() if v is not None} | {"num_warps": num_warps,
+def compile_one(fn, signature, constexprs, num_warps, options: dict, arch: int) -> dict:
+    config = {k: v for k, v in constexprs.items() if v is not None} | {"num_warps": num_warps, **options,
                                                                       "logits": signature.get("logits_ptr")}
     record = {"kernel": fn.__name__, "arch": arch, "config": config}
     try:
         kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
-                                target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+                                target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, **options})
     except Exception as error:  # noqa: BLE001 - a compile failure is the record's result
         return record | {"error": str(error).strip().splitlines()[-1][:300]}
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
@@ -194,8 +203,10 @@ def main() -> int:
     parser.add_argument("--shapes", choices=sorted(SHAPES), default="full")
     parser.add_argument("--json", help="write the records here")
     parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="compile in this many processes")
+    parser.add_argument("--kernels", nargs="+", help="only these kernels (default: every launched kernel)")
     args = parser.parse_args()
-    _CONFIGS[:] = launches(SHAPES[args.shapes]).values()
+    _CONFIGS[:] = [config for config in launches(SHAPES[args.shapes]).values()
+                   if not args.kernels or config[0].__name__ in args.kernels]
     tasks = [(index, arch) for index in range(len(_CONFIGS)) for arch in args.arch]
     records = []
     print(f"{len(_CONFIGS)} launch configurations × {len(args.arch)} targets", flush=True)

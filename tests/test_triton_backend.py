@@ -133,6 +133,35 @@ def test_bfloat16_inputs_are_loaded_as_float32(max_block_k):
                  ref.em_target_loss(logits, labels, log_pi, mu, sigma, theta, IGNORE, "mean")[:2])
 
 
+class NotLaunched:
+    """Stands in for a kernel that must not run: launching it fails the test."""
+
+    def __getitem__(self, grid):
+        raise AssertionError("a second read of the logits")
+
+
+@pytest.mark.parametrize("k", [2, 37])
+@pytest.mark.parametrize("n_bins", [10, 70])  # 70: two steps of the kernel's loop over the bins
+def test_classwise_statistics_read_the_logits_once_where_one_class_tile_spans_k(monkeypatch, k, n_bins):
+    """binned_stats and metric_sums with the classwise statistics launch the classwise kernel alone: it takes each
+    row's softmax, its top-1 bin and its scores from the tile it bins (docs/backends.md#functions)."""
+    from calibkern.ops.triton import binning, row_metrics
+
+    logits, labels = inputs(47, k, torch.float32, seed=11)
+    logits[3, 1] = float("nan")  # a non-finite kept row, counted once
+    labels[3] = 0
+    args = (logits, labels, n_bins, 0.8, IGNORE, True)
+    assert binning.classwise_in_one_read(47, k, n_bins)
+    monkeypatch.setattr(binning, "_row_softmax_kernel", NotLaunched())
+    monkeypatch.setattr(row_metrics, "_metric_sums_kernel", NotLaunched())
+    assert_stats_equal(tri.binned_stats(*args), ref.binned_stats(*args))
+    got, want = tri.metric_sums(*args), ref.metric_sums(*args)
+    for index in (0, 3, 5):  # counts, non-finite rows, classwise counts
+        assert torch.equal(got[index], want[index])
+    for index in (1, 2, 4, 6, 7):
+        torch.testing.assert_close(got[index], want[index], rtol=RTOL, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------------ edge cases
 
 def edge_logits(dtype):

@@ -12,9 +12,13 @@ import triton
 import triton.language as tl
 
 from . import common
-from .common import bin_index, bins_block, load_tile, online_softmax, row_blocks, sum_partials, warps
+from .common import (bin_index, bins_block, label_softmax, load_tile, online_softmax, proper_scores, row_blocks,
+                     sum_partials, warps)
 
 PARTIAL_BUDGET = 1 << 22  # classwise partial cells (chunks × K × M) kept at once
+# the classwise kernel's register cap: ptxas' own choice held its one-read form to 32–64 registers and spilled
+# 4–8 bytes at some blocks on sm_90 (benchmarks/triton_compile.py); capped at 255 it takes 40–117, no spills
+CLASSWISE_MAXNREG = 255
 
 
 @triton.jit
@@ -41,15 +45,20 @@ def _top1_kernel(logits_ptr, labels_ptr, counts_ptr, conf_ptr, correct_ptr, nonf
 @triton.jit
 def store_bin_partials(counts_ptr, conf_ptr, correct_ptr, out, b, conf, correct, keep, M, BLOCK_M: tl.constexpr):
     """Per bin k of [out, out + M): count, Σ conf and Σ correct (float64) of the kept rows with b = k."""
-    conf64 = conf.to(tl.float64)
-    correct64 = correct.to(tl.float64)
     for m0 in range(0, M, BLOCK_M):
         bins = m0 + tl.arange(0, BLOCK_M)
-        hit = (b[:, None] == bins[None, :]) & keep[:, None]
-        tl.store(counts_ptr + out + bins, tl.sum(hit.to(tl.int64), axis=0), mask=bins < M)
-        tl.store(conf_ptr + out + bins, tl.sum(tl.where(hit, conf64[:, None], 0.0), axis=0), mask=bins < M)
-        tl.store(correct_ptr + out + bins, tl.sum(tl.where(hit, correct64[:, None], 0.0), axis=0),
-                 mask=bins < M)
+        n, sum_conf, sum_correct = bin_sums(b, conf, correct, keep, bins)
+        tl.store(counts_ptr + out + bins, n, mask=bins < M)
+        tl.store(conf_ptr + out + bins, sum_conf, mask=bins < M)
+        tl.store(correct_ptr + out + bins, sum_correct, mask=bins < M)
+
+
+@triton.jit
+def bin_sums(b, conf, correct, keep, bins):
+    """For each bin k of ``bins``: the count, Σ conf and Σ correct (float64) of the kept rows with b = k."""
+    hit = (b[:, None] == bins[None, :]) & keep[:, None]
+    return (tl.sum(hit.to(tl.int64), axis=0), tl.sum(tl.where(hit, conf.to(tl.float64)[:, None], 0.0), axis=0),
+            tl.sum(tl.where(hit, correct.to(tl.float64)[:, None], 0.0), axis=0))
 
 
 @triton.jit
@@ -67,30 +76,61 @@ def _row_softmax_kernel(logits_ptr, max_ptr, sum_ptr, N, K, inv_t,
 
 @triton.jit
 def _classwise_kernel(logits_ptr, labels_ptr, max_ptr, sum_ptr, counts_ptr, conf_ptr, correct_ptr,
+                      top1_counts_ptr, top1_conf_ptr, top1_correct_ptr, nonfinite_ptr, scores_ptr,
                       N, K, M, inv_t, ignore_index, rows_per_chunk,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr):
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                      ROW_SOFTMAX: tl.constexpr, TOP1_SCORES: tl.constexpr):
     """Partial classwise statistics of one (row chunk, class tile): for every kept row i and class j,
-    bin k = b(p_ij) gets count + 1, Σ p + p_ij, Σ correct + 1[y_i = j]; written to [chunk, j, k]."""
+    bin k = b(p_ij) gets count + 1, Σ p + p_ij, Σ correct + 1[y_i = j]; written to [chunk, j, k].
+
+    Each row's m and s come from max_ptr and sum_ptr (s NaN: a non-finite row), or with ROW_SOFTMAX (one class
+    tile spans K) from the row's own tile, just read: the chunk's kept non-finite rows go to nonfinite[chunk],
+    and with TOP1_SCORES its top-1 bins to [chunk, M] and its Σ NLL, Σ Brier to scores[chunk, 0:2]."""
     chunk = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     col_ok = cols < K
     start = chunk * rows_per_chunk
     end = tl.minimum(start + rows_per_chunk, N)
     out = chunk.to(tl.int64) * K * M + cols.to(tl.int64)[:, None] * M
+    n_nonfinite = tl.zeros([BLOCK_N], tl.int64)
+    nll_sum = tl.zeros([BLOCK_N], tl.float64)
+    brier_sum = tl.zeros([BLOCK_N], tl.float64)
     for m0 in range(0, M, BLOCK_M):
+        first = m0 == 0  # the per-row sums are taken once, in the first bins block
         bins = m0 + tl.arange(0, BLOCK_M)
         counts = tl.zeros([BLOCK_K, BLOCK_M], tl.int64)
         conf = tl.zeros([BLOCK_K, BLOCK_M], tl.float64)
         correct = tl.zeros([BLOCK_K, BLOCK_M], tl.float64)
+        top1_counts = tl.zeros([BLOCK_M], tl.int64)
+        top1_conf = tl.zeros([BLOCK_M], tl.float64)
+        top1_correct = tl.zeros([BLOCK_M], tl.float64)
         for r0 in range(start, end, BLOCK_N):
             rows = r0 + tl.arange(0, BLOCK_N)
             in_range = rows < end
             rows = tl.minimum(rows, end - 1)
             labels = tl.load(labels_ptr + rows)
-            row_sum = tl.load(sum_ptr + rows)
-            keep = in_range & (labels != ignore_index) & (row_sum == row_sum)  # NaN: non-finite row
-            z = load_tile(logits_ptr, rows.to(tl.int64) * K, cols, K, inv_t)
-            p = tl.exp(z - tl.load(max_ptr + rows)[:, None]) / row_sum[:, None]
+            keep = in_range & (labels != ignore_index)
+            row_off = rows.to(tl.int64) * K
+            if ROW_SOFTMAX:
+                row_max, row_sum, top, _, finite, others, others_sq, z_label = label_softmax(
+                    logits_ptr, row_off, K, inv_t, labels, BLOCK_N, BLOCK_K, False, TOP1_SCORES)
+                n_nonfinite += tl.where(first & keep & ~finite, 1, 0).to(tl.int64)
+                keep = keep & finite
+                if TOP1_SCORES:
+                    top_conf = 1.0 / row_sum
+                    n, sum_conf, sum_correct = bin_sums(bin_index(top_conf, M), top_conf, top == labels, keep, bins)
+                    top1_counts += n
+                    top1_conf += sum_conf
+                    top1_correct += sum_correct
+                    nll, brier = proper_scores(row_max, row_sum, top, others, others_sq, z_label, labels)
+                    nll_sum += tl.where(first & keep, nll, 0.0).to(tl.float64)
+                    brier_sum += tl.where(first & keep, brier, 0.0).to(tl.float64)
+            else:
+                row_max = tl.load(max_ptr + rows)
+                row_sum = tl.load(sum_ptr + rows)
+                keep = keep & (row_sum == row_sum)  # NaN: non-finite row
+            z = load_tile(logits_ptr, row_off, cols, K, inv_t)  # with ROW_SOFTMAX: the tile just read, from cache
+            p = tl.exp(z - row_max[:, None]) / row_sum[:, None]
             b = bin_index(p, M)
             valid = keep[:, None] & col_ok[None, :]
             hit = (b[:, :, None] == bins[None, None, :]) & valid[:, :, None]
@@ -102,6 +142,16 @@ def _classwise_kernel(logits_ptr, labels_ptr, max_ptr, sum_ptr, counts_ptr, conf
         tl.store(counts_ptr + out + bins[None, :], counts, mask=mask)
         tl.store(conf_ptr + out + bins[None, :], conf, mask=mask)
         tl.store(correct_ptr + out + bins[None, :], correct, mask=mask)
+        if TOP1_SCORES:
+            top1_out = chunk.to(tl.int64) * M + bins
+            tl.store(top1_counts_ptr + top1_out, top1_counts, mask=bins < M)
+            tl.store(top1_conf_ptr + top1_out, top1_conf, mask=bins < M)
+            tl.store(top1_correct_ptr + top1_out, top1_correct, mask=bins < M)
+    if ROW_SOFTMAX:
+        tl.store(nonfinite_ptr + chunk, tl.sum(n_nonfinite, axis=0))
+    if TOP1_SCORES:
+        tl.store(scores_ptr + chunk * 2, tl.sum(nll_sum, axis=0))
+        tl.store(scores_ptr + chunk * 2 + 1, tl.sum(brier_sum, axis=0))
 
 
 def top1_blocks(N: int, K: int, M: int) -> tuple[int, int, int]:
@@ -157,6 +207,9 @@ def binned_stats(logits: torch.Tensor, labels: torch.Tensor, n_bins: int, temper
                            num_warps=warps(block_n, block_k))
         return tuple(sum_partials(t) for t in parts)
 
+    if classwise_in_one_read(N, K, M):
+        class_stats, n_nonfinite, _, _ = classwise_sums(logits, labels, M, inv_t, ignore_index)
+        return (*class_stats, n_nonfinite)
     row_max = torch.empty(N, dtype=torch.float32, device=logits.device)
     row_sum = torch.empty(N, dtype=torch.float32, device=logits.device)
     block_n, block_k = row_blocks(N, K)
@@ -164,16 +217,38 @@ def binned_stats(logits: torch.Tensor, labels: torch.Tensor, n_bins: int, temper
                                                    BLOCK_N=block_n, BLOCK_K=block_k,
                                                    num_warps=warps(block_n, block_k))
     n_nonfinite = (torch.isnan(row_sum) & (labels != ignore_index)).sum()
-    return (*classwise_from_rows(logits, labels, row_max, row_sum, M, inv_t, ignore_index), n_nonfinite)
+    class_stats, _, _, _ = classwise_sums(logits, labels, M, inv_t, ignore_index, row_max, row_sum)
+    return (*class_stats, n_nonfinite)
 
 
-def classwise_from_rows(logits, labels, row_max, row_sum, n_bins: int, inv_t: float, ignore_index: int):
-    """The classwise (counts, Σ p, Σ correct) [K, M] given each row's ``m`` and ``s`` (NaN: a non-finite row)."""
+def classwise_in_one_read(N: int, K: int, M: int) -> bool:
+    """Whether one class tile of the classwise kernel spans K, so that it takes each row's softmax from its own
+    read of the row (its bins in one pass when M ≤ MAX_BLOCK_M)."""
+    return classwise_blocks(N, K, M)[1] >= K
+
+
+def classwise_sums(logits, labels, n_bins: int, inv_t: float, ignore_index: int, row_max=None, row_sum=None,
+                   top1_scores: bool = False):
+    """One launch of the classwise kernel: ((counts, Σ p, Σ correct) [K, M], number of kept non-finite rows, top-1
+    (counts, Σ conf, Σ correct) [M], [Σ NLL, Σ Brier]). Given each row's ``m`` and ``s`` (``row_max``,
+    ``row_sum``; NaN s: a non-finite row) it reads only the class tiles and returns the classwise statistics
+    alone (None for the rest); without them one class tile must span K (``classwise_in_one_read``) and the
+    kernel finds the non-finite rows, and with ``top1_scores`` the top-1 bins and score sums, in the same read."""
     N, K = logits.shape
+    device = logits.device
     row_block, class_block, chunks, rows_per_chunk, num_warps = classwise_blocks(N, K, n_bins)
-    parts = _partials(chunks, (K, n_bins), logits.device)
+    one_read = row_max is None
+    top1 = _partials(chunks if top1_scores else 1, (n_bins,), device)
+    nonfinite = torch.empty(chunks if one_read else 1, dtype=torch.int64, device=device)
+    scores = torch.empty((chunks if top1_scores else 1, 2), dtype=torch.float64, device=device)
+    if one_read:
+        row_max = row_sum = torch.empty(1, dtype=torch.float32, device=device)
+    parts = _partials(chunks, (K, n_bins), device)
     grid = (chunks, triton.cdiv(K, class_block))
-    _classwise_kernel[grid](logits, labels, row_max, row_sum, *parts, N, K, n_bins, inv_t, ignore_index,
-                            rows_per_chunk, BLOCK_N=row_block, BLOCK_K=class_block, BLOCK_M=bins_block(n_bins),
-                            num_warps=num_warps)
-    return tuple(sum_partials(t) for t in parts)
+    _classwise_kernel[grid](logits, labels, row_max, row_sum, *parts, *top1, nonfinite, scores,
+                            N, K, n_bins, inv_t, ignore_index, rows_per_chunk, BLOCK_N=row_block,
+                            BLOCK_K=class_block, BLOCK_M=bins_block(n_bins), ROW_SOFTMAX=one_read,
+                            TOP1_SCORES=top1_scores, num_warps=num_warps, maxnreg=CLASSWISE_MAXNREG)
+    return (tuple(sum_partials(t) for t in parts), sum_partials(nonfinite) if one_read else None,
+            tuple(sum_partials(t) for t in top1) if top1_scores else None,
+            sum_partials(scores) if top1_scores else None)

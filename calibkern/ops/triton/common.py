@@ -1,8 +1,10 @@
 """Triton building blocks shared by the calibkern kernels (imported only by the backend's kernel modules).
 
 * ``load_tile``: ``z = logits[rows, cols].float() * inv_t`` with padded columns at ``-inf``;
-* ``online_softmax``: one read of each row in K-tiles, giving ``m = max z``, ``s = Σ exp(z − m)``, the
-  first argmax ``ŷ``, (optionally) the largest logit other than at ``ŷ``, and whether the row is finite;
+* ``label_softmax``: one read of each row in K-tiles, giving ``m = max z``, ``s = Σ exp(z − m)``, the
+  first argmax ``ŷ``, (optionally) the largest logit other than at ``ŷ``, whether the row is finite and
+  (optionally) the label sums of the proper scores; ``online_softmax``: the same without the label sums;
+* ``proper_scores``: each row's NLL and Brier score from those sums;
 * ``bin_index``: ``b(c) = min(floor(c · M), M − 1)`` with ``c · M`` a float32 product;
 * ``sum_partials``: per-program partial sums reduced in a fixed order (deterministic).
 
@@ -65,12 +67,26 @@ def load_tile(logits_ptr, row_off, cols, K, inv_t):
 @triton.jit
 def online_softmax(logits_ptr, row_off, K, inv_t,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SECOND_MAX: tl.constexpr):
-    """One pass over K in tiles: (m, s, ŷ, m2, finite) per row with m = max z, s = Σ exp(z − m) (rescaled
-    by exp(m_old − m_new) when the max grows), ŷ the first index attaining m, m2 = max_{j≠ŷ} z_j, and
-    whether every z_j is finite (Σ z_j · 0 = 0; the other outputs are meaningless where it is not)."""
+    """``label_softmax`` without the label sums: (m, s, ŷ, m2, finite)."""
+    m, s, top, m2, finite, _, _, _ = label_softmax(logits_ptr, row_off, K, inv_t, row_off, BLOCK_N, BLOCK_K,
+                                                   SECOND_MAX, False)
+    return m, s, top, m2, finite
+
+
+@triton.jit
+def label_softmax(logits_ptr, row_off, K, inv_t, labels,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SECOND_MAX: tl.constexpr, LABEL_SUMS: tl.constexpr):
+    """One pass over K in tiles: (m, s, ŷ, m2, finite, O, Q, z_y) per row with m = max z, s = Σ exp(z − m)
+    (rescaled by exp(m_old − m_new) when the max grows), ŷ the first index attaining m, m2 = max_{j≠ŷ} z_j,
+    whether every z_j is finite (Σ z_j · 0 = 0; the other outputs are meaningless where it is not), and with
+    LABEL_SUMS, for the row's label y, O = Σ_{j≠y} e_j and Q = Σ_{j≠y} e_j² (e_j = exp(z_j − m), rescaled
+    like s: Q by the square) and z_y."""
     m = tl.full([BLOCK_N], float("-inf"), tl.float32)
     m2 = tl.full([BLOCK_N], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK_N], tl.float32)
+    others = tl.zeros([BLOCK_N], tl.float32)
+    others_sq = tl.zeros([BLOCK_N], tl.float32)
+    z_label = tl.zeros([BLOCK_N], tl.float32)
     poison = tl.zeros([BLOCK_N], tl.float32)
     top = tl.zeros([BLOCK_N], tl.int32)
     for k0 in range(0, K, BLOCK_K):
@@ -82,13 +98,38 @@ def online_softmax(logits_ptr, row_off, K, inv_t,
         # has an argmax, which the interpreter's NumPy argmax refuses to give
         tile_top = tl.argmax(tl.where(z == z, z, float("-inf")), axis=1, tie_break_left=True) + k0
         new_m = tl.maximum(m, tile_max)
-        s = s * tl.exp(m - new_m) + tl.sum(tl.exp(z - new_m[:, None]), axis=1)
+        rescale = tl.exp(m - new_m)
+        e = tl.exp(z - new_m[:, None])
+        s = s * rescale + tl.sum(e, axis=1)
+        if LABEL_SUMS:
+            is_label = cols[None, :] == labels[:, None]
+            other = tl.where(is_label, 0.0, e)
+            others = others * rescale + tl.sum(other, axis=1)
+            others_sq = others_sq * (rescale * rescale) + tl.sum(other * other, axis=1)
+            z_label += tl.sum(tl.where(is_label, z, 0.0), axis=1)
         if SECOND_MAX:
             tile_m2 = tl.max(tl.where(cols[None, :] == tile_top[:, None], float("-inf"), z), axis=1)
             m2 = tl.maximum(tl.maximum(m2, tile_m2), tl.minimum(m, tile_max))
         top = tl.where(tile_max > m, tile_top, top)  # ties keep the earlier (lower) index
         m = new_m
-    return m, s, top, m2, poison == 0.0
+    return m, s, top, m2, poison == 0.0, others, others_sq, z_label
+
+
+@triton.jit
+def log1p(x):
+    """log(1 + x) for x ≥ 0 to a few ulps: log(u) · x / (u − 1) with u = 1 + x rounded (Goldberg)."""
+    u = 1.0 + x
+    return tl.where(u == 1.0, x, tl.log(u) * (x / (u - 1.0)))
+
+
+@triton.jit
+def proper_scores(m, s, top, others, others_sq, z_label, labels):
+    """Per row, from ``label_softmax``'s sums (docs/math.md#proper-scores): NLL = log1p(O) when ŷ = y (e_y = 1),
+    else log s − (z_y − m); Brier = (O/s)² + Q/s², free of the cancellation in (1 − p_y)²."""
+    conf = 1.0 / s
+    nll = tl.where(top == labels, log1p(others), tl.log(s) - (z_label - m))
+    brier = (others * conf) * (others * conf) + others_sq * (conf * conf)
+    return nll, brier
 
 
 @triton.jit

@@ -5,16 +5,17 @@ statistics with the NLL and Brier sums, docs/math.md#proper-scores).
 softmax's ``m`` and ``s``, ``O = Σ_{j≠y} e_j`` and ``Q = Σ_{j≠y} e_j²`` (rescaled with ``s`` when the max
 grows) and ``z_y``; ``NLL = log1p(O)`` when ``y = ŷ``, else ``log s − (z_y − m)``, and
 ``Brier = (O/s)² + Q/s²``. Each program writes its partial bins and score sums (float64), summed in a fixed
-order afterwards. For the classwise statistics it also stores each row's ``m`` and ``s``, and
-``binned_stats``' classwise kernel bins every class from them (a second read of the logits).
+order afterwards. With the classwise statistics, where one class tile spans K, the classwise kernel computes all
+of it from one read of each row instead; wider rows store their ``m`` and ``s`` here and the classwise kernel bins
+every class from them (a second read of the logits).
 """
 import torch
 import triton
 import triton.language as tl
 
-from .binning import binned_stats, classwise_from_rows, store_bin_partials
-from .common import (MAX_LOSS_TILE, MAX_ROW_BINS, bin_index, bins_block, load_tile, online_softmax, row_blocks,
-                     sum_partials, warps)
+from .binning import binned_stats, classwise_in_one_read, classwise_sums, store_bin_partials
+from .common import (MAX_LOSS_TILE, MAX_ROW_BINS, bin_index, bins_block, label_softmax, online_softmax,
+                     proper_scores, row_blocks, sum_partials, warps)
 
 
 @triton.jit
@@ -33,13 +34,6 @@ def _top1_rows_kernel(logits_ptr, labels_ptr, conf_ptr, correct_ptr, N, K, inv_t
 
 
 @triton.jit
-def _log1p(x):
-    """log(1 + x) for x ≥ 0 to a few ulps: log(u) · x / (u − 1) with u = 1 + x rounded (Goldberg)."""
-    u = 1.0 + x
-    return tl.where(u == 1.0, x, tl.log(u) * (x / (u - 1.0)))
-
-
-@triton.jit
 def _metric_sums_kernel(logits_ptr, labels_ptr, counts_ptr, conf_ptr, correct_ptr, nonfinite_ptr, scores_ptr,
                         max_ptr, sum_ptr, N, K, M, inv_t, ignore_index,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -53,32 +47,8 @@ def _metric_sums_kernel(logits_ptr, labels_ptr, counts_ptr, conf_ptr, correct_pt
     rows = tl.minimum(rows, N - 1)
     labels = tl.load(labels_ptr + rows)
     keep = in_range & (labels != ignore_index)
-    row_off = rows.to(tl.int64) * K
-    m = tl.full([BLOCK_N], float("-inf"), tl.float32)
-    s = tl.zeros([BLOCK_N], tl.float32)
-    others = tl.zeros([BLOCK_N], tl.float32)
-    others_sq = tl.zeros([BLOCK_N], tl.float32)
-    z_label = tl.zeros([BLOCK_N], tl.float32)
-    poison = tl.zeros([BLOCK_N], tl.float32)
-    top = tl.zeros([BLOCK_N], tl.int32)
-    for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        z = load_tile(logits_ptr, row_off, cols, K, inv_t)
-        poison += tl.sum(tl.where((cols < K)[None, :], z * 0.0, 0.0), axis=1)
-        tile_max = tl.max(z, axis=1)
-        tile_top = tl.argmax(tl.where(z == z, z, float("-inf")), axis=1, tie_break_left=True) + k0
-        new_m = tl.maximum(m, tile_max)
-        rescale = tl.exp(m - new_m)
-        e = tl.exp(z - new_m[:, None])
-        is_label = cols[None, :] == labels[:, None]
-        other = tl.where(is_label, 0.0, e)
-        s = s * rescale + tl.sum(e, axis=1)
-        others = others * rescale + tl.sum(other, axis=1)
-        others_sq = others_sq * (rescale * rescale) + tl.sum(other * other, axis=1)
-        z_label += tl.sum(tl.where(is_label, z, 0.0), axis=1)
-        top = tl.where(tile_max > m, tile_top, top)
-        m = new_m
-    finite = poison == 0.0
+    m, s, top, _, finite, others, others_sq, z_label = label_softmax(logits_ptr, rows.to(tl.int64) * K, K, inv_t,
+                                                                     labels, BLOCK_N, BLOCK_K, False, True)
     if STORE_ROWS:
         tl.store(max_ptr + rows, m, mask=in_range)
         tl.store(sum_ptr + rows, tl.where(finite, s, float("nan")), mask=in_range)
@@ -87,8 +57,7 @@ def _metric_sums_kernel(logits_ptr, labels_ptr, counts_ptr, conf_ptr, correct_pt
     conf = 1.0 / s
     store_bin_partials(counts_ptr, conf_ptr, correct_ptr, pid.to(tl.int64) * M, bin_index(conf, M), conf,
                        top == labels, keep, M, BLOCK_M)
-    nll = tl.where(top == labels, _log1p(others), tl.log(s) - (z_label - m))
-    brier = (others * conf) * (others * conf) + others_sq * (conf * conf)
+    nll, brier = proper_scores(m, s, top, others, others_sq, z_label, labels)
     tl.store(scores_ptr + pid * 2, tl.sum(tl.where(keep, nll, 0.0).to(tl.float64), axis=0))
     tl.store(scores_ptr + pid * 2 + 1, tl.sum(tl.where(keep, brier, 0.0).to(tl.float64), axis=0))
 
@@ -134,6 +103,10 @@ def metric_sums(logits: torch.Tensor, labels: torch.Tensor, n_bins: int, tempera
                 torch.zeros(class_shape, dtype=torch.int64, device=logits.device),
                 *(torch.zeros(class_shape, dtype=torch.float64, device=logits.device) for _ in range(2)))
     inv_t = _inv_t(temperature)
+    if classwise and classwise_in_one_read(N, K, M):  # the classwise kernel takes everything from one read
+        per_class, n_nonfinite, top1, scores = classwise_sums(logits, labels, M, inv_t, ignore_index,
+                                                              top1_scores=True)
+        return (*top1, n_nonfinite, scores, *per_class)
     block_n, block_k, block_m, num_warps = metric_blocks(N, K, M)
     P = triton.cdiv(N, block_n)
     parts = (torch.empty((P, M), dtype=torch.int64, device=logits.device),
@@ -145,8 +118,8 @@ def metric_sums(logits: torch.Tensor, labels: torch.Tensor, n_bins: int, tempera
     _metric_sums_kernel[(P,)](logits, labels, *parts, rows[0], rows[1], N, K, M, inv_t, ignore_index,
                               BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_M=block_m, STORE_ROWS=classwise,
                               num_warps=num_warps)
-    if classwise:
-        per_class = classwise_from_rows(logits, labels, rows[0], rows[1], M, inv_t, ignore_index)
+    if classwise:  # a second read: one program cannot hold a row wider than its class tile
+        per_class, _, _, _ = classwise_sums(logits, labels, M, inv_t, ignore_index, rows[0], rows[1])
     else:
         per_class = (torch.zeros((0, M), dtype=torch.int64, device=logits.device),
                      *(torch.zeros((0, M), dtype=torch.float64, device=logits.device) for _ in range(2)))
