@@ -85,6 +85,27 @@ def test_top1_rows_float64_on_the_reference():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n,k,n_bins", [(300, 64, 30), (70, 600, 30), (33, 40000, 10)])
+def test_classwise_paths_for_many_bins_and_wide_rows_match_the_reference(backend, n, k, n_bins):
+    """The classwise statistics where K·M outgrows the fast paths: short rows with 30 bins (per-row binning on
+    ``cpp``), K·M = 18000 and 400000 (``cpp``'s grouped pass; on Triton a second read), with the top-1 bins and
+    scores of the same pass and a non-finite row."""
+    logits, labels = rows(n, k, torch.float32)
+    logits[2, 5] = float("inf")
+    labels[2] = 1
+    got = metric_sums_tensors(logits, labels, n_bins, classwise=True, nonfinite="skip", backend=backend)
+    want = ref.metric_sums(logits, labels, n_bins, 1.0, IGNORE, True)
+    assert int(got[3]) == int(want[3]) == 1
+    for index in (0, 5):
+        assert torch.equal(got[index], want[index])
+    for index in (1, 2, 4, 6, 7):
+        torch.testing.assert_close(got[index], want[index], rtol=1e-6, atol=1e-5)
+    stats = ck.binned_stats(logits, labels, n_bins, mode="classwise", nonfinite="skip", backend=backend)
+    assert torch.equal(stats.counts, want[5])
+    torch.testing.assert_close(stats.sum_conf, want[6], rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("n,k", SHAPES)
 @pytest.mark.parametrize("classwise", [False, True])
 def test_metric_sums_match_the_reference_and_float64(backend, n, k, classwise):
@@ -160,8 +181,10 @@ def test_meter_equals_one_shot_metrics_over_the_concatenated_batches(backend, k)
 
 
 @pytest.mark.skipif("cpp" not in BACKENDS, reason="the C++ extension is not built")
-@pytest.mark.parametrize("n,k", [(5000, 4), (5000, 9), (700, 100)])
-def test_cpp_results_are_bitwise_identical_for_any_thread_count(n, k):
+@pytest.mark.parametrize("n,k,n_bins", [(5000, 4, M), (5000, 9, M), (700, 100, M), (500, 64, 30), (50, 40000, M)])
+def test_cpp_results_are_bitwise_identical_for_any_thread_count(n, k, n_bins):
+    """Every classwise path: lanes, per-block partials (short rows with many bins, long rows) and the grouped pass
+    (K·M beyond the blocks' partials; K = 40000 puts 16 rows in a group, so 50 rows make 4 groups)."""
     logits, labels = rows(n, k, torch.float32)
     conf, correct = torch.rand(n), torch.rand(n) < 0.5
     runs = []
@@ -169,13 +192,19 @@ def test_cpp_results_are_bitwise_identical_for_any_thread_count(n, k):
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            runs.append([*metric_sums_tensors(logits, labels, M, classwise=True, backend="cpp"),
+            runs.append([*metric_sums_tensors(logits, labels, n_bins, classwise=True, backend="cpp"),
+                         *class_stats(logits, labels, n_bins),
                          *ck.top1_rows(logits, labels, backend="cpp"),
                          *calibkern_bootstrap(conf, correct, "cpp")])
     finally:
         torch.set_num_threads(before)
     for a, b in zip(*runs, strict=True):
         assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def class_stats(logits, labels, n_bins):
+    stats = ck.binned_stats(logits, labels, n_bins, mode="classwise", backend="cpp")
+    return stats.counts, stats.sum_conf, stats.sum_correct
 
 
 def calibkern_bootstrap(conf, correct, backend, n_boot=64, seed=3):

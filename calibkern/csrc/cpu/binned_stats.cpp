@@ -1,18 +1,15 @@
-// binned_stats: per-bin counts, Σ confidence and Σ correct (docs/math.md#ece), top-1 or classwise.
+// binned_stats: per-bin counts, Σ confidence and Σ correct (docs/math.md#ece), top-1 or classwise;
+// metric_sums: the same top-1 statistics with, from the same read of each row, the proper scores' sums (NLL and
+// Brier, docs/math.md#proper-scores) and, when asked, the classwise statistics. Both run row_statistics.
 //
-// Top-1 reads every row once: long rows with the online softmax of row_softmax.h, short rows (K ≤ 64)
-// sixteen at a time across SIMD lanes. Rows go in fixed blocks whose float64 partials are reduced in
-// block order. Classwise with short rows and K·M ≤ kLaneClasswiseCells bins every class in the lanes of
-// that same pass (per block, per class, per lane, then in order); otherwise it first finds each row's max and
-// Σ exp, then splits the classes into fixed column chunks, each accumulated over the rows in order by one
-// thread. A kept row whose scaled logits hold NaN or
+// Every path reads each row from memory once. Top-1: long rows with the online softmax of row_softmax.h, short
+// rows (K ≤ 64) sixteen at a time across SIMD lanes. Classwise: short rows with K·M ≤ kLaneClasswiseCells bin
+// every class in the lanes of that same pass; other rows with K·M ≤ kRowClasswiseCells bin their classes right
+// after their softmax, from cache, into per-block partials; beyond (a vocabulary-sized K), rows go in groups of a
+// few MiB whose classes are binned, right after the group's softmax, by fixed column chunks each owned by one
+// thread. Rows go in fixed blocks whose float64 partials are reduced in block order (the column chunks add
+// their rows in row order), so no result depends on the thread count. A kept row whose scaled logits hold NaN or
 // ±inf is left out of the bins and counted (the softmax pass detects it, so the check costs no extra read).
-//
-// metric_sums runs the same top-1 passes and adds, from the same read of each row, the proper scores' sums
-// (NLL and Brier, docs/math.md#proper-scores) and the classwise statistics: short rows with
-// K·M ≤ kLaneClasswiseCells keep each class's bins per lane like the top-1 bins; long rows with
-// K·M ≤ kRowClasswiseCells bin their classes right after their softmax, from cache (binned_stats' classwise
-// mode does the same). Beyond, the classwise pass above (a second read).
 #include "dispatch.h"
 #include "kernels.h"
 #include "row_group.h"
@@ -126,10 +123,21 @@ void bin_classes(const T* row, int64_t label, int64_t j0, int64_t j1, int64_t M,
   }
 }
 
-/// Returns the number of kept rows with non-finite values. With scores: NLL = log1p(Σ_{j≠y} e_j) when y = ŷ
-/// (e_y = 1), else log s − (z_y − m); Brier = (Σ_{j≠y} e_j / s)² + Σ_{j≠y} e_j² / s².
-/// With class_partials, every class's statistics too (bins j·M + k of the block), from the row just read
-/// (still in cache): one read of the logits.
+/// A finite kept row's top-1 bin into block b of partials and, with scores, its NLL = log1p(Σ_{j≠y} e_j) when
+/// y = ŷ (e_y = 1), else log s − (z_y − m), and Brier = (Σ_{j≠y} e_j / s)² + Σ_{j≠y} e_j² / s² (ls holds the sums).
+inline void add_top1_and_scores(BinPartials& partials, ScorePartials* scores, int64_t b, const RowSoftmax& rs,
+                                const RowLabelSums& ls, int64_t label) {
+  partials.add(b, 1.0f / rs.sum, rs.argmax == label);
+  if (scores) {
+    const double others = ls.others / ls.sum;
+    scores->nll[b] += rs.argmax == label ? std::log1p(ls.others) : std::log(ls.sum) - (double)ls.gap;
+    scores->brier[b] += others * others + ls.others_sq / (ls.sum * ls.sum);
+  }
+}
+
+/// Returns the number of kept rows with non-finite values; the top-1 bins (and with scores the proper scores,
+/// add_top1_and_scores) per block of block_rows rows. With class_partials, every class's statistics too (bins
+/// j·M + k of the block), from the row just read (still in cache): one read of the logits.
 template <class T>
 int64_t top1_long_rows(const T* x, const int64_t* labels, int64_t N, int64_t K, float inv_t, int64_t ignore_index,
                        BinPartials& partials, ScorePartials* scores = nullptr, BinPartials* class_partials = nullptr,
@@ -147,17 +155,12 @@ int64_t top1_long_rows(const T* x, const int64_t* labels, int64_t N, int64_t K, 
         ++n_nonfinite;
         continue;
       }
-      partials.add(b, 1.0f / rs.sum, rs.argmax == labels[i]);
+      add_top1_and_scores(partials, scores, b, rs, ls, labels[i]);
       if (class_partials) {
         const int64_t at = b * K * M;
         for (int64_t j0 = 0; j0 < K; j0 += kColumnChunk)
           bin_classes(x + i * K, labels[i], j0, std::min(K, j0 + kColumnChunk), M, inv_t, rs.max, rs.sum,
                       &class_partials->counts[at], &class_partials->conf[at], &class_partials->correct[at]);
-      }
-      if (scores) {
-        const double others = ls.others / ls.sum;
-        scores->nll[b] += rs.argmax == labels[i] ? std::log1p(ls.others) : std::log(ls.sum) - (double)ls.gap;
-        scores->brier[b] += others * others + ls.others_sq / (ls.sum * ls.sum);
       }
     }
   }
@@ -286,80 +289,104 @@ int64_t top1_short_rows(const T* x, const int64_t* labels, int64_t N, int64_t K,
   return n_nonfinite;
 }
 
-/// Returns the number of kept rows with non-finite values.
+/// Rows per group of the grouped classwise pass: about kGroupBytes of logits (so that the column chunks re-read
+/// them from cache), a multiple of kRowBlock, a function of K and the dtype only.
+constexpr int64_t kGroupBytes = 4 << 20;
+int64_t group_rows(int64_t K, int64_t element_bytes) {
+  return kRowBlock * std::max<int64_t>(1, kGroupBytes / (K * element_bytes * kRowBlock));
+}
+
+/// Classwise statistics where the blocks' [K, M] partials would not fit (K·M > kRowClasswiseCells): rows go in
+/// groups of group_rows; each group's softmax is taken in parallel over its blocks of kRowBlock rows (with top1,
+/// its top-1 bins and optionally its scores per block, add_top1_and_scores), then its classes are binned in
+/// parallel over fixed column chunks, each owned by one thread, from the rows just read (in cache): one read of
+/// the logits from memory. Per (class, bin) the rows add in row order. Returns the number of kept non-finite rows.
 template <class T>
-int64_t classwise(const T* x, const int64_t* labels, int64_t N, int64_t K, int64_t M, float inv_t,
-                  int64_t ignore_index, int64_t* counts, double* conf, double* correct) {
-  std::vector<float> row_max(N), row_sum(N);
-  std::vector<char> binned(N, 0);
+int64_t classwise_grouped(const T* x, const int64_t* labels, int64_t N, int64_t K, int64_t M, float inv_t,
+                          int64_t ignore_index, int64_t* counts, double* conf, double* correct,
+                          BinPartials* top1 = nullptr, ScorePartials* scores = nullptr) {
+  const int64_t G = group_rows(K, sizeof(T)), n_chunks = (K + kColumnChunk - 1) / kColumnChunk;
+  std::vector<float> row_max(G), row_sum(G);
+  std::vector<char> binned(G);
   int64_t n_nonfinite = 0;
-#pragma omp parallel for schedule(static) reduction(+ : n_nonfinite)
-  for (int64_t i = 0; i < N; ++i) {
-    if (labels[i] == ignore_index) continue;
-    const RowSoftmax rs = row_softmax(x + i * K, K, inv_t);
-    row_max[i] = rs.max;
-    row_sum[i] = rs.sum;
-    binned[i] = rs.finite;
-    n_nonfinite += !rs.finite;
-  }
-  const int64_t n_chunks = (K + kColumnChunk - 1) / kColumnChunk;
-#pragma omp parallel for schedule(static)
-  for (int64_t chunk = 0; chunk < n_chunks; ++chunk) {
-    const int64_t j0 = chunk * kColumnChunk, j1 = std::min(K, j0 + kColumnChunk);
-    for (int64_t i = 0; i < N; ++i)
-      if (binned[i]) bin_classes(x + i * K, labels[i], j0, j1, M, inv_t, row_max[i], row_sum[i], counts, conf, correct);
+#pragma omp parallel reduction(+ : n_nonfinite)
+  for (int64_t g0 = 0; g0 < N; g0 += G) {  // every thread walks the groups; the loops below share the work
+    const int64_t g1 = std::min(N, g0 + G);
+#pragma omp for schedule(static)
+    for (int64_t b = g0 / kRowBlock; b < (g1 + kRowBlock - 1) / kRowBlock; ++b) {
+      for (int64_t i = b * kRowBlock; i < std::min(g1, (b + 1) * kRowBlock); ++i) {
+        binned[i - g0] = 0;
+        if (labels[i] == ignore_index) continue;
+        RowLabelSums ls;
+        const RowSoftmax rs = scores ? row_softmax<true>(x + i * K, K, inv_t, labels[i], &ls)
+                                     : row_softmax(x + i * K, K, inv_t);
+        if (!rs.finite) {
+          ++n_nonfinite;
+          continue;
+        }
+        row_max[i - g0] = rs.max;
+        row_sum[i - g0] = rs.sum;
+        binned[i - g0] = 1;
+        if (top1) add_top1_and_scores(*top1, scores, b, rs, ls, labels[i]);
+      }
+    }
+#pragma omp for schedule(static)
+    for (int64_t chunk = 0; chunk < n_chunks; ++chunk) {
+      const int64_t j0 = chunk * kColumnChunk, j1 = std::min(K, j0 + kColumnChunk);
+      for (int64_t i = g0; i < g1; ++i)
+        if (binned[i - g0])
+          bin_classes(x + i * K, labels[i], j0, j1, M, inv_t, row_max[i - g0], row_sum[i - g0], counts, conf,
+                      correct);
+    }
   }
   return n_nonfinite;
 }
 
-}  // namespace
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> binned_stats(
-    const at::Tensor& logits, const at::Tensor& labels, int64_t n_bins, double temperature, int64_t ignore_index,
-    bool classwise_mode) {
-  const int64_t N = logits.size(0), K = logits.size(1), M = n_bins;
-  const float inv_t = (float)(1.0 / temperature);
-  const auto f64 = logits.options().dtype(at::kDouble);
-  const auto i64 = logits.options().dtype(at::kLong);
-  const std::vector<int64_t> shape = classwise_mode ? std::vector<int64_t>{K, M} : std::vector<int64_t>{M};
-  at::Tensor counts = at::zeros(shape, i64), conf = at::zeros(shape, f64), correct = at::zeros(shape, f64);
-  const int64_t* y = labels.data_ptr<int64_t>();
-  int64_t n_nonfinite = 0;
-  with_float_type(logits, [&](auto tag) {
-    using T = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
-    const T* x = static_cast<const T*>(logits.const_data_ptr());
-    const bool short_rows = K <= kGroupK;
-    if (classwise_mode && short_rows && K * M <= kLaneClasswiseCells) {
-      const int64_t block_rows = lane_block_rows(N, K * M), n_blocks = (N + block_rows - 1) / block_rows;
-      BinPartials top1(0, M), class_partials(n_blocks, K * M);  // top1: the n_bins it reads, no blocks
-      n_nonfinite = top1_short_rows<false, true>(x, y, N, K, inv_t, ignore_index, top1, nullptr, &class_partials,
-                                                 block_rows);
-      class_partials.reduce_into(counts.data_ptr<int64_t>(), conf.data_ptr<double>(), correct.data_ptr<double>());
-      return;
-    }
-    if (classwise_mode && !short_rows && K * M <= kRowClasswiseCells) {
-      const int64_t block_rows = row_block_rows(N, K * M), n_blocks = (N + block_rows - 1) / block_rows;
-      BinPartials top1(n_blocks, M), class_partials(n_blocks, K * M);
-      n_nonfinite = top1_long_rows(x, y, N, K, inv_t, ignore_index, top1, nullptr, &class_partials, block_rows);
-      class_partials.reduce_into(counts.data_ptr<int64_t>(), conf.data_ptr<double>(), correct.data_ptr<double>());
-      return;
-    }
-    if (classwise_mode) {
-      n_nonfinite = classwise(x, y, N, K, M, inv_t, ignore_index, counts.data_ptr<int64_t>(),
-                              conf.data_ptr<double>(), correct.data_ptr<double>());
-      return;
-    }
-    BinPartials partials((N + (short_rows ? kGroupBlock : kRowBlock) - 1) / (short_rows ? kGroupBlock : kRowBlock), M);
-    n_nonfinite = short_rows ? top1_short_rows<false, false>(x, y, N, K, inv_t, ignore_index, partials)
-                             : top1_long_rows(x, y, N, K, inv_t, ignore_index, partials);
-    partials.reduce_into(counts.data_ptr<int64_t>(), conf.data_ptr<double>(), correct.data_ptr<double>());
-  });
-  return {counts, conf, correct, at::scalar_tensor(n_nonfinite, i64)};
+/// One read of each row for everything binned_stats and metric_sums return (the classwise paths look at a row
+/// again while it is in cache): the top-1 bins into counts, conf, correct [M] (null: not wanted), the proper-score
+/// sums into scores [2] (null: not wanted) and the classwise statistics into cw_* [K, M] (null: not wanted).
+/// Short rows go in SIMD lanes, classes too while K·M ≤ kLaneClasswiseCells; long rows (or short ones with more
+/// classwise cells) one at a time, binning their classes into per-block partials while K·M ≤
+/// kRowClasswiseCells; beyond, the grouped pass. Returns the number of kept non-finite rows.
+template <class T>
+int64_t row_statistics(const T* x, const int64_t* y, int64_t N, int64_t K, int64_t M, float inv_t,
+                       int64_t ignore_index, double* scores, int64_t* counts, double* conf, double* correct,
+                       int64_t* cw_counts, double* cw_conf, double* cw_correct) {
+  const bool classwise = cw_counts != nullptr, short_rows = K <= kGroupK;
+  const bool lane_classes = classwise && short_rows && K * M <= kLaneClasswiseCells;
+  const bool row_classes = classwise && !lane_classes && K * M <= kRowClasswiseCells;
+  const int64_t block_rows = lane_classes ? lane_block_rows(N, K * M)
+                             : row_classes ? row_block_rows(N, K * M)
+                             : short_rows && !classwise ? kGroupBlock : kRowBlock;
+  const int64_t n_blocks = (N + block_rows - 1) / block_rows;
+  BinPartials partials(n_blocks, M), class_partials(lane_classes || row_classes ? n_blocks : 0, K * M);
+  ScorePartials score_partials(n_blocks);
+  ScorePartials* sp = scores ? &score_partials : nullptr;
+  int64_t n_nonfinite;
+  if (classwise && !lane_classes && !row_classes)
+    n_nonfinite = classwise_grouped(x, y, N, K, M, inv_t, ignore_index, cw_counts, cw_conf, cw_correct, &partials, sp);
+  else if (lane_classes)
+    n_nonfinite = scores ? top1_short_rows<true, true>(x, y, N, K, inv_t, ignore_index, partials, sp, &class_partials,
+                                                       block_rows)
+                         : top1_short_rows<false, true>(x, y, N, K, inv_t, ignore_index, partials, nullptr,
+                                                        &class_partials, block_rows);
+  else if (short_rows && !row_classes)
+    n_nonfinite = scores ? top1_short_rows<true, false>(x, y, N, K, inv_t, ignore_index, partials, sp)
+                         : top1_short_rows<false, false>(x, y, N, K, inv_t, ignore_index, partials);
+  else
+    n_nonfinite = top1_long_rows(x, y, N, K, inv_t, ignore_index, partials, sp,
+                                 row_classes ? &class_partials : nullptr, block_rows);
+  if (counts) partials.reduce_into(counts, conf, correct);
+  if (scores) score_partials.reduce_into(scores);
+  if (lane_classes || row_classes) class_partials.reduce_into(cw_counts, cw_conf, cw_correct);
+  return n_nonfinite;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> metric_sums(
+/// Tensors around row_statistics: metric_sums' eight outputs; without scores the score sums stay 0, and in
+/// classwise mode without scores the top-1 bins are not taken (binned_stats' classwise mode).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> statistics(
     const at::Tensor& logits, const at::Tensor& labels, int64_t n_bins, double temperature, int64_t ignore_index,
-    bool classwise_mode) {
+    bool with_scores, bool classwise_mode) {
   const int64_t N = logits.size(0), K = logits.size(1), M = n_bins;
   const float inv_t = (float)(1.0 / temperature);
   const auto f64 = logits.options().dtype(at::kDouble);
@@ -369,37 +396,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const std::vector<int64_t> class_shape{classwise_mode ? K : 0, M};
   at::Tensor cw_counts = at::zeros(class_shape, i64), cw_conf = at::zeros(class_shape, f64),
              cw_correct = at::zeros(class_shape, f64);
-  const int64_t* y = labels.data_ptr<int64_t>();
+  const bool top1 = with_scores || !classwise_mode;
   int64_t n_nonfinite = 0;
   with_float_type(logits, [&](auto tag) {
     using T = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
-    const T* x = static_cast<const T*>(logits.const_data_ptr());
-    const bool short_rows = K <= kGroupK;
-    const bool lane_classes = classwise_mode && short_rows && K * M <= kLaneClasswiseCells;
-    const bool row_classes = classwise_mode && !short_rows && K * M <= kRowClasswiseCells;
-    const int64_t block_rows = lane_classes ? lane_block_rows(N, K * M) : row_classes ? row_block_rows(N, K * M)
-                               : short_rows ? kGroupBlock : kRowBlock;
-    const int64_t n_blocks = (N + block_rows - 1) / block_rows;
-    BinPartials partials(n_blocks, M), class_partials(lane_classes || row_classes ? n_blocks : 0, K * M);
-    ScorePartials score_partials(n_blocks);
-    if (lane_classes)
-      n_nonfinite = top1_short_rows<true, true>(x, y, N, K, inv_t, ignore_index, partials, &score_partials,
-                                                &class_partials, block_rows);
-    else if (short_rows)
-      n_nonfinite = top1_short_rows<true, false>(x, y, N, K, inv_t, ignore_index, partials, &score_partials);
-    else
-      n_nonfinite = top1_long_rows(x, y, N, K, inv_t, ignore_index, partials, &score_partials,
-                                   row_classes ? &class_partials : nullptr, block_rows);
-    partials.reduce_into(counts.data_ptr<int64_t>(), conf.data_ptr<double>(), correct.data_ptr<double>());
-    score_partials.reduce_into(scores.data_ptr<double>());
-    if (lane_classes || row_classes)
-      class_partials.reduce_into(cw_counts.data_ptr<int64_t>(), cw_conf.data_ptr<double>(),
-                                 cw_correct.data_ptr<double>());
-    else if (classwise_mode)
-      classwise(x, y, N, K, M, inv_t, ignore_index, cw_counts.data_ptr<int64_t>(), cw_conf.data_ptr<double>(),
-                cw_correct.data_ptr<double>());
+    n_nonfinite = row_statistics(
+        static_cast<const T*>(logits.const_data_ptr()), labels.data_ptr<int64_t>(), N, K, M, inv_t, ignore_index,
+        with_scores ? scores.data_ptr<double>() : nullptr, top1 ? counts.data_ptr<int64_t>() : nullptr,
+        conf.data_ptr<double>(), correct.data_ptr<double>(),
+        classwise_mode ? cw_counts.data_ptr<int64_t>() : nullptr, cw_conf.data_ptr<double>(),
+        cw_correct.data_ptr<double>());
   });
   return {counts, conf, correct, at::scalar_tensor(n_nonfinite, i64), scores, cw_counts, cw_conf, cw_correct};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> binned_stats(
+    const at::Tensor& logits, const at::Tensor& labels, int64_t n_bins, double temperature, int64_t ignore_index,
+    bool classwise_mode) {
+  auto [counts, conf, correct, n_nonfinite, scores, cw_counts, cw_conf, cw_correct] =
+      statistics(logits, labels, n_bins, temperature, ignore_index, /*scores=*/false, classwise_mode);
+  if (classwise_mode) return {cw_counts, cw_conf, cw_correct, n_nonfinite};
+  return {counts, conf, correct, n_nonfinite};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> metric_sums(
+    const at::Tensor& logits, const at::Tensor& labels, int64_t n_bins, double temperature, int64_t ignore_index,
+    bool classwise_mode) {
+  return statistics(logits, labels, n_bins, temperature, ignore_index, /*scores=*/true, classwise_mode);
 }
 
 }  // namespace calibkern::cpu
