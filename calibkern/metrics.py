@@ -185,6 +185,15 @@ class BinStats:
                 "resolution": (weight * (accuracy - overall) ** 2).sum(),
                 "uncertainty": overall * (1 - overall)}
 
+    def confidence_interval(self, norm: str = "l1", *, n_boot: int = 1000, confidence: float = 0.95,
+                            seed: int = 0) -> "ConfidenceInterval":
+        """``ece_confidence_interval``'s default (``method="debiased"``) from these top-1 statistics alone — a
+        streaming ``CalibrationMeter``'s ``stats`` included: the logits are not read again (docs/math.md#intervals)."""
+        self._top1_only("confidence_interval()")
+        V.check_choice(norm, "norm", ("l1", "l2"))
+        n_boot, tail, seed = _interval_args(n_boot, confidence, seed)
+        return _debiased_interval(self, norm, n_boot, tail, seed)
+
     def mce(self) -> torch.Tensor:
         return self.ece("max")
 
@@ -313,11 +322,7 @@ def ece_confidence_interval(logits, labels, n_bins=10, norm="l1", *, method="deb
     n_bins = V.check_n_bins(n_bins)
     V.check_choice(norm, "norm", NORMS)
     V.check_choice(method, "method", INTERVAL_METHODS)
-    n_boot = V.check_n_bins(n_boot, "n_boot")
-    if isinstance(confidence, bool) or not isinstance(confidence, numbers.Real) or not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must be a number in (0, 1), got {confidence!r}")
-    seed = V.check_int(seed, "seed")
-    tail = (1.0 - float(confidence)) / 2.0
+    n_boot, tail, seed = _interval_args(n_boot, confidence, seed)
     if method == "debiased":
         if norm == "max":
             raise ValueError("method='debiased' is defined for norm 'l1' and 'l2'; use method='percentile' for 'max'")
@@ -333,6 +338,14 @@ def ece_confidence_interval(logits, labels, n_bins=10, norm="l1", *, method="deb
     values = _ece_from_sums(*custom_ops.bootstrap_stats(conf, correct, n_bins, n_boot, seed, name), norm)
     low, high = torch.quantile(values, torch.tensor([tail, 1.0 - tail], dtype=torch.float64, device=values.device))
     return ConfidenceInterval(estimate, float(low), float(high), "percentile")
+
+
+def _interval_args(n_boot, confidence, seed) -> tuple[int, float, int]:
+    """Checked ``n_boot`` and ``seed``, and the tail probability ``(1 − confidence) / 2``."""
+    n_boot = V.check_n_bins(n_boot, "n_boot")
+    if isinstance(confidence, bool) or not isinstance(confidence, numbers.Real) or not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be a number in (0, 1), got {confidence!r}")
+    return n_boot, (1.0 - float(confidence)) / 2.0, V.check_int(seed, "seed")
 
 
 def _debiased_interval(stats: BinStats, norm: str, n_boot: int, tail: float, seed: int) -> ConfidenceInterval:

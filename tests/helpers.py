@@ -96,8 +96,8 @@ def skip_unsupported_dtype(backend: str, dtype: torch.dtype) -> None:
 M = 10
 IGNORE = -100
 # the keys of calibkern.hf.calibration_metrics (evaluate's metrics.json, each demo stage)
-METRIC_KEYS = {"ece", "ece_debiased", "smece", "ece_l2", "mce", "cw_ece", "accuracy", "mean_confidence", "nll",
-               "brier", "n", "ece_ci"}
+METRIC_KEYS = {"ece", "ece_debiased", "smece", "smece_sigma", "ece_l2", "mce", "cw_ece", "accuracy",
+               "mean_confidence", "nll", "brier", "n", "ece_ci"}
 ACCURACY = torch.linspace(0.0, 1.0, M)  # includes a = 0 and a = 1 (no non-max target mass)
 
 

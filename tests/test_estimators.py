@@ -113,3 +113,21 @@ def test_estimator_arguments_are_checked():
         ck.ece_confidence_interval(logits, labels, method="bca")
     with pytest.raises(ValueError, match="every row is ignored"):
         ck.ece_confidence_interval(logits, torch.full((20,), -100))
+
+
+def test_interval_from_streamed_statistics_equals_the_one_from_the_logits():
+    """``BinStats.confidence_interval`` on a meter's statistics: the default interval without a second read."""
+    logits, labels = torch.randn(3000, 5) * 2.5, torch.randint(0, 5, (3000,))
+    labels[::7] = -100
+    meter = ck.CalibrationMeter(M)
+    for start in range(0, 3000, 700):
+        meter.update(logits[start:start + 700], labels[start:start + 700])
+    for norm in ("l1", "l2"):
+        assert meter.stats.confidence_interval(norm, n_boot=300, seed=4) == ck.ece_confidence_interval(
+            logits, labels, M, norm, n_boot=300, seed=4)
+    with pytest.raises(ValueError, match="norm"):
+        meter.stats.confidence_interval("max")
+    with pytest.raises(ValueError, match="confidence"):
+        meter.stats.confidence_interval(confidence=1.5)
+    with pytest.raises(ValueError, match="top-1"):
+        ck.binned_stats(logits, labels, M, mode="classwise").confidence_interval()

@@ -8,7 +8,8 @@ with right padding (the last real position is read per row), under ``torch.no_gr
 (the training mode is restored afterwards), with a tqdm progress bar.
 
 Metrics (docs/math.md#ece), from the calibkern public API, on ``p = softmax(z / T)``: ``ece``, ``ece_l2``,
-``mce``, ``ece_debiased``, ``smece`` (smooth ECE, docs/math.md#smooth-ece), ``cw_ece`` (classwise),
+``mce``, ``ece_debiased``, ``smece`` (smooth ECE, docs/math.md#smooth-ece) and its bandwidth ``smece_sigma``,
+``cw_ece`` (classwise),
 ``accuracy``, ``mean_confidence``, ``nll``, ``brier``, ``n`` and ``ece_ci`` (a seeded 95 % interval around the
 debiased ECE, docs/math.md#intervals). Predictions: one dict
 per row with ``probs`` (over the options), ``pred``, ``label`` and ``confidence``. All rows must have the
@@ -119,19 +120,20 @@ def calibration_metrics(
     ci_samples: int = 1000,
     seed: int = 0,
 ) -> dict:
-    """The metric set of the module docstring for ``softmax(option_logits / temperature)``: the binned
-    metrics, NLL and Brier from one read of the logits (a classwise ``CalibrationMeter``)."""
+    """The metric set of the module docstring for ``softmax(option_logits / temperature)``, from two reads of the
+    logits: the binned metrics, their interval, NLL and Brier from one (a classwise ``CalibrationMeter``), the
+    smooth ECE from the rows' top-1 confidences (the other), with its bandwidth as ``smece_sigma``."""
     logits = option_logits.float()
     meter = calibkern.CalibrationMeter(n_bins, classwise=True, temperature=temperature)
     meter.update(logits, labels)
     summary = meter.compute()
-    interval = calibkern.ece_confidence_interval(
-        logits, labels, n_bins, n_boot=ci_samples, seed=seed, temperature=temperature
-    )
+    interval = meter.stats.confidence_interval(n_boot=ci_samples, seed=seed)
+    smece, sigma = calibkern.smooth_ece(logits, labels, temperature=temperature, return_sigma=True)
     return {
         "ece": float(summary["ece"]),
         "ece_debiased": float(summary["ece_debiased"]),
-        "smece": float(calibkern.smooth_ece(logits, labels, temperature=temperature)),
+        "smece": float(smece),
+        "smece_sigma": sigma,
         "ece_l2": float(summary["ece_l2"]),
         "mce": float(summary["mce"]),
         "cw_ece": float(summary["cw_ece"]),

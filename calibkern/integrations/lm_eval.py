@@ -399,7 +399,8 @@ def write_report(report: LmEvalReport, out_dir: str | os.PathLike) -> str:
     for task, result in report.results.items():
         task_dir = os.path.join(out_dir, task)
         write_evaluation(result, task_dir)
-        rel = reliability_data(result.option_logits, result.labels, report.n_bins, report.temperature)
+        rel = reliability_data(result.option_logits, result.labels, report.n_bins, report.temperature,
+                               result.metrics.get("smece_sigma"))
         write_reliability_plot(os.path.join(task_dir, "reliability.png"), task, rel, result.metrics)
     os.makedirs(out_dir, exist_ok=True)
     summary = _summary(report)

@@ -20,13 +20,13 @@ TABLE_COLUMNS = ("ece", "ece_debiased", "smece", "ece_l2", "mce", "cw_ece", "acc
 
 
 def reliability_data(option_logits: torch.Tensor, labels: torch.Tensor, n_bins: int,
-                     temperature: float = 1.0) -> dict:
+                     temperature: float = 1.0, sigma: float | None = None) -> dict:
     """Per-bin accuracy, mean confidence and count (``calibkern.binned_stats``) and the smooth reliability curve
     (``calibkern.smooth_reliability``: ``confidence``, ``accuracy``, ``density`` at 101 points, ``sigma``) as
-    JSON-ready lists."""
+    JSON-ready lists; ``sigma``: the bandwidth already found (a stage's ``smece_sigma``), else searched again."""
     logits = option_logits.float()
     rel = calibkern.binned_stats(logits, labels, n_bins, temperature=temperature).reliability()
-    curve = calibkern.smooth_reliability(logits, labels, points=101, temperature=temperature)
+    curve = calibkern.smooth_reliability(logits, labels, sigma=sigma, points=101, temperature=temperature)
     return {"accuracy": rel.accuracy.tolist(), "confidence": rel.confidence.tolist(), "counts": rel.counts.tolist(),
             "smooth": {"confidence": curve.points.tolist(), "accuracy": curve.accuracy.tolist(),
                        "density": curve.density.tolist(), "sigma": curve.sigma}}

@@ -87,7 +87,8 @@ def report(config: dict, clock: Clock, results: dict, n_bins: int) -> dict:
         "config": config,
         "timings": {**clock.timings, "total": sum(clock.timings.values())},
         "stages": metrics,
-        "reliability": {name: reliability_data(r.option_logits, r.labels, n_bins, r.metrics.get("temperature", 1.0))
+        "reliability": {name: reliability_data(r.option_logits, r.labels, n_bins, r.metrics.get("temperature", 1.0),
+                                               r.metrics.get("smece_sigma"))
                         for name, r in results.items()},
         "checks": demo_checks(metrics) if "base" in metrics else [],
     }
