@@ -150,13 +150,15 @@ def _calibration_rows_kernel(
 def rows_blocks(N: int, K: int, M: int, em: bool, loss: bool, stats: bool,
                 ece_grad: bool) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_K, BLOCK_M, num_warps) of the rows kernel: a smaller tile where the loss or the ECE gradient
-    keep several tile-sized temporaries alive, a [BLOCK_N, BLOCK_M] responsibility tile within MAX_ROW_BINS, and
+    keep several tile-sized temporaries alive (the EM target form: its K-tile too), a [BLOCK_N, BLOCK_M] responsibility tile within MAX_ROW_BINS, and
     8 warps where the E-step statistics' float64 tiles join a large tile (benchmarks/triton_compile.py)."""
     block_m = bins_block(M)
     max_tile = common.MAX_LOSS_TILE if loss or ece_grad else common.MAX_TILE
     if em and loss:  # the target form keeps the responsibilities' statistics and the loss's temporaries
         max_tile //= 2
     block_n, block_k = row_blocks(N, K, max_tile, common.MAX_ROW_BINS // block_m if em else None)
+    if em and loss:  # its K-tile too: one row of 2048 columns on 8 warps spilled 8 bytes on sm_90
+        block_k = min(block_k, max_tile)
     num_warps = warps(block_n, block_k)
     if stats and (block_n * block_m >= STATS_WARP_ROW_BINS or block_n * block_k >= STATS_WARP_TILE):
         num_warps = 8
