@@ -146,7 +146,7 @@ def launches(shapes: dict) -> dict:
                                  "log_pi_ptr", "mu_ptr", "sigma_ptr", "coef_ptr", "N", "K", "M", "ignore_index",
                                  "gamma0", "EM", "LOSS", "STATS", "ECE_GRAD", "BLOCK_N", "BLOCK_K", "BLOCK_M"]
                         add(calibration._calibration_rows_kernel, {name: signature[name] for name in order},
-                            constexprs, r_w)
+                            constexprs, r_w, **calibration.rows_options(em, loss))
     return found
 
 

@@ -178,8 +178,16 @@ def _run(logits, labels, ignore_index, accuracy, em_params, coef, loss, stats, g
         logits, labels, loss, grad, partials, accuracy, log_pi, mu, sigma, coef,
         N, K, M, ignore_index, math.log(K - 1),
         EM=em_params is not None, LOSS=loss is not None, STATS=stats, ECE_GRAD=coef is not None,
-        BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_M=block_m, num_warps=num_warps)
+        BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_M=block_m, num_warps=num_warps,
+        **rows_options(em_params is not None, loss is not None))
     return sum_partials(partials) if stats else None
+
+
+def rows_options(em: bool, loss: bool) -> dict:
+    """Launch options of the rows kernel beyond its blocks: the EM target form capped at 255 registers (ptxas' own
+    choice held it to 40–48 registers and spilled 8 bytes at some blocks on sm_90, benchmarks/triton_compile.py;
+    capped, it takes 56–128 and spills nothing)."""
+    return {"maxnreg": 255} if em and loss else {}
 
 
 def _outputs(logits, with_loss: bool, with_grad: bool):
