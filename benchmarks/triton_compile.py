@@ -44,11 +44,14 @@ ROW_OPS = {"hard_bin_loss": (False, True, False, False), "em_target_loss": (True
 SHAPES = {
     "full": dict(K=(2, 3, 4, 5, 8, 16, 31, 64, 100, 1000, 4096, 5000, 32000, 128256, 262144),
                  N=(1, 100, 4096, 1_000_000), M=(1, 10, 15, 64, 100), dtypes=tuple(DTYPES)),
-    "test": dict(K=(4, 1000, 32000), N=(64, 4096), M=(10,), dtypes=("fp32", "bf16")),
+    "test": dict(K=(4, 1000, 32000), N=(64, 4096), M=(10,), dtypes=("fp32", "bf16"),
+                 partials=(1, 64, 1024), lengths=(1, 2, 10, 40)),
     # every power of two of N, K and n_bins: every block configuration the heuristics can produce
     "all": dict(K=tuple(2 ** j for j in range(1, 13)) + (262144,), N=tuple(2 ** j for j in range(22)),
                 M=(1, 2, 4, 8, 16, 32, 64, 100), dtypes=tuple(DTYPES)),
 }
+for _shapes in (SHAPES["full"], SHAPES["all"]):
+    _shapes.update(partials=tuple(2 ** j for j in range(14)), lengths=tuple(2 ** j for j in range(10)))
 
 
 def _sig(pointers: dict, scalars: dict, constexprs: dict) -> tuple[dict, dict]:
@@ -120,12 +123,6 @@ def launches(shapes: dict) -> dict:
                                   {"BLOCK_N": row_block, "BLOCK_K": class_block, "BLOCK_M": block_m,
                                    "ROW_SOFTMAX": flags[0], "TOP1_SCORES": flags[1]}), c_w,
                             maxnreg=binning.CLASSWISE_MAXNREG)
-                    for partial_type, count in (("*i64", triton.cdiv(n, block_n)), ("*fp64", chunks)):
-                        for length in (m, k * m):
-                            block_p, block_l = common.sum_blocks(count, length)
-                            add(common._sum_partials_kernel,
-                                *_sig({"partials_ptr": partial_type, "out_ptr": partial_type}, {"P": "i32", "L": "i32"},
-                                      {"BLOCK_P": block_p, "BLOCK_L": block_l}), 4)
                     for em, loss, stats, ece_grad in ROW_OPS.values():
                         pointers = {"logits_ptr": logits, "labels_ptr": "*i64"}
                         absent = {}
@@ -147,6 +144,16 @@ def launches(shapes: dict) -> dict:
                                  "gamma0", "EM", "LOSS", "STATS", "ECE_GRAD", "BLOCK_N", "BLOCK_K", "BLOCK_M"]
                         add(calibration._calibration_rows_kernel, {name: signature[name] for name in order},
                             constexprs, r_w, **calibration.rows_options(em, loss))
+    # the partial sums of every kernel (int64 counts, float64 sums) of P partials of L values: for the test shapes
+    # a few (P, L) of their launches (L: a count, the score pair, M, 4M); else every power of two of P and L up to
+    # one beyond the largest block sum_blocks picks: every block configuration
+    for partial_type in ("*i64", "*fp64"):
+        for count in shapes["partials"]:
+            for length in shapes["lengths"]:
+                block_p, block_l = common.sum_blocks(count, length)
+                add(common._sum_partials_kernel,
+                    *_sig({"partials_ptr": partial_type, "out_ptr": partial_type}, {"P": "i32", "L": "i32"},
+                          {"BLOCK_P": block_p, "BLOCK_L": block_l}), 4)
     return found
 
 
