@@ -20,7 +20,6 @@ import torch
 from . import _validate as V
 from . import backends
 from .ops import custom_ops
-from .ops._dispatch import prepare
 from .ops.binned_stats import binned_stats_tensors
 from .ops.row_metrics import kept_top1, metric_sums_tensors
 from .reference import bin_index
