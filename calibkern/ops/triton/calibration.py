@@ -147,11 +147,17 @@ def _calibration_rows_kernel(
                      mask=in_range[:, None] & (cols < K)[None, :])
 
 
+# the hard-bin loss form runs on 8 warps from a tile of LOSS_WARP_TILE elements (on 4 warps ptxas held 256 × 2 and
+# 16 × 64 tiles to 96 and 168 registers and spilled 8 bytes on sm_90; on 8 warps they take 48 and 116, no spills)
+LOSS_WARP_TILE = 512
+
+
 def rows_blocks(N: int, K: int, M: int, em: bool, loss: bool, stats: bool,
                 ece_grad: bool) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_K, BLOCK_M, num_warps) of the rows kernel: a smaller tile where the loss or the ECE gradient
-    keep several tile-sized temporaries alive (the EM target form: its K-tile too), a [BLOCK_N, BLOCK_M] responsibility tile within MAX_ROW_BINS, and
-    8 warps where the E-step statistics' float64 tiles join a large tile (benchmarks/triton_compile.py)."""
+    keep several tile-sized temporaries alive (the EM target form: its K-tile too), a [BLOCK_N, BLOCK_M]
+    responsibility tile within MAX_ROW_BINS, and 8 warps where the E-step statistics' float64 tiles join a large
+    tile or the hard-bin loss holds LOSS_WARP_TILE elements (benchmarks/triton_compile.py)."""
     block_m = bins_block(M)
     max_tile = common.MAX_LOSS_TILE if loss or ece_grad else common.MAX_TILE
     if em and loss:  # the target form keeps the responsibilities' statistics and the loss's temporaries
@@ -161,6 +167,8 @@ def rows_blocks(N: int, K: int, M: int, em: bool, loss: bool, stats: bool,
         block_k = min(block_k, max_tile)
     num_warps = warps(block_n, block_k)
     if stats and (block_n * block_m >= STATS_WARP_ROW_BINS or block_n * block_k >= STATS_WARP_TILE):
+        num_warps = 8
+    if loss and not em and block_n * block_k >= LOSS_WARP_TILE:
         num_warps = 8
     return block_n, block_k, block_m, num_warps
 
@@ -179,15 +187,15 @@ def _run(logits, labels, ignore_index, accuracy, em_params, coef, loss, stats, g
         N, K, M, ignore_index, math.log(K - 1),
         EM=em_params is not None, LOSS=loss is not None, STATS=stats, ECE_GRAD=coef is not None,
         BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_M=block_m, num_warps=num_warps,
-        **rows_options(em_params is not None, loss is not None))
+        **rows_options(em_params is not None))
     return sum_partials(partials) if stats else None
 
 
-def rows_options(em: bool, loss: bool) -> dict:
-    """Launch options of the rows kernel beyond its blocks: the EM target form capped at 255 registers (ptxas' own
-    choice held it to 40–48 registers and spilled 8 bytes at some blocks on sm_90, benchmarks/triton_compile.py;
-    capped, it takes 56–128 and spills nothing)."""
-    return {"maxnreg": 255} if em and loss else {}
+def rows_options(em: bool) -> dict:
+    """Launch options of the rows kernel beyond its blocks: the EM forms capped at 255 registers (ptxas' own choice
+    held the target form to 40–48 registers and the E-step statistics to 64 at some blocks, and spilled 8 bytes on
+    sm_90, benchmarks/triton_compile.py; capped, they take 56–138 and spill nothing)."""
+    return {"maxnreg": 255} if em else {}
 
 
 def _outputs(logits, with_loss: bool, with_grad: bool):
