@@ -143,7 +143,7 @@ def launches(shapes: dict) -> dict:
                                  "log_pi_ptr", "mu_ptr", "sigma_ptr", "coef_ptr", "N", "K", "M", "ignore_index",
                                  "gamma0", "EM", "LOSS", "STATS", "ECE_GRAD", "BLOCK_N", "BLOCK_K", "BLOCK_M"]
                         add(calibration._calibration_rows_kernel, {name: signature[name] for name in order},
-                            constexprs, r_w, **calibration.rows_options(em))
+                            constexprs, r_w, **calibration.ROWS_OPTIONS)
     # the partial sums of every kernel (int64 counts, float64 sums) of P partials of L values: for the test shapes
     # a few (P, L) of their launches (L: a count, the score pair, M, 4M); else every power of two of P and L up to
     # one beyond the largest block sum_blocks picks: every block configuration

@@ -187,15 +187,14 @@ def _run(logits, labels, ignore_index, accuracy, em_params, coef, loss, stats, g
         N, K, M, ignore_index, math.log(K - 1),
         EM=em_params is not None, LOSS=loss is not None, STATS=stats, ECE_GRAD=coef is not None,
         BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_M=block_m, num_warps=num_warps,
-        **rows_options(em_params is not None))
+        **ROWS_OPTIONS)
     return sum_partials(partials) if stats else None
 
 
-def rows_options(em: bool) -> dict:
-    """Launch options of the rows kernel beyond its blocks: the EM forms capped at 255 registers (ptxas' own choice
-    held the target form to 40–48 registers and the E-step statistics to 64 at some blocks, and spilled 8 bytes on
-    sm_90, benchmarks/triton_compile.py; capped, they take 56–138 and spill nothing)."""
-    return {"maxnreg": 255} if em else {}
+ROWS_OPTIONS = {"maxnreg": 255}
+"""Launch options of the rows kernel beyond its blocks: a 255-register cap. ptxas' own choice held the EM target
+form to 40–48 registers, the E-step statistics to 64 and the hard-bin loss to 80–168 at scattered blocks and spilled
+8 bytes there on sm_90 (benchmarks/triton_compile.py); capped, they take 56–193 and spill nothing."""
 
 
 def _outputs(logits, with_loss: bool, with_grad: bool):
