@@ -82,7 +82,8 @@ def launches(shapes: dict) -> dict:
                 w = common.warps(block_n, block_k)
                 add(binning._row_softmax_kernel,
                     *_sig({"logits_ptr": logits, "max_ptr": "*fp32", "sum_ptr": "*fp32"},
-                          {"N": "i32", "K": "i32", "inv_t": "fp32"}, {"BLOCK_N": block_n, "BLOCK_K": block_k}), w)
+                          {"N": "i32", "K": "i32", "inv_t": "fp32"}, {"BLOCK_N": block_n, "BLOCK_K": block_k}), w,
+                    maxnreg=binning.CLASSWISE_MAXNREG)
                 add(row_metrics._top1_rows_kernel,
                     *_sig({"logits_ptr": logits, "labels_ptr": "*i64", "conf_ptr": "*fp32", "correct_ptr": "*i8"},
                           {"N": "i32", "K": "i32", "inv_t": "fp32", "ignore_index": "i32"},

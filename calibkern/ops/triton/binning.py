@@ -16,8 +16,8 @@ from .common import (bin_index, bins_block, label_softmax, load_tile, online_sof
                      sum_partials, warps)
 
 PARTIAL_BUDGET = 1 << 22  # classwise partial cells (chunks × K × M) kept at once
-# the classwise kernel's register cap: ptxas' own choice held its one-read form to 32–64 registers and spilled
-# 4–8 bytes at some blocks on sm_90 (benchmarks/triton_compile.py); capped at 255 it takes 40–117, no spills
+# the classwise statistics' register cap (classwise and row-softmax kernels): ptxas held them to 32–64 and 128
+# registers at some blocks and spilled 4–8 bytes on sm_90 (benchmarks/triton_compile.py); capped, no spills
 CLASSWISE_MAXNREG = 255
 
 
@@ -215,7 +215,7 @@ def binned_stats(logits: torch.Tensor, labels: torch.Tensor, n_bins: int, temper
     block_n, block_k = row_blocks(N, K)
     _row_softmax_kernel[(triton.cdiv(N, block_n),)](logits, row_max, row_sum, N, K, inv_t,
                                                    BLOCK_N=block_n, BLOCK_K=block_k,
-                                                   num_warps=warps(block_n, block_k))
+                                                   num_warps=warps(block_n, block_k), maxnreg=CLASSWISE_MAXNREG)
     n_nonfinite = (torch.isnan(row_sum) & (labels != ignore_index)).sum()
     class_stats, _, _, _ = classwise_sums(logits, labels, M, inv_t, ignore_index, row_max, row_sum)
     return (*class_stats, n_nonfinite)
