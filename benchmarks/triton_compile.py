@@ -4,13 +4,17 @@ NVIDIA targets — no GPU needed — and read registers, spills and shared memor
     python benchmarks/triton_compile.py [--arch 80 90] [--json FILE] [--shapes full|test|all] [--jobs N]
         [--kernels NAME ...]  (make gpu-compile)
 
-The configurations come from the launchers' own heuristics (``row_blocks``, ``top1_blocks``, ``rows_blocks``,
-``metric_blocks``, ``bootstrap_blocks``, ``classwise_blocks``, ``sum_blocks``, ``warps`` in calibkern/ops/triton),
-evaluated with the GPU constants (this script refuses to run under ``TRITON_INTERPRET=1``), over the shapes calibkern
-supports: logits fp32/bf16/fp16, K from 2 to 262144, N from 1 to 10⁶, n_bins 1 to 100, top-1 and classwise, each
-loss form (``--shapes full``: chosen values; ``--shapes all``: every power of two, so every block configuration). Identical configurations are compiled once, ``--jobs`` at a time (default: every CPU). Each record: kernel, arch, config, registers, spills (local + stack bytes),
-shared_bytes, cubin_bytes. A record fails when it does not compile, spills, uses more shared memory than the
-arch allows (sm_80: 163 KiB, sm_90: 227 KiB) or more than 255 registers.
+The configurations (constexprs, ``num_warps`` and other launch options such as a register cap) come from the
+launchers' own heuristics (``row_blocks``, ``top1_blocks``, ``rows_blocks``, ``ce_blocks``, ``metric_blocks``,
+``bootstrap_blocks``, ``classwise_blocks``, ``sum_blocks``, ``warps`` and the options constants in
+calibkern/ops/triton), evaluated with the GPU constants (this script refuses to run under ``TRITON_INTERPRET=1``), over
+the shapes calibkern supports: logits fp32/bf16/fp16, K from 2 to 262144, N from 1 to 2²¹ and beyond, n_bins 1 to
+100, top-1 and classwise, each loss form. ``--shapes all`` (the default): every power of two of N, K and n_bins, which
+reaches every block configuration the heuristics can produce (they round N, K and n_bins up to powers of two, and
+saturate below N = 2²¹); ``full``: chosen values; ``test``: the shapes of the test suite. Identical configurations
+are compiled once, ``--jobs`` at a time (default: every CPU). Each record: kernel, arch, config, registers, spills
+(local + stack bytes), shared_bytes, cubin_bytes. A record fails when it does not compile, spills, uses more shared
+memory than the arch allows (sm_80: 163 KiB, sm_90: 227 KiB) or more than 255 registers.
 """
 
 from __future__ import annotations
@@ -208,7 +212,7 @@ def problems(record: dict) -> list[str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90])
-    parser.add_argument("--shapes", choices=sorted(SHAPES), default="full")
+    parser.add_argument("--shapes", choices=sorted(SHAPES), default="all")
     parser.add_argument("--json", help="write the records here")
     parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="compile in this many processes")
     parser.add_argument("--kernels", nargs="+", help="only these kernels (default: every launched kernel)")
