@@ -8,6 +8,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import calibkern as ck
+from calibkern.ops import custom_ops
+from calibkern.ops.row_metrics import metric_sums_tensors
 
 
 def random_logits(n, k, scale=3.0, dtype=torch.float32, seed=0):
@@ -110,8 +112,9 @@ def em_state():
 
 
 def outputs(logits, labels, backend):
-    """Statistics, losses (sum reduction), gradients and E-step statistics of every op, by name (also the
-    outputs that tests/test_robustness.py and tests/test_determinism.py compare)."""
+    """Statistics, losses (sum reduction), gradients and E-step statistics of every op, the metric sums, the rows'
+    top-1 confidences and a bootstrap of them, by name (also the outputs that tests/test_robustness.py and
+    tests/test_determinism.py compare)."""
     out = {}
     for mode in ("top1", "classwise"):
         stats = ck.binned_stats(logits, labels, M, mode=mode, backend=backend)
@@ -128,4 +131,16 @@ def outputs(logits, labels, backend):
         loss = loss_of(z, state)
         loss.backward()
         out.update({f"{name}.loss": loss.detach(), f"{name}.grad": z.grad, f"{name}.stats": state.accum})
+    sums = metric_sums_tensors(logits, labels, M, classwise=True, backend=backend)
+    out.update({f"metric_sums.{part}": value for part, value in zip(METRIC_SUMS_PARTS, sums, strict=True)})
+    rows = ck.top1_rows(logits, labels, backend=backend)
+    out.update({"top1_rows.confidence": rows.confidence, "top1_rows.correct": rows.correct})
+    kept = rows.confidence[rows.kept], rows.correct[rows.kept]
+    boot = custom_ops.bootstrap_stats(*kept, M, 8, 3, ck.backends.resolve(backend, logits.device, logits.dtype)[0])
+    out.update({f"bootstrap.{part}": value for part, value in zip(("counts", "sum_conf", "sum_correct"), boot,
+                                                                   strict=True)})
     return out
+
+
+METRIC_SUMS_PARTS = ("counts", "sum_conf", "sum_correct", "n_skipped", "scores", "class_counts", "class_sum_conf",
+                     "class_sum_correct")
