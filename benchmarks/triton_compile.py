@@ -100,7 +100,8 @@ def launches(shapes: dict) -> dict:
                                    "conf_ptr": "*fp64", "correct_ptr": "*fp64", "nonfinite_ptr": "*i64",
                                    "scores_ptr": "*fp64", "max_ptr": "*fp32", "sum_ptr": "*fp32"},
                                   {**ints, "inv_t": "fp32"},
-                                  {"BLOCK_N": s_n, "BLOCK_K": s_k, "BLOCK_M": s_m, "STORE_ROWS": store_rows}), s_w)
+                                  {"BLOCK_N": s_n, "BLOCK_K": s_k, "BLOCK_M": s_m, "STORE_ROWS": store_rows}), s_w,
+                            maxnreg=row_metrics.METRIC_MAXNREG)
                     b_n, b_m, b_t = bootstrap.bootstrap_blocks(n, m)
                     for seed_type in ("i32", "i64"):  # a seed key below or above 2³¹
                         add(bootstrap._bootstrap_kernel,

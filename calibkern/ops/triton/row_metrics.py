@@ -62,6 +62,11 @@ def _metric_sums_kernel(logits_ptr, labels_ptr, counts_ptr, conf_ptr, correct_pt
     tl.store(scores_ptr + pid * 2 + 1, tl.sum(tl.where(keep, brier, 0.0).to(tl.float64), axis=0))
 
 
+METRIC_MAXNREG = 255
+"""The metric-sums kernel's register cap: ptxas held 8 × 128 and 16 × 32 tiles on 4 warps to 168 and 72 registers
+and spilled 8–16 bytes on sm_80 (benchmarks/triton_compile.py); capped, 173–177, no spills."""
+
+
 def metric_blocks(N: int, K: int, M: int) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_K, BLOCK_M, num_warps) of the metric-sums kernel: top1_blocks' bounds with the loss kernels'
     K-tile (MAX_LOSS_TILE), since it keeps several tile-sized temporaries (e, the label mask, e without the label),
@@ -117,7 +122,7 @@ def metric_sums(logits: torch.Tensor, labels: torch.Tensor, n_bins: int, tempera
     rows = torch.empty((2, N if classwise else 1), dtype=torch.float32, device=logits.device)  # m, s
     _metric_sums_kernel[(P,)](logits, labels, *parts, rows[0], rows[1], N, K, M, inv_t, ignore_index,
                               BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_M=block_m, STORE_ROWS=classwise,
-                              num_warps=num_warps)
+                              num_warps=num_warps, maxnreg=METRIC_MAXNREG)
     if classwise:  # a second read: one program cannot hold a row wider than its class tile
         per_class, _, _, _ = classwise_sums(logits, labels, M, inv_t, ignore_index, rows[0], rows[1])
     else:
