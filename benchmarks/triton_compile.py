@@ -232,8 +232,8 @@ def main() -> int:
                   f"{record.get('spills', '—')} | {record.get('shared_bytes', '—')} | "
                   f"{'; '.join(record['problems']) or 'ok'} |", flush=True)
     if args.json:
-        with open(args.json, "w") as out:
-            json.dump(records, out, indent=1)
+        with open(args.json, "w") as out:  # a record a line
+            out.write("[\n" + ",\n".join(json.dumps(record) for record in records) + "\n]\n")
     failed = [r for r in records if r["problems"]]
     print(f"\n{len(records)} compiled, {len(failed)} with problems")
     return 1 if failed else 0
