@@ -13,46 +13,38 @@ import argparse
 import subprocess
 import sys
 
-STEP = r"""
+# what every probe starts with: calibkern from the tree in argv[1], a seeded generator, and the median of n timed
+# calls after warm-up calls
+PRELUDE = r"""
 import sys, time, torch
 sys.path.insert(0, sys.argv[1])
 import calibkern as ck
 g = torch.Generator().manual_seed(0)
+
+def median(f, n, warmup=1):
+    for _ in range(warmup):
+        f()
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        f()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[n // 2]
+"""
+
+STEP = PRELUDE + r"""
 z, y = torch.randn(1_000_000, 4, generator=g) * 3, torch.randint(0, 4, (1_000_000,), generator=g)
 zz, yy = torch.randn(65536, 4, generator=g).requires_grad_(), torch.randint(0, 4, (65536,), generator=g)
 accuracy = torch.rand(10)
 
-def median(f, n):
-    for _ in range(5):
-        f()
-    times = []
-    for _ in range(n):
-        start = time.perf_counter()
-        f()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[n // 2]
-
 def loss():
     ck.calibration_loss(zz, yy, accuracy).backward()
 
-print(f"ece {1e3 * median(lambda: ck.ece(z, y), 300):.3f} ms   calibration_loss {1e6 * median(loss, 1000):.1f} µs")
+print(f"ece {1e3 * median(lambda: ck.ece(z, y), 300, warmup=5):.3f} ms   "
+      f"calibration_loss {1e6 * median(loss, 1000, warmup=5):.1f} µs")
 """
 
-CLASSWISE = r"""
-import sys, time, torch
-sys.path.insert(0, sys.argv[1])
-import calibkern as ck
-g = torch.Generator().manual_seed(0)
-
-def median(f, n):
-    f()
-    times = []
-    for _ in range(n):
-        start = time.perf_counter()
-        f()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[n // 2]
-
+CLASSWISE = PRELUDE + r"""
 parts = []
 for n, k, m, repeats in ((1_000_000, 4, 10, 20), (100_000, 64, 30, 10), (20_000, 1000, 20, 10), (1000, 32000, 10, 5)):
     z, y = torch.randn(n, k, generator=g) * 3, torch.randint(0, k, (n,), generator=g)
