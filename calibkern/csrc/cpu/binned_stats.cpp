@@ -135,6 +135,12 @@ inline void add_top1_and_scores(BinPartials& partials, ScorePartials* scores, in
   }
 }
 
+/// One row's softmax and, given label_sums, the proper scores' sums over the row's label (row_softmax.h).
+template <class T>
+inline RowSoftmax scored_row_softmax(const T* row, int64_t K, float inv_t, int64_t label, RowLabelSums* label_sums) {
+  return label_sums ? row_softmax<true>(row, K, inv_t, label, label_sums) : row_softmax(row, K, inv_t);
+}
+
 /// Returns the number of kept rows with non-finite values; the top-1 bins (and with scores the proper scores,
 /// add_top1_and_scores) per block of block_rows rows. With class_partials, every class's statistics too (bins
 /// j·M + k of the block), from the row just read (still in cache): one read of the logits.
@@ -149,8 +155,7 @@ int64_t top1_long_rows(const T* x, const int64_t* labels, int64_t N, int64_t K, 
     for (int64_t i = b * block_rows; i < std::min(N, (b + 1) * block_rows); ++i) {
       if (labels[i] == ignore_index) continue;
       RowLabelSums ls;
-      const RowSoftmax rs = scores ? row_softmax<true>(x + i * K, K, inv_t, labels[i], &ls)
-                                   : row_softmax(x + i * K, K, inv_t);
+      const RowSoftmax rs = scored_row_softmax(x + i * K, K, inv_t, labels[i], scores ? &ls : nullptr);
       if (!rs.finite) {
         ++n_nonfinite;
         continue;
@@ -318,8 +323,7 @@ int64_t classwise_grouped(const T* x, const int64_t* labels, int64_t N, int64_t 
         binned[i - g0] = 0;
         if (labels[i] == ignore_index) continue;
         RowLabelSums ls;
-        const RowSoftmax rs = scores ? row_softmax<true>(x + i * K, K, inv_t, labels[i], &ls)
-                                     : row_softmax(x + i * K, K, inv_t);
+        const RowSoftmax rs = scored_row_softmax(x + i * K, K, inv_t, labels[i], scores ? &ls : nullptr);
         if (!rs.finite) {
           ++n_nonfinite;
           continue;
