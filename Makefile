@@ -13,7 +13,7 @@ $(PY):
 
 # torch first (a CPU wheel here; keep your CUDA build elsewhere), then the package without build
 # isolation so the C++ extension compiles against the installed torch.
-$(STAMP): $(PY) pyproject.toml setup.py $(wildcard calibkern/csrc/cpu/*.cpp calibkern/csrc/cpu/*.h calibkern/csrc/*.cpp calibkern/csrc/*.h calibkern/_build.py)
+$(STAMP): $(PY) pyproject.toml setup.py $(wildcard csrc/cpu/*.cpp csrc/cpu/*.h csrc/*.cpp csrc/*.h calibkern/_build.py)
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q ninja

@@ -1,6 +1,6 @@
 """Builds the C++ CPU backend ``calibkern._C`` ahead of time, when torch is importable at build time.
 
-The recipe (sources, flags, ``-march``) is calibkern/_build.py's, shared with the build at first use. A
+The recipe (the sources in the top-level ``csrc/``, flags, ``-march``) is calibkern/_build.py's, shared with the build at first use. A
 plain ``pip install`` builds in an isolated environment that holds no torch (pyproject.toml does not ask for
 one, so no second torch is downloaded): the package is then pure Python, and calibkern._cpp compiles the
 extension against the user's torch at first use. ``pip install --no-build-isolation`` (what ``make`` runs)
@@ -20,9 +20,17 @@ import importlib.util
 import os
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# The C++ sources live in the top-level csrc/ and ship inside the package as calibkern/csrc/, where the build at
+# first use finds them (calibkern/_build.py, CSRC).
+SOURCE_PACKAGES = {"calibkern.csrc": "csrc", "calibkern.csrc.cpu": "csrc/cpu"}
+PACKAGES = dict(
+    packages=find_packages(include=["calibkern*"]) + list(SOURCE_PACKAGES),
+    package_dir=SOURCE_PACKAGES,
+    package_data={name: ["*.cpp", "*.h"] for name in SOURCE_PACKAGES},
+)
 BUILD_CONFIG = os.path.join(ROOT, "calibkern", "_build_config.py")
 
 
@@ -69,4 +77,4 @@ def _extensions():
 
 
 ext_modules, cmdclass = _extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+setup(ext_modules=ext_modules, cmdclass=cmdclass, **PACKAGES)

@@ -1,6 +1,7 @@
 """How the C++ extension is built, ahead of time by setup.py or at first use against the running torch.
 
-One recipe for both: the sources under ``calibkern/csrc`` (shipped in the package), ``-O3 -fopenmp
+One recipe for both: the C++ sources (:data:`CSRC`: the repository's top-level ``csrc/``, shipped in a wheel
+as ``calibkern/csrc/``), ``-O3 -fopenmp
 -ffp-contract=fast`` and ``-march`` from the environment — ``CALIBKERN_MARCH=ARCH`` (default ``native``) or
 ``CALIBKERN_PORTABLE=1`` (no ``-march``: the compiler's baseline). The C++ standard is left to torch's own
 extension tooling, which passes the one its headers need (C++17 for older releases, C++20 for newer).
@@ -26,7 +27,18 @@ import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CSRC = os.path.join(HERE, "csrc")
+
+
+def _sources_root() -> str:
+    """``calibkern/csrc`` in an installed wheel (setup.py maps the top-level ``csrc/`` there), else the
+    top-level ``csrc/`` of the source tree (an editable install, setup.py itself)."""
+    packaged = os.path.join(HERE, "csrc")
+    if os.path.isfile(os.path.join(packaged, "bindings.cpp")):
+        return packaged
+    return os.path.join(os.path.dirname(HERE), "csrc")
+
+
+CSRC = _sources_root()
 LINK_FLAGS = ["-fopenmp"]
 
 # x86 compiler macros of instruction-set extensions -> their /proc/cpuinfo flag names

@@ -1,5 +1,5 @@
 """The ``cpp`` backend: the kernel contract of docs/backends.md on CPU tensors, computed by the compiled
-extension (calibkern/csrc).
+extension (csrc/).
 
 The extension is the ahead-of-time build ``calibkern._C`` when there is one built for this torch and this
 CPU (calibkern/_build.py records what it was built for); otherwise it is compiled at first use against the
@@ -53,7 +53,7 @@ def _load_extension():
 
 _C, HOW_BUILT = _load_extension()
 
-_REDUCTION_CODES = {"none": 0, "sum": 1, "mean": 2}  # calibkern/csrc/cpu/option_rows.h, Reduction
+_REDUCTION_CODES = {"none": 0, "sum": 1, "mean": 2}  # csrc/cpu/option_rows.h, Reduction
 
 
 def binned_stats(logits: torch.Tensor, labels: torch.Tensor, n_bins: int, temperature: float,

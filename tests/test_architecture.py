@@ -184,7 +184,7 @@ def test_every_backend_implements_each_dispatched_op_with_the_same_parameters(op
 def test_every_dispatched_op_is_bound_in_the_extension_and_documented(op):
     """The C++ side, read as text (no build needed): ``_C.<op>`` is bound in csrc/bindings.cpp; and the
     contract entry in docs/backends.md#functions."""
-    bindings = open(os.path.join(ROOT, PACKAGE, "csrc", "bindings.cpp"), encoding="utf-8").read()
+    bindings = open(os.path.join(ROOT, "csrc", "bindings.cpp"), encoding="utf-8").read()
     assert f'm.def("{op}"' in bindings
     contract = open(os.path.join(ROOT, "docs", "backends.md"), encoding="utf-8").read()
     assert re.search(rf"^{re.escape(op)}\(", contract.split("### Functions", 1)[1], flags=re.MULTILINE), op

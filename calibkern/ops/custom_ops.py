@@ -16,7 +16,7 @@ Each op takes the backend by name (``"auto"`` picks triton for CUDA tensors, see
 * ``hard_bin_loss`` / ``em_target_loss``: ``loss = R(f(z_i))`` with the reduction R over kept rows of
   calibkern.reference.reduce_rows; the kernel writes ``∂loss/∂z_i`` (the mean's 1/n_kept included) in the
   forward pass, so ``∂L/∂z_i = grad_i · ∂L/∂loss`` (``∂L/∂loss_i`` per row for ``"none"``): no recompute, the
-  [N, K] gradient is the saved state (the C++ node of calibkern/csrc/row_grad.h hands it back uncopied when the
+  [N, K] gradient is the saved state (the C++ node of csrc/row_grad.h hands it back uncopied when the
   graph is freed by that backward and ``∂L/∂loss`` is exactly 1);
 * ``em_ece_loss``: ``L = Σ_k (S_k/N) ρ(C_k/S_k − θ_k)`` with r detached; backward is the second phase
   ``∂L/∂z_i = (Σ_k r_ik ρ'(d_k)/N) · c_i (e_ŷ − p_i)`` (``em_ece_grad``), scaled by ``∂L_out``;
@@ -109,7 +109,7 @@ def _row_loss_backward(ctx, grad_loss, *_):
 def _cpp_row_grad(body):
     """The eager form of a row-loss op when the extension is built (else None): the kernel, then, when the
     logits need a gradient, ``calibkern._C.attach_row_grad``, a C++ autograd node with
-    _row_loss_backward's formula (calibkern/csrc/row_grad.h): no Python runs in backward."""
+    _row_loss_backward's formula (csrc/row_grad.h): no Python runs in backward."""
     if _C is None:
         return None
 
