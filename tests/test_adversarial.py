@@ -193,3 +193,58 @@ def test_data_files_name_file_and_line(tmp_path):
     latin1.write_bytes(b'{"question": "ok", "choices": ["a", "b"], "answer": 0}\n{"question": "caf\xe9"}\n')
     with pytest.raises(MCQDataError, match=r"latin1\.jsonl:2: not valid UTF-8"):
         load_mcq(latin1)
+
+
+# ------------------------------------------------------------------ option logits with large gaps (non-max targets)
+
+# (row, bin accuracy, the loss in float64 from docs/math.md#cft-term): K = 2 has γ₀ = ln 1 = 0; the K = 3 row's
+# last probability is 0 in float32 beside an accuracy of 1 (d = 0); the K = 4 row's non-max probabilities are
+# subnormal, so 1/q₂ overflows float32
+GAP_ROWS = [([50.0, -50.0], 0.632307, 0.270397), ([0.0, -70.0, -200.0], 1.0, 0.0),
+            ([-88.05, 2.11, -87.78, -94.44], 0.0, 1.35185)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("row, accuracy, expected", GAP_ROWS)
+def test_large_option_gaps_give_finite_targets_on_every_backend(backend, row, accuracy, expected):
+    def run(name, form):
+        z = torch.tensor([row, row[::-1]], requires_grad=True)
+        y = torch.tensor([0, 1])
+        if form == "hard_bin":
+            loss = ck.calibration_loss(z, y, torch.full((10,), accuracy), reduction="sum", backend=name)
+        else:  # every component's θ = a, so the target accuracy is a whatever the responsibilities
+            state = ck.EMState(10)
+            state.theta = torch.full((10,), accuracy, dtype=torch.float64)
+            loss = ck.em_regularizer(z, y, state, reduction="sum", backend=name)
+        loss.backward()
+        return loss.detach(), z.grad
+
+    for form in ("hard_bin", "em_target"):
+        (loss, grad), (want, want_grad) = run(backend, form), run("torch", form)
+        assert loss.item() == pytest.approx(2 * expected, rel=1e-5, abs=1e-6), form
+        assert torch.isfinite(grad).all()
+        torch.testing.assert_close(loss, want, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(grad, want_grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("calibration", ["hard_bin", "em"])
+def test_fused_loss_on_answer_rows_with_large_option_gaps(backend, calibration):
+    """Option logits [0, −70, −200] (the identity rows of the weight pick them out of the hidden states)."""
+    hidden = torch.tensor([[0.0, -70.0, -200.0, 0.0], [-200.0, 0.0, -70.0, 0.0], [1.0, 2.0, 3.0, 0.0]])
+    weight = torch.cat([torch.eye(4), torch.randn(4, 4, generator=torch.Generator().manual_seed(0))])
+    labels = torch.tensor([0, 1, 6])
+
+    def run(name):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        state = {"bin_accuracy": torch.ones(10)} if calibration == "hard_bin" else {"em_state": ck.EMState(10)}
+        if calibration == "em":
+            state["em_state"].theta = torch.ones(10, dtype=torch.float64)
+        out = ck.fused_linear_calibration_loss(h, w, labels, option_ids=[0, 1, 2], shift=False,
+                                               calibration=calibration, backend=name, **state)
+        out.loss.backward()
+        return out.cal_loss.detach(), out.loss.detach(), h.grad, w.grad
+
+    for got, want in zip(run(backend), run("torch")):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

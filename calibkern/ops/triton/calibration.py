@@ -12,7 +12,8 @@ One kernel, specialised by constexpr flags, serves four backend functions:
 Per row (temperature 1): ``m, s, ŷ`` and the second-largest logit from one online-softmax pass, ``c = 1/s``.
 The target accuracy is ``a = bin_accuracy[b(c)]`` (hard bins) or ``a = Σ_k r_k θ_k`` with the
 responsibilities ``r = softmax_k(log π_k − log σ_k − (c − μ_k)² / (2σ_k²))`` (EM). Non-max targets:
-``q2 = exp(m2 − m)/s``, ``d = 1 − a``, ``u_j = tanh(γ₀ (p_j/q2) / max(d, 1e-12))`` (ratio 0 when q2 = 0),
+``q2 = exp(m2 − m)/s``, ``d = 1 − a``, ``u_j = tanh(γ₀ (p_j/q2) / max(d, 1e-12))`` (ratio 0 when q2 = 0; the
+ratio is a quotient ≤ 1 and the slope ``γ₀ / max(d, 1e-12)`` finite, so every finite row gives finite targets),
 ``t_j = d (1 + u_j) / ((K − 1) + U)`` with ``U = Σ_{j≠ŷ} u_j`` (0 when d ≤ 0), ``τ_ŷ = a``.
 
 Gradients (τ, r and θ detached):
@@ -50,6 +51,13 @@ def _log_weights(conf, comps, M, log_pi_ptr, mu_ptr, sigma_ptr):
     diff = conf[:, None] - mu[None, :]
     logw = (log_pi - tl.log(sigma))[None, :] - diff * diff / (2.0 * sigma * sigma)[None, :]
     return tl.where(ok[None, :], logw, float("-inf"))
+
+
+@triton.jit
+def _ratio(p, cols, top, q2_safe):
+    """p_j / q₂ ∈ [0, 1] off the argmax, 0 at ŷ: divided, not multiplied by 1/q₂, which overflows for a
+    subnormal q₂ (and meets p_j = 0 as inf · 0)."""
+    return tl.where(cols[None, :] != top[:, None], p, 0.0) / q2_safe[:, None]
 
 
 @triton.jit
@@ -108,15 +116,15 @@ def _calibration_rows_kernel(
     if LOSS:
         d = 1.0 - target
         q2 = tl.exp(m2 - m) / s
-        inv_q2 = tl.where(q2 > 0, 1.0 / tl.where(q2 > 0, q2, 1.0), 0.0)  # ratio 0 when q2 = 0
-        slope = gamma0 * inv_q2 / tl.maximum(d, 1e-12)
+        q2_safe = tl.where(q2 > 0, q2, 1.0)  # ratio 0 when q2 = 0 (every non-max p_j is 0 then)
+        slope = gamma0 / tl.maximum(d, 1e-12)  # ≤ ln(K − 1) · 1e12: finite, and 0 · finite for K = 2
         u_sum = tl.zeros([BLOCK_N], tl.float32)
         pu_sum = tl.zeros([BLOCK_N], tl.float32)
         p2_sum = tl.zeros([BLOCK_N], tl.float32)
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             p = tl.exp(load_tile(logits_ptr, row_off, cols, K, 1.0) - m[:, None]) / s[:, None]
-            e = tl.exp(-2.0 * slope[:, None] * p)
+            e = tl.exp(-2.0 * slope[:, None] * _ratio(p, cols, top, q2_safe))
             u = tl.where((cols[None, :] != top[:, None]) & (cols < K)[None, :], (1.0 - e) / (1.0 + e), 0.0)
             u_sum += tl.sum(u, axis=1)
             pu_sum += tl.sum(tl.where(cols[None, :] != top[:, None], p * (1.0 + u), 0.0), axis=1)
@@ -128,7 +136,7 @@ def _calibration_rows_kernel(
             cols = k0 + tl.arange(0, BLOCK_K)
             col_ok = cols < K
             p = tl.exp(load_tile(logits_ptr, row_off, cols, K, 1.0) - m[:, None]) / s[:, None]
-            e = tl.exp(-2.0 * slope[:, None] * p)
+            e = tl.exp(-2.0 * slope[:, None] * _ratio(p, cols, top, q2_safe))
             is_top = cols[None, :] == top[:, None]
             tau = tl.where(is_top, target[:, None], scale[:, None] * (2.0 / (1.0 + e)))  # 1 + u = 2/(1+e)
             diff = p - tau
