@@ -117,8 +117,9 @@ def fused_linear_calibration_loss(hidden, weight, labels, *, option_ids, bias=No
     backend_name, _ = resolve(backend, device, hidden.dtype)
 
     hidden_2d = hidden.reshape(-1, hidden.shape[-1])
-    if torch.compiler.is_compiling():
-        # static shapes for the compiler: every position is a row, unsupervised ones ignored by the kernel
+    if torch.compiler.is_compiling() or device.type == "meta":
+        # static shapes for the compiler (and meta tensors, which hold no labels to count): every position is a
+        # row, unsupervised ones ignored by the kernel
         rows = torch.arange(targets.shape[0], device=device)
         n_supervised = (targets != ignore_index).sum()
     else:
@@ -191,8 +192,10 @@ class FusedLinearCalibrationLoss(nn.Module):
 
 
 def _autocast(hidden, weight, bias):
-    """Under autocast, run the products in the autocast dtype, as ``nn.Linear`` would."""
-    if not isinstance(hidden, torch.Tensor) or not torch.is_autocast_enabled(hidden.device.type):
+    """Under autocast, run the products in the autocast dtype, as ``nn.Linear`` would (``meta`` and other devices
+    without autocast run as given)."""
+    if not isinstance(hidden, torch.Tensor) or not torch.amp.is_autocast_available(hidden.device.type) \
+            or not torch.is_autocast_enabled(hidden.device.type):
         return hidden, weight, bias
     dtype = torch.get_autocast_dtype(hidden.device.type)
     cast = [x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x

@@ -192,6 +192,33 @@ def test_autocast_runs_the_products_in_bfloat16():
     assert all(x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all() for x in inputs)
 
 
+def _tensors_of(out: CalibrationLossOutput, inputs) -> dict:
+    stats = {f"{name}.{field}": getattr(getattr(out, name), field)
+             for name in ("bin_stats", "token_stats", "full_stats")
+             for field in ("counts", "sum_conf", "sum_correct", "n_skipped")}
+    grads = dict(zip(("hidden.grad", "weight.grad", "bias.grad"), torch.autograd.grad(out.loss, inputs)))
+    return {"loss": out.loss, "sft_loss": out.sft_loss, "cal_loss": out.cal_loss, **stats, **grads}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("calibration", CALIBRATIONS)
+def test_meta_tensors_give_the_shapes_and_dtypes_of_real_ones(calibration, dtype):
+    """On ``meta`` (no data, no autocast) the loss, every statistic and every gradient has the shape and dtype
+    of a CPU call."""
+    results = {}
+    for device in ("cpu", "meta"):
+        hidden, weight, bias, labels = (x.to(device) for x in make_batch(dtype=dtype))
+        inputs = [x.requires_grad_() for x in (hidden, weight, bias)]
+        cal = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in calibration_args(calibration).items()}
+        out = fused_linear_calibration_loss(*inputs[:2], labels, option_ids=OPTIONS, bias=inputs[2],
+                                            calibration=calibration, token_stats=True, full_stats=True, **cal)
+        results[device] = _tensors_of(out, inputs)
+    for name, real in results["cpu"].items():
+        meta = results["meta"][name]
+        assert meta.device.type == "meta", name
+        assert (meta.shape, meta.dtype) == (real.shape, real.dtype), name
+
+
 def test_module_matches_function():
     hidden, weight, bias, labels = make_batch()
     cal = calibration_args("hard_bin")
