@@ -12,7 +12,7 @@ A mixture of M calibration components over the confidence: weights ``π_k``, mea
   ``running ← β·running + (1−β)·batch`` (``refresh="stream"``) — and then
   ``π_k ∝ S̄_k``, ``μ_k = C̄_k/S̄_k``, ``σ_k² = max(Q̄_k/S̄_k − μ_k², σ_min²)`` with ``σ_min = 1/(4M)``,
   ``θ_k = (R̄_k + a₀)/(S̄_k + a₀ + b₀)``. ``fixed_components=True`` keeps μ, σ, π (soft binning).
-  A component with no mass keeps its μ and σ and gets weight ``1e-8 · Σ S̄`` so it can be revived.
+  An empty component (``S̄_k ≤ 1e-8 · Σ S̄``) keeps its μ and σ and gets weight ``1e-8 · Σ S̄`` so it can be revived.
 """
 
 from __future__ import annotations
@@ -27,6 +27,10 @@ from .ops import em as em_ops
 from .ops._dispatch import prepare
 from .reference.target_loss import REDUCTIONS
 
+EMPTY_MASS = 1e-8
+"""A component is empty when ``S̄_k ≤ EMPTY_MASS · Σ S̄`` (at most 1e-8 of the rows' mass, the weight it is floored
+at): it keeps μ and σ. The E-step's last digits (float32 rounding, subnormal or floored responsibilities of far
+components, which differ between backends) never move a component."""
 REFRESH_MODES = ("epoch", "stream")
 FORMS = ("target", "ece")
 _PARAMS = ("pi", "mu", "sigma", "theta")
@@ -103,10 +107,10 @@ class EMState:
         self.theta = (r + a0) / (s + a0 + b0)
         if self.fixed_components:
             return
-        filled = s > 0
-        safe_s = torch.where(filled, s, torch.ones_like(s))
         total = s.sum()
-        self.pi = torch.where(total > 0, torch.maximum(s, 1e-8 * total) / total.clamp_min(1e-300) , self.pi)
+        filled = s > EMPTY_MASS * total
+        safe_s = torch.where(filled, s, torch.ones_like(s))
+        self.pi = torch.where(total > 0, torch.maximum(s, EMPTY_MASS * total) / total.clamp_min(1e-300), self.pi)
         self.pi = self.pi / self.pi.sum()
         mu = torch.where(filled, c / safe_s, self.mu)
         var = torch.where(filled, q / safe_s - mu * mu, self.sigma ** 2)

@@ -8,6 +8,8 @@ from calibkern.reference import bin_index, responsibilities, softmax_parts
 
 from helpers import random_labels, random_logits
 
+BACKENDS = ck.available_backends()
+
 
 def test_initial_state():
     st = ck.EMState(n_components=5)
@@ -181,3 +183,27 @@ def test_em_iterations_recover_the_data_accuracy():
     heavy = st.pi.argmax()
     assert abs(st.theta[heavy].item() - 0.6) < 0.03
     assert bin_index(torch.tensor([0.9]), 10).item() == 9
+
+
+@pytest.mark.parametrize("m", [25, 64])
+def test_backends_agree_on_empty_components_over_iterations(m):
+    """Components far from every confidence are empty on every backend (S̄_k ≤ 1e-8 ΣS̄, however each kernel
+    rounds or floors their responsibilities) and keep μ and σ; the others move alike."""
+    g = torch.Generator().manual_seed(0)
+    logits, labels = torch.randn(600, 4, generator=g) * 2, torch.randint(0, 4, (600,), generator=g)
+    states = {name: ck.EMState(m) for name in BACKENDS}
+    for _ in range(3):
+        before = {name: (st.mu.clone(), st.sigma.clone()) for name, st in states.items()}
+        for name, st in states.items():
+            st.estep(logits, labels, backend=name)
+            st.mstep()
+        want = states["torch"]
+        empty = want.running[0] <= ck.em.EMPTY_MASS * want.running[0].sum()
+        assert empty.any() and not empty.all()
+        for name, st in states.items():
+            assert torch.equal(st.running[0] <= ck.em.EMPTY_MASS * st.running[0].sum(), empty), name
+            assert torch.equal(st.mu[empty], before[name][0][empty]) and torch.equal(st.sigma[empty],
+                                                                                    before[name][1][empty])
+            for key in ("mu", "sigma", "pi", "theta"):
+                torch.testing.assert_close(getattr(st, key), getattr(want, key), rtol=1e-5, atol=1e-6,
+                                           msg=lambda msg: f"{name} {key}: {msg}")
