@@ -190,7 +190,7 @@ class BinStats:
         streaming ``CalibrationMeter``'s ``stats`` included: the logits are not read again (docs/math.md#intervals)."""
         self._top1_only("confidence_interval()")
         V.check_choice(norm, "norm", ("l1", "l2"))
-        n_boot, tail, seed = _interval_args(n_boot, confidence, seed)
+        n_boot, tail, seed = _interval_args(n_boot, confidence, seed, self.n_bins)
         return _debiased_interval(self, norm, n_boot, tail, seed)
 
     def mce(self) -> torch.Tensor:
@@ -321,7 +321,7 @@ def ece_confidence_interval(logits, labels, n_bins=10, norm="l1", *, method="deb
     n_bins = V.check_n_bins(n_bins)
     V.check_choice(norm, "norm", NORMS)
     V.check_choice(method, "method", INTERVAL_METHODS)
-    n_boot, tail, seed = _interval_args(n_boot, confidence, seed)
+    n_boot, tail, seed = _interval_args(n_boot, confidence, seed, n_bins)
     if method == "debiased":
         if norm == "max":
             raise ValueError("method='debiased' is defined for norm 'l1' and 'l2'; use method='percentile' for 'max'")
@@ -330,8 +330,7 @@ def ece_confidence_interval(logits, labels, n_bins=10, norm="l1", *, method="deb
                              nonfinite=nonfinite, backend=backend)
         return _debiased_interval(stats, norm, n_boot, tail, seed)
     conf, correct = kept_top1(logits, labels, temperature, ignore_index, nonfinite, backend)
-    if conf.shape[0] == 0:
-        raise ValueError("labels: every row is ignored, so the ECE has no confidence interval")
+    _check_interval_rows(conf.shape[0])
     estimate = float(BinStats.from_confidences(conf, correct, n_bins).ece(norm))
     name = backends.resolve(backend, conf.device, conf.dtype)[0]
     values = _ece_from_sums(*custom_ops.bootstrap_stats(conf, correct, n_bins, n_boot, seed, name), norm)
@@ -339,19 +338,34 @@ def ece_confidence_interval(logits, labels, n_bins=10, norm="l1", *, method="deb
     return ConfidenceInterval(estimate, float(low), float(high), "percentile")
 
 
-def _interval_args(n_boot, confidence, seed) -> tuple[int, float, int]:
-    """Checked ``n_boot`` and ``seed``, and the tail probability ``(1 − confidence) / 2``."""
-    n_boot = V.check_n_bins(n_boot, "n_boot")
+SEED_MODULUS = 2 ** 32
+
+
+def _interval_args(n_boot, confidence, seed, n_bins: int) -> tuple[int, float, int]:
+    """Checked ``n_boot`` (≥ 2: an interval is a spread of resamples), the tail probability
+    ``(1 − confidence) / 2``, and ``seed mod 2³²`` (any integer, Python or NumPy; every backend and NumPy's
+    generator get the same value in [0, 2³²))."""
+    n_boot = V.check_n_boot(n_boot, n_bins)
+    if n_boot < 2:
+        raise ValueError(f"n_boot must be ≥ 2: an interval needs the spread of at least two resamples, got {n_boot}")
     if isinstance(confidence, bool) or not isinstance(confidence, numbers.Real) or not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be a number in (0, 1), got {confidence!r}")
-    return n_boot, (1.0 - float(confidence)) / 2.0, V.check_int(seed, "seed")
+    return n_boot, (1.0 - float(confidence)) / 2.0, V.check_int(seed, "seed") % SEED_MODULUS
+
+
+def _check_interval_rows(n_rows: int) -> None:
+    """An interval needs two kept rows: one row has no sampling spread to resample."""
+    if n_rows == 0:
+        raise ValueError("labels: every row is ignored, so the ECE has no confidence interval")
+    if n_rows == 1:
+        raise ValueError("labels: one row is kept, and an ECE confidence interval needs at least 2 (a single row "
+                         "has no sampling spread)")
 
 
 def _debiased_interval(stats: BinStats, norm: str, n_boot: int, tail: float, seed: int) -> ConfidenceInterval:
     counts = stats.counts.cpu().double()
     total = int(counts.sum())
-    if total == 0:
-        raise ValueError("labels: every row is ignored, so the ECE has no confidence interval")
+    _check_interval_rows(total)
     accuracy = (stats.sum_correct.cpu() / counts.clamp_min(1)).numpy()
     confidence = (stats.sum_conf.cpu() / counts.clamp_min(1)).double()
     rng = np.random.default_rng(seed)
@@ -372,7 +386,7 @@ def _debiased_interval(stats: BinStats, norm: str, n_boot: int, tail: float, see
     else:  # the basic bootstrap interval of the debiased l1 estimate
         point = float(_debiased(counts, *sums, "l1"))
         replicates = _debiased(boot_counts, boot_counts * confidence, boot_correct, "l1").numpy()
-        q_low, q_high = np.quantile(replicates, [tail, 1.0 - tail])
+        q_low, q_high = (float(q) for q in np.quantile(replicates, [tail, 1.0 - tail]))
         estimate, low, high = max(point, 0.0), max(0.0, 2 * point - q_high), max(0.0, 2 * point - q_low)
         if squared_low == 0.0:  # data consistent with an l2 error of 0: since ECE_l1 ≤ ECE_l2, the l1 error
             low, high = 0.0, max(high, math.sqrt(squared_high))  # lies in [0, the l2 interval's upper end]

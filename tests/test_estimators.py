@@ -10,6 +10,7 @@ import importlib.util
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -131,3 +132,63 @@ def test_interval_from_streamed_statistics_equals_the_one_from_the_logits():
         meter.stats.confidence_interval(confidence=1.5)
     with pytest.raises(ValueError, match="top-1"):
         ck.binned_stats(logits, labels, M, mode="classwise").confidence_interval()
+
+
+SEEDS_OUTSIDE_UINT32 = [-1, 2 ** 64 + 5, np.uint64(2 ** 63 + 1), np.int32(-7)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("method", ["debiased", "percentile"])
+def test_any_integer_seed_gives_the_interval_of_its_residue_mod_2_32(backend, method):
+    """docs/math.md#intervals: only ``seed mod 2³²`` matters, on every backend, for Python and NumPy integers
+    (negative and ≥ 2⁶³ ones included)."""
+    g = torch.Generator().manual_seed(8)
+    logits, labels = torch.randn(120, 4, generator=g) * 2, torch.randint(0, 4, (120,), generator=g)
+
+    def interval(seed, on=backend):
+        return ck.ece_confidence_interval(logits, labels, M, n_boot=16, seed=seed, method=method, backend=on)
+
+    assert interval(-1) == interval(2 ** 32 - 1)
+    for seed in SEEDS_OUTSIDE_UINT32:
+        got, want = interval(seed), interval(int(seed) % 2 ** 32, "torch")
+        assert got.estimate == pytest.approx(want.estimate, rel=1e-5)
+        assert (got.low, got.high) == pytest.approx((want.low, want.high), rel=1e-4, abs=1e-6)
+    with pytest.raises(TypeError, match="seed"):
+        interval(1.0)
+
+
+@pytest.mark.parametrize("method", ["debiased", "percentile"])
+@pytest.mark.parametrize("norm", ["l1", "l2"])
+def test_interval_bounds_are_python_floats(method, norm):
+    logits, labels = torch.randn(200, 3) * 2, torch.randint(0, 3, (200,))
+    interval = ck.ece_confidence_interval(logits, labels, M, norm, n_boot=50, method=method)
+    assert [type(x) for x in interval[:3]] == [float, float, float]
+    assert interval.low <= interval.estimate <= interval.high
+
+
+@pytest.mark.parametrize("method", ["debiased", "percentile"])
+def test_degenerate_intervals_are_refused(method):
+    """One resample has no spread (the l2 interval's sd was NaN), nor has one row (a zero-width "95 %")."""
+    logits, labels = torch.randn(200, 3) * 2, torch.randint(0, 3, (200,))
+    with pytest.raises(ValueError, match="n_boot must be ≥ 2"):
+        ck.ece_confidence_interval(logits, labels, M, "l2", n_boot=1, method=method)
+    one_kept = torch.full((200,), -100)
+    one_kept[17] = 1
+    for rows, rows_labels in ((logits[:1], labels[:1]), (logits, one_kept)):
+        with pytest.raises(ValueError, match="at least 2"):
+            ck.ece_confidence_interval(rows, rows_labels, M, method=method)
+    meter = ck.CalibrationMeter(M)
+    meter.update(logits[:1], labels[:1])
+    with pytest.raises(ValueError, match="at least 2"):
+        meter.stats.confidence_interval()
+    with pytest.raises(ValueError, match="n_boot"):
+        ck.binned_stats(logits, labels, M).confidence_interval(n_boot=1)
+
+
+def test_one_bin_of_all_correct_rows_gives_the_documented_point_interval():
+    """docs/math.md#intervals: the parametric bootstrap cannot vary a single bin whose rows are all right, so the
+    default interval is the point ``[d, d]``."""
+    logits = torch.tensor([[4.0, 0.0, 0.0]]).repeat(50, 1)
+    interval = ck.ece_confidence_interval(logits, torch.zeros(50, dtype=torch.long), M, n_boot=100)
+    gap = 1 - float(torch.softmax(logits[0], 0)[0])
+    assert interval.low == interval.estimate == interval.high == pytest.approx(gap)
