@@ -1,38 +1,29 @@
 """calibkern: fused calibration-aware fine-tuning kernels for aligned LLMs (CFT / RCFT).
 
-The public API; every name is re-exported from the module that defines it.
+The public API; every name is re-exported from the module that defines it, imported when first used
+(calibkern._lazy), so ``import calibkern`` itself loads no torch.
 """
 
-from .backends import (
-    BackendStatus,
-    BackendUnavailableError,
-    available_backends,
-    backend_report,
-    get_backend,
-    is_deterministic,
-    set_backend,
-    set_deterministic,
-)
-from .em import EMState, em_regularizer
-from .metrics import (
-    BinStats,
-    CalibrationMeter,
-    ConfidenceInterval,
-    Reliability,
-    adaptive_ece,
-    binned_stats,
-    brier,
-    classwise_ece,
-    ece,
-    ece_confidence_interval,
-    nll,
-)
-from .losses import CalibrationLossOutput, FusedLinearCalibrationLoss, fused_linear_calibration_loss
-from .ops.calibration_loss import calibration_loss
-from .ops.row_metrics import Top1Rows, top1_rows
-from .smooth import SmoothReliability, smooth_ece, smooth_reliability
+from ._lazy import lazy_exports
 
 __version__ = "0.1.0"
+
+EXPORTS = {
+    "BackendStatus": ".backends", "BackendUnavailableError": ".backends", "available_backends": ".backends",
+    "backend_report": ".backends", "get_backend": ".backends", "is_deterministic": ".backends",
+    "set_backend": ".backends", "set_deterministic": ".backends",
+    "EMState": ".em", "em_regularizer": ".em",
+    "BinStats": ".metrics", "CalibrationMeter": ".metrics", "ConfidenceInterval": ".metrics",
+    "Reliability": ".metrics", "adaptive_ece": ".metrics", "binned_stats": ".metrics", "brier": ".metrics",
+    "classwise_ece": ".metrics", "ece": ".metrics", "ece_confidence_interval": ".metrics", "nll": ".metrics",
+    "CalibrationLossOutput": ".losses", "FusedLinearCalibrationLoss": ".losses",
+    "fused_linear_calibration_loss": ".losses",
+    "calibration_loss": ".ops.calibration_loss",
+    "Top1Rows": ".ops.row_metrics", "top1_rows": ".ops.row_metrics",
+    "SmoothReliability": ".smooth", "smooth_ece": ".smooth", "smooth_reliability": ".smooth",
+}
+__getattr__, __dir__ = lazy_exports(__name__, EXPORTS)
+
 
 __all__ = [
     "BackendStatus",

@@ -1,28 +1,27 @@
 """Hugging Face integration (docs/hf.md): the calibration-aware trainer, multiple-choice data, evaluation,
-DPO alignment and the baselines. Needs the ``hf`` extra (transformers, trl, peft, datasets)."""
+DPO alignment and the baselines. Needs the ``hf`` extra (transformers, trl, peft, datasets);
+its names are imported when first used (calibkern._lazy), so the metric-only parts run without it."""
 
-from .alignment import PreferencePair, preference_dataset, train_dpo
-from .baselines import fit_temperature, temperature_scaling, train_label_smoothing
-from .config import CalibrationConfig
-from .data import (
-    DEFAULT_TEMPLATE,
-    MCQCollator,
-    MCQDataError,
-    MCQExample,
-    build_sft_dataset,
-    detect_option_ids,
-    encode_example,
-    check_template,
-    format_prompt,
-    load_mcq,
-    resolve_pad_token_id,
-)
-from .evaluation import EvaluationResult, calibration_metrics, evaluate, write_evaluation
-from .loss_policy import LossPolicy
-from .patching import FusedCausalLMOutput, apply_fused_loss, fused_loss_of
-from .telemetry import TokenTelemetryCallback
-from .token_evaluation import TokenEvaluation, evaluate_tokens, load_text_rows, write_token_evaluation
-from .trainer import CalibrationTrainer, compute_loss_func, silence_console
+from .._lazy import lazy_exports
+
+EXPORTS = {
+    "PreferencePair": ".alignment", "preference_dataset": ".alignment", "train_dpo": ".alignment",
+    "fit_temperature": ".baselines", "temperature_scaling": ".baselines", "train_label_smoothing": ".baselines",
+    "CalibrationConfig": ".config",
+    "DEFAULT_TEMPLATE": ".data", "MCQCollator": ".data", "MCQDataError": ".data", "MCQExample": ".data",
+    "build_sft_dataset": ".data", "detect_option_ids": ".data", "encode_example": ".data", "check_template": ".data",
+    "format_prompt": ".data", "load_mcq": ".data", "resolve_pad_token_id": ".data",
+    "EvaluationResult": ".evaluation", "calibration_metrics": ".evaluation", "evaluate": ".evaluation",
+    "write_evaluation": ".evaluation",
+    "LossPolicy": ".loss_policy",
+    "FusedCausalLMOutput": ".patching", "apply_fused_loss": ".patching", "fused_loss_of": ".patching",
+    "remove_fused_loss": ".patching",
+    "TokenTelemetryCallback": ".telemetry",
+    "TokenEvaluation": ".token_evaluation", "evaluate_tokens": ".token_evaluation",
+    "load_text_rows": ".token_evaluation", "write_token_evaluation": ".token_evaluation",
+    "CalibrationTrainer": ".trainer", "compute_loss_func": ".trainer", "silence_console": ".trainer",
+}
+__getattr__, __dir__ = lazy_exports(__name__, EXPORTS)
 
 __all__ = [
     "DEFAULT_TEMPLATE",
@@ -52,6 +51,7 @@ __all__ = [
     "load_mcq",
     "load_text_rows",
     "preference_dataset",
+    "remove_fused_loss",
     "resolve_pad_token_id",
     "silence_console",
     "temperature_scaling",
