@@ -9,8 +9,10 @@ imports nothing from calibkern.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
+import os
 
 import torch
 
@@ -82,12 +84,42 @@ def check_same_device(device: torch.device, tensor: torch.Tensor, name: str) -> 
         raise ValueError(f"{name} is on {tensor.device} but logits is on {device}")
 
 
+@functools.lru_cache(maxsize=1)
+def memory_bytes() -> int:
+    """This machine's physical memory in bytes (16 GiB where the system does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):
+        return 16 * 2**30
+
+
+BIN_BYTES = 64  # what a metric holds per bin at once: its float64 statistics and temporaries, 8 × 8 bytes
+REPLICATE_BIN_BYTES = 24  # a bootstrap replicate's statistics per bin: counts, Σ confidence, Σ correct
+
+
+def check_fits(value: int, name: str, unit_bytes: int, what: str) -> int:
+    """``value`` units of ``unit_bytes`` each within a quarter of physical memory (and int32 indices)."""
+    limit = min(2**31 - 1, memory_bytes() // (4 * unit_bytes))
+    if value > limit:
+        raise ValueError(f"{name} = {value:,} is too large: {what} would take {value * unit_bytes / 2**30:,.1f} GiB; at "
+                         f"most a quarter of this machine's {memory_bytes() / 2**30:.0f} GiB of memory is allowed "
+                         f"(at most {limit:,})")
+    return value
+
+
 def check_n_bins(n_bins, name: str = "n_bins") -> int:
-    """A positive int (Python or NumPy)."""
+    """A positive int (Python or NumPy) whose per-bin statistics fit in memory (:func:`check_fits`)."""
     n_bins = check_int(n_bins, name)
     if n_bins < 1:
         raise ValueError(f"{name} must be ≥ 1, got {n_bins}")
-    return n_bins
+    return check_fits(n_bins, name, BIN_BYTES, "the per-bin statistics")
+
+
+def check_n_boot(n_boot, n_bins: int) -> int:
+    """A positive int whose ``n_boot × n_bins`` bootstrap statistics fit in memory."""
+    n_boot = check_n_bins(n_boot, "n_boot")
+    check_fits(n_boot, "n_boot", REPLICATE_BIN_BYTES * n_bins, f"the statistics of {n_boot:,} replicates × {n_bins} bins")
+    return n_boot
 
 
 def check_int(value, name: str) -> int:
