@@ -158,6 +158,8 @@ def jsonl_records(path: str) -> Iterator[tuple[str, Any]]:
             record = json.loads(line)
         except json.JSONDecodeError as error:
             raise MCQDataError(f"{where}: malformed JSON ({error.msg})") from None
+        except RecursionError:  # the parser recurses once per level: a line nested thousands deep
+            raise MCQDataError(f"{where}: JSON nested too deeply (a row is an object of strings and lists)") from None
         yield where, record
 
 
@@ -182,7 +184,10 @@ def _csv_choices(row: dict, header: list[str], where: str) -> list:
 
 def _load_csv(path: str) -> list[MCQExample]:
     examples = []
-    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
+    text = read_text(path)
+    # csv refuses cells over 128 KiB by default; a long passage is a legitimate cell, and no cell exceeds the file
+    csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))
+    reader = csv.DictReader(io.StringIO(text, newline=""))
     header = reader.fieldnames or []
     if "question" not in header or "answer" not in header or not ("choices" in header or "A" in header):
         raise MCQDataError(
