@@ -23,6 +23,7 @@ from .ops import custom_ops
 from .ops.binned_stats import binned_stats_tensors
 from .ops.row_metrics import kept_top1, metric_sums_tensors
 from .reference import bin_index
+from .scores import as_logits
 
 NORMS = ("l1", "l2", "max")
 
@@ -252,45 +253,49 @@ class BinStats:
 
 
 def binned_stats(logits, labels, n_bins=10, *, mode="top1", temperature=1.0, ignore_index=-100,
-                 nonfinite="error", backend=None) -> BinStats:
-    """Per-bin statistics of the top-1 confidence (``mode="top1"``) or of every class (``"classwise"``)."""
+                 nonfinite="error", backend=None, input="logits") -> BinStats:
+    """Per-bin statistics of the top-1 confidence (``mode="top1"``) or of every class (``"classwise"``).
+
+    ``input``: what ``logits`` holds — ``"logits"`` (default), ``"probs"`` or ``"log_probs"``, ``[N, K]``, or
+    ``[N]`` binary scores of the positive class (calibkern.scores, docs/math.md#inputs); so for every metric."""
+    logits = as_logits(logits, input)
     return BinStats(*binned_stats_tensors(logits, labels, n_bins, mode=mode, temperature=temperature,
                                           ignore_index=ignore_index, nonfinite=nonfinite, backend=backend))
 
 
-def _stats(logits, labels, n_bins, mode, **kwargs) -> BinStats:
-    V.check_logits(logits)
-    return binned_stats(logits, labels, n_bins, mode=mode, **kwargs)
+def _stats(logits, labels, n_bins, mode, input, **kwargs) -> BinStats:
+    logits = V.check_logits(as_logits(logits, input))
+    return BinStats(*binned_stats_tensors(logits, labels, n_bins, mode=mode, **kwargs))
 
 
 def ece(logits, labels, n_bins=10, norm="l1", *, estimator="plugin", temperature=1.0, ignore_index=-100,
-        nonfinite="error", backend=None) -> torch.Tensor:
+        nonfinite="error", backend=None, input="logits") -> torch.Tensor:
     """Expected calibration error of the top-1 confidence (0-dim float64 tensor); ``estimator="debiased"``
     removes the plug-in's upward bias (docs/math.md#debiased-ece)."""
     V.check_choice(norm, "norm", NORMS)
     V.check_choice(estimator, "estimator", ESTIMATORS)
-    return _stats(logits, labels, n_bins, "top1", temperature=temperature, ignore_index=ignore_index,
+    return _stats(logits, labels, n_bins, "top1", input, temperature=temperature, ignore_index=ignore_index,
                   nonfinite=nonfinite, backend=backend).ece(norm, estimator)
 
 
 def classwise_ece(logits, labels, n_bins=10, norm="l1", *, estimator="plugin", temperature=1.0, ignore_index=-100,
-                  nonfinite="error", backend=None) -> torch.Tensor:
+                  nonfinite="error", backend=None, input="logits") -> torch.Tensor:
     """Classwise ECE (Kull et al.): ``(1/K) Σ_j Σ_k |Σ p_ij − Σ 1[y_i = j]| / N`` over bins of ``p_ij``."""
     V.check_choice(norm, "norm", NORMS)
     V.check_choice(estimator, "estimator", ESTIMATORS)
-    return _stats(logits, labels, n_bins, "classwise", temperature=temperature, ignore_index=ignore_index,
+    return _stats(logits, labels, n_bins, "classwise", input, temperature=temperature, ignore_index=ignore_index,
                   nonfinite=nonfinite, backend=backend).ece(norm, estimator)
 
 
 def adaptive_ece(logits, labels, n_bins=10, norm="l1", *, temperature=1.0, ignore_index=-100,
-                 nonfinite="error", backend=None) -> torch.Tensor:
+                 nonfinite="error", backend=None, input="logits") -> torch.Tensor:
     """ECE over equal-mass bins: samples sorted by confidence, bin of the j-th of N is ``floor(j·M/N)``.
 
     Ties at a bin edge are split by sort position (a stable sort keeps input order among equals).
     """
     n_bins = V.check_n_bins(n_bins)
     V.check_choice(norm, "norm", NORMS)
-    conf, correct = kept_top1(logits, labels, temperature, ignore_index, nonfinite, backend)
+    conf, correct = kept_top1(as_logits(logits, input), labels, temperature, ignore_index, nonfinite, backend)
     order = torch.sort(conf, stable=True).indices
     n = conf.shape[0]
     bins = torch.div(torch.arange(n, device=conf.device) * n_bins, max(n, 1), rounding_mode="floor")
@@ -299,7 +304,7 @@ def adaptive_ece(logits, labels, n_bins=10, norm="l1", *, temperature=1.0, ignor
 
 def ece_confidence_interval(logits, labels, n_bins=10, norm="l1", *, method="debiased", n_boot=1000,
                             confidence=0.95, seed=0, temperature=1.0, ignore_index=-100, nonfinite="error",
-                            backend=None) -> ConfidenceInterval:
+                            backend=None, input="logits") -> ConfidenceInterval:
     """An interval for the population's binned calibration error ``Σ_k P(b = k) |E[correct | k] − E[c | k]|``
     (docs/math.md#intervals), from ``n_boot`` seeded resamples.
 
@@ -325,11 +330,10 @@ def ece_confidence_interval(logits, labels, n_bins=10, norm="l1", *, method="deb
     if method == "debiased":
         if norm == "max":
             raise ValueError("method='debiased' is defined for norm 'l1' and 'l2'; use method='percentile' for 'max'")
-        V.check_logits(logits)
-        stats = binned_stats(logits, labels, n_bins, temperature=temperature, ignore_index=ignore_index,
-                             nonfinite=nonfinite, backend=backend)
+        stats = _stats(logits, labels, n_bins, "top1", input, temperature=temperature, ignore_index=ignore_index,
+                       nonfinite=nonfinite, backend=backend)
         return _debiased_interval(stats, norm, n_boot, tail, seed)
-    conf, correct = kept_top1(logits, labels, temperature, ignore_index, nonfinite, backend)
+    conf, correct = kept_top1(as_logits(logits, input), labels, temperature, ignore_index, nonfinite, backend)
     _check_interval_rows(conf.shape[0])
     estimate = float(BinStats.from_confidences(conf, correct, n_bins).ece(norm))
     name = backends.resolve(backend, conf.device, conf.dtype)[0]
@@ -393,22 +397,24 @@ def _debiased_interval(stats: BinStats, norm: str, n_boot: int, tail: float, see
     return ConfidenceInterval(estimate, min(low, estimate), max(high, estimate), "debiased")
 
 
-def _proper_score(logits, labels, which: int, temperature, ignore_index, nonfinite, backend) -> torch.Tensor:
+def _proper_score(logits, labels, which: int, temperature, ignore_index, nonfinite, backend, input) -> torch.Tensor:
     """Σ over the kept finite rows of NLL (``which`` 0) or Brier (1), from the one-pass kernel, over their count."""
-    V.check_logits(logits)
+    logits = V.check_logits(as_logits(logits, input))
     out = metric_sums_tensors(logits, labels, 1, temperature=temperature, ignore_index=ignore_index,
                               nonfinite=nonfinite, backend=backend)
     return out[4][which] / out[0].sum().clamp_min(1).double()
 
 
-def nll(logits, labels, *, temperature=1.0, ignore_index=-100, nonfinite="error", backend=None) -> torch.Tensor:
+def nll(logits, labels, *, temperature=1.0, ignore_index=-100, nonfinite="error", backend=None,
+        input="logits") -> torch.Tensor:
     """Mean negative log-likelihood of the labels (docs/math.md#proper-scores)."""
-    return _proper_score(logits, labels, 0, temperature, ignore_index, nonfinite, backend)
+    return _proper_score(logits, labels, 0, temperature, ignore_index, nonfinite, backend, input)
 
 
-def brier(logits, labels, *, temperature=1.0, ignore_index=-100, nonfinite="error", backend=None) -> torch.Tensor:
+def brier(logits, labels, *, temperature=1.0, ignore_index=-100, nonfinite="error", backend=None,
+          input="logits") -> torch.Tensor:
     """Mean multi-class Brier score ``Σ_j (p_j − 1[y = j])²`` (range [0, 2]; docs/math.md#proper-scores)."""
-    return _proper_score(logits, labels, 1, temperature, ignore_index, nonfinite, backend)
+    return _proper_score(logits, labels, 1, temperature, ignore_index, nonfinite, backend, input)
 
 
 class CalibrationMeter:
@@ -418,12 +424,14 @@ class CalibrationMeter:
     dict of 0-dim tensors (ece, ece_debiased, ece_l2, mce, accuracy, mean_confidence, nll, brier, n, and
     cw_ece when classwise); ``all_reduce()`` sums the state over torch.distributed ranks. No host synchronisation.
     The state starts empty on ``device`` (and moves to the first batch's device), so a rank that saw no
-    data still joins ``all_reduce``; with ``classwise=True`` that needs ``n_classes``.
+    data still joins ``all_reduce``; with ``classwise=True`` that needs ``n_classes``. ``input``: what every
+    batch holds (as for :func:`binned_stats`); the probability-lookalike warning checks the first batch only.
     """
 
     def __init__(self, n_bins=10, classwise=False, *, n_classes=None, temperature=1.0, ignore_index=-100,
-                 nonfinite="error", backend=None, device=None):
+                 nonfinite="error", backend=None, device=None, input="logits"):
         self.n_bins = V.check_n_bins(n_bins)
+        self.input = V.check_choice(input, "input", ("logits", "probs", "log_probs"))
         self.classwise = bool(classwise)
         self.n_classes = None if n_classes is None else V.check_n_bins(n_classes, "n_classes")
         self.temperature = V.check_positive_float(temperature, "temperature")
@@ -446,7 +454,7 @@ class CalibrationMeter:
         """Add one batch: validated once, then one kernel (``metric_sums``) reads each row once for its bin
         statistics, NLL and Brier sums and (classwise) class statistics. Every check runs and every batch
         statistic is computed before the state changes, so a rejected batch leaves the meter as it was."""
-        V.check_logits(logits, allow_empty=True)
+        logits = V.check_logits(as_logits(logits, self.input, warn=not self.updated), allow_empty=True)
         n_classes = logits.shape[1]
         expected = self.n_classes if self.class_stats is None else self.class_stats.counts.shape[0]
         if self.classwise and expected is not None and n_classes != expected:
