@@ -1,8 +1,10 @@
 """The ``calibkern`` program: every subcommand on a tiny model, and errors that name the bad file."""
 
 import json
+import os
 import runpy
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -151,3 +153,177 @@ def test_report_without_results_names_the_file(tmp_path, capsys):
 def test_unknown_demo_override_is_an_error(tmp_path, capsys):
     assert main(["demo", "--quick", "--out", str(tmp_path), "--set", "nonsense=1"]) != 0
     assert "nonsense" in capsys.readouterr().err
+
+
+# ---- models remember their template ----------------------------------------------------------------------------------
+
+def test_evaluate_uses_the_template_a_model_was_trained_with(workspace, capsys):
+    """``calibkern cft`` records its template beside the model; ``calibkern evaluate`` without ``--template`` uses
+    it (and says so) and reproduces the numbers of an evaluation with that template; another template is warned."""
+    from calibkern import hf
+    from calibkern.pipeline import io, stages
+
+    model, data = workspace / "cft_recorded", workspace / "data"
+    assert main(["cft", "--model", str(workspace / "model"), "--data", str(data / "cft.jsonl"), "--out", str(model),
+                 *TRAINING]) == 0
+    record = json.loads((model / io.TRAINING_RECORD).read_text())
+    assert record["template"] == TEMPLATE and record["stage"] == "cft" and record["provenance"]["seed"] == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(model), "--data", str(data / "test.jsonl"), "--out",
+                 str(workspace / "recorded_eval"), "--no-progress"]) == 0
+    assert "using the template" in capsys.readouterr().err
+    loaded, tokenizer = io.load_model(model)
+    rows = hf.load_mcq(data / "test.jsonl")
+    expected = stages.evaluate(loaded, tokenizer, rows, hf.detect_option_ids(tokenizer, 4, TEMPLATE),
+                               template=TEMPLATE, progress=False).metrics
+    metrics = json.loads((workspace / "recorded_eval" / "metrics.json").read_text())
+    assert {k: metrics[k] for k in expected} == json.loads(json.dumps(expected))
+    assert main(["evaluate", "--model", str(model), "--data", str(data / "test.jsonl"), "--out",
+                 str(workspace / "other_eval"), "--no-progress", "--template", r"Q: {question}\n{options}\nA:"]) == 0
+    assert "warning: --template 'Q: {question}\\n{options}\\nA:' differs" in capsys.readouterr().err
+
+
+# ---- output folders --------------------------------------------------------------------------------------------------
+
+def _evaluate_into(workspace, out, *extra):
+    return main(["evaluate", "--model", str(workspace / "model"), "--data", str(workspace / "data" / "test.jsonl"),
+                 "--out", str(out), "--template", TEMPLATE, "--no-progress", *extra])
+
+
+def test_earlier_results_are_replaced_only_with_overwrite(workspace, tmp_path, capsys):
+    from calibkern.pipeline.outputs import MARKER
+
+    out = tmp_path / "eval"
+    assert _evaluate_into(workspace, out) == 0
+    first = json.loads((out / MARKER).read_text())
+    assert first["command"] == "evaluate"
+    assert _evaluate_into(workspace, out) == 2
+    assert "already holds earlier results (metrics.json); pass --overwrite" in capsys.readouterr().err
+    (out / "mine.txt").write_text("kept until --overwrite")
+    assert _evaluate_into(workspace, out, "--overwrite") == 0
+    assert not (out / "mine.txt").exists() and (out / "metrics.json").is_file() and (out / MARKER).is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval"]  # no partial folder, no lock left
+
+
+def test_a_command_never_writes_over_its_input(workspace, tmp_path, capsys):
+    model = tmp_path / "model"
+    model.mkdir()
+    for path in (workspace / "model").iterdir():
+        (model / path.name).write_bytes(path.read_bytes())
+    before = {p.name: p.read_bytes() for p in model.iterdir()}
+    for out in (model, tmp_path):
+        status = main(["cft", "--model", str(model), "--data", str(workspace / "data" / "cft.jsonl"), "--out", str(out),
+                       "--overwrite", *TRAINING])
+        assert status == 2
+        assert "is or contains the input" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == before
+
+
+HOLD = """
+import os, sys, time
+from calibkern.pipeline.outputs import StagedOutput
+with StagedOutput(sys.argv[1], overwrite=True) as staged:
+    open(os.path.join(staged.path, "metrics.json"), "w").write("{}")
+    print(staged.path, flush=True)
+    time.sleep(60)
+"""
+
+
+def _holder(out):
+    import subprocess
+
+    process = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True)
+    return process, process.stdout.readline().strip()
+
+
+def test_a_second_run_on_the_same_folder_refuses_and_a_killed_one_leaves_the_old_folder(workspace, tmp_path, capsys):
+    """Two runs at once: the second stops naming the first's pid. A run killed (SIGKILL) while writing leaves
+    the earlier folder as it was and no lock; the next run clears its partial folder."""
+    import signal
+
+    out = tmp_path / "eval"
+    assert _evaluate_into(workspace, out) == 0
+    before = (out / "metrics.json").read_text()
+    process, partial = _holder(out)
+    try:
+        assert _evaluate_into(workspace, out, "--overwrite") == 2
+        assert f"another calibkern run (pid {process.pid}) is writing it" in capsys.readouterr().err
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert (out / "metrics.json").read_text() == before and os.path.isdir(partial)
+    assert _evaluate_into(workspace, out, "--overwrite") == 0
+    assert not os.path.exists(partial) and sorted(p.name for p in tmp_path.iterdir()) == ["eval"]
+
+
+def test_an_error_while_writing_keeps_the_earlier_folder(tmp_path):
+    from calibkern.pipeline.outputs import StagedOutput
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_text("old")
+    with pytest.raises(KeyboardInterrupt):
+        with StagedOutput(out, overwrite=True) as staged:
+            (Path(staged.path) / "results.json").write_text("new, half written")
+            raise KeyboardInterrupt
+    assert (out / "results.json").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("name", ["x/../../victim/evil", "..", "", "a\\b", "a\x00b", "."])
+def test_names_from_inputs_stay_one_path_component(name):
+    from calibkern.pipeline.outputs import check_name
+
+    with pytest.raises(ValueError, match="stage name"):
+        check_name(name, "stage name")
+    assert check_name("rcft_no_reg", "stage name") == "rcft_no_reg"
+
+
+# ---- the CLI without the hf extra ------------------------------------------------------------------------------------
+
+BLOCKER = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in {"transformers", "trl", "peft", "datasets", "accelerate", "tokenizers"}:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, Block())
+"""
+
+
+def test_info_help_and_report_run_without_transformers(tmp_path):
+    """transformers and the other hf packages made unimportable (a sitecustomize on sys.meta_path): ``--help``
+    imports neither torch nor transformers, ``info`` and ``report`` work, an HF command names the extra."""
+    import subprocess
+    import time
+
+    from calibkern.pipeline.outputs import MARKER
+
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(BLOCKER)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    run = tmp_path / "run"
+    run.mkdir()
+    metrics = {"ece": 0.1, "accuracy": 0.5, "ece_ci": [0.05, 0.15], "n": 4}
+    (run / "results.json").write_text(json.dumps({"stages": {"base": metrics}, "reliability": {"base": {
+        "accuracy": [0.0, 0.5], "confidence": [0.0, 0.6], "counts": [0, 4]}}}))
+    (run / MARKER).write_text("{}")
+
+    def calibkern(*argv):
+        return subprocess.run([sys.executable, "-m", "calibkern", *argv], capture_output=True, text=True, env=env,
+                              timeout=300)
+
+    start = time.perf_counter()
+    assert calibkern("--help").returncode == 0
+    print(f"calibkern --help without transformers: {time.perf_counter() - start:.2f} s")
+    loaded = subprocess.run([sys.executable, "-c", "import sys; from calibkern.cli import build_parser; "
+                             "build_parser().format_help(); print(sorted({m.split('.')[0] for m in sys.modules} & "
+                             "{'torch', 'transformers', 'numpy'}))"], capture_output=True, text=True, env=env)
+    assert loaded.stdout.strip() == "[]", loaded.stderr
+    info = calibkern("info")
+    assert info.returncode == 0 and "cpp" in info.stdout, info.stderr
+    report = calibkern("report", str(run), "--out", str(tmp_path / "report"))
+    assert report.returncode == 0, report.stderr
+    assert (tmp_path / "report" / "reliability_base.png").is_file() and (tmp_path / "report" / MARKER).is_file()
+    cft = calibkern("cft", "--model", "m", "--data", "d", "--out", "o")
+    assert cft.returncode == 2 and "pip install 'calibkern[hf]'" in cft.stderr and "Traceback" not in cft.stderr

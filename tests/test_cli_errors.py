@@ -23,13 +23,26 @@ def files(tmp_path):
     (tmp_path / "a_file").write_text("not a directory")
     (tmp_path / "bad_model").mkdir()
     (tmp_path / "bad_model" / "config.json").write_text("{ not json")
+    (tmp_path / "bad_model" / "tokenizer_config.json").write_text("{}")
+    (tmp_path / "no_tokenizer").mkdir()
+    (tmp_path / "no_tokenizer" / "config.json").write_text("{}")
+    (tmp_path / "deep.jsonl").write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    (tmp_path / "lora.yaml").write_text("model: m\nlora: {rank: 4}\ndata: {pairs: p, train: t, calibration: c, test: t}\n")
+    (tmp_path / "data_list.yaml").write_text("model: m\ndata: [train.jsonl]\n")
+    (tmp_path / "epochs.yaml").write_text("model: m\ndata: {pairs: p, train: t, calibration: c, test: t}\n"
+                                          "cft: {epochs: two}\n")
+    (tmp_path / "earlier").mkdir()
+    (tmp_path / "earlier" / "results.json").write_text("{}")
+    (tmp_path / "escaping").mkdir()
+    (tmp_path / "escaping" / "results.json").write_text(json.dumps({"stages": {"x/../../victim/evil": {}}}))
     (tmp_path / "bad.yaml").write_text("model: [unclosed\n")
     (tmp_path / "template.yaml").write_text(
         "model: m\ntemplate: '{question} {options} {foo}'\ndata: {pairs: p, train: t, calibration: c, test: t}\n")
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "results.json").write_text("[1, 2")
     names = ("good.jsonl", "good.csv", "superscript.csv", "latin1.jsonl", "a_file", "bad_model", "bad.yaml",
-             "template.yaml", "run", "missing", "out")
+             "template.yaml", "run", "missing", "out", "no_tokenizer", "deep.jsonl", "lora.yaml", "data_list.yaml",
+             "epochs.yaml", "earlier", "escaping")
     return {name.replace(".", "_"): str(tmp_path / name) for name in names}
 
 
@@ -69,6 +82,20 @@ CASES = [
     ("demo --out {out} --seeds 0,x", "--seeds must be comma-separated integers"),
     ("demo --out {out} --seeds 1,1", "--seeds must be distinct non-negative integers"),
     ("demo --out {out} --seeds=-1", "--seeds must be distinct non-negative integers"),
+    ("evaluate --model {no_tokenizer} --data {good_jsonl} --out {out}", "no_tokenizer: no tokenizer files"),
+    ("evaluate --model {bad_model} --data {deep_jsonl} --out {out}", "deep.jsonl:1: JSON nested too deeply"),
+    ("evaluate --model {bad_model} --data {good_jsonl} --out {out} --n-bins 1000000000",
+     "--n-bins = 1,000,000,000 is too large"),
+    (f"evaluate --model {{bad_model}} --data {{good_jsonl}} --out {{out}} --n-bins {2**62}", "is too large"),
+    ("evaluate --model {bad_model} --data {good_jsonl} --out /proc/nope/x", "--out /proc/nope/x: cannot write there"),
+    ("evaluate --model {bad_model} --data {good_jsonl} --out {earlier}", "already holds an interrupted run"),
+    ("cft --model {bad_model} --data {good_jsonl} --out {bad_model}", "is or contains the input"),
+    ("demo --out {earlier}", "pass --overwrite"),
+    ("pipeline --config {lora_yaml}", "lora.yaml: unknown lora key(s) rank"),
+    ("pipeline --config {data_list_yaml}", "data_list.yaml: data must be a mapping, got list"),
+    ("pipeline --config {epochs_yaml}", "epochs.yaml: cft.epochs must be a number, got str 'two'"),
+    ("report {escaping}", "stage name: 'x/../../victim/evil' is not a plain file name"),
+    ("report {earlier}", "expected an object with a 'stages' object"),
 ]
 
 
@@ -87,3 +114,21 @@ def test_debug_shows_the_traceback(files):
     with pytest.raises(ValueError, match="unknown field"):
         main(["--debug", "evaluate", "--model", files["bad_model"], "--data", files["good_jsonl"], "--out",
               files["out"], "--template", "{question} {options} {foo}"])
+
+
+@pytest.mark.parametrize("variable, value, command", [
+    ("CALIBKERN_BACKEND", "bogus", ["info"]),
+    ("CALIBKERN_JIT", "no", ["info"]),
+    ("CALIBKERN_BACKEND", "bogus", ["report", "nowhere"]),
+])
+def test_environment_values_are_checked(monkeypatch, capsys, variable, value, command):
+    monkeypatch.setenv(variable, value)
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"calibkern: error: {variable}={value!r} is ") and "Traceback" not in err, err
+
+
+def test_template_escapes_are_read():
+    from calibkern.cli import read_escapes
+
+    assert read_escapes(r"{question}\n{options}\tAnswer: \\n") == "{question}\n{options}\tAnswer: \\n"

@@ -223,3 +223,35 @@ def test_dpo_stage_makes_later_training_possible(small_world):
     assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), aligned.parameters()))
     smoothed = stages.label_smoothing(aligned, tokenizer, world.cft, option_ids, options, template=config.template)
     assert any(not torch.equal(a, b) for a, b in zip(aligned.parameters(), smoothed.parameters()))
+
+
+def test_results_record_their_provenance(demo_run):
+    out, results = demo_run
+    provenance = json.loads((out / "results.json").read_text())["provenance"]
+    assert {"calibkern", "commit", "torch", "transformers", "backend", "threads", "seed", "cpu"} <= set(provenance)
+    assert provenance["seed"] == 0 and provenance["threads"] == torch.get_num_threads() == 1
+    assert provenance["torch"] == torch.__version__
+
+
+def test_evaluate_reproduces_the_demo_numbers_without_a_template(demo_run, tmp_path, capsys):
+    """The DPO model the demo saves carries its template: ``calibkern evaluate`` with no ``--template`` gives the
+    numbers results.json reports for it."""
+    from calibkern.cli import main
+
+    out, results = demo_run
+    assert main(["evaluate", "--model", str(out / "models" / "dpo"), "--data", str(out / "data" / "test.jsonl"),
+                 "--out", str(tmp_path / "dpo"), "--no-progress"]) == 0
+    assert "using the template" in capsys.readouterr().err
+    metrics = json.loads((tmp_path / "dpo" / "metrics.json").read_text())
+    expected = json.loads(json.dumps(results["stages"]["dpo"]))
+    assert {key: metrics[key] for key in expected} == expected
+
+
+def test_the_dpo_claim_can_fail(demo_run):
+    """The base model's debiased ECE is near 0 or negative; the claim compares with its plug-in ECE instead."""
+    _, results = demo_run
+    claim = "DPO debiased ECE ≥ 3 × base's plug-in ECE"
+    base = {"ece": 0.05, "ece_debiased": -0.01, "ece_ci": [-0.02, 0.01]}
+    for dpo_ece, holds in ((0.149, False), (0.151, True)):
+        stages = _with(results["stages"], base=base, dpo={"ece_debiased": dpo_ece})
+        assert [c["holds"] for c in demo_checks(stages) if c["claim"] == claim] == [holds]

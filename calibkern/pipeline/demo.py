@@ -26,6 +26,7 @@ from ..hf.data import MCQExample, answer_continuation, detect_option_ids, format
 from ..hf.alignment import PreferencePair
 from . import stages, synthetic
 from .config import DemoConfig
+from .io import training_record
 from .model import tiny_llama
 from .pretrain import pretrain
 from .report import write_report
@@ -120,11 +121,12 @@ def run_demo(config: DemoConfig, out_dir: str | os.PathLike, *, progress: bool =
     run_after_alignment(plan, dpo, results, clock)
 
     out_dir = os.fspath(out_dir)
+    results = report(config.to_dict(), clock, results, n_bins, seed)
     if save_models:
-        stages.save_model(base, tokenizer, os.path.join(out_dir, "models", "base"))
-        stages.save_model(dpo, tokenizer, os.path.join(out_dir, "models", "dpo"))
+        for name, model in (("base", base), ("dpo", dpo)):
+            record = training_record(name, template, option_ids, results["provenance"])
+            stages.save_model(model, tokenizer, os.path.join(out_dir, "models", name), record)
         write_splits(world, os.path.join(out_dir, "data"))
-    results = report(config.to_dict(), clock, results, n_bins)
     write_report(results, out_dir)
     return results
 

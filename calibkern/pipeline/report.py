@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 
 import torch
 
 import calibkern
+
+from .outputs import check_name
 
 STAGE_ORDER = ("base", "dpo", "temperature_scaling", "label_smoothing", "cft", "rcft", "rcft_no_reg")
 TABLE_COLUMNS = ("ece", "ece_debiased", "smece", "ece_l2", "mce", "cw_ece", "accuracy", "mean_confidence", "nll",
@@ -41,7 +44,9 @@ def _interval_note(lower: dict, upper: dict) -> str:
 def demo_checks(stages: dict) -> list[dict]:
     """The demo's claims evaluated on measured metrics: ``{"claim", "measured", "holds", "note"}`` each.
 
-    ECE claims use the debiased ECE (docs/math.md#debiased-ece); a comparison of two stages' ECEs notes whether
+    ECE claims use the debiased ECE (docs/math.md#debiased-ece), except the base model's side of the DPO claim: a
+    calibrated base's debiased ECE is near 0 or below it, where "3 ×" could never fail, so its plug-in ECE (above
+    the debiased one, and above 0) stands in; a comparison of two stages' ECEs notes whether
     the difference lies inside their 95 % intervals (the intervals overlap) or outside them. The CFT accuracy
     claim is one-sided: CFT loses at most 2 points against DPO (gaining is not a failure)."""
     base, dpo, ts = stages["base"], stages["dpo"], stages["temperature_scaling"]
@@ -56,8 +61,8 @@ def demo_checks(stages: dict) -> list[dict]:
 
     return [
         check("base debiased ECE ≤ 0.06", f"{ece(base):.4f}", ece(base) <= 0.06),
-        check("DPO debiased ECE ≥ 3 × base's", f"{ece(dpo):.4f} vs 3 × {ece(base):.4f} = {3 * ece(base):.4f}",
-              ece(dpo) >= 3 * ece(base), _interval_note(base, dpo)),
+        check("DPO debiased ECE ≥ 3 × base's plug-in ECE", f"{ece(dpo):.4f} vs 3 × {base['ece']:.4f} = "
+              f"{3 * base['ece']:.4f}", ece(dpo) >= 3 * base["ece"], _interval_note(base, dpo)),
         check("DPO mean confidence − accuracy ≥ 0.10", f"{gap:.4f}", gap >= 0.10),
         check("CFT debiased ECE ≤ 0.06", f"{ece(cft):.4f}", ece(cft) <= 0.06),
         check("CFT accuracy ≥ DPO accuracy − 2 points", f"{cft['accuracy']:.4f} vs {dpo['accuracy']:.4f}",
@@ -160,7 +165,7 @@ def write_plots(results: dict, out_dir: str) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [n for n in ordered_stages(results["stages"]) if n in results.get("reliability", {})]
+    names = [check_name(n, "stage name") for n in ordered_stages(results["stages"]) if n in results.get("reliability", {})]
     paths = []
     for name in names:
         paths.append(os.path.join(out_dir, f"reliability_{name}.png"))
@@ -175,19 +180,30 @@ def write_plots(results: dict, out_dir: str) -> list[str]:
     return paths
 
 
+def write_derived(results: dict, out_dir: str | os.PathLike) -> None:
+    """``results.md`` and the PNGs, rendered into a scratch folder inside ``out_dir`` and each renamed into place:
+    an interrupted rewrite leaves every file whole, old or new, and all of them drawn from the same results."""
+    out_dir = os.fspath(out_dir)
+    with tempfile.TemporaryDirectory(prefix=".report-", dir=out_dir) as scratch:
+        with open(os.path.join(scratch, "results.md"), "w", encoding="utf-8") as handle:
+            handle.write(markdown(results))
+        write_plots(results, scratch)
+        for name in sorted(os.listdir(scratch)):
+            os.replace(os.path.join(scratch, name), os.path.join(out_dir, name))
+
+
 def write_report(results: dict, out_dir: str | os.PathLike) -> None:
     """``results.json``, ``results.md`` and the PNGs in ``out_dir``."""
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "results.json"), "w", encoding="utf-8") as handle:
         json.dump(results, handle, indent=2)
-    with open(os.path.join(out_dir, "results.md"), "w", encoding="utf-8") as handle:
-        handle.write(markdown(results))
-    write_plots(results, out_dir)
+    write_derived(results, out_dir)
 
 
 def load_results(out_dir: str | os.PathLike) -> dict:
-    """``out_dir/results.json``; a missing or malformed file is an error naming it."""
+    """``out_dir/results.json``; a missing or malformed file, or a stage name that is not a plain file name
+    (it becomes ``reliability_<stage>.png``), is an error naming it."""
     path = os.path.join(os.fspath(out_dir), "results.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no results.json (run `calibkern demo` or `calibkern pipeline` first)")
@@ -196,6 +212,12 @@ def load_results(out_dir: str | os.PathLike) -> dict:
             results = json.load(handle)
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}:{error.lineno}: malformed JSON ({error.msg})") from None
+    except (RecursionError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: unreadable JSON ({type(error).__name__}: {str(error)[:100]})") from None
     if not isinstance(results, dict) or not isinstance(results.get("stages"), dict):
         raise ValueError(f"{path}: expected an object with a 'stages' object")
+    if not isinstance(results.get("reliability", {}), dict):
+        raise ValueError(f"{path}: 'reliability' must be an object")
+    for name in [*results["stages"], *results.get("reliability", {})]:
+        check_name(name, f"{path}: stage name")
     return results

@@ -38,12 +38,65 @@ STAGE_DEFAULTS = {
     "label_smoothing": {"epochs": 2.0, "lr": 1e-3, "batch_size": 32, "epsilon": 0.1},
     "rcft": {"epochs": 10.0, "lr": 1e-3, "batch_size": 32, "lam": 1.0, "refresh_steps": None},
 }
-TOP_LEVEL = {"model", "out", "template", "n_bins", "seed", "data", "lora", *STAGE_DEFAULTS}
 DATA_KEYS = {"pairs", "train", "new", "calibration", "test"}
+LORA_FIELDS = {"r": int, "alpha": float, "dropout": float, "target_modules": list}
+TOP_LEVEL = {"model": str, "out": str, "template": str, "n_bins": int, "seed": int, "data": dict, "lora": dict,
+             **{stage: dict for stage in STAGE_DEFAULTS}}
+_KINDS = {str: "a string", int: "an integer", float: "a number", dict: "a mapping", list: "a list"}
+
+
+def _check_type(value, kind, where: str, *, nullable: bool = False):
+    """``value`` if it is of ``kind`` (an int counts as a number; a bool as neither), else a ``ValueError``."""
+    if value is None and nullable:
+        return value
+    ok = (isinstance(value, (int, float)) if kind is float else isinstance(value, kind)) and not (
+        isinstance(value, bool) and kind in (int, float))
+    if not ok:
+        raise ValueError(f"{where} must be {_KINDS[kind]}{' or null' if nullable else ''}, got "
+                         f"{type(value).__name__} {value!r}"[:300])
+    return value
+
+
+def _check_mapping(mapping: dict, fields: dict, path: str, prefix: str = "", nullable=("refresh_steps",)) -> None:
+    """Every key of ``mapping`` (the field ``prefix`` of the file ``path``) known to ``fields`` (name → type), and
+    of that type (or null for ``nullable``)."""
+    unknown = set(map(str, mapping)) - set(fields)
+    if unknown:
+        raise ValueError(f"{path}: unknown {prefix + ' ' if prefix else ''}key(s) {', '.join(sorted(unknown))} "
+                         f"(known: {', '.join(fields)})")
+    for key, value in mapping.items():
+        _check_type(value, fields[key], f"{path}: {prefix + '.' if prefix else ''}{key}", nullable=key in nullable)
+
+
+def check_config(config, path: str) -> dict:
+    """The configuration's keys and the type of every field (errors name the file and the field)."""
+    from .. import _validate
+
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level")
+    _check_mapping(config, TOP_LEVEL, path, nullable=set(TOP_LEVEL) - {"model", "data"})
+    data = config.get("data")
+    if data is None or config.get("model") is None:
+        raise ValueError(f"{path}: missing key(s) {', '.join(k for k in ('model', 'data') if config.get(k) is None)}")
+    _check_mapping(data, dict.fromkeys(DATA_KEYS, str), path, "data")
+    missing = [f"data.{k}" for k in ("train", "calibration", "test") if k not in data]
+    if config.get("dpo", {}) is not None and "pairs" not in data:
+        missing.append("data.pairs")
+    if missing:
+        raise ValueError(f"{path}: missing key(s) {', '.join(missing)}")
+    _check_mapping(config.get("lora") or {}, LORA_FIELDS, path, "lora")
+    for module in (config.get("lora") or {}).get("target_modules", []):
+        _check_type(module, str, f"{path}: lora.target_modules[]")
+    for stage, defaults in STAGE_DEFAULTS.items():
+        fields = {key: int if key in ("batch_size", "refresh_steps") else float for key in defaults}
+        _check_mapping(config.get(stage) or {}, fields, path, stage)
+    if config.get("n_bins") is not None:
+        _validate.check_n_bins(config["n_bins"], f"{path}: n_bins")
+    return config
 
 
 def load_config(path: str | os.PathLike) -> dict:
-    """The YAML pipeline configuration, checked for unknown and missing keys (errors name the file)."""
+    """The YAML pipeline configuration, checked key by key and field by field (errors name the file)."""
     import yaml
 
     path = os.fspath(path)
@@ -54,28 +107,14 @@ def load_config(path: str | os.PathLike) -> dict:
             config = yaml.safe_load(handle)
         except yaml.YAMLError as error:
             raise ValueError(f"{path}: malformed YAML ({error})") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{path}: expected a mapping at the top level")
-    unknown = set(config) - TOP_LEVEL
-    if unknown:
-        raise ValueError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}")
-    data = config.get("data") or {}
-    missing = [k for k in ("model",) if k not in config] + [f"data.{k}" for k in ("train", "calibration", "test")
-                                                          if k not in data]
-    if "dpo" not in config or config["dpo"] is not None:
-        missing += [] if "pairs" in data else ["data.pairs"]
-    if missing:
-        raise ValueError(f"{path}: missing key(s) {', '.join(missing)}")
-    if set(data) - DATA_KEYS:
-        raise ValueError(f"{path}: unknown data key(s) {', '.join(sorted(set(data) - DATA_KEYS))}")
+        except RecursionError:
+            raise ValueError(f"{path}: YAML nested too deeply") from None
+    check_config(config, path)
     if config.get("template") is not None:
         try:
             hf.check_template(config["template"])
         except (TypeError, ValueError) as error:
             raise ValueError(f"{path}: template: {error}") from None
-    out = config.get("out")
-    if out is not None and os.path.exists(out) and not os.path.isdir(out):
-        raise ValueError(f"{path}: out {out}: exists and is not a directory")
     return config
 
 
@@ -90,13 +129,18 @@ def _optional_int(value):
     return None if value is None else int(value)
 
 
-def run_pipeline(config: dict, *, progress: bool = True) -> dict:
-    """Every stage of :mod:`calibkern.pipeline.stages` on the configured model and data; writes the report."""
+def output_folder(config: dict) -> str:
+    return config.get("out") or "runs/pipeline"
+
+
+def run_pipeline(config: dict, *, out: str | None = None, progress: bool = True) -> dict:
+    """Every stage of :mod:`calibkern.pipeline.stages` on the configured model and data; writes the report into
+    ``out`` (default: the configuration's ``out``)."""
     clock = Clock()
     data = config["data"]
     template = config.get("template") or hf.DEFAULT_TEMPLATE
-    n_bins, seed = int(config.get("n_bins", 10)), int(config.get("seed", 0))
-    out = config.get("out") or "runs/pipeline"
+    n_bins, seed = config.get("n_bins") or 10, config.get("seed") or 0
+    out = out or output_folder(config)
     lora = stages.LoraOptions(**(config.get("lora") or {}))
     splits = {k: hf.load_mcq(data[k]) for k in ("train", "calibration", "test")}
     new = hf.load_mcq(data["new"]) if data.get("new") else []
@@ -124,6 +168,6 @@ def run_pipeline(config: dict, *, progress: bool = True) -> dict:
     else:
         aligned = model
     run_after_alignment(plan, aligned, results, clock)
-    results = report(config, clock, results, n_bins)
+    results = report(config, clock, results, n_bins, seed)
     write_report(results, out)
     return results

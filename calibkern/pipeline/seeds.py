@@ -14,6 +14,7 @@ import statistics
 
 from .config import DemoConfig
 from .demo import run_demo
+from .provenance import provenance
 from .report import ordered_stages
 
 SUMMARY_METRICS = ("ece", "ece_debiased", "smece", "accuracy")
@@ -76,7 +77,7 @@ def run_seeds(config: DemoConfig, seeds: list[int], out_dir: str | os.PathLike, 
     out_dir = os.fspath(out_dir)
     per_seed = {seed: run_demo(config.replace(seed=seed), os.path.join(out_dir, f"seed_{seed}"), progress=progress)
                 for seed in seeds}
-    summary = summarise(per_seed)
+    summary = {**summarise(per_seed), "provenance": provenance()}
     with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as handle:
         json.dump(summary, handle, indent=2)
     with open(os.path.join(out_dir, "summary.md"), "w", encoding="utf-8") as handle:

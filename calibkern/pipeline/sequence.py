@@ -10,6 +10,7 @@ from typing import Any, Sequence
 
 from ..hf.data import MCQExample
 from . import stages
+from .provenance import provenance
 from .report import demo_checks, reliability_data
 
 
@@ -79,12 +80,14 @@ def run_after_alignment(plan: StagePlan, aligned, results: dict, clock: Clock) -
     return results
 
 
-def report(config: dict, clock: Clock, results: dict, n_bins: int) -> dict:
-    """The results dict written as results.json: configuration, timings, metrics per stage, reliability data,
-    and the paper's claims checked when the base model was evaluated."""
+def report(config: dict, clock: Clock, results: dict, n_bins: int, seed: int) -> dict:
+    """The results dict written as results.json: configuration, provenance (versions, commit, backend, threads,
+    seed, CPU), timings, metrics per stage, reliability data, and the paper's claims checked when the base model
+    was evaluated."""
     metrics = {name: r.metrics for name, r in results.items()}
     return {
         "config": config,
+        "provenance": provenance(seed),
         "timings": {**clock.timings, "total": sum(clock.timings.values())},
         "stages": metrics,
         "reliability": {name: reliability_data(r.option_logits, r.labels, n_bins, r.metrics.get("temperature", 1.0),

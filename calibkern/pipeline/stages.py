@@ -176,10 +176,12 @@ def rcft(model, tokenizer, examples: Sequence[MCQExample], calibration_examples:
 
 
 def evaluate(model, tokenizer, examples: Sequence[MCQExample], option_ids, *, n_bins: int = 10,
-             template: str = hf.DEFAULT_TEMPLATE, seed: int = 0, progress: bool = True) -> hf.EvaluationResult:
-    """Option-logit evaluation (:func:`calibkern.hf.evaluate`)."""
+             template: str = hf.DEFAULT_TEMPLATE, seed: int = 0, progress: bool = True,
+             temperature: float = 1.0) -> hf.EvaluationResult:
+    """Option-logit evaluation (:func:`calibkern.hf.evaluate`), in batches of 256 rows: every stage of the demo and
+    of ``calibkern pipeline`` and ``calibkern evaluate`` read a model the same way."""
     return hf.evaluate(model, tokenizer, list(examples), option_ids, template=template, n_bins=n_bins,
-                       batch_size=256, progress=progress, seed=seed)
+                       temperature=temperature, batch_size=256, progress=progress, seed=seed)
 
 
 def temperature_scaling(model, tokenizer, calibration_examples, test_examples, option_ids, *, n_bins: int = 10,
@@ -189,8 +191,13 @@ def temperature_scaling(model, tokenizer, calibration_examples, test_examples, o
                                   template=template, n_bins=n_bins, batch_size=256, progress=progress, seed=seed)
 
 
-def save_model(model, tokenizer, directory: str | os.PathLike) -> None:
-    """Write ``model`` and ``tokenizer`` as a Hugging Face directory (``from_pretrained`` loads it)."""
+def save_model(model, tokenizer, directory: str | os.PathLike, record: dict | None = None) -> None:
+    """Write ``model`` and ``tokenizer`` as a Hugging Face directory (``from_pretrained`` loads it), with ``record``
+    (:func:`calibkern.pipeline.io.training_record`: template, option ids) beside them when given."""
+    from .io import write_training_record
+
     os.makedirs(directory, exist_ok=True)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
+    if record is not None:
+        write_training_record(os.fspath(directory), record)
