@@ -63,8 +63,8 @@ def as_logits(scores, input: str = "logits", name: str = "logits", *, warn: bool
     (``ValueError`` naming ``name``; NaN is left to the metric's ``nonfinite`` policy); shapes and dtypes are checked by the metric as for logits."""
     V.check_choice(input, "input", INPUTS)
     V.check_tensor(scores, name)
-    if not scores.is_floating_point():
-        raise TypeError(f"{name} must be a floating tensor of {input.replace('_', '-')}, got {scores.dtype}")
+    if scores.dtype not in V.FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {scores.dtype}")
     if input == "logits" and warn and scores.dim() in (1, 2) and looks_like_probabilities(scores):
         shape = "every score lies in [0, 1]" if scores.dim() == 1 else "every row is ≥ 0 and sums to 1"
         warnings.warn(f"{name}: {shape}, like probabilities, but input='logits' (the default) applies a "

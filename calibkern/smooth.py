@@ -21,6 +21,7 @@ from . import _validate as V
 from .backends import resolve
 from .ops import custom_ops
 from .ops.row_metrics import kept_top1
+from .scores import as_logits
 
 SIGMA_FLOOR = 1e-3
 SEARCH_STEPS = 10
@@ -121,9 +122,9 @@ class _Smoother:
         return high
 
 
-def _smoother(logits, labels, temperature, ignore_index, nonfinite, backend) -> _Smoother:
+def _smoother(logits, labels, temperature, ignore_index, nonfinite, backend, input="logits") -> _Smoother:
     """The kept rows' top-1 confidences and correctness, from one read of the logits by ``backend``'s kernel."""
-    confidence, correct = kept_top1(logits, labels, temperature, ignore_index, nonfinite, backend)
+    confidence, correct = kept_top1(as_logits(logits, input), labels, temperature, ignore_index, nonfinite, backend)
     if confidence.shape[0] == 0:
         raise ValueError("labels: every row is ignored, so there is no smooth ECE to compute")
     return _Smoother(confidence, correct, resolve(backend, confidence.device, confidence.dtype)[0])
@@ -140,14 +141,15 @@ def _check_sigma(sigma) -> float | None:
 
 @torch.no_grad()
 def smooth_ece(logits, labels, *, sigma=None, temperature=1.0, ignore_index=-100, nonfinite="error",
-               backend=None, return_sigma=False):
+               backend=None, return_sigma=False, input="logits"):
     """Smooth ECE of the top-1 confidences ``max softmax(logits / temperature)`` against correctness, as a
     float64 0-dim tensor; ``sigma=None`` takes the fixed-point bandwidth (``return_sigma=True`` returns it too,
     as ``(smece, sigma)``). The logits are read once, by ``backend``'s ``top1_rows`` kernel; the smoothing runs
-    on the rows' confidences. An evaluation metric: the bandwidth search reads values on the host.
+    on the rows' confidences. An evaluation metric: the bandwidth search reads values on the host. ``input``:
+    ``"logits"``, ``"probs"`` or ``"log_probs"``, ``[N, K]`` or 1-D binary scores (docs/math.md#inputs).
     """
     sigma = _check_sigma(sigma)
-    smoother = _smoother(logits, labels, temperature, ignore_index, nonfinite, backend)
+    smoother = _smoother(logits, labels, temperature, ignore_index, nonfinite, backend, input)
     sigma = smoother.fixed_point() if sigma is None else sigma
     value = torch.tensor(smoother.ece(sigma), dtype=torch.float64)
     return (value, sigma) if return_sigma else value
@@ -155,14 +157,14 @@ def smooth_ece(logits, labels, *, sigma=None, temperature=1.0, ignore_index=-100
 
 @torch.no_grad()
 def smooth_reliability(logits, labels, *, sigma=None, points=CURVE_POINTS, temperature=1.0, ignore_index=-100,
-                       nonfinite="error", backend=None) -> SmoothReliability:
+                       nonfinite="error", backend=None, input="logits") -> SmoothReliability:
     """The smooth reliability curve at ``points`` evenly spaced confidences in [0, 1], at ``sigma`` (default:
     the smooth ECE's fixed-point bandwidth)."""
     sigma = _check_sigma(sigma)
     points = V.check_n_bins(points, "points")
     if points < 2:
         raise ValueError(f"points must be at least 2, got {points}")
-    smoother = _smoother(logits, labels, temperature, ignore_index, nonfinite, backend)
+    smoother = _smoother(logits, labels, temperature, ignore_index, nonfinite, backend, input)
     sigma = smoother.fixed_point() if sigma is None else sigma
     t, residual, density = smoother.curve(sigma, points)
     density = (density - DENSITY_FLOOR).clamp_min_(0) / smoother.confidence.shape[0]

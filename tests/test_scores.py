@@ -10,7 +10,8 @@ import calibkern as ck
 from calibkern.scores import ProbabilitiesAsLogitsWarning, as_logits
 
 METRICS = [ck.ece, ck.classwise_ece, ck.adaptive_ece, ck.nll, ck.brier,
-           lambda z, y, **kw: ck.ece_confidence_interval(z, y, n_boot=50, **kw).estimate]
+           lambda z, y, **kw: ck.ece_confidence_interval(z, y, n_boot=50, **kw).estimate,
+           ck.smooth_ece, lambda z, y, **kw: ck.smooth_reliability(z, y, sigma=0.1, **kw).accuracy[60]]
 
 
 def _data(n=123, k=5, seed=0):
@@ -81,7 +82,7 @@ def test_bad_scores_raise_naming_the_argument():
         ck.brier(logits.softmax(1), labels, input="log_probs")
     with pytest.raises(ValueError, match="input must be one of"):
         ck.ece(logits, labels, input="probabilities")
-    with pytest.raises(TypeError, match="floating"):
+    with pytest.raises(TypeError, match="float32, bfloat16"):
         as_logits(torch.ones(3, 2, dtype=torch.long), "probs")
     probs = logits.softmax(1)
     probs[3, 1] = float("nan")  # NaN goes to the nonfinite policy, not the range check

@@ -109,7 +109,7 @@ def test_curve_reads_accuracy_against_confidence():
     (lambda x, y: ck.smooth_ece(x, y, sigma=float("nan")), "sigma"),
     (lambda x, y: ck.smooth_ece(x, y, temperature=0), "temperature"),
     (lambda x, y: ck.smooth_ece(x, torch.full_like(y, IGNORE)), "every row is ignored"),
-    (lambda x, y: ck.smooth_ece(x[:, :1].squeeze(1), y), "logits"),
+    (lambda x, y: ck.smooth_ece(x[:, :, None], y), "logits"),
     (lambda x, y: ck.smooth_ece(x, y[:3]), "labels"),
     (lambda x, y: ck.smooth_reliability(x, y, points=1), "points"),
 ])

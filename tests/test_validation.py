@@ -34,6 +34,8 @@ def _calls():
 
 
 CALLS = _calls()
+BINARY_SCORES = ("ece", "classwise_ece", "adaptive_ece", "ece_confidence_interval", "binned_stats", "nll", "brier",
+                 "meter")
 
 
 @pytest.mark.parametrize("name", CALLS)
@@ -65,8 +67,14 @@ class TestEveryEntryPoint:
             CALLS[name](torch.randn(8, 1), torch.zeros(8, dtype=torch.long))
 
     def test_1d_logits(self, name):
-        with pytest.raises(ValueError, match="2-D"):
-            CALLS[name](torch.randn(8), _labels())
+        if name in BINARY_SCORES:  # 1-D scores are binary predictions there (docs/math.md#inputs)
+            with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\)"):
+                CALLS[name](torch.randn(8), _labels().clamp_min(2))
+            with pytest.raises(ValueError, match="2-D"):
+                CALLS[name](torch.randn(8, 4, 1), _labels())
+        else:
+            with pytest.raises(ValueError, match="2-D"):
+                CALLS[name](torch.randn(8), _labels())
 
     def test_length_mismatch(self, name):
         with pytest.raises(ValueError, match="labels has 7 entries"):
