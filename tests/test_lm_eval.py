@@ -8,6 +8,9 @@ the newest file per task, and every malformed input an error naming ``file:line`
 import json
 import math
 import os
+import shutil
+import threading
+import types
 
 import pytest
 import torch
@@ -22,16 +25,22 @@ DATE = "2026-12-07T10-00-00.000001"
 
 
 def sample_line(lls, target, *, doc_id=0, context="Q: which?\nA:", choices=None, metrics=("acc", "acc_norm"),
-                filter_name="none"):
-    """One lm-eval ``multiple_choice`` samples line as ``EvaluationTracker.save_results_samples`` writes it."""
+                filter_name="none", doc=None, logged=None):
+    """One lm-eval ``multiple_choice`` samples line as ``EvaluationTracker.save_results_samples`` writes it, with
+    the per-row metrics ``logged`` (``{"acc": 1.0, …}``) when given."""
     choices = choices or [chr(ord("A") + i) for i in range(len(lls))]
     return json.dumps({
-        "doc_id": doc_id, "doc": {"q": doc_id}, "target": str(target),
+        "doc_id": doc_id, "doc": {"q": doc_id} if doc is None else doc, "target": str(target),
         "arguments": {f"gen_args_{i}": {"arg_0": context, "arg_1": " " + c} for i, c in enumerate(choices)},
         "resps": [[[str(ll), "False"]] for ll in lls],
         "filtered_resps": [[str(ll), "False"] for ll in lls],
-        "filter": filter_name, "metrics": list(metrics),
+        "filter": filter_name, "metrics": list(metrics), **(logged or {}),
     })
+
+
+def write_results(directory, configs, date=DATE, model="m"):
+    """The ``results_<date>.json`` beside a samples file: lm-eval's ``configs`` per task and the model's name."""
+    (directory / f"results_{date}.json").write_text(json.dumps({"configs": configs, "model_name": model}))
 
 
 def write_samples(directory, task, lines, date=DATE):
@@ -93,12 +102,21 @@ def test_the_pads_stay_zero_under_any_temperature():
 
 def test_normalize_chars_divides_by_the_choice_length(tmp_path):
     lls, choices = [-6.0, -9.0, -30.0], ["no", "maybe", "a much longer answer"]
-    write_samples(tmp_path, "norm", [sample_line(lls, "maybe", choices=choices)])  # a text target, as lm-eval maps it
+    logged = {"acc": 0.0, "acc_norm": 0.0}  # a text target, as lm-eval maps it; argmax ℓ/len is choice 2
+    write_samples(tmp_path, "norm", [sample_line(lls, "maybe", choices=choices, logged=logged),
+                                     sample_line(lls, "no", choices=choices, logged={"acc": 1.0, "acc_norm": 0.0})])
     raw = ck_lm_eval.evaluate_samples(tmp_path, progress=False).results["norm"]
     norm = ck_lm_eval.evaluate_samples(tmp_path, normalize="chars", progress=False).results["norm"]
     expected = torch.softmax(torch.tensor([ll / len(c) for ll, c in zip(lls, choices)]), 0)
     assert norm.predictions[0]["probs"] == pytest.approx(expected.tolist(), abs=1e-6)
-    assert raw.predictions[0]["pred"] == 0 and norm.predictions[0]["pred"] == 2 and norm.labels.tolist() == [1]
+    assert raw.predictions[0]["pred"] == 0 and norm.predictions[0]["pred"] == 2 and norm.labels.tolist() == [1, 0]
+    # lm-eval's names are lm-eval's numbers, from the raw log-likelihoods under either normalisation
+    p = torch.softmax(torch.tensor(lls, dtype=torch.float64), 0)
+    brier_score = float(((p - torch.eye(3, dtype=torch.float64)[[1, 0]]) ** 2).sum(1).mean())
+    for report in (raw, norm):
+        assert (report.metrics["acc"], report.metrics["acc_norm"]) == (0.5, 0.0)
+        assert report.metrics["brier_score"] == pytest.approx(brier_score, rel=1e-12)
+    assert raw.metrics["brier"] == pytest.approx(brier_score, abs=1e-6) != norm.metrics["brier"]
 
 
 def test_the_newest_file_per_task_is_read(tmp_path):
@@ -138,7 +156,8 @@ def test_every_skip_is_counted_with_its_reason(tmp_path):
     assert (good_task["rows_read"], good_task["rows_used"], good_task["rows_skipped"]) == (10, 6, 4)
     skipped = good_task["skipped_rows"]
     first = f"{run}/samples_good_{DATE}.jsonl:7"
-    assert skipped["target is not an index into the choices"] == {"count": 2, "first": first}
+    assert skipped["target is neither an index into the choices nor one choice's text"] == {"count": 2,
+                                                                                          "first": first}
     assert skipped["a log-likelihood is NaN or infinite"]["count"] == 1
     assert skipped["filter 'other' (the report reads filter 'none')"]["count"] == 1
     assert good_task["metrics"]["n"] == 6
@@ -153,7 +172,7 @@ def test_every_skip_is_counted_with_its_reason(tmp_path):
         assert (out / task / "metrics.json").exists() == (task == "good")
     assert summary["micro_average"]["tasks"] == ["good"]
     markdown = (out / "summary.md").read_text()
-    assert "multi_gold: task skipped" in markdown and "2 rows skipped: target is not an index" in markdown
+    assert "multi_gold: task skipped" in markdown and "2 rows skipped: target is neither an index" in markdown
 
 
 def test_the_micro_average_pools_the_rows_of_every_task(tmp_path):
@@ -223,9 +242,167 @@ def test_bad_arguments_name_the_argument(tmp_path):
         ck_lm_eval.read_samples(tmp_path)
 
 
+# ---- how lm-eval's target is read, and the cross-check against its per-row metrics ------------------------------
+
+@pytest.mark.parametrize("doc_to_target, doc, target, choices, gold", [
+    ("answer", {"answer": "2"}, "2", ["1", "2", "3"], 1),        # a field holding the text: choices.index
+    ("answer", {"answer": 2}, "2", ["1", "2", "3"], 2),          # a field holding an integer: the index
+    ("{{answer}}", {"answer": "2"}, "2", ["1", "2", "3"], 2),    # a template rendering a numeral: the index
+    ("{{answer}}", {"answer": "y"}, "y", ["x", "y", "z"], 1),    # a template rendering text: choices.index
+    (0, {}, "0", ["1", "2", "3"], 0),                            # an integer doc_to_target
+    (None, {}, "2", ["0", "1", "2"], 2),                         # no configuration: index and text agree
+    (None, {}, "1", ["a", "b"], 1),
+])
+def test_the_target_is_read_as_lm_eval_reads_it(tmp_path, doc_to_target, doc, target, choices, gold):
+    lls = [-1.0 - i for i in range(len(choices))]
+    logged = {"acc": float(gold == 0)}
+    write_samples(tmp_path, "t", [sample_line(lls, target, choices=choices, doc=doc, logged=logged, doc_id=i)
+                                  for i in range(2)])
+    if doc_to_target is not None:
+        write_results(tmp_path, {"t": {"output_type": "multiple_choice", "doc_to_target": doc_to_target}})
+    report = ck_lm_eval.evaluate_samples(tmp_path, progress=False)
+    assert report.failed == {} and report.samples["t"].labels.tolist() == [gold, gold]
+    assert report.samples["t"].cross_checked == {"acc": 2, "acc_norm": 0}  # acc_norm not logged here
+
+
+def test_a_numeral_target_without_the_configuration_is_refused(tmp_path):
+    write_samples(tmp_path, "t", [sample_line([-1.0, -2.0, -3.0], "2", choices=["1", "2", "3"])])
+    report = ck_lm_eval.evaluate_samples(tmp_path, progress=False)
+    assert "samples_t_" in report.failed["t"] and ".jsonl:1: the target '2' is choice 2 read as an index but " \
+        "choice 1 read as text" in report.failed["t"] and "results_<date>.json" in report.failed["t"]
+
+
+def test_a_row_that_disagrees_with_lm_eval_stops_its_task(tmp_path, capsys):
+    run = tmp_path / "run"
+    rows = [sample_line([-1.0, -2.0], 0, doc_id=i, logged={"acc": 1.0, "acc_norm": 1.0}) for i in range(3)]
+    wrong = json.loads(rows[2])
+    wrong["acc"] = 0.0
+    write_samples(run, "acc_differs", rows[:2] + [json.dumps(wrong)])
+    write_samples(run, "gold_differs", [sample_line([-1.0, -2.0], 0, logged={"brier_score": [1, "[0.7 0.3]"]})])
+    write_samples(run, "agrees", rows)
+    assert main(["evaluate", "--lm-eval", str(run), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("calibkern: error: ") and "2 tasks failed" in err and "Traceback" not in err
+    assert f"samples_acc_differs_{DATE}.jsonl:3: lm-eval logged acc = 0.0 for this row, but its target '0' " \
+        "read as choice 0 ('A') gives 1" in err
+    assert f"samples_gold_differs_{DATE}.jsonl:1: lm-eval logged gold 1 in brier_score" in err
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert set(summary["failed"]) == {"acc_differs", "gold_differs"}
+    assert summary["tasks"]["agrees"]["metrics"]["acc"] == 1.0 and summary["micro_average"]["tasks"] == ["agrees"]
+    assert not (tmp_path / "out" / "acc_differs").exists() and (tmp_path / "out" / "agrees" / "metrics.json").exists()
+    assert "acc_differs: **failed**: " in (tmp_path / "out" / "summary.md").read_text()
+
+
+# ---- files, folders and hostile names -------------------------------------------------------------------------------
+
+REPORT_FILES = {"metrics.json", "predictions.jsonl", "reliability.png", "summary.json", "summary.md"}
+
+
+def report_files_outside(root, out):
+    """The report files below ``root`` that are not below ``out``."""
+    return [os.path.join(d, f) for d, _, files in os.walk(root) for f in files
+            if f in REPORT_FILES and os.path.commonpath([d, str(out)]) != str(out)]
+
+
+def test_names_from_files_never_leave_the_output_folder(tmp_path, capsys):
+    run, out = tmp_path / "run", tmp_path / "parent" / "out"
+    write_samples(run, "..", [sample_line([-1.0, -2.0], 0, doc_id=i) for i in range(2)])
+    write_samples(run, "good", [sample_line([-1.0, -2.0], 1, doc_id=i) for i in range(2)])
+    out.parent.mkdir()
+    assert main(["evaluate", "--lm-eval", str(run), "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "1 task failed: ..: task name (from " in err and "'..' is not a plain file name" in err
+    assert report_files_outside(tmp_path, out) == [] and (out / "good" / "metrics.json").exists()
+    assert json.loads((out / "summary.json").read_text())["failed"][".."].startswith("task name (from ")
+
+    report = ck_lm_eval.evaluate_samples(run / f"samples_good_{DATE}.jsonl", progress=False)
+    result = report.results["good"]
+    for name in ("../../escaped", "a/b", "..", ".", "", "summary.json", "a\\b", "tab\t"):
+        report.results = {name: result}
+        with pytest.raises(ValueError, match="is not a plain file name|is the name of a report file"):
+            ck_lm_eval.write_report(report, tmp_path / "api")
+    with pytest.raises(ValueError, match="model folder: '..' is not a plain file name"):
+        ck_lm_eval.write_reports({"../x": report, "b": report}, tmp_path / "api")
+    (tmp_path / "api").mkdir()
+    (tmp_path / "api" / "t").symlink_to(tmp_path / "parent")  # an existing link inside the output folder
+    report.results = {"t": result}
+    with pytest.raises(ValueError, match="resolves outside the output directory"):
+        ck_lm_eval.write_report(report, tmp_path / "api")
+    assert report_files_outside(tmp_path, out) == [] and os.listdir(tmp_path / "api") == ["t"]
+
+
+def test_symlinked_folders_are_read_once(tmp_path):
+    root, elsewhere = tmp_path / "root", tmp_path / "elsewhere"
+    top = write_samples(root, "t", [sample_line([-1.0, -2.0], 0)])
+    linked = write_samples(elsewhere, "u", [sample_line([-1.0, -2.0], 0)])
+    for name in ("a", "b"):
+        (root / name).symlink_to(".")                       # each link leads back: 2^depth paths to one folder
+    (root / "model").symlink_to(elsewhere)                   # a linked folder is read, once
+    (elsewhere / "up").symlink_to(root)
+    found = {}
+    walk = threading.Thread(target=lambda: found.update(ck_lm_eval.find_model_folders(root)), daemon=True)
+    walk.start()
+    walk.join(timeout=20)
+    assert not walk.is_alive(), "the walk followed the links round"
+    assert found == {".": {"t": str(top)}, "model": {"u": str(root / "model" / linked.name)}}
+
+
+def test_model_folders_are_reported_one_by_one_or_refused(tmp_path, capsys):
+    root = tmp_path / "root"
+    for model in ("m1", "m2"):
+        write_samples(root / model, "t", [sample_line([-1.0, -2.0], i % 2, doc_id=i) for i in range(2 + int(model[1]))])
+    assert main(["evaluate", "--lm-eval", str(root), "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert list(summary["models"]) == ["m1", "m2"]
+    for model, n in (("m1", 3), ("m2", 4)):
+        assert json.loads((tmp_path / "out" / model / "t" / "metrics.json").read_text())["n"] == n
+        assert summary["models"][model]["tasks"]["t"]["rows_used"] == n
+    with pytest.raises(ValueError, match=r"holds the samples of 2 model folders \(m1, m2\)"):
+        ck_lm_eval.evaluate_samples(root)
+
+    write_samples(root, "t", [sample_line([-1.0, -2.0], 0)])  # the root holds a run itself, beside m1 and m2
+    assert main(["evaluate", "--lm-eval", str(root), "--out", str(tmp_path / "o2"), "--no-progress"]) == 2
+    assert "the model folders '.' and 'm1', 'm2' lie one inside the other" in capsys.readouterr().err
+
+    write_results(root / "m1", {}, date=DATE, model="org/model-a")
+    write_results(root / "m1", {}, date="2026-12-08T10-00-00.000001", model="org/model-b")
+    with pytest.raises(ValueError, match="the folder '.' holds runs of 2 models: org/model-a .*; org/model-b"):
+        ck_lm_eval.evaluate_samples(root / "m1")
+
+
+@pytest.mark.parametrize("where", ["line", "doc", "results"])
+def test_deep_nesting_is_an_error_not_a_crash(tmp_path, capsys, where):
+    deep = "[" * 100_000 + "]" * 100_000
+    line = sample_line([-1.0, -2.0], 0)
+    if where == "line":
+        line = deep
+    elif where == "doc":
+        line = line.replace('"doc": {"q": 0}', '"doc": ' + "[" * 70 + "]" * 70)
+    write_samples(tmp_path / "run", "t", [line, sample_line([-1.0, -2.0], 1)])
+    if where == "results":
+        (tmp_path / "run" / f"results_{DATE}.json").write_text('{"configs": ' + deep + "}")
+    assert main(["evaluate", "--lm-eval", str(tmp_path / "run"), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("calibkern: error: ") and "Traceback" not in err
+    assert f"{'.json' if where == 'results' else '.jsonl:1'}: JSON nested deeper than 64 levels" in err
+
+
+def test_a_truncated_or_missing_file_stops_only_its_task(tmp_path, capsys):
+    run = tmp_path / "run"
+    write_samples(run, "whole", [sample_line([-1.0, -2.0], i % 2, doc_id=i) for i in range(3)])
+    cut = write_samples(run, "cut", [sample_line([-1.0, -2.0], 0)] * 2)
+    cut.write_bytes(cut.read_bytes()[:-40])
+    (run / f"samples_gone_{DATE}.jsonl").symlink_to(tmp_path / "nowhere")
+    assert main(["evaluate", "--lm-eval", str(run), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "2 tasks failed: " in err and f"samples_cut_{DATE}.jsonl:2: not a JSON line" in err
+    assert f"samples_gone_{DATE}.jsonl: not a readable file" in err
+    assert json.loads((tmp_path / "out" / "whole" / "metrics.json").read_text())["n"] == 3
+
+
 # ---- the real harness ---------------------------------------------------------------------------------------------
 
-TASK_YAML = """task: tiny_mcq
+TASK_YAML = """task: {name}
 dataset_path: json
 dataset_kwargs:
   data_files:
@@ -233,23 +410,25 @@ dataset_kwargs:
 test_split: test
 output_type: multiple_choice
 doc_to_text: "{{{{prompt}}}}"
-doc_to_choice: ["A", "B", "C", "D"]
-doc_to_target: "{{{{answer}}}}"
+doc_to_choice: {choices}
+doc_to_target: {target}
 metric_list:
   - metric: acc
   - metric: acc_norm
+  - metric: brier_score
 """
+NUMERALS = ["2", "3", "4", "5"]  # as indices "2" and "3" name other choices, "4" and "5" none
 
 
-def run_lm_eval(model_dir, task_dir, out_dir):
-    """``lm_eval --model hf --model_args pretrained=DIR --tasks tiny_mcq --include_path TASKS --log_samples
+def run_lm_eval(model_dir, task_dir, out_dir, tasks):
+    """``lm_eval --model hf --model_args pretrained=DIR --tasks … --include_path TASKS --log_samples
     --output_path OUT`` through the Python API, saving as the command line does (lm_eval's _cli/run.py)."""
     from lm_eval import simple_evaluate
     from lm_eval.loggers import EvaluationTracker
     from lm_eval.tasks import TaskManager
 
     tracker = EvaluationTracker(output_path=str(out_dir))
-    results = simple_evaluate(model="hf", model_args=f"pretrained={model_dir}", tasks=["tiny_mcq"], device="cpu",
+    results = simple_evaluate(model="hf", model_args=f"pretrained={model_dir}", tasks=tasks, device="cpu",
                               batch_size=8, log_samples=True, evaluation_tracker=tracker,
                               task_manager=TaskManager(include_path=str(task_dir), include_defaults=False))
     samples = results.pop("samples")
@@ -259,51 +438,140 @@ def run_lm_eval(model_dir, task_dir, out_dir):
     return results
 
 
-def test_round_trip_through_the_real_harness(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory):
+    """Two tiny Llamas evaluated by the real lm_eval, offline, into one output root (``ROOT/<model>/``), on a
+    letter task (``doc_to_target`` a template giving the index) and a numeral task (``doc_to_target`` a field
+    holding the answer's text)."""
     pytest.importorskip("lm_eval")
-    from calibkern.hf.data import DEFAULT_TEMPLATE, format_prompt
-    from calibkern.pipeline import io
-    from hf_tiny import make_examples, make_model, make_tokenizer
-
     import datasets
     import huggingface_hub
+    from calibkern.hf.data import DEFAULT_TEMPLATE, format_prompt
+    from hf_tiny import make_examples, make_model, make_tokenizer
 
-    for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        monkeypatch.setenv(name, "1")
-    # read at import: the flags themselves, so that nothing is fetched and the cache stays in tmp_path
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets_cache")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    tokenizer = make_tokenizer()  # " A" … " D" are single tokens
-    make_model(tokenizer).save_pretrained(tmp_path / "model")
-    tokenizer.save_pretrained(tmp_path / "model")
-    examples = make_examples(32, seed=5)
-    (tmp_path / "task.jsonl").write_text("".join(
-        json.dumps({"prompt": format_prompt(e, DEFAULT_TEMPLATE), "answer": e.answer}) + "\n" for e in examples))
-    (tmp_path / "tasks").mkdir()
-    (tmp_path / "tasks" / "tiny_mcq.yaml").write_text(TASK_YAML.format(data=tmp_path / "task.jsonl"))
+    path = tmp_path_factory.mktemp("harness")
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+            patch.setenv(name, "1")
+        # read at import: the flags themselves, so that nothing is fetched and the cache stays in the test folder
+        patch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+        patch.setattr(datasets.config, "HF_DATASETS_CACHE", path / "datasets_cache")
+        patch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+        tokenizer = make_tokenizer()  # " A" … " D" are single tokens
+        examples = make_examples(32, seed=5)
+        prompts = [format_prompt(e, DEFAULT_TEMPLATE) for e in examples]
+        (path / "letters.jsonl").write_text("".join(
+            json.dumps({"prompt": p, "answer": e.answer}) + "\n" for p, e in zip(prompts, examples)))
+        (path / "numerals.jsonl").write_text("".join(
+            json.dumps({"prompt": p, "answer": NUMERALS[e.answer]}) + "\n" for p, e in zip(prompts, examples)))
+        (path / "tasks").mkdir()
+        (path / "tasks" / "tiny_mcq.yaml").write_text(TASK_YAML.format(
+            name="tiny_mcq", data=path / "letters.jsonl", choices='["A", "B", "C", "D"]', target='"{{answer}}"'))
+        (path / "tasks" / "tiny_numeral.yaml").write_text(TASK_YAML.format(
+            name="tiny_numeral", data=path / "numerals.jsonl", choices=json.dumps(NUMERALS), target="answer"))
+        results, folders = {}, {}
+        for seed in (0, 1):
+            model = path / f"model{seed}"
+            make_model(tokenizer, seed=seed).save_pretrained(model)
+            tokenizer.save_pretrained(model)
+            results[model.name] = run_lm_eval(model, path / "tasks", path / "lm_eval_out", ["tiny_mcq", "tiny_numeral"])
+            folders[model.name], = (path / "lm_eval_out").glob(f"*__{model.name}")
+    return types.SimpleNamespace(path=path, examples=examples, results=results, folders=folders,
+                                 root=path / "lm_eval_out")
 
-    results = run_lm_eval(tmp_path / "model", tmp_path / "tasks", tmp_path / "lm_eval_out")
+
+def lm_eval_metric(results, task, name):
+    return float(results["results"][task][f"{name},none"])
+
+
+def test_round_trip_through_the_real_harness(harness, tmp_path):
+    from calibkern.pipeline import io
+
     out = tmp_path / "report"
-    assert main(["evaluate", "--lm-eval", str(tmp_path / "lm_eval_out"), "--out", str(out), "--no-progress"]) == 0
+    assert main(["evaluate", "--lm-eval", str(harness.folders["model0"]), "--out", str(out), "--no-progress"]) == 0
     metrics = json.loads((out / "tiny_mcq" / "metrics.json").read_text())
 
-    model, tokenizer = io.load_model(tmp_path / "model")
-    expected = calibkern.hf.evaluate(model, tokenizer, examples, progress=False).metrics
-    assert set(metrics) == set(expected)
+    model, tokenizer = io.load_model(harness.path / "model0")
+    expected = calibkern.hf.evaluate(model, tokenizer, harness.examples, progress=False).metrics
+    assert set(metrics) == set(expected) | {"acc", "acc_norm", "brier_score"}
     for name in ("ece", "ece_debiased", "ece_l2", "mce", "cw_ece", "accuracy", "mean_confidence", "nll", "brier"):
         assert metrics[name] == pytest.approx(expected[name], abs=1e-6), name
     assert metrics["n"] == expected["n"] == 32
-    assert metrics["accuracy"] == pytest.approx(results["results"]["tiny_mcq"]["acc,none"], abs=1e-12)
-    assert main(["evaluate", "--lm-eval", str(tmp_path / "lm_eval_out"), "--out", str(tmp_path / "norm"),
-                 "--normalize", "chars", "--no-progress"]) == 0
-    normalized = json.loads((tmp_path / "norm" / "tiny_mcq" / "metrics.json").read_text())
-    assert normalized["accuracy"] == pytest.approx(results["results"]["tiny_mcq"]["acc_norm,none"], abs=1e-12)
+    results = harness.results["model0"]
+    assert metrics["accuracy"] == metrics["acc"] == pytest.approx(lm_eval_metric(results, "tiny_mcq", "acc"),
+                                                                  abs=1e-12)
+    assert metrics["brier_score"] == pytest.approx(lm_eval_metric(results, "tiny_mcq", "brier_score"), rel=1e-12)
+    assert metrics["acc_norm"] == pytest.approx(lm_eval_metric(results, "tiny_mcq", "acc_norm"), abs=1e-12)
 
-    samples_file, = (tmp_path / "lm_eval_out").rglob("samples_tiny_mcq_*.jsonl")
+    samples_file, = harness.folders["model0"].glob("samples_tiny_mcq_*.jsonl")
     logged = [json.loads(line) for line in samples_file.read_text().splitlines()]
     predictions = [json.loads(line) for line in (out / "tiny_mcq" / "predictions.jsonl").read_text().splitlines()]
     assert [float(p["pred"] == p["label"]) for p in predictions] == [row["acc"] for row in logged]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["tasks"]["tiny_mcq"]["rows_read"] == summary["tasks"]["tiny_mcq"]["rows_used"] == 32
+    assert summary["tasks"]["tiny_mcq"]["cross_checked"] == {"acc": 32, "acc_norm": 32}
     assert os.path.samefile(summary["tasks"]["tiny_mcq"]["file"], samples_file)
+
+
+@pytest.mark.parametrize("normalize", ["none", "chars"])
+def test_numeral_choices_with_a_text_target_give_lm_evals_numbers(harness, normalize):
+    report = ck_lm_eval.evaluate_samples(harness.folders["model0"], normalize=normalize, progress=False)
+    results, task = harness.results["model0"], "tiny_numeral"
+    metrics = report.results[task].metrics
+    assert report.failed == {} and report.samples[task].rows_skipped == 0 and metrics["n"] == 32
+    assert report.samples[task].labels.tolist() == [e.answer for e in harness.examples]
+    assert metrics["accuracy"] == pytest.approx(lm_eval_metric(results, task, "acc_norm" if normalize == "chars"
+                                                               else "acc"), abs=1e-12)
+    for name in ("acc", "acc_norm", "brier_score"):  # lm-eval's names: lm-eval's numbers, whatever --normalize
+        assert metrics[name] == pytest.approx(lm_eval_metric(results, task, name), rel=1e-12, abs=1e-12), name
+    samples_file, = harness.folders["model0"].glob(f"samples_{task}_*.jsonl")
+    logged = [json.loads(line)["acc_norm" if normalize == "chars" else "acc"]
+              for line in samples_file.read_text().splitlines()]
+    assert [float(p["pred"] == p["label"]) for p in report.results[task].predictions] == logged
+
+
+def test_numeral_targets_need_the_runs_results_file(harness, tmp_path):
+    samples_file, = harness.folders["model0"].glob("samples_tiny_numeral_*.jsonl")
+    shutil.copy(samples_file, tmp_path)  # without results_<date>.json: "2" may be index 2 or the choice "2"
+    report = ck_lm_eval.evaluate_samples(tmp_path, progress=False)
+    assert report.results == {} and "keep the run's results_<date>.json" in report.failed["tiny_numeral"]
+    lines = samples_file.read_text().splitlines()
+    row = json.loads(lines[3])
+    row["acc"] = 1.0 - row["acc"]  # a log that disagrees with the way calibkern reads it
+    folder = tmp_path / "edited"
+    shutil.copytree(harness.folders["model0"], folder)
+    (folder / samples_file.name).write_text("\n".join(lines[:3] + [json.dumps(row)] + lines[4:]) + "\n")
+    report = ck_lm_eval.evaluate_samples(folder, progress=False)
+    assert list(report.results) == ["tiny_mcq"]
+    assert f"{samples_file.name}:4: lm-eval logged acc = {row['acc']}" in report.failed["tiny_numeral"]
+
+
+def test_a_root_of_two_models_is_reported_per_model(harness, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["evaluate", "--lm-eval", str(harness.root), "--out", str(out), "--no-progress"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert sorted(summary["models"]) == sorted(folder.name for folder in harness.folders.values())
+    for model, folder in harness.folders.items():
+        for task in ("tiny_mcq", "tiny_numeral"):
+            metrics = json.loads((out / folder.name / task / "metrics.json").read_text())
+            assert metrics["accuracy"] == pytest.approx(lm_eval_metric(harness.results[model], task, "acc"), abs=1e-12)
+            assert summary["models"][folder.name]["tasks"][task]["file"].startswith(str(folder))
+    accuracies = {folder.name: json.loads((out / folder.name / "tiny_mcq" / "metrics.json").read_text())["accuracy"]
+                  for folder in harness.folders.values()}
+    assert len(set(accuracies.values())) == 2  # two models, two numbers: nothing pooled
+    with pytest.raises(ValueError, match="holds the samples of 2 model folders"):
+        ck_lm_eval.read_samples(harness.root)
+
+
+def test_a_truncated_samples_file_of_the_real_harness_stops_its_task_only(harness, tmp_path, capsys):
+    folder = tmp_path / "run"
+    shutil.copytree(harness.folders["model1"], folder)
+    cut, = folder.glob("samples_tiny_numeral_*.jsonl")
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size * 2 // 3])
+    out = tmp_path / "out"
+    assert main(["evaluate", "--lm-eval", str(folder), "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("calibkern: error: ") and "1 task failed: tiny_numeral: " in err
+    assert f"{cut.name}:22: not a JSON line" in err
+    whole = ck_lm_eval.evaluate_samples(harness.folders["model1"], progress=False).results["tiny_mcq"].metrics
+    assert json.loads((out / "tiny_mcq" / "metrics.json").read_text()) == json.loads(json.dumps(whole))
