@@ -158,8 +158,10 @@ def _require(command: str, modules: tuple[str, ...]) -> None:
         try:
             importlib.import_module(module)
         except ImportError as error:
-            raise ValueError(f"calibkern {command} needs {module}, which is not installed ({error}); install the hf "
-                             f"extra: {HF_EXTRA}") from None
+            extra = f"the plot extra (pip install 'calibkern[plot]') or {HF_EXTRA}" if module == "matplotlib" else \
+                f"the hf extra: {HF_EXTRA}"
+            raise ValueError(f"calibkern {command} needs {module}, which is not installed ({error}); install "
+                             f"{extra}") from None
 
 
 def _needed_modules(args) -> tuple[str, ...]:

@@ -129,6 +129,17 @@ def test_environment_values_are_checked(monkeypatch, capsys, variable, value, co
 
 
 def test_template_escapes_are_read():
-    from calibkern.cli import read_escapes
+    from calibkern.cli import TEMPLATE_HELP, read_escapes
+    from calibkern.hf.data import DEFAULT_TEMPLATE
+
+    assert "'" + DEFAULT_TEMPLATE.replace("\n", "\\n") + "'" in TEMPLATE_HELP  # the default the help shows
 
     assert read_escapes(r"{question}\n{options}\tAnswer: \\n") == "{question}\n{options}\tAnswer: \\n"
+
+
+def test_a_csv_cell_over_128_kib_is_read(tmp_path):
+    from calibkern.hf.data import load_mcq
+
+    passage = "word " * 60_000  # 300 KB, past csv's default field limit of 128 KiB
+    (tmp_path / "long.csv").write_text(f"question,A,B,answer\n{passage},x,y,B\n", encoding="utf-8")
+    assert [(e.question, e.answer) for e in load_mcq(tmp_path / "long.csv")] == [(passage, 1)]
