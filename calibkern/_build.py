@@ -1,16 +1,16 @@
 """How the C++ extension is built, ahead of time by setup.py or at first use against the running torch.
 
 One recipe for both: the C++ sources (:data:`CSRC`: the repository's top-level ``csrc/``, shipped in a wheel
-as ``calibkern/csrc/``), ``-O3 -fopenmp
--ffp-contract=fast`` and ``-march`` from the environment — ``CALIBKERN_MARCH=ARCH`` (default ``native``) or
-``CALIBKERN_PORTABLE=1`` (no ``-march``: the compiler's baseline). The C++ standard is left to torch's own
-extension tooling, which passes the one its headers need (C++17 for older releases, C++20 for newer).
+as ``calibkern/csrc/``), ``-O3 -fopenmp -ffp-contract=fast`` and ``-march`` from the environment —
+``CALIBKERN_MARCH=ARCH`` (default ``native``) or ``CALIBKERN_PORTABLE=1`` (no ``-march``: the compiler's
+baseline). The C++ standard is left to torch's own extension tooling, which passes the one its headers need
+(C++17 for older releases, C++20 for newer).
 
 An ahead-of-time build records what it was built for in ``calibkern/_build_config.py``: the CPU flags it
-needs (/proc/cpuinfo names), the torch version and its C++ ABI. :func:`mismatch` compares such a record
-with the running process; calibkern._cpp then builds the extension again at first use (:func:`jit_load`)
-into a per-user cache keyed by torch version, ABI, Python, target CPU flags and the sources' hash, where
-torch's own file lock keeps parallel ranks from building it twice.
+needs (/proc/cpuinfo names), its ``-march`` target, the torch version and its C++ ABI. :func:`mismatch`
+compares such a record with the running process (and with a target the environment names explicitly, so
+that ``CALIBKERN_MARCH=x86-64-v3`` runs an AVX2 build beside a native one); calibkern._cpp then builds the
+extension again at first use into the per-user cache of :func:`cache_root` (calibkern/_jit.py).
 
 Standard library at import: setup.py loads this file by path, before the package is importable.
 """
@@ -18,13 +18,11 @@ Standard library at import: setup.py loads this file by path, before the package
 from __future__ import annotations
 
 import glob
-import hashlib
 import importlib.util
 import os
 import re
 import shlex
 import subprocess
-import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -63,16 +61,39 @@ def _cpu_flags_module():
     return _cpu_flags
 
 
-def sources() -> list[str]:
-    """The pybind11 module and the CPU kernels, as absolute paths."""
-    return [os.path.join(CSRC, "bindings.cpp")] + sorted(glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
+def sources(root: str | None = None) -> list[str]:
+    """The pybind11 module and the CPU kernels under ``root`` (default :data:`CSRC`), as absolute paths."""
+    root = root or CSRC
+    return [os.path.join(root, "bindings.cpp")] + sorted(glob.glob(os.path.join(root, "cpu", "*.cpp")))
+
+
+def env_switch(name: str) -> bool | None:
+    """An on/off environment variable: ``1`` on, ``0`` off, unset or empty None; ValueError naming it otherwise."""
+    value = os.environ.get(name, "")
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{name} must be 0 or 1; got {value!r}")
+    return None if value == "" else value == "1"
 
 
 def march() -> str | None:
     """The ``-march`` target: None for a portable build."""
-    if os.environ.get("CALIBKERN_PORTABLE") == "1":
+    if env_switch("CALIBKERN_PORTABLE"):
         return None
     return os.environ.get("CALIBKERN_MARCH", "native")
+
+
+def requested_march() -> tuple[bool, str | None]:
+    """(whether the environment names a target — ``CALIBKERN_MARCH`` or ``CALIBKERN_PORTABLE=1`` —, that target)."""
+    named = bool(env_switch("CALIBKERN_PORTABLE")) or bool(os.environ.get("CALIBKERN_MARCH"))
+    return named, march()
+
+
+def describe_target(target: str | None, cpu_flags) -> str:
+    """``-march=<target>`` (or ``portable``) and the widest vector extension among its CPU flags."""
+    flags = set(cpu_flags or ())
+    widest = next((name for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX")) if flag in flags),
+                  "SSE2")
+    return f"{'-march=' + target if target else 'portable (no -march)'}, {widest}"
 
 
 def cxx_flags(target: str | None) -> list[str]:
@@ -106,7 +127,8 @@ def torch_identity() -> tuple[str, bool]:
 
 def build_config(target: str | None) -> dict:
     version, abi = torch_identity()
-    return {"CPP_CPU_FLAGS": tuple(target_cpu_flags(target)), "TORCH_VERSION": version, "CXX11_ABI": abi}
+    return {"CPP_CPU_FLAGS": tuple(target_cpu_flags(target)), "TORCH_VERSION": version, "CXX11_ABI": abi,
+            "MARCH": target}
 
 
 def write_build_config(path: str, config: dict) -> None:
@@ -129,6 +151,10 @@ def mismatch(config: dict, torch_version: str, cxx11_abi: bool, cpu_flags) -> st
     if missing:
         return (f"compiled for CPU instructions this CPU lacks ({', '.join(missing)}); rebuild it on this machine, "
                 "or build a portable one with CALIBKERN_PORTABLE=1")
+    named, target = requested_march()
+    if named and "MARCH" in config and config["MARCH"] != target:
+        return (f"built for {describe_target(config['MARCH'], config.get('CPP_CPU_FLAGS'))}, but the environment asks "
+                f"for {'-march=' + target if target else 'a portable build'}")
     return None
 
 
@@ -138,71 +164,3 @@ def cache_root() -> str:
         return os.environ["CALIBKERN_CACHE"]
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "calibkern")
-
-
-def jit_directory() -> str:
-    """The cache directory of a build for this process: torch version, ABI, Python, target and sources."""
-    version, abi = torch_identity()
-    target = march()
-    digest = hashlib.sha256()
-    for part in (version, str(abi), sys.version, str(target), ",".join(target_cpu_flags(target))):
-        digest.update(part.encode() + b"\0")
-    for path in sorted(sources() + glob.glob(os.path.join(CSRC, "**", "*.h"), recursive=True)):
-        with open(path, "rb") as handle:
-            digest.update(os.path.relpath(path, CSRC).encode() + b"\0" + handle.read())
-    tag = re.sub(r"[^0-9A-Za-z.]+", "_", version)
-    python = f"py{sys.version_info[0]}{sys.version_info[1]}"
-    return os.path.join(cache_root(), f"torch{tag}-{python}-{digest.hexdigest()[:16]}")
-
-
-FAILED_MARKER = "build-failed.log"
-
-
-def jit_load():
-    """Build (once per cache directory) and import the extension; ImportError with the compiler's first
-    lines when it does not compile. A failed build is remembered: delete its directory to try again."""
-    from torch.utils import cpp_extension
-
-    directory = jit_directory()
-    failed = os.path.join(directory, FAILED_MARKER)
-    if os.path.exists(failed):
-        with open(failed, encoding="utf-8", errors="replace") as handle:
-            raise ImportError(f"compiling the cpp backend failed earlier ({first_lines(handle.read())}); "
-                              f"delete {directory} to try again")
-    os.makedirs(directory, exist_ok=True)
-    if not glob.glob(os.path.join(directory, "*.so")):
-        print(f"calibkern: compiling the cpp backend for torch {torch_identity()[0]} into {directory} "
-              "(once; about a minute)", file=sys.stderr, flush=True)
-    path = os.environ.get("PATH", "")
-    os.environ["PATH"] = os.pathsep.join([*_ninja_dirs(), path])  # torch runs `ninja` from PATH
-    try:
-        return cpp_extension.load(name="calibkern_C", sources=sources(), extra_cflags=cxx_flags(march()),
-                                  extra_ldflags=LINK_FLAGS, extra_include_paths=[CSRC], build_directory=directory,
-                                  verbose=False)
-    except (RuntimeError, OSError, subprocess.CalledProcessError) as error:
-        text = str(error) + "\n" + str(getattr(error, "output", "") or "")
-        with open(failed, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        raise ImportError(f"compiling the cpp backend failed ({first_lines(text)}); the full log is {failed}") \
-            from None
-    finally:
-        os.environ["PATH"] = path
-
-
-def _ninja_dirs() -> list[str]:
-    """Where the ``ninja`` of this environment lives (the PyPI package's, the interpreter's bin directory),
-    which an environment used without activation does not have on PATH."""
-    dirs = [os.path.dirname(sys.executable)]
-    spec = importlib.util.find_spec("ninja")
-    if spec is not None:
-        import ninja
-
-        dirs.insert(0, getattr(ninja, "BIN_DIR", dirs[0]))
-    return dirs
-
-
-def first_lines(text: str, count: int = 3) -> str:
-    """The first ``count`` lines that say something (an ``error:`` line first when there is one)."""
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    errors = [line for line in lines if "error" in line.lower()]
-    return " | ".join((errors or lines)[:count]) or "no output"

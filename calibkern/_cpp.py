@@ -3,9 +3,10 @@ extension (csrc/).
 
 The extension is the ahead-of-time build ``calibkern._C`` when there is one built for this torch and this
 CPU (calibkern/_build.py records what it was built for); otherwise it is compiled at first use against the
-running torch into a per-user cache (``calibkern._build.jit_load``; ``CALIBKERN_JIT=0`` turns that off).
-Importing this module raises ImportError, saying why, when neither gives a usable extension, which
-:mod:`calibkern.backends` reports as "cpp unavailable" with that reason.
+running torch into a per-user cache (calibkern/_jit.py; ``CALIBKERN_JIT=0`` turns that off, ``1`` or unset
+leaves it on). Importing this module raises ImportError, saying why, when neither gives a usable extension,
+which :mod:`calibkern.backends` reports as "cpp unavailable" with that reason. :data:`HOW_BUILT` says how the
+extension in use was obtained and :data:`BUILD_TARGET` which instruction-set target it was compiled for.
 
 Each function is a thin wrapper; the kernels are single-pass per row, OpenMP-parallel over fixed blocks of
 rows, float32 math with float64 statistics, and bitwise identical for any number of threads.
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
 
 import torch
 
@@ -25,33 +25,50 @@ from calibkern._cpu_flags import cpu_flags
 from calibkern.reference.bootstrap import POISSON_THRESHOLDS
 
 
-def _ahead_of_time_problem() -> str | None:
-    """Why the ahead-of-time build cannot be used here, or None when it can."""
+def _ahead_of_time_problem() -> tuple[str | None, dict]:
+    """(why the ahead-of-time build cannot be used here, or None when it can; its build record)."""
     if importlib.util.find_spec("calibkern._C") is None:
-        return "calibkern._C was not built ahead of time"
+        return "calibkern._C was not built ahead of time", {}
     try:
         config = vars(importlib.import_module("calibkern._build_config"))
     except ImportError:  # built without a record: trust it
-        return None
+        return None, {}
     problem = _build.mismatch(config, *_build.torch_identity(), cpu_flags())
-    return None if problem is None else f"calibkern._C was {problem}"
+    return (None if problem is None else f"calibkern._C was {problem}"), config
+
+
+def describe_target(march: str | None, cpu_flags) -> str:
+    """``-march=<target>, <widest vector extension> (CPU flags: …)`` of a build."""
+    flags = ", ".join(cpu_flags) or "none"
+    return f"{_build.describe_target(march, cpu_flags)} (CPU flags: {flags})"
 
 
 def _load_extension():
-    """(module, how it was obtained)."""
-    problem = _ahead_of_time_problem()
-    if problem is None:
-        return importlib.import_module("calibkern._C"), "built ahead of time (calibkern._C)"
-    if os.environ.get("CALIBKERN_JIT") == "0":
-        raise ImportError(f"{problem}, and CALIBKERN_JIT=0 turns off the build at first use")
+    """(module, how it was obtained, the instruction-set target it was compiled for)."""
     try:
-        module = _build.jit_load()
+        jit = _build.env_switch("CALIBKERN_JIT")
+        problem, config = _ahead_of_time_problem()
+    except ValueError as error:
+        raise ImportError(str(error)) from None
+    if problem is None:
+        target = (describe_target(config["MARCH"], config.get("CPP_CPU_FLAGS", ())) if "MARCH" in config
+                  else "a target calibkern/_build_config.py does not record")
+        return importlib.import_module("calibkern._C"), "built ahead of time (calibkern._C)", target
+    if jit is False:
+        raise ImportError(f"{problem}, and CALIBKERN_JIT=0 turns off the build at first use")
+    from calibkern import _jit
+
+    try:
+        entry = _jit.cache_entry()
+        module, compiled = _jit.jit_load(problem, entry)
     except ImportError as error:
         raise ImportError(f"{problem}; {error}") from None
-    return module, f"built at first use in {_build.jit_directory()} ({problem})"
+    how = "compiled by this process" if compiled else "loaded from the cache"
+    target = describe_target(entry.record["march"], entry.record["cpu_flags"])
+    return module, f"built at first use in {entry.directory}, {how} ({problem})", target
 
 
-_C, HOW_BUILT = _load_extension()
+_C, HOW_BUILT, BUILD_TARGET = _load_extension()
 
 _REDUCTION_CODES = {"none": 0, "sum": 1, "mean": 2}  # csrc/cpu/option_rows.h, Reduction
 

@@ -84,7 +84,8 @@ def backend_report() -> list[BackendStatus]:
         elif name == "torch":
             report.append(BackendStatus(name, True, f"the reference, plain PyTorch {torch.__version__}"))
         elif name == "cpp":
-            report.append(BackendStatus(name, True, f"{loaded.HOW_BUILT}; {loaded._C.max_threads()} OpenMP threads"))
+            report.append(BackendStatus(name, True, f"{loaded.HOW_BUILT}, for {loaded.BUILD_TARGET}; "
+                                                    f"{loaded._C.max_threads()} OpenMP threads"))
         else:
             how = "interpreter (TRITON_INTERPRET=1)" if os.environ.get("TRITON_INTERPRET") == "1" else "CUDA"
             report.append(BackendStatus(name, True, f"triton {importlib.import_module('triton').__version__}, {how}"))
@@ -121,7 +122,10 @@ def get_backend() -> str:
     """The backend name in force when a call passes ``backend=None``."""
     if _selected is not None:
         return _selected
-    return _check_name(os.environ.get("CALIBKERN_BACKEND", "auto") or "auto")
+    name = os.environ.get("CALIBKERN_BACKEND", "auto") or "auto"
+    if name not in BACKENDS + ("auto",):
+        raise ValueError(f"CALIBKERN_BACKEND must be one of {', '.join(map(repr, BACKENDS + ('auto',)))}; got {name!r}")
+    return name
 
 
 def get_module(name: str) -> ModuleType:
