@@ -368,6 +368,8 @@ def test_model_folders_are_reported_one_by_one_or_refused(tmp_path, capsys):
     write_results(root / "m1", {}, date="2026-12-08T10-00-00.000001", model="org/model-b")
     with pytest.raises(ValueError, match="the folder '.' holds runs of 2 models: org/model-a .*; org/model-b"):
         ck_lm_eval.evaluate_samples(root / "m1")
+    one_file = ck_lm_eval.evaluate_samples(root / "m1" / f"samples_t_{DATE}.jsonl", progress=False)
+    assert one_file.results["t"].metrics["n"] == 3  # a file named by itself is one run
 
 
 @pytest.mark.parametrize("where", ["line", "doc", "results"])

@@ -622,7 +622,7 @@ def evaluate_models(
             raise ValueError(f"{os.fspath(path)}: the model folders {outer!r} and {', '.join(map(repr, nested))} "
                              "lie one inside the other: point --lm-eval at one model's folder or at a folder of "
                              "model folders side by side")
-    for folder, files in folders.items():
+    for folder, files in folders.items() if os.path.isdir(path) else ():  # one file is one run
         _check_one_model(folder, files)
     reports = {}
     with tqdm(total=sum(map(len, folders.values())), desc="lm-eval samples", unit="file",
