@@ -148,6 +148,24 @@ def test_brier_and_nll_keep_their_relative_precision_on_confident_rows(backend, 
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("k", [2, 100])
+def test_nll_is_finite_for_finite_extremes(backend, k):
+    """Logits of opposite float32 extremes: ``m − z_y`` exceeds float32's range (6e38), the NLL does not
+    (its sums are float64): the mean over the rows equals float64's, short rows and long ones, meter included."""
+    logits = torch.zeros(3, k)
+    logits[0, :2] = torch.tensor([3e38, -3e38])
+    logits[1, :2] = torch.tensor([-3.4e38, 3.4e38])
+    logits[2, 0] = 1.0
+    labels = torch.tensor([1, 0, 0])
+    exact = float(ck.nll(logits.double(), labels, backend="torch"))
+    assert exact == pytest.approx((6e38 + 6.8e38 + math.log1p((k - 1) / math.e)) / 3, rel=1e-6)
+    meter = ck.CalibrationMeter(M, backend=backend)
+    meter.update(logits, labels)
+    for got in (ck.nll(logits, labels, backend=backend), meter.compute()["nll"]):
+        assert math.isfinite(float(got)) and float(got) == pytest.approx(exact, rel=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_nll_and_brier_apply_the_nonfinite_policy(backend):
     logits, labels = rows(47, 5, torch.float32)
     labels[3] = 1

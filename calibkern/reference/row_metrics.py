@@ -1,7 +1,8 @@
 """Per-row top-1 read-outs and the one-pass metric sums (docs/math.md#proper-scores), plain PyTorch.
 
 Per row, with ``e_j = exp(z_j − m)``, ``s = Σ_j e_j``, ``O = Σ_{j≠y} e_j`` and ``Q = Σ_{j≠y} e_j²``:
-``NLL = −log p_y = log1p(O)`` when ``y = ŷ`` (then ``e_y = 1``), else ``log s − (z_y − m)``;
+``NLL = −log p_y = log1p(O)`` when ``y = ŷ`` (then ``e_y = 1``), else ``log s + (m − z_y)`` (float64: the gap of
+opposite float32 extremes exceeds float32's range);
 ``Brier = Σ_j (p_j − 1[j = y])² = (O/s)² + Q/s²`` — sums of non-negative terms, so a confident row keeps its
 relative precision (the expanded ``Σ p² − 2 p_y + 1`` cancels to 0 once ``p_y`` rounds to 1).
 """
@@ -32,20 +33,21 @@ def top1_rows(logits, labels, temperature: float, ignore_index: int):
 
 
 def proper_scores(logits, labels, temperature: float, ignore_index: int):
-    """Per-row NLL and Brier (module docstring) in the compute dtype, 0 for ignored and non-finite rows."""
+    """Per-row NLL (float64) and Brier (the compute dtype) of the module docstring, 0 for ignored and non-finite
+    rows."""
     z, high, finite, keep = _rows(logits, labels, temperature, ignore_index)
     keep = keep & finite
-    z = torch.where(keep[:, None], z - high[:, None], torch.zeros_like(z))
     safe = torch.where(keep, labels, torch.zeros_like(labels))[:, None]
+    # m − z_y in float64: opposite float32 extremes give a gap beyond float32's range
+    gap = torch.where(keep, high.double() - z.gather(1, safe).squeeze(1).double(), 0.0)
+    z = torch.where(keep[:, None], z - high[:, None], torch.zeros_like(z))
     e = z.exp()
     s = e.sum(dim=1)
     others = e.scatter(1, safe, 0.0)
     o, q = others.sum(dim=1), others.square().sum(dim=1)
-    gap = z.gather(1, safe).squeeze(1)
-    nll = torch.where(z.argmax(dim=1) == safe.squeeze(1), torch.log1p(o), torch.log(s) - gap)
+    nll = torch.where(z.argmax(dim=1) == safe.squeeze(1), torch.log1p(o).double(), torch.log(s).double() + gap)
     brier = (o / s).square() + q / s.square()
-    zero = torch.zeros_like(nll)
-    return torch.where(keep, nll, zero), torch.where(keep, brier, zero)
+    return torch.where(keep, nll, 0.0), torch.where(keep, brier, 0.0)
 
 
 def metric_sums(logits, labels, n_bins: int, temperature: float, ignore_index: int, classwise: bool):

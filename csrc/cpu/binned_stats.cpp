@@ -130,7 +130,7 @@ inline void add_top1_and_scores(BinPartials& partials, ScorePartials* scores, in
   partials.add(b, 1.0f / rs.sum, rs.argmax == label);
   if (scores) {
     const double others = ls.others / ls.sum;
-    scores->nll[b] += rs.argmax == label ? std::log1p(ls.others) : std::log(ls.sum) - (double)ls.gap;
+    scores->nll[b] += rs.argmax == label ? std::log1p(ls.others) : std::log(ls.sum) - ls.gap;
     scores->brier[b] += others * others + ls.others_sq / (ls.sum * ls.sum);
   }
 }
@@ -268,10 +268,12 @@ int64_t top1_short_rows(const T* x, const int64_t* labels, int64_t N, int64_t K,
         if constexpr (kTop1)
           bins.add(bin_of(sm.conf, m_float, (int32_t)M), binned, sm.conf, sm.pred == g.label ? splat<vf>(1.0f) : vf{});
         if constexpr (kScores) {
-          const vf row_nll = sm.pred == g.label ? log1p_(sm.others) : log_(sm.sum) - sm.gap;
+          // log s − (z_y − m) with the gap in float64 (beyond float32's range for opposite extremes); 0 when y = ŷ
+          const vf row_log = sm.pred == g.label ? log1p_(sm.others) : log_(sm.sum);
           const vf others = sm.others * sm.conf;
           const vf row_brier = others * others + sm.others_sq * (sm.conf * sm.conf);
-          nll += to_double(binned ? row_nll : vf{});
+          nll += to_double(binned ? row_log : vf{}) + (to_double(binned ? sm.z_max : vf{}) -
+                                                       to_double(binned ? sm.z_label : vf{}));
           brier += to_double(binned ? row_brier : vf{});
         }
         if constexpr (kClasswise) {

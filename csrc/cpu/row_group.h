@@ -192,14 +192,14 @@ template <class T, class V> struct RowGroup {
 /// argmax ŷ and whether the row's z are all finite (Σ z_j · 0 = 0; the other read-outs are meaningless where it
 /// is false). Σ exp is accumulated in float64 for a long row, float32 for a row group; p_j = exp(z_j − m) · c.
 /// With kLabel it also holds, for each lane's label y (−1: none), Σ_{j≠y} e_j, Σ_{j≠y} e_j² of
-/// e_j = exp(z_j − m) and z_y − m, from the same pass (the proper scores, docs/math.md#proper-scores).
+/// e_j = exp(z_j − m), z_y and m, from the same pass (the proper scores, docs/math.md#proper-scores).
 template <class T, class V, bool kLabel = false> struct GroupSoftmax {
   using I = typename Lane<V>::I;
   V conf;
   V sum;            // s = Σ_j e_j
   I pred;
   I finite;
-  V others{}, others_sq{}, gap{};  // kLabel only
+  V others{}, others_sq{}, z_label{}, z_max{};  // kLabel only
 
   /// With probabilities=false only conf and pred are computed (p then holds exp(z − m)).
   GroupSoftmax(const RowGroup<T, V>& g, V* p, bool probabilities = true) {
@@ -214,11 +214,12 @@ template <class T, class V, bool kLabel = false> struct GroupSoftmax {
       pred = gt ? splat_int<V>((int32_t)j) : pred;
     }
     finite = poison == 0.0f;
+    if constexpr (kLabel) z_max = m;
     typename Lane<V>::S s = {};
     for (int64_t j = 0; j < g.K; ++j) {
       if constexpr (kLabel) {
         const auto is_label = g.label == (int32_t)j;
-        gap = is_label ? p[j] - m : gap;
+        z_label = is_label ? p[j] : z_label;
         p[j] = exp_(p[j] - m);
         const V other = is_label ? V{} : p[j];
         others += other;

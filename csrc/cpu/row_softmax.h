@@ -29,7 +29,7 @@ struct RowLabelSums {
   double sum;        // s = Σ_j e_j (RowSoftmax::sum before rounding to float32)
   double others;     // Σ_{j≠y} e_j
   double others_sq;  // Σ_{j≠y} e_j²
-  float gap;         // z_y − m
+  double gap;        // z_y − m, in float64: logits of opposite float32 extremes give a gap beyond float32's range
 };
 
 namespace detail {
@@ -168,7 +168,8 @@ inline RowSoftmax row_softmax(const T* x, int64_t K, float inv_t, int64_t label 
       others_sq += to_double(chunk_others.sum_sq);
     }
   }
-  if constexpr (kLabel) *label_sums = {hsum(acc), hsum(others), hsum(others_sq), scaled1(x + label, inv_t) - m};
+  if constexpr (kLabel) *label_sums = {hsum(acc), hsum(others), hsum(others_sq),
+                                     (double)scaled1(x + label, inv_t) - (double)m};
   return {m, argmax, (float)hsum(acc), hsum(poison) == 0.0f};
 }
 

@@ -125,9 +125,11 @@ def log1p(x):
 @triton.jit
 def proper_scores(m, s, top, others, others_sq, z_label, labels):
     """Per row, from ``label_softmax``'s sums (docs/math.md#proper-scores): NLL = log1p(O) when ŷ = y (e_y = 1),
-    else log s − (z_y − m); Brier = (O/s)² + Q/s², free of the cancellation in (1 − p_y)²."""
+    else log s + (m − z_y) with the gap in float64 (NLL float64: opposite float32 extremes give a gap beyond
+    float32's range); Brier = (O/s)² + Q/s², free of the cancellation in (1 − p_y)²."""
     conf = 1.0 / s
-    nll = tl.where(top == labels, log1p(others), tl.log(s) - (z_label - m))
+    gap = m.to(tl.float64) - z_label.to(tl.float64)
+    nll = tl.where(top == labels, log1p(others).to(tl.float64), tl.log(s).to(tl.float64) + gap)
     brier = (others * conf) * (others * conf) + others_sq * (conf * conf)
     return nll, brier
 
