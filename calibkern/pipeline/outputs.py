@@ -1,4 +1,4 @@
-"""Output folders that never destroy input (docs/reliability.md#files-and-outputs).
+"""Output folders that never destroy input (docs/reliability.md#output-folders).
 
 Every ``calibkern`` command writes its ``--out`` through :class:`StagedOutput`:
 
@@ -137,9 +137,12 @@ def _umask() -> int:
 
 
 def write_marker(folder: str, command: str, extra: dict | None = None) -> None:
-    """``folder/calibkern-complete.json``: the command, when it finished, and ``extra`` (e.g. provenance)."""
+    """``folder/calibkern-complete.json``: the command, when it finished, its provenance (docs/demo.md#provenance;
+    ``extra`` may give the run's own) and ``extra``."""
+    from .provenance import provenance
+
     record = {"command": command, "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              **(extra or {})}
+              "provenance": provenance(), **(extra or {})}
     with open(os.path.join(folder, MARKER), "w", encoding="utf-8") as handle:
         json.dump(record, handle, indent=2)
 
