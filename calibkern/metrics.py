@@ -53,6 +53,12 @@ ESTIMATORS = ("plugin", "debiased")
 INTERVAL_METHODS = ("debiased", "percentile")
 
 
+def _ordered_sum(x: torch.Tensor) -> torch.Tensor:
+    """``Σ`` over the last dimension in index order (a sequential scan), so the same bits at every thread count:
+    ``torch.sum`` splits one long reduction (≥ 32768 bins or classes) between threads."""
+    return x.cumsum(dim=-1)[..., -1]
+
+
 def _ece_from_sums(counts, sum_conf, sum_correct, norm: str, estimator: str = "plugin") -> torch.Tensor:
     """ECE over the last dimension (bins); leading dimensions (classes, bootstrap replicates) are kept.
 
@@ -67,9 +73,9 @@ def _ece_from_sums(counts, sum_conf, sum_correct, norm: str, estimator: str = "p
         n_total = counts.sum(dim=-1).clamp_min(1).double()
         gap = (sum_conf - sum_correct).abs()
         if norm == "l1":
-            return gap.sum(dim=-1) / n_total
+            return _ordered_sum(gap) / n_total
         if norm == "l2":
-            return torch.sqrt((gap * gap / counts.clamp_min(1).double()).sum(dim=-1) / n_total)
+            return torch.sqrt(_ordered_sum(gap * gap / counts.clamp_min(1).double()) / n_total)
         return (gap / counts.clamp_min(1).double()).amax(dim=-1)
     squared_or_l1 = _debiased(counts, sum_conf, sum_correct, norm)
     return squared_or_l1 if norm == "l1" else squared_or_l1.clamp_min(0).sqrt()
@@ -83,14 +89,13 @@ def _debiased(counts, sum_conf, sum_correct, norm: str) -> torch.Tensor:
     gap = (sum_correct - sum_conf) / n.clamp_min(1)
     bernoulli = accuracy * (1 - accuracy)
     if norm == "l2":
-        return (weight * (gap * gap - bernoulli / (n - 1).clamp_min(1))).sum(dim=-1)
+        return _ordered_sum(weight * (gap * gap - bernoulli / (n - 1).clamp_min(1)))
     sd = torch.sqrt(bernoulli / n.clamp_min(1))
     safe = torch.where(sd > 0, sd, torch.ones_like(sd))
     folded = sd * math.sqrt(2 / math.pi) * torch.exp(-gap * gap / (2 * safe * safe)) \
         + gap * (1 - 2 * torch.special.ndtr(-gap / safe))
     folded = torch.where(sd > 0, folded, gap.abs())
-    plugin = (weight * gap.abs()).sum(dim=-1)
-    return 2 * plugin - (weight * folded).sum(dim=-1)
+    return 2 * _ordered_sum(weight * gap.abs()) - _ordered_sum(weight * folded)
 
 
 @dataclass
@@ -165,11 +170,11 @@ class BinStats:
 
     def ece(self, norm: str = "l1", estimator: str = "plugin") -> torch.Tensor:
         """ECE with ``norm`` l1/l2/max and ``estimator`` plugin/debiased (docs/math.md#debiased-ece); for
-        classwise statistics the mean over classes (cwECE)."""
+        classwise statistics the mean over classes (cwECE), summed in class order."""
         V.check_choice(norm, "norm", NORMS)
         V.check_choice(estimator, "estimator", ESTIMATORS)
         value = _ece_from_sums(self.counts, self.sum_conf, self.sum_correct, norm, estimator)
-        return value.mean() if self.classwise else value
+        return _ordered_sum(value) / value.shape[-1] if self.classwise else value
 
     def brier_decomposition(self) -> dict:
         """Murphy's decomposition of the top-1 Brier score ``(1/N) Σ (c_i − correct_i)²`` over the bins:
@@ -181,8 +186,8 @@ class BinStats:
         weight = n / n.sum().clamp_min(1)
         accuracy, confidence = self.sum_correct / n.clamp_min(1), self.sum_conf / n.clamp_min(1)
         overall = self.accuracy()
-        return {"reliability": (weight * (confidence - accuracy) ** 2).sum(),
-                "resolution": (weight * (accuracy - overall) ** 2).sum(),
+        return {"reliability": _ordered_sum(weight * (confidence - accuracy) ** 2),
+                "resolution": _ordered_sum(weight * (accuracy - overall) ** 2),
                 "uncertainty": overall * (1 - overall)}
 
     def confidence_interval(self, norm: str = "l1", *, n_boot: int = 1000, confidence: float = 0.95,
@@ -207,7 +212,7 @@ class BinStats:
 
     def mean_confidence(self) -> torch.Tensor:
         self._top1_only("mean_confidence()")
-        return self.sum_conf.sum() / self.counts.sum().clamp_min(1).double()
+        return _ordered_sum(self.sum_conf) / self.counts.sum().clamp_min(1).double()
 
     def bin_accuracy(self, prior: float = 0.0) -> torch.Tensor:
         """Per-bin accuracy for the hard-bin term (docs/math.md#cft-term), float32 [M]:

@@ -6,6 +6,7 @@ extension is built; ``triton`` under ``TRITON_INTERPRET=1``).
 
 import contextlib
 
+import numpy as np
 import pytest
 import torch
 
@@ -96,3 +97,49 @@ def test_fused_linear_loss_is_bitwise_reproducible(backend):
         first, second = run(), run()
     for i, (a, b) in enumerate(zip(first, second, strict=True)):
         assert torch.equal(a, b), f"output {i} differs between runs"
+
+
+# The ECE family's last reductions run in Python on the bin statistics: torch.sum splits one reduction of
+# ≥ 32768 elements (bins, or classes of classwise_ece) between threads. (N, K, M) per backend.
+METRIC_SHAPES = {"triton": [(64, 5, M)]}
+DEFAULT_METRIC_SHAPES = [(8, 40000, M), (512, 3, 40000)]
+NORMS_AND_ESTIMATORS = (("l1", "plugin"), ("l2", "plugin"), ("max", "plugin"), ("l1", "debiased"), ("l2", "debiased"))
+
+
+def metric_values(logits, labels, n_bins, backend):
+    """``ece`` and ``classwise_ece`` (l1) end to end, every norm and estimator from their statistics."""
+    values = {"ece": ck.ece(logits, labels, n_bins, backend=backend),
+              "classwise_ece": ck.classwise_ece(logits, labels, n_bins, backend=backend)}
+    for mode, norms_and_estimators in (("classwise", NORMS_AND_ESTIMATORS[1:4]), ("top1", NORMS_AND_ESTIMATORS)):
+        stats = ck.binned_stats(logits, labels, n_bins, mode=mode, backend=backend)
+        values.update({f"{mode}.{norm}.{estimator}": stats.ece(norm, estimator)
+                       for norm, estimator in norms_and_estimators})
+    values["mean_confidence"] = stats.mean_confidence()
+    values.update({f"brier_decomposition.{part}": v for part, v in stats.brier_decomposition().items()})
+    return values
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_metric_values_are_bitwise_identical_at_1_and_2_threads(backend):
+    """docs/reliability.md#determinism: every ECE-family value, the classwise mean over classes included."""
+    for n, k, n_bins in METRIC_SHAPES.get(backend, DEFAULT_METRIC_SHAPES):
+        logits, labels = random_logits(n, k, seed=n + k), random_labels(n, k, ignore_frac=0.1, seed=k)
+        runs = []
+        for threads in (1, 2):
+            with num_threads(threads):
+                runs.append(metric_values(logits, labels, n_bins, backend))
+        for name, value in runs[0].items():
+            assert torch.equal(value, runs[1][name]), f"{name} differs (N={n}, K={k}, M={n_bins})"
+
+
+def test_classwise_mean_is_summed_in_class_order():
+    """The mean over classes is a sequential float64 sum in class order, not a threaded reduction."""
+    k = 40000
+    stats = ck.binned_stats(random_logits(8, k, seed=3), random_labels(8, k, seed=4), M, mode="classwise",
+                            backend="torch")
+    gaps = (stats.sum_conf - stats.sum_correct).abs().numpy()
+    per_class = np.cumsum(gaps, axis=1)[:, -1] / np.maximum(stats.counts.sum(1).numpy(), 1)
+    total = 0.0
+    for value in per_class.tolist():
+        total += value
+    assert float(stats.ece()) == total / k
