@@ -291,6 +291,9 @@ def test_a_row_that_disagrees_with_lm_eval_stops_its_task(tmp_path, capsys):
     assert summary["tasks"]["agrees"]["metrics"]["acc"] == 1.0 and summary["micro_average"]["tasks"] == ["agrees"]
     assert not (tmp_path / "out" / "acc_differs").exists() and (tmp_path / "out" / "agrees" / "metrics.json").exists()
     assert "acc_differs: **failed**: " in (tmp_path / "out" / "summary.md").read_text()
+    many = ck_lm_eval.LmEvalReport({}, {}, None, 10, "none", 1.0, failed={f"t{i}": "why" for i in range(7)})
+    assert ck_lm_eval.report_problems({".": many}).endswith("failed: t0: why; t1: why; t2: why; t3: why; t4: why; "
+                                                            "and 2 more")
 
 
 # ---- files, folders and hostile names -------------------------------------------------------------------------------

@@ -58,6 +58,7 @@ SAMPLES_NAME = re.compile(r"^samples_(?P<task>.+)_(?P<date>\d{4}-\d{2}-\d{2}T[\d
 PAD_GAP = 1e4  # a padded choice sits this far (times max(1, T)) below the row's top log-probability
 MAX_NESTING = 64  # JSON arrays/objects inside one another in a samples line or results file (lm-eval's: ≤ 10)
 REPORT_FILES = ("summary.md", "summary.json")
+MAX_LISTED = 5  # failed tasks named in the error line
 LM_EVAL_KEYS = ("acc", "acc_norm", "brier_score")
 LOGGED_GOLD = ("brier_score", "likelihood", "f1", "mcc")  # per-row metrics lm-eval logs as [gold, …]
 FUNCTION_SOURCE = re.compile(r"\s*(@|def |async def |lambda\b|<function )")  # a !function doc_to_target, dumped
@@ -767,15 +768,17 @@ def write_reports(reports: dict[str, LmEvalReport], out_dir: str | os.PathLike) 
 
 
 def report_problems(reports: dict[str, LmEvalReport]) -> str | None:
-    """What should make the command fail, in one line (``None`` if nothing): the failed tasks, and the models of
-    which no task could be evaluated."""
+    """What should make the command fail, in one line (``None`` if nothing): the failed tasks (the first
+    ``MAX_LISTED`` with their reasons; the summary has all), and the models of which no task could be evaluated."""
     prefix = "" if len(reports) == 1 else "{}/"
     failed = [f"{prefix.format(model)}{task}: {reason}"
               for model, r in reports.items() for task, reason in r.failed.items()]
     empty = [model for model, r in reports.items() if not r.results and not r.failed]
     problems = []
     if failed:
-        problems.append(f"{len(failed)} task{'' if len(failed) == 1 else 's'} failed: " + "; ".join(failed))
+        more = f"; and {len(failed) - MAX_LISTED} more" if len(failed) > MAX_LISTED else ""
+        problems.append(f"{len(failed)} task{'' if len(failed) == 1 else 's'} failed: "
+                        + "; ".join(failed[:MAX_LISTED]) + more)
     if empty:
         where = "" if len(reports) == 1 else f" (model folder{'' if len(empty) == 1 else 's'} {', '.join(empty)})"
         problems.append(f"no multiple-choice task could be evaluated{where}")
