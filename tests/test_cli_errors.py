@@ -84,8 +84,8 @@ CASES = [
     ("demo --out {out} --seeds=-1", "--seeds must be distinct non-negative integers"),
     ("evaluate --model {no_tokenizer} --data {good_jsonl} --out {out}", "no_tokenizer: no tokenizer files"),
     ("evaluate --model {bad_model} --data {deep_jsonl} --out {out}", "deep.jsonl:1: JSON nested too deeply"),
-    ("evaluate --model {bad_model} --data {good_jsonl} --out {out} --n-bins 1000000000",
-     "--n-bins = 1,000,000,000 is too large"),
+    ("evaluate --model {bad_model} --data {good_jsonl} --out {out} --n-bins 3000000000",
+     "--n-bins = 3,000,000,000 is too large"),
     (f"evaluate --model {{bad_model}} --data {{good_jsonl}} --out {{out}} --n-bins {2**62}", "is too large"),
     ("evaluate --model {bad_model} --data {good_jsonl} --out /proc/nope/x", "--out /proc/nope/x: cannot write there"),
     ("evaluate --model {bad_model} --data {good_jsonl} --out {earlier}", "already holds an interrupted run"),
@@ -143,3 +143,25 @@ def test_a_csv_cell_over_128_kib_is_read(tmp_path):
     passage = "word " * 60_000  # 300 KB, past csv's default field limit of 128 KiB
     (tmp_path / "long.csv").write_text(f"question,A,B,answer\n{passage},x,y,B\n", encoding="utf-8")
     assert [(e.question, e.answer) for e in load_mcq(tmp_path / "long.csv")] == [(passage, 1)]
+
+
+def test_bin_and_resample_counts_beyond_memory_are_refused_up_front():
+    """The API's bounds (calibkern/_validate.py): n_bins past a quarter of the machine's memory at 64 bytes a bin
+    (or 2³¹), and n_boot × n_bins past it at 24 bytes each, are a ValueError saying how much memory they would
+    take, before anything is allocated."""
+    import torch
+
+    import calibkern
+    from calibkern import _validate
+
+    logits, labels = torch.randn(8, 4), torch.randint(0, 4, (8,))
+    too_many_bins = _validate.memory_bytes() // 256 + 1
+    for n_bins in (min(too_many_bins, 2**31), 2**62):
+        with pytest.raises(ValueError, match="n_bins = .* is too large: the per-bin statistics would take"):
+            calibkern.ece(logits, labels, n_bins=n_bins)
+    too_many_replicates = min(_validate.memory_bytes() // (4 * 24 * 10) + 1, 2**31)
+    with pytest.raises(ValueError, match=f"n_boot = {too_many_replicates:,} is too large"):
+        calibkern.ece_confidence_interval(logits, labels, n_boot=too_many_replicates)
+    with pytest.raises(ValueError, match=f"n_boot = {too_many_replicates:,} is too large"):
+        calibkern.binned_stats(logits, labels).confidence_interval(n_boot=too_many_replicates)
+    assert calibkern.ece_confidence_interval(logits, labels, n_boot=100).low <= 1.0
