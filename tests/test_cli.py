@@ -77,7 +77,9 @@ def test_training_subcommands_write_loadable_models(workspace, capsys):
     scaled = json.loads((workspace / "baselines" / "temperature_scaling" / "metrics.json").read_text())
     assert scaled["temperature"] > 0
     printed = capsys.readouterr()
-    assert "train_runtime" not in printed.out + printed.err  # --no-progress: no trainer logs on the console
+    # --no-progress: no trainer logs, progress bars or library warnings on the console
+    assert "train_runtime" not in printed.out + printed.err
+    assert "it/s]" not in printed.err and "Warning" not in printed.err, printed.err
 
 
 def test_pipeline_from_yaml_then_report(workspace):
