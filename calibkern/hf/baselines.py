@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..calibrators import TemperatureScaling
 from .data import DEFAULT_TEMPLATE, MCQExample
 from .evaluation import EvaluationResult, calibration_metrics, collect_option_logits, predictions_from_logits
 
@@ -22,27 +23,13 @@ __all__ = ["fit_temperature", "temperature_scaling", "train_label_smoothing"]
 
 
 def fit_temperature(option_logits: torch.Tensor, labels: torch.Tensor, *, max_iter: int = 100) -> float:
-    """``T`` minimising ``mean_i −log softmax(z_i / T)[y_i]``, by L-BFGS over ``log T`` from ``T = 1``."""
+    """``T`` minimising ``mean_i −log softmax(z_i / T)[y_i]``, by L-BFGS over ``log T`` from ``T = 1``
+    (:class:`calibkern.calibrators.TemperatureScaling`)."""
     if option_logits.dim() != 2 or option_logits.shape[0] != labels.shape[0] or option_logits.shape[0] == 0:
         raise ValueError(f"option_logits must be [N, K] with N = len(labels) ≥ 1, got {tuple(option_logits.shape)}")
     if not torch.isfinite(option_logits).all():
         raise ValueError("option_logits contains NaN or infinite values")
-    logits = option_logits.detach().double()
-    labels = labels.detach()
-    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS([log_t], lr=0.5, max_iter=max_iter, line_search_fn="strong_wolfe")
-
-    def closure():
-        optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(logits / log_t.exp(), labels)
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    temperature = float(log_t.detach().exp())
-    if not torch.isfinite(torch.tensor(temperature)):
-        raise RuntimeError("temperature fit diverged")
-    return temperature
+    return TemperatureScaling(max_iter=max_iter).fit(option_logits, labels).temperature
 
 
 def temperature_scaling(
