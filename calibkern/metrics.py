@@ -427,7 +427,8 @@ class CalibrationMeter:
 
     ``update(logits, labels)`` adds a batch's bin statistics and NLL/Brier sums; ``compute()`` returns a
     dict of 0-dim tensors (ece, ece_debiased, ece_l2, mce, accuracy, mean_confidence, nll, brier, n, and
-    cw_ece when classwise); ``all_reduce()`` sums the state over torch.distributed ranks. No host synchronisation.
+    cw_ece when classwise); ``all_reduce()`` sums the state over torch.distributed ranks; ``state_dict()`` /
+    ``load_state_dict()`` save and restore it (plain tensors, the ones ``all_reduce`` sums). No host synchronisation.
     The state starts empty on ``device`` (and moves to the first batch's device), so a rank that saw no
     data still joins ``all_reduce``; with ``classwise=True`` that needs ``n_classes``. ``input``: what every
     batch holds (as for :func:`binned_stats`); the probability-lookalike warning checks the first batch only.
@@ -498,17 +499,77 @@ class CalibrationMeter:
             out["cw_ece"] = self.class_stats.ece("l1")
         return out
 
+    def _state_tensors(self) -> dict:
+        tensors = {"counts": self.stats.counts, "sum_conf": self.stats.sum_conf, "sum_correct": self.stats.sum_correct,
+                   "n_skipped": self.stats.n_skipped, "sum_nll": self.sum_nll, "sum_brier": self.sum_brier}
+        if self.class_stats is not None:
+            tensors.update({"class_counts": self.class_stats.counts, "class_sum_conf": self.class_stats.sum_conf,
+                            "class_sum_correct": self.class_stats.sum_correct,
+                            "class_n_skipped": self.class_stats.n_skipped})
+        return tensors
+
+    def _state_spec(self, n_classes: int | None) -> dict:
+        """key → (dtype, shape) of the state, with class statistics of ``n_classes`` classes (None: none)."""
+        bins = (self.n_bins,)
+        spec = {"counts": (torch.int64, bins), "sum_conf": (torch.float64, bins), "sum_correct": (torch.float64, bins),
+                "n_skipped": (torch.int64, ()), "sum_nll": (torch.float64, ()), "sum_brier": (torch.float64, ())}
+        if n_classes is not None:
+            cells = (n_classes, self.n_bins)
+            spec.update({"class_counts": (torch.int64, cells), "class_sum_conf": (torch.float64, cells),
+                         "class_sum_correct": (torch.float64, cells), "class_n_skipped": (torch.int64, ())})
+        return spec
+
+    def state_dict(self) -> dict:
+        """The meter's state as plain tensors (copies), the ones ``all_reduce`` sums: ``counts`` (int64 [M]),
+        ``sum_conf``, ``sum_correct`` (float64 [M]), ``n_skipped`` (int64), ``sum_nll``, ``sum_brier`` (float64),
+        and, once a classwise meter holds class statistics (``n_classes`` given or a batch seen),
+        ``class_counts``, ``class_sum_conf``, ``class_sum_correct`` ([K, M]) and ``class_n_skipped``. Additive:
+        the key-wise sum of two meters' states is the state of one meter that saw the batches of both.
+        ``torch.save`` / ``torch.load(weights_only=True)`` round-trip it. The constructor's arguments
+        (temperature, ignore_index, nonfinite, backend) are not state: a meter is rebuilt with them."""
+        return {key: tensor.detach().clone() for key, tensor in self._state_tensors().items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Replace the state by ``state`` (a ``state_dict()``, possibly summed over meters or ranks), copied onto
+        this meter's device; ``compute()`` then reports it (a classwise one once it holds class statistics). Its
+        keys, dtypes and shapes must be those of this meter's ``n_bins``, ``classwise`` and class count
+        (``n_classes``, or that of the batches seen), else a ``ValueError`` names the key and the meter is
+        unchanged."""
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict of tensors (a state_dict()), got {type(state).__name__}")
+        n_classes = None
+        if self.classwise:
+            n_classes = self.n_classes if self.class_stats is None else self.class_stats.counts.shape[0]
+            loaded = state.get("class_counts")
+            if n_classes is None and isinstance(loaded, torch.Tensor) and loaded.dim() == 2:
+                n_classes = loaded.shape[0]
+        spec = self._state_spec(n_classes)
+        missing, unexpected = sorted(set(spec) - set(state)), sorted(set(state) - set(spec))
+        if missing or unexpected:
+            raise ValueError(f"state does not fit this meter (n_bins={self.n_bins}, classwise={self.classwise}, "
+                             f"classes={n_classes}): missing keys {missing}, unexpected keys {unexpected}")
+        for key, (dtype, shape) in spec.items():
+            tensor = state[key]
+            if not isinstance(tensor, torch.Tensor) or (tensor.dtype, tuple(tensor.shape)) != (dtype, shape):
+                got = (f"{tensor.dtype} of shape {tuple(tensor.shape)}" if isinstance(tensor, torch.Tensor)
+                       else type(tensor).__name__)
+                raise ValueError(f"state[{key!r}] must be {dtype} of shape {shape} for this meter (n_bins="
+                                 f"{self.n_bins}, classes={n_classes}), got {got}")
+        value = {key: state[key].detach().to(self.stats.counts.device, copy=True) for key in spec}
+        self.stats = BinStats(value["counts"], value["sum_conf"], value["sum_correct"], value["n_skipped"])
+        self.sum_nll, self.sum_brier = value["sum_nll"], value["sum_brier"]
+        self.class_stats = None if n_classes is None else BinStats(
+            value["class_counts"], value["class_sum_conf"], value["class_sum_correct"], value["class_n_skipped"])
+        self.updated = not self.classwise or self.class_stats is not None  # cw_ece needs class statistics
+
     def all_reduce(self, group=None) -> "CalibrationMeter":
         import torch.distributed as dist
 
         if self.classwise and self.class_stats is None:
             raise ValueError("CalibrationMeter.all_reduce(): a classwise meter that saw no data needs n_classes "
                              "at construction to take part in the all-reduce")
-        self.stats.all_reduce(group)
-        if self.class_stats is not None:
-            self.class_stats.all_reduce(group)
         if dist.is_available() and dist.is_initialized():
-            for tensor in (self.sum_nll, self.sum_brier):
+            for tensor in self._state_tensors().values():  # the state_dict() tensors
                 dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
         self.updated = True
         return self

@@ -169,3 +169,81 @@ def test_all_ignored_rows_give_zero_not_nan():
     stats = ck.binned_stats(logits, labels, 10)
     assert stats.total().item() == 0
     assert stats.ece().item() == 0.0 and stats.accuracy().item() == 0.0
+
+
+def _meter_over(batches, **kwargs):
+    meter = ck.CalibrationMeter(10, **kwargs)
+    for logits, labels in batches:
+        meter.update(logits, labels)
+    return meter
+
+
+def _batches(count, k=4, seed=30):
+    return [(random_logits(150, k, seed=seed + i), random_labels(150, k, ignore_frac=0.1, seed=seed + 50 + i))
+            for i in range(count)]
+
+
+@pytest.mark.parametrize("classwise", [False, True])
+def test_meter_state_dict_round_trips_through_torch_save(classwise, tmp_path):
+    batches = _batches(4)
+    meter = _meter_over(batches[:3], classwise=classwise)
+    state = meter.state_dict()
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    torch.save(state, tmp_path / "meter.pt")
+    restored = ck.CalibrationMeter(10, classwise=classwise)
+    restored.load_state_dict(torch.load(tmp_path / "meter.pt", weights_only=True))
+    _assert_same_metrics(restored.compute(), meter.compute())
+    restored.update(*batches[3])  # it streams on: bitwise the meter that saw every batch
+    _assert_same_metrics(restored.compute(), _meter_over(batches, classwise=classwise).compute())
+
+
+def _assert_same_metrics(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+
+
+def test_summed_meter_states_equal_one_meter_over_every_batch():
+    """The key-wise sum (what all_reduce does across ranks) of two meters' states, loaded, reports the metrics of
+    one meter that saw both meters' batches (counts exactly, float sums to rounding)."""
+    batches = _batches(5)
+    first, second = _meter_over(batches[:2], classwise=True), _meter_over(batches[2:], classwise=True)
+    summed = {key: value + second.state_dict()[key] for key, value in first.state_dict().items()}
+    meter = ck.CalibrationMeter(10, classwise=True, n_classes=4)
+    meter.load_state_dict(summed)
+    want, got = _meter_over(batches, classwise=True).compute(), meter.compute()
+    assert got["n"] == want["n"]
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-12, atol=1e-15)
+
+
+def test_meter_load_state_dict_checks_the_configuration():
+    top1, classwise = _meter_over(_batches(1)), _meter_over(_batches(1), classwise=True)
+    before = top1.state_dict()
+    cases = [
+        (ck.CalibrationMeter(15), before, "state\\['counts'\\] must be torch.int64 of shape \\(15,\\)"),
+        (ck.CalibrationMeter(10), classwise.state_dict(), "unexpected keys \\['class_counts'"),
+        (ck.CalibrationMeter(10, classwise=True, n_classes=4), before, "missing keys \\['class_counts'"),
+        (ck.CalibrationMeter(10, classwise=True, n_classes=5), classwise.state_dict(), "class_counts.*\\(5, 10\\)"),
+        (top1, {**before, "sum_conf": before["sum_conf"].float()}, "state\\['sum_conf'\\] must be torch.float64"),
+        (top1, {**before, "sum_nll": 1.0}, "state\\['sum_nll'\\].*got float"),
+    ]
+    for meter, state, message in cases:
+        with pytest.raises(ValueError, match=message):
+            meter.load_state_dict(state)
+    with pytest.raises(TypeError, match="dict of tensors"):
+        top1.load_state_dict([before])
+    after = top1.state_dict()  # refused loads left the meter as it was
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_classwise_meter_without_classes_round_trips_its_empty_state():
+    empty = ck.CalibrationMeter(10, classwise=True)
+    state = empty.state_dict()
+    assert "class_counts" not in state
+    restored = ck.CalibrationMeter(10, classwise=True)
+    restored.load_state_dict(state)
+    with pytest.raises(ValueError, match="before any update"):
+        restored.compute()
+    restored.update(*_batches(1)[0])  # the first batch then sets K
+    assert restored.state_dict()["class_counts"].shape == (4, 10)
