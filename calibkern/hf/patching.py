@@ -10,8 +10,9 @@ generation).
 
 Where the weight is used: under FSDP2 (the lm_head a ``fully_shard`` unit) in a method registered with
 ``register_fsdp_forward_method``, under FSDP1 inside the wrapped lm_head's forward, under DeepSpeed ZeRO-3
-inside ``deepspeed.zero.GatheredParameters``, otherwise (the lm_head in the root's unit, DDP, one process)
-directly. The gradient lands in the parameter the framework reduces; no ``[tokens, V]`` tensor exists.
+inside the lm_head's own forward (its module hooks gather the partitions), otherwise (the lm_head in the root's
+unit, DDP, one process) directly. The gradient lands in the parameter the framework reduces; no ``[tokens, V]``
+tensor exists.
 """
 
 from __future__ import annotations
@@ -126,23 +127,27 @@ def _gathered_call(head: nn.Module, function, *args):
             register_fsdp_forward_method(head, GATHERED_METHOD)
         return getattr(head, GATHERED_METHOD)(function, *args)
     if isinstance(head, FullyShardedDataParallel):  # FSDP1 unshards inside its own forward
-        inner = head.module
-        inner.forward = functools.partial(function, inner)
-        try:
-            return head(*args)
-        finally:
-            del inner.forward
-    if any(hasattr(parameter, "ds_id") for parameter in head.parameters()):  # DeepSpeed ZeRO-3
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(head.parameters()), modifier_rank=None):
-            return function(head, *args)
+        return _as_forward(head.module, head, function, *args)
+    if any(hasattr(parameter, "ds_id") for parameter in head.parameters()):
+        # DeepSpeed ZeRO-3: the module's hooks fetch its partitions before forward and again before backward,
+        # where the whole gradient meets the whole parameter and is reduce-scattered into the partitions
+        return _as_forward(head, head, function, *args)
     from torch.distributed.tensor import DTensor
 
     if isinstance(getattr(head, "weight", None), DTensor):
         raise RuntimeError(f"the lm_head ({type(head).__name__}) weight is sharded outside any unit calibkern "
                            "can gather: apply fully_shard to the lm_head or to the root model")
     return function(head, *args)
+
+
+def _as_forward(module: nn.Module, wrapper: nn.Module, function, *args):
+    """``wrapper(*args)`` with ``module``'s forward (``module`` is ``wrapper`` or the module it holds) swapped for
+    ``function(module, *args)``: the framework's module hooks run around the call."""
+    module.forward = functools.partial(function, module)
+    try:
+        return wrapper(*args)
+    finally:
+        del module.forward
 
 
 def _fused_forward(self, *args, labels=None, answer_mask=None, num_items_in_batch=None, option_logits_only=False,
