@@ -20,69 +20,19 @@ import torch
 pytest.importorskip("transformers")
 
 from helpers import LargestTensor, assert_same_training_state, assert_trained, torchrun_ranks  # noqa: E402
+from sharded_training import MODES, ROWS, STEPS, fixtures, new_model, train  # noqa: E402
 
-WORLD, ROWS, STEPS, SAVED_AT = 2, 8, 3, 2
-CHUNK = 8  # rows of logits per chunk (CFT, RCFT): the largest-tensor check needs chunks below a rank's tokens
-MODES = ("ce", "cft", "rcft")
-
-
-def fixtures():
-    from calibkern.hf import detect_option_ids
-    from hf_tiny import make_tokenizer
-
-    tokenizer = make_tokenizer()
-    return tokenizer, detect_option_ids(tokenizer, 4)
+WORLD, SAVED_AT = 2, 2
 
 
-def calibration(mode, option_ids):
-    from calibkern.hf import CalibrationConfig
+def fully_shard_llama(model):
+    """``fully_shard`` on each decoder layer, on the lm_head and on the root."""
+    from torch.distributed.fsdp import fully_shard
 
-    if mode == "ce":
-        return None
-    if mode == "cft":
-        return CalibrationConfig(method="cft", option_ids=option_ids, lam=5.0, bin_accuracy=[0.3] * 10,
-                                 chunk_size=CHUNK)
-    return CalibrationConfig(method="rcft", option_ids=option_ids, lam=5.0, em={"refresh": "stream"},
-                             chunk_size=CHUNK)
-
-
-def global_batch(tokenizer, option_ids, step):
-    """Step ``step``'s batch of ROWS rows, every token supervised, one answer per row (``answer_mask``: the
-    calibration term is a mean over each rank's answers, equal to the global mean for equal counts)."""
-    from hf_tiny import random_batch
-
-    inputs = random_batch(tokenizer, option_ids, rows=ROWS, length=24, seed=100 + step)
-    inputs["labels"][:, :4] = inputs["input_ids"][:, :4]
-    inputs["answer_mask"] = torch.zeros_like(inputs["labels"], dtype=torch.bool)
-    inputs["answer_mask"][torch.arange(ROWS), 6 + torch.arange(ROWS)] = True
-    return inputs
-
-
-def new_model(tokenizer, mode, option_ids, sharded):
-    from calibkern.hf import apply_fused_loss
-    from hf_tiny import make_model
-
-    model = make_model(tokenizer)
-    if sharded:
-        from torch.distributed.fsdp import fully_shard
-
-        for layer in model.model.layers:
-            fully_shard(layer)
-        fully_shard(model.lm_head)
-        fully_shard(model)
-    apply_fused_loss(model, calibration(mode, option_ids))
-    return model, torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
-
-
-def train(model, optimizer, tokenizer, option_ids, steps, rank=0, world=1):
-    """``steps`` optimizer steps; each process takes rows ``rank::world`` of every global batch."""
-    for step in steps:
-        inputs = global_batch(tokenizer, option_ids, step)
-        items = int(inputs["labels"][:, 1:].ne(-100).sum())
-        local = {key: value[rank::world] for key, value in inputs.items()}
-        (model(**local, num_items_in_batch=torch.tensor(items)).loss * world).backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model.lm_head)
+    fully_shard(model)
 
 
 def end_state(model):
@@ -108,19 +58,19 @@ def worker(out_dir):
     tokenizer, option_ids = fixtures()
     results = {}
     for mode in MODES:
-        model, optimizer = new_model(tokenizer, mode, option_ids, sharded=True)
+        model, optimizer = new_model(tokenizer, mode, option_ids, shard=fully_shard_llama)
         with LargestTensor() as largest:
             train(model, optimizer, tokenizer, option_ids, range(STEPS), rank, world)
         results[mode] = {**end_state(model), "largest": largest.largest}
 
-    model, optimizer = new_model(tokenizer, "rcft", option_ids, sharded=True)
+    model, optimizer = new_model(tokenizer, "rcft", option_ids, shard=fully_shard_llama)
     train(model, optimizer, tokenizer, option_ids, range(SAVED_AT), rank, world)
     model_state, optimizer_state = get_state_dict(model, optimizer)
     checkpoint = os.path.join(out_dir, "checkpoint")
     dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=checkpoint)
     em_saved = fused_loss_of(model).em_state.state_dict()
     del model, optimizer
-    model, optimizer = new_model(tokenizer, "rcft", option_ids, sharded=True)
+    model, optimizer = new_model(tokenizer, "rcft", option_ids, shard=fully_shard_llama)
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
     dcp.load(state, checkpoint_id=checkpoint)
@@ -143,7 +93,7 @@ def one_process():
     tokenizer, option_ids = fixtures()
     results = {}
     for mode in MODES:
-        model, optimizer = new_model(tokenizer, mode, option_ids, sharded=False)
+        model, optimizer = new_model(tokenizer, mode, option_ids)
         train(model, optimizer, tokenizer, option_ids, range(STEPS))
         results[mode] = end_state(model)
     return results

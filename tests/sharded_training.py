@@ -1,0 +1,68 @@
+"""The tiny-Llama training runs the sharded tests compare with one process (tests/test_fsdp.py, test_deepspeed.py,
+test_vocab_parallel.py): the same batches, calibration settings, optimizer and HF loss convention everywhere."""
+
+import torch
+
+ROWS, STEPS = 8, 3
+CHUNK = 8  # rows of logits per chunk (CFT, RCFT): the largest-tensor check needs chunks below a rank's tokens
+MODES = ("ce", "cft", "rcft")
+
+
+def fixtures():
+    """The tiny tokenizer and its 4 option ids."""
+    from calibkern.hf import detect_option_ids
+    from hf_tiny import make_tokenizer
+
+    tokenizer = make_tokenizer()
+    return tokenizer, detect_option_ids(tokenizer, 4)
+
+
+def calibration(mode, option_ids):
+    """``mode``'s CalibrationConfig: None (plain CE), CFT with fixed bin accuracies, or streaming RCFT."""
+    from calibkern.hf import CalibrationConfig
+
+    if mode == "ce":
+        return None
+    if mode == "cft":
+        return CalibrationConfig(method="cft", option_ids=option_ids, lam=5.0, bin_accuracy=[0.3] * 10,
+                                 chunk_size=CHUNK)
+    return CalibrationConfig(method="rcft", option_ids=option_ids, lam=5.0, em={"refresh": "stream"},
+                             chunk_size=CHUNK)
+
+
+def global_batch(tokenizer, option_ids, step):
+    """Step ``step``'s batch of ROWS rows, every token supervised, one answer per row (``answer_mask``: the
+    calibration term is a mean over each rank's answers, equal to the global mean for equal counts)."""
+    from hf_tiny import random_batch
+
+    inputs = random_batch(tokenizer, option_ids, rows=ROWS, length=24, seed=100 + step)
+    inputs["labels"][:, :4] = inputs["input_ids"][:, :4]
+    inputs["answer_mask"] = torch.zeros_like(inputs["labels"], dtype=torch.bool)
+    inputs["answer_mask"][torch.arange(ROWS), 6 + torch.arange(ROWS)] = True
+    return inputs
+
+
+def new_model(tokenizer, mode, option_ids, shard=None, **patch):
+    """A patched tiny Llama (``shard(model)`` applied before patching, e.g. ``fully_shard``; ``patch``: more
+    arguments of ``apply_fused_loss``) and its SGD (momentum 0.9)."""
+    from calibkern.hf import apply_fused_loss
+    from hf_tiny import make_model
+
+    model = make_model(tokenizer)
+    if shard is not None:
+        shard(model)
+    apply_fused_loss(model, calibration(mode, option_ids), **patch)
+    return model, torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+
+
+def train(model, optimizer, tokenizer, option_ids, steps, rank=0, world=1):
+    """``steps`` optimizer steps; each process takes rows ``rank::world`` of every global batch, passes the global
+    supervised tokens as ``num_items_in_batch`` and multiplies the loss by ``world`` (the HF Trainer's convention;
+    DDP / FSDP2 average the gradients)."""
+    for step in steps:
+        inputs = global_batch(tokenizer, option_ids, step)
+        items = int(inputs["labels"][:, 1:].ne(-100).sum())
+        local = {key: value[rank::world] for key, value in inputs.items()}
+        (model(**local, num_items_in_batch=torch.tensor(items)).loss * world).backward()
+        optimizer.step()
+        optimizer.zero_grad()
