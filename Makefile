@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.calibkern-installed
 
-.PHONY: install test demo bench gpu-check gpu-compile clean
+.PHONY: install test test-isa demo bench gpu-check gpu-compile clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +22,22 @@ $(STAMP): $(PY) pyproject.toml setup.py $(wildcard csrc/cpu/*.cpp csrc/cpu/*.h c
 
 install: $(STAMP)
 
+# The kernel, fuzzer and HF-parity tests run twice: on the ahead-of-time build for this CPU (-march=native), then
+# on a build for x86-64-v3 (AVX2, no AVX-512) compiled at first use into the venv's own cache, so that a result
+# that holds on one instruction set only fails here (docs/reliability.md#what-is-bitwise-equal-to-what).
+ISA_MARCH ?= x86-64-v3
+ISA_TESTS ?= tests/test_cpp_backend.py tests/test_row_metrics.py tests/test_determinism.py tests/test_fuzz.py \
+	tests/test_fused_linear.py tests/test_apply_fused_loss.py tests/test_hf_models.py
+
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+	$(MAKE) --no-print-directory test-isa
+
+test-isa: $(STAMP)
+	@if grep -qw avx2 /proc/cpuinfo; then \
+		CALIBKERN_MARCH=$(ISA_MARCH) CALIBKERN_CACHE=$(abspath $(VENV))/calibkern-cache \
+			$(PY) -m pytest -q -p no:cacheprovider $(ISA_TESTS); \
+	else echo "test-isa: this CPU has no AVX2; the $(ISA_MARCH) run is skipped"; fi
 
 demo: $(STAMP)
 	$(PY) -m calibkern demo

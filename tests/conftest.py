@@ -14,6 +14,12 @@ import torch  # noqa: E402
 import calibkern  # noqa: E402
 
 
+def pytest_report_header(config):
+    """Which build of the cpp backend this run tests (the instruction-set target, how it was obtained)."""
+    status = {entry.name: entry for entry in calibkern.backend_report()}["cpp"]
+    return f"calibkern cpp backend: {status.detail if status.available else 'unavailable: ' + status.detail}"
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_restore_backend():
     torch.manual_seed(0)
