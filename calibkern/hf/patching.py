@@ -132,11 +132,8 @@ def _gathered_call(head: nn.Module, function, *args):
         # DeepSpeed ZeRO-3: the module's hooks fetch its partitions before forward and again before backward,
         # where the whole gradient meets the whole parameter and is reduce-scattered into the partitions
         return _as_forward(head, head, function, *args)
-    from torch.distributed.tensor import DTensor
-
-    if isinstance(getattr(head, "weight", None), DTensor):
-        raise RuntimeError(f"the lm_head ({type(head).__name__}) weight is sharded outside any unit calibkern "
-                           "can gather: apply fully_shard to the lm_head or to the root model")
+    # otherwise the weight is whole, or a DTensor split over the vocabulary (tensor parallelism), which the fused
+    # loss computes in vocabulary-parallel form (and refuses with any other placement)
     return function(head, *args)
 
 
