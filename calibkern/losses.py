@@ -37,6 +37,7 @@ from .ops._dispatch import check_label_values
 from .ops.calibration_loss import calibration_loss
 from .ops.fused_linear import FusedLinearCrossEntropy, default_chunk_size, softcap_logits
 from .ops.token_stats import TokenStatistics
+from .ops.vocab_parallel import shard_of_dtensor, shard_of_group
 
 CALIBRATIONS = ("hard_bin", "em", "token_hard_bin", None)
 OPTION_FREE = (None, "token_hard_bin")  # calibrations that need no option_ids
@@ -62,7 +63,7 @@ def fused_linear_calibration_loss(hidden, weight, labels, *, option_ids, bias=No
                                   bin_accuracy=None, em_state=None, lam=1.0, sft_weight=1.0, n_bins=10,
                                   ignore_index=-100, shift=True, answer_mask=None, num_items_in_batch=None,
                                   chunk_size=None, logit_softcap=None, backend=None, token_stats=False,
-                                  full_stats=False) -> CalibrationLossOutput:
+                                  full_stats=False, vocab_parallel_group=None) -> CalibrationLossOutput:
     """SFT cross-entropy plus calibration term from ``hidden [N, D] | [B, T, D]`` and ``weight [V, D]``.
 
     ``labels`` has ``hidden``'s leading shape; with ``shift=True`` a 2-D ``hidden`` is one sequence.
@@ -83,13 +84,20 @@ def fused_linear_calibration_loss(hidden, weight, labels, *, option_ids, bias=No
     ``logit_softcap=c`` soft-caps every logit, ``z ← c · tanh(z / c)`` (Gemma 2/3), in the cross-entropy and
     the option logits alike (docs/math.md#the-fused-linear-loss).
 
+    Vocabulary parallel (docs/distributed.md#vocabulary-parallel-loss): ``weight`` (and ``bias``) may be a
+    ``DTensor`` sharded on dim 0 over one mesh dimension, or this rank's rows of a vocabulary split over the
+    process group ``vocab_parallel_group`` (ranks in order, contiguous rows). Every rank of the group passes the
+    same ``hidden`` and ``labels`` (global vocabulary ids) and gets the same loss, statistics and hidden gradient;
+    each shard gets its rows' gradient. No rank holds a ``[rows, V]`` tensor.
+
     Non-finite values never raise here: a supervised position whose logits hold NaN or ±inf (from NaN or
     inf in ``hidden``, ``weight`` or ``bias``) makes ``sft_loss`` NaN, and ``cal_loss`` too when it is an
     answer position (``bin_stats.n_skipped`` counts those), so a diverging run shows NaN in its logged loss.
     """
+    weight, bias, shard = _vocabulary_split(weight, bias, vocab_parallel_group)
     hidden, weight, bias = _autocast(hidden, weight, bias)
-    _check_inputs(hidden, weight, bias)
-    vocab_size, device = weight.shape[0], hidden.device
+    _check_inputs(hidden, weight, bias, shard)
+    vocab_size, device = weight.shape[0] if shard is None else shard.vocab_size, hidden.device
     V.check_ignore_index(ignore_index)
     V.check_choice(calibration, "calibration", CALIBRATIONS)
     _check_calibration_state(calibration, bin_accuracy, em_state)
@@ -138,7 +146,7 @@ def fused_linear_calibration_loss(hidden, weight, labels, *, option_ids, bias=No
         logit_softcap = V.check_positive_float(logit_softcap, "logit_softcap")
     loss_sum, option_logits, *extras = FusedLinearCrossEntropy.apply(
         hidden_2d, weight, bias, rows, row_targets, option_ids, chunk_size, backend_name, ignore_index,
-        torch.is_grad_enabled(), logit_softcap, token)
+        torch.is_grad_enabled(), logit_softcap, token, shard)
     option_logits = softcap_logits(option_logits, logit_softcap)
     denominator = _denominator(num_items_in_batch, n_supervised, device)
     bin_stats = (binned_stats(option_logits.detach(), row_option_labels, n_bins=n_bins, ignore_index=ignore_index,
@@ -169,7 +177,7 @@ class FusedLinearCalibrationLoss(nn.Module):
 
     def __init__(self, option_ids, *, calibration="hard_bin", bin_accuracy=None, em_state=None, lam=1.0,
                  sft_weight=1.0, n_bins=10, ignore_index=-100, shift=True, chunk_size=None, logit_softcap=None,
-                 backend=None, token_stats=False, full_stats=False):
+                 backend=None, token_stats=False, full_stats=False, vocab_parallel_group=None):
         super().__init__()
         V.check_choice(calibration, "calibration", CALIBRATIONS)
         _check_calibration_state(calibration, bin_accuracy, em_state)
@@ -181,6 +189,7 @@ class FusedLinearCalibrationLoss(nn.Module):
         self.lam, self.sft_weight, self.n_bins = lam, sft_weight, n_bins
         self.ignore_index, self.shift, self.chunk_size, self.backend = ignore_index, shift, chunk_size, backend
         self.logit_softcap, self.token_stats, self.full_stats = logit_softcap, token_stats, full_stats
+        self.vocab_parallel_group = vocab_parallel_group
 
     def forward(self, hidden, weight, labels, bias=None, answer_mask=None, num_items_in_batch=None):
         return fused_linear_calibration_loss(
@@ -188,7 +197,8 @@ class FusedLinearCalibrationLoss(nn.Module):
             bin_accuracy=self.bin_accuracy, em_state=self.em_state, lam=self.lam, sft_weight=self.sft_weight,
             n_bins=self.n_bins, ignore_index=self.ignore_index, shift=self.shift, answer_mask=answer_mask,
             num_items_in_batch=num_items_in_batch, chunk_size=self.chunk_size, logit_softcap=self.logit_softcap,
-            backend=self.backend, token_stats=self.token_stats, full_stats=self.full_stats)
+            backend=self.backend, token_stats=self.token_stats, full_stats=self.full_stats,
+            vocab_parallel_group=self.vocab_parallel_group)
 
 
 def _autocast(hidden, weight, bias):
@@ -203,7 +213,37 @@ def _autocast(hidden, weight, bias):
     return tuple(cast)
 
 
-def _check_inputs(hidden, weight, bias):
+def _vocabulary_split(weight, bias, group):
+    """``(weight, bias, shard)``: a ``DTensor`` weight and bias as their local rows, or the local rows of a split
+    over ``group``, with their :class:`~calibkern.ops.vocab_parallel.VocabShard`; ``shard`` None for a whole
+    weight."""
+    import torch.distributed as dist
+
+    dtensor = None
+    if dist.is_available():
+        from torch.distributed.tensor import DTensor as dtensor
+    if dtensor is not None and isinstance(weight, dtensor):
+        if group is not None:
+            raise ValueError("vocab_parallel_group is for a local weight shard; a DTensor weight's mesh names its "
+                             "group already")
+        placements = weight.placements
+        weight, shard = shard_of_dtensor(weight)
+        if bias is not None:
+            if not isinstance(bias, dtensor) or tuple(bias.placements) != tuple(placements):
+                raise ValueError(f"bias must be a DTensor with the weight's placements {tuple(placements)}")
+            bias = bias.to_local()
+        return weight, bias, shard
+    if dtensor is not None and isinstance(bias, dtensor):
+        raise TypeError("bias is a DTensor but weight is not")
+    if group is None:
+        return weight, bias, None
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("vocab_parallel_group needs an initialised torch.distributed process group")
+    V.check_tensor(weight, "weight")
+    return weight, bias, shard_of_group(weight, group)
+
+
+def _check_inputs(hidden, weight, bias, shard=None):
     V.check_tensor(hidden, "hidden")
     V.check_tensor(weight, "weight")
     if hidden.dtype not in HIDDEN_DTYPES:
@@ -213,8 +253,9 @@ def _check_inputs(hidden, weight, bias):
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"weight must be [V, D] with D = {hidden.shape[-1]} (hidden's last dimension), got "
                          f"shape {tuple(weight.shape)}")
-    if weight.shape[0] < 2:
-        raise ValueError(f"weight must have V ≥ 2 rows (vocabulary entries), got V = {weight.shape[0]}")
+    if weight.shape[0] < (2 if shard is None else 1):
+        raise ValueError(f"weight must have V ≥ 2 rows (vocabulary entries; a vocabulary shard at least 1), got "
+                         f"{weight.shape[0]}")
     for x, name in ((weight, "weight"), (bias, "bias")):
         if x is None:
             continue
@@ -261,7 +302,7 @@ def _check_option_ids(option_ids, vocab_size: int, device) -> torch.Tensor:
         raise ValueError(f"option_ids must be 1-D with K ≥ 2 token ids, got shape {tuple(option_ids.shape)}")
     option_ids = option_ids.to(device=device, dtype=torch.long)
     in_range = ((option_ids >= 0) & (option_ids < vocab_size)).all()
-    V.require(in_range, f"option_ids must lie in [0, {vocab_size}) (the vocabulary of weight)")
+    V.require(in_range, f"option_ids must lie in [0, {_text(vocab_size)}) (the vocabulary of weight)")
     sorted_ids = option_ids.sort().values
     V.require((sorted_ids[1:] != sorted_ids[:-1]).all(), "option_ids must not repeat a token id")
     return option_ids
@@ -285,8 +326,16 @@ def _targets(labels, hidden, ignore_index: int, shift: bool, vocab_size: int) ->
     if labels.device != hidden.device:
         raise ValueError(f"labels is on {labels.device} but hidden is on {hidden.device}")
     targets = _shift(labels.long(), ignore_index, shift)
-    check_label_values(targets, vocab_size, ignore_index)
+    if isinstance(vocab_size, torch.Tensor):  # a split vocabulary's size, on the device
+        V.require((((targets >= 0) & (targets < vocab_size)) | (targets == ignore_index)).all(),
+                  V.label_range_message("labels", "V (all shards)", ignore_index))
+    else:
+        check_label_values(targets, vocab_size, ignore_index)
     return targets
+
+
+def _text(vocab_size) -> str:
+    return "V (all shards)" if isinstance(vocab_size, torch.Tensor) else str(vocab_size)
 
 
 def _shifted_answer_mask(answer_mask, labels, shift: bool) -> torch.Tensor:

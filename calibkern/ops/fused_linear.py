@@ -17,6 +17,12 @@ in backward as ``∂L/∂z[:, option_ids]`` and is added into the same buffers, 
 With ``token`` (calibkern.ops.token_stats.TokenStatistics) each chunk's ``g`` is also read for the token and
 Full-ECE statistics, and the token calibration term's gradient is folded into it; the loss output is then
 ``s · loss_sum + λ · cal_sum`` and ``(loss_sum, cal_sum, statistics…)`` follow as non-differentiable outputs.
+
+With ``shard`` (calibkern.ops.vocab_parallel.VocabShard) ``weight`` and ``bias`` are this rank's rows of a
+vocabulary split over a process group: the chunk's cross-entropy is the Python path of
+calibkern.ops.vocab_parallel (the backend kernels normalise over the columns they see), the option logits are
+all-reduced (each rank contributes the columns it holds), ``grad_weight`` / ``grad_bias`` stay local and
+``grad_h`` is all-reduced in backward.
 """
 
 from __future__ import annotations
@@ -25,8 +31,9 @@ import math
 
 import torch
 
-from . import custom_ops
+from . import custom_ops, vocab_parallel
 from .token_stats import TokenStatistics
+from .vocab_parallel import VocabShard, option_bias, option_weight
 
 MIN_CHUNK_ROWS = 512
 
@@ -51,14 +58,15 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     names the backend whose ``cross_entropy_`` runs, through its custom op (calibkern/ops/custom_ops.py).
     ``grad_enabled`` is the caller's grad mode: without it no gradient is accumulated (evaluation).
     ``token`` (a :class:`~calibkern.ops.token_stats.TokenStatistics`, or None) reads each chunk's gradient for
-    the token statistics and folds the token term into it; its sums follow the two outputs.
+    the token statistics and folds the token term into it; its sums follow the two outputs. ``shard``: the
+    vocabulary split of ``weight`` (module docstring), None for a whole weight.
     Backward may run once (the gradients are scaled in place).
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, rows, targets, option_ids, chunk_size: int, backend: str,
                 ignore_index: int, grad_enabled: bool, softcap: float | None = None,
-                token: TokenStatistics | None = None):
+                token: TokenStatistics | None = None, shard: VocabShard | None = None):
         acc, device = torch.float32, hidden.device
         h_rows = hidden.index_select(0, rows)
         n, dim = h_rows.shape
@@ -75,12 +83,17 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                 capped = logits.div_(softcap).tanh_()
                 cap_slope = 1.0 - capped * capped
                 logits = capped.mul_(softcap)
-            row_losses.append(custom_ops.cross_entropy_(logits, targets[start:start + chunk_size], ignore_index,
-                                                        backend))
+            chunk_targets = targets[start:start + chunk_size]
+            label_grad = None
+            if shard is None:
+                row_losses.append(custom_ops.cross_entropy_(logits, chunk_targets, ignore_index, backend))
+            else:
+                row_loss, label_grad = vocab_parallel.cross_entropy_(logits, chunk_targets, ignore_index, shard)
+                row_losses.append(row_loss)
             grad_logits = logits  # overwritten in place by cross_entropy_
             if token is not None:
-                token.update_(grad_logits, targets[start:start + chunk_size], ignore_index,
-                              fold=need_hidden or need_weight or need_bias)
+                token.update_(grad_logits, chunk_targets, ignore_index, fold=need_hidden or need_weight or need_bias,
+                              shard=shard, label_grad=label_grad)
             if softcap is not None:
                 grad_logits.mul_(cap_slope)
                 del cap_slope
@@ -92,16 +105,22 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                 grad_bias += grad_logits.sum(0)
             del logits, grad_logits  # free this chunk before the next one is allocated
         loss_sum = torch.cat(row_losses).sum() if row_losses else torch.zeros((), dtype=acc, device=device)
-        weight_options = weight.index_select(0, option_ids)
+        weight_options = option_weight(weight, option_ids, shard)
         option_logits = (h_rows @ weight_options.t() if bias is None
-                         else torch.addmm(bias.index_select(0, option_ids), h_rows, weight_options.t())).to(acc)
-        ctx.save_for_backward(h_rows, weight_options, rows, option_ids, grad_rows, grad_weight, grad_bias)
+                         else torch.addmm(option_bias(bias, option_ids, shard), h_rows, weight_options.t())).to(acc)
+        option_columns = option_ids
+        if shard is not None:
+            shard.all_reduce_(option_logits)
+            option_columns, option_owned = shard.local(option_ids)
+            ctx.option_owned = option_owned
+        ctx.save_for_backward(h_rows, weight_options, rows, option_columns, grad_rows, grad_weight, grad_bias)
         ctx.hidden_shape, ctx.hidden_dtype, ctx.weight_dtype = hidden.shape, hidden.dtype, weight.dtype
+        ctx.shard = shard
         ctx.used = False
         ctx.set_materialize_grads(False)
         if token is None:
             return loss_sum, option_logits
-        extras = (loss_sum.clone(), *token.outputs())
+        extras = (loss_sum.clone(), *token.outputs(shard))
         if token.term:
             loss_sum = token.sft_weight * loss_sum + token.lam * token.cal_sum
         ctx.mark_non_differentiable(*extras)
@@ -113,7 +132,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             raise RuntimeError("fused_linear_calibration_loss supports one backward pass per forward "
                                "(its gradients are scaled in place); do not use retain_graph with it")
         ctx.used = True
-        h_rows, weight_options, rows, option_ids, grad_rows, grad_weight, grad_bias = ctx.saved_tensors
+        h_rows, weight_options, rows, option_columns, grad_rows, grad_weight, grad_bias = ctx.saved_tensors
         for g in (grad_rows, grad_weight, grad_bias):
             if g is None:
                 continue
@@ -123,18 +142,22 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                 g.mul_(grad_loss_sum.to(g.dtype))
         if grad_option_logits is not None:
             grad_z = grad_option_logits.float()
-            if grad_rows is not None:
+            if grad_rows is not None:  # weight_options: zero rows for the options another rank holds
                 grad_rows.addmm_(grad_z, weight_options.float())
+            if ctx.shard is not None:
+                grad_z = grad_z * ctx.option_owned  # the columns of the options this rank holds
             if grad_weight is not None:
-                grad_weight.index_put_((option_ids,), grad_z.t() @ h_rows.float(), accumulate=True)
+                grad_weight.index_put_((option_columns,), grad_z.t() @ h_rows.float(), accumulate=True)
             if grad_bias is not None:
-                grad_bias.index_put_((option_ids,), grad_z.sum(0), accumulate=True)
+                grad_bias.index_put_((option_columns,), grad_z.sum(0), accumulate=True)
         grad_hidden = None
+        if grad_rows is not None and ctx.shard is not None:
+            ctx.shard.all_reduce_(grad_rows)  # Σ_r G^r W_r: every rank's columns
         if grad_rows is not None:
             grad_hidden = torch.zeros(ctx.hidden_shape, dtype=ctx.hidden_dtype, device=grad_rows.device)
             grad_hidden.index_copy_(0, rows, grad_rows.to(ctx.hidden_dtype))
         return (grad_hidden, _cast(grad_weight, ctx.weight_dtype), _cast(grad_bias, ctx.weight_dtype),
-                None, None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None, None)
 
 
 def softcap_logits(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:

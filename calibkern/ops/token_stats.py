@@ -24,6 +24,12 @@ with ``scatter_add_`` into ``[M]`` device tensors: no host synchronisation, addi
 
 Rows whose logits hold NaN or ±inf (an all-NaN ``G`` row) are left out of the bins and counted in
 ``n_skipped``; their cross-entropy and calibration term are NaN.
+
+Split over the vocabulary (calibkern.ops.vocab_parallel: each rank holds the columns ``[s, s + V_r)`` of ``G``),
+``G_y`` comes from the cross-entropy (the same on every rank), ``max_j G_j`` and its lowest index are all-reduced,
+so ``c``, ``correct`` and the token statistics and term are the same on every rank; the fold touches the columns
+``y`` and ``ŷ`` where they live. Each rank bins the Full-ECE entries of its own columns (the label's on the rank
+that holds it) and those sums are all-reduced once, in :meth:`TokenStatistics.outputs`.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from __future__ import annotations
 import torch
 
 from ..reference import bin_index
+from .vocab_parallel import VocabShard, first_max
 
 TIE = 2.0 ** -25  # |fl(fl(p − 1) + 1) − p| ≤ 2⁻²⁵ for p in [0, 1]: closer than that is a tie
 MAX_BLOCK = 512  # columns per block of the two-level arg-max (a vectorised amax, then one block's columns)
@@ -84,13 +91,20 @@ class TokenStatistics:
     def term(self) -> bool:
         return self.bin_accuracy is not None
 
-    def update_(self, grad: torch.Tensor, targets: torch.Tensor, ignore_index: int, fold: bool) -> None:
-        """Read one chunk's ``G = p − e_y`` (``[rows, V]`` float32); with ``fold``, add the calibration
-        term's gradient into it in place (before any soft-cap slope)."""
+    def update_(self, grad: torch.Tensor, targets: torch.Tensor, ignore_index: int, fold: bool,
+                shard: VocabShard | None = None, label_grad: torch.Tensor | None = None) -> None:
+        """Read one chunk's ``G = p − e_y`` (``[rows, V]`` float32; on a vocabulary ``shard``, this rank's
+        columns and the rows' ``label_grad`` ``G_y``); with ``fold``, add the calibration term's gradient into
+        it in place (before any soft-cap slope)."""
         supervised = targets != ignore_index
         label = torch.where(supervised, targets, 0)
-        label_grad = grad.gather(1, label[:, None]).squeeze(1)
-        other, other_index = _first_max(grad)
+        if shard is None:
+            column, owned = label, torch.ones_like(supervised)
+            label_grad = grad.gather(1, label[:, None]).squeeze(1)
+            other, other_index = _first_max(grad)
+        else:
+            column, owned = shard.local(label)
+            other, other_index = first_max(grad, shard, _first_max)
         gap = label_grad + 1.0 - other
         tie = gap.abs() <= TIE
         label_prob = torch.where(tie, other, label_grad + 1.0)
@@ -103,32 +117,43 @@ class TokenStatistics:
             _add(self.token_stats, bins, kept, conf, correct & kept)
             self.token_stats[3].add_((supervised & ~finite).sum())
         if self.full:
-            self._update_full(grad, label, label_grad, label_prob, kept, supervised & ~finite)
+            self._update_full(grad, torch.where(owned, column, -1), label_grad, label_prob, kept,
+                              supervised & ~finite & owned)
         if self.term:
             miss = conf - self.bin_accuracy[bins]
             self.cal_sum += torch.where(supervised, miss * miss, 0.0).sum()
             if fold:
                 coef = torch.where(supervised, (2.0 * self.lam) * miss * conf, 0.0)
                 grad.mul_((self.sft_weight - coef)[:, None])
-                grad.scatter_add_(1, label[:, None], -coef[:, None])
-                grad.scatter_add_(1, torch.where(correct, label, other_index)[:, None], coef[:, None])
+                grad.scatter_add_(1, column[:, None], torch.where(owned, -coef, 0.0)[:, None])
+                predicted = torch.where(correct, label, other_index)
+                predicted, predicted_owned = (predicted, owned) if shard is None else shard.local(predicted)
+                grad.scatter_add_(1, predicted[:, None], torch.where(predicted_owned, coef, 0.0)[:, None])
 
-    def _update_full(self, grad, label, label_grad, label_prob, kept, skipped) -> None:
+    def _update_full(self, grad, column, label_grad, label_prob, kept, skipped) -> None:
+        """Bin every entry of the rows ``kept`` of ``grad``: the label's ``label_prob`` where ``column`` ≥ 0
+        holds it (rows of ``kept`` whose label lives on another rank skip it), the rest from ``G``."""
         vocab = grad.shape[1]
         top, top_index = grad.topk(min(self.n_bins + 1, vocab), dim=1, sorted=False)
-        other = (top_index != label[:, None]) & kept[:, None]
+        has_label = column >= 0
+        other = (top_index != column[:, None]) & kept[:, None]
         top_other = torch.where(other, top, 0.0)
         _add(self.full_stats, bin_index(top, self.n_bins).reshape(-1), other.reshape(-1), top.reshape(-1),
              torch.zeros_like(top, dtype=torch.bool).reshape(-1))
-        _add(self.full_stats, bin_index(label_prob, self.n_bins), kept, label_prob, kept)
-        rest_count = torch.where(kept, vocab - 1 - other.sum(1), 0).sum()
-        rest_mass = (grad.sum(1).double() - label_grad.double() - top_other.sum(1).double()).clamp_min(0.0)
+        with_label = kept & has_label
+        _add(self.full_stats, bin_index(label_prob, self.n_bins), with_label, label_prob, with_label)
+        rest_count = torch.where(kept, vocab - has_label.long() - other.sum(1), 0).sum()
+        own_label = torch.where(has_label, label_grad, 0.0).double()
+        rest_mass = (grad.sum(1).double() - own_label - top_other.sum(1).double()).clamp_min(0.0)
         counts, sum_conf, _, n_skipped = self.full_stats
         counts[0] += rest_count
         sum_conf[0] += torch.where(kept, rest_mass, 0.0).sum()
         n_skipped.add_(skipped.sum())
 
-    def outputs(self) -> tuple[torch.Tensor, ...]:
+    def outputs(self, shard: VocabShard | None = None) -> tuple[torch.Tensor, ...]:
         """``(cal_sum, *token statistics, *full statistics)``: each statistic is (counts, Σ conf, Σ correct,
-        n_skipped)."""
+        n_skipped). On a vocabulary ``shard`` the Full-ECE sums of the ranks' columns are all-reduced first."""
+        if shard is not None and self.full:
+            for total in self.full_stats:
+                shard.all_reduce_(total)
         return (self.cal_sum, *self.token_stats, *self.full_stats)

@@ -1,0 +1,216 @@
+"""The fused loss with the lm_head weight split over the vocabulary (docs/distributed.md#vocabulary-parallel-loss):
+4 gloo processes on CPU, a 2 × 2 mesh (data × tensor), one ``torch.multiprocessing.spawn`` for every check.
+
+* Each tensor-parallel pair computes :func:`calibkern.fused_linear_calibration_loss` with V = 37 split 19 / 18 (a
+  ``DTensor`` sharded on dim 0, over the pair's 1-D mesh or the tensor dimension of the 2-D mesh) or 15 / 22 (local
+  shards with ``vocab_parallel_group=``), option ids on both shards, ignored rows, several chunks: plain CE with
+  token and Full-ECE statistics and a bias, hard_bin with a soft-cap, em, token_hard_bin. Every rank equals one
+  process on the whole weight — the loss and its parts, the bin / token / Full-ECE statistics, the hidden gradient,
+  its own rows of the weight (and bias) gradient and the EM state — to ≤ 1e-5 (counts exactly).
+* FSDP2 × TP: the tiny Llama with ``ColwiseParallel`` on the lm_head over the tensor dimension and ``fully_shard``
+  over the data dimension trains three steps (plain CE, CFT; tests/sharded_training.py) and ends at the weights of
+  one process trained on the whole batches (max abs difference ≤ 1e-5).
+"""
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import calibkern as ck
+
+from helpers import assert_same_training_state, assert_trained, free_port
+
+pytest.importorskip("transformers")
+
+WORLD, N_BINS, VOCAB, DIM = 4, 10, 37, 16
+OPTIONS = [2, 20, 36, 5]  # on both shards of either split
+GROUP_SPLIT = (15, 22)  # the local shards of the vocab_parallel_group= cases (the DTensor ones split 19 / 18)
+TP_MODES = ("ce", "cft")
+CASES = {  # name: (calibration, layout, keyword arguments)
+    "ce": (None, "dtensor", dict(token_stats=True, full_stats=True, bias=True)),
+    "hard_bin": ("hard_bin", "dtensor_2d", dict(logit_softcap=3.0, token_stats=True)),
+    "em": ("em", "group", dict(full_stats=True)),
+    "token_hard_bin": ("token_hard_bin", "group", dict(token_stats=True, full_stats=True)),
+}
+
+
+def inputs(case):
+    """The whole problem of ``case``: hidden [3, 9, D], weight [V, D], bias, labels with ignored positions and an
+    answer (an option id) per row."""
+    gen = torch.Generator().manual_seed(sorted(CASES).index(case))
+    hidden = torch.randn(3, 9, DIM, generator=gen)
+    weight = torch.randn(VOCAB, DIM, generator=gen) * 0.7
+    bias = torch.randn(VOCAB, generator=gen) * 0.3
+    labels = torch.randint(0, VOCAB, (3, 9), generator=gen)
+    labels[:, :2] = -100
+    labels[0, 6] = -100
+    for row in range(3):
+        labels[row, 5 + row] = OPTIONS[row]
+    return hidden, weight, bias, labels
+
+
+def loss_arguments(case):
+    calibration, _, keywords = CASES[case]
+    keywords = {key: value for key, value in keywords.items() if key != "bias"}
+    state = {}
+    if calibration in ("hard_bin", "token_hard_bin"):
+        state["bin_accuracy"] = torch.linspace(0.05, 0.95, N_BINS)
+    if calibration == "em":
+        state["em_state"] = ck.EMState(N_BINS)
+        state["em_state"].mu = torch.linspace(0.2, 0.9, N_BINS, dtype=torch.float64)
+    return dict(option_ids=OPTIONS, calibration=calibration, n_bins=N_BINS, lam=2.0, chunk_size=7, **state,
+                **keywords)
+
+
+def summary(out, hidden, em_state):
+    """Everything compared, from one call's output and the gradients."""
+    result = {"loss": out.loss.detach(), "sft_loss": out.sft_loss.detach(), "cal_loss": out.cal_loss.detach(),
+              "hidden_grad": hidden.grad, "em": None if em_state is None else em_state.state_dict()}
+    for name in ("bin_stats", "token_stats", "full_stats"):
+        stats = getattr(out, name)
+        if stats is not None:
+            result[name] = (stats.counts, stats.sum_conf, stats.sum_correct, stats.n_skipped)
+    return result
+
+
+def one_process(case):
+    hidden, weight, bias, labels = inputs(case)
+    hidden.requires_grad_(True)
+    weight.requires_grad_(True)
+    bias = bias.requires_grad_(True) if CASES[case][2].get("bias") else None
+    arguments = loss_arguments(case)
+    out = ck.fused_linear_calibration_loss(hidden, weight, labels, bias=bias, **arguments)
+    out.loss.backward()
+    return {**summary(out, hidden, arguments.get("em_state")), "weight_grad": weight.grad,
+            "bias_grad": None if bias is None else bias.grad}
+
+
+def vocab_parallel(case, mesh):
+    """``case`` on this rank's tensor-parallel pair; the weight-gradient rows this rank holds, with their range."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    hidden, weight, bias, labels = inputs(case)
+    hidden.requires_grad_(True)
+    with_bias = CASES[case][2].get("bias")
+    layout = CASES[case][1]
+    arguments = loss_arguments(case)
+    if layout == "group":
+        tp_rank = mesh["tp"].get_local_rank()
+        start = sum(GROUP_SPLIT[:tp_rank])
+        rows = slice(start, start + GROUP_SPLIT[tp_rank])
+        weight = weight[rows].clone().requires_grad_(True)
+        bias = bias[rows].clone().requires_grad_(True) if with_bias else None
+        out = ck.fused_linear_calibration_loss(hidden, weight, labels, bias=bias,
+                                               vocab_parallel_group=mesh.get_group("tp"), **arguments)
+        out.loss.backward()
+        grads = weight.grad, None if bias is None else bias.grad
+    else:
+        target, placements = (mesh["tp"], [Shard(0)]) if layout == "dtensor" else (mesh, [Replicate(), Shard(0)])
+        weight = distribute_tensor(weight, target, placements).requires_grad_(True)
+        bias = distribute_tensor(bias, target, placements).requires_grad_(True) if with_bias else None
+        out = ck.fused_linear_calibration_loss(hidden, weight, labels, bias=bias, **arguments)
+        out.loss.backward()
+        grads = weight.grad.to_local(), None if bias is None else bias.grad.to_local()
+        tp_rank, chunk = mesh["tp"].get_local_rank(), -(-VOCAB // 2)
+        rows = slice(tp_rank * chunk, min(VOCAB, (tp_rank + 1) * chunk))
+    return {**summary(out, hidden, arguments.get("em_state")), "weight_grad": grads[0], "bias_grad": grads[1],
+            "rows": rows}
+
+
+def tensor_parallel_llama(mesh):
+    """The tiny Llama's lm_head column-parallel (vocabulary rows) over ``tp``, then FSDP2 over ``dp``."""
+    def shard(model):
+        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.tensor import Replicate
+        from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+        # whole logits from the model's own forward (generation); the fused loss reads the weight shards
+        parallelize_module(model, mesh["tp"], {"lm_head": ColwiseParallel(output_layouts=Replicate())})
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh["dp"])
+        fully_shard(model.lm_head, mesh=mesh["dp"])
+        fully_shard(model, mesh=mesh["dp"])
+    return shard
+
+
+def end_weights(model):
+    return {key: getattr(value, "full_tensor", lambda v=value: v)().detach().clone()
+            for key, value in model.state_dict().items()}
+
+
+def _worker(rank, port, out_dir):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        torch.set_num_threads(1)
+        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+        results = {case: vocab_parallel(case, mesh) for case in CASES}
+        from calibkern.hf import fused_loss_of
+        from sharded_training import STEPS, fixtures, new_model, train
+
+        tokenizer, option_ids = fixtures()
+        dp_rank = mesh["dp"].get_local_rank()
+        for mode in TP_MODES:
+            # check=False: the equivalence check's full logits of a slice do not take a DTensor weight
+            model, optimizer = new_model(tokenizer, mode, option_ids, shard=tensor_parallel_llama(mesh), check=False)
+            fused_loss_of(model).world_size = 2  # the data-parallel processes (HF scaling)
+            train(model, optimizer, tokenizer, option_ids, range(STEPS), dp_rank, 2)
+            results[f"train_{mode}"] = {"weights": end_weights(model), "em": None}
+        torch.save(results, f"{out_dir}/rank{rank}.pt")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("vocab_parallel")
+    mp.spawn(_worker, args=(free_port(), str(out_dir)), nprocs=WORLD, join=True)
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def _assert_close(got, want, path):
+    if isinstance(want, dict):
+        for key in want:
+            _assert_close(got[key], want[key], f"{path}.{key}")
+    elif isinstance(want, (tuple, list)):
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            _assert_close(g, w, f"{path}[{i}]")
+    elif want is None:
+        assert got is None, path
+    elif want.dtype.is_floating_point:
+        assert got.shape == want.shape, path
+        assert (got.double() - want.double()).abs().max() <= 1e-5, f"{path}: {got} != {want}"
+    else:
+        assert torch.equal(got, want), f"{path}: {got} != {want}"
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_vocab_parallel_loss_equals_one_process(ranks, case):
+    want = one_process(case)
+    if CASES[case][0] is None:
+        assert want["full_stats"][0].sum() == VOCAB * int((inputs(case)[3][:, 1:] != -100).sum())
+    for rank in ranks:
+        got = rank[case]
+        rows = got.pop("rows")
+        want_rank = {**want, "weight_grad": want["weight_grad"][rows],
+                     "bias_grad": None if want["bias_grad"] is None else want["bias_grad"][rows]}
+        _assert_close(got, want_rank, case)
+
+
+@pytest.mark.parametrize("mode", TP_MODES)
+def test_fsdp2_by_tensor_parallel_training_equals_one_process(ranks, mode):
+    from calibkern.hf import fused_loss_of
+    from sharded_training import STEPS, fixtures, new_model, train
+
+    torch.set_num_threads(1)
+    tokenizer, option_ids = fixtures()
+    model, optimizer = new_model(tokenizer, mode, option_ids)
+    train(model, optimizer, tokenizer, option_ids, range(STEPS))
+    want = {"weights": end_weights(model), "em": None}
+    assert fused_loss_of(model).em_state is None
+    assert_trained(want["weights"], tokenizer)
+    for rank in ranks:
+        assert_same_training_state(rank[f"train_{mode}"], want)
