@@ -5,7 +5,7 @@ A cache entry is ``<cache>/torch<version>-py<XY>-<key>/``, ``key`` a hash of :fu
 sources' contents, torch's version and C++ ABI, the Python extension ABI, the ``-march`` target and the CPU
 flags it enables — and nothing else (no paths, no file times):
 
-* ``_C.so`` — the extension, moved into place whole once it has linked. When it is there it is loaded
+* ``_C.so`` — the extension, renamed into place whole once it has linked. When it is there it is loaded
   directly, with no build step: a reinstall, a second virtual environment or a moved checkout with the same
   torch finds it and compiles nothing.
 * ``build.json`` — the record it was built for, and why it was built.
@@ -249,12 +249,6 @@ def _load_library(path: str):
     return module
 
 
-def _load_entry(entry: CacheEntry):
-    check_private(entry.directory)
-    check_private(entry.library)
-    return _load_library(entry.library)
-
-
 def rebuild_reason(entry: CacheEntry) -> str:
     """Why no build in the cache fits: what differs from the nearest earlier build's record."""
     root = os.path.dirname(entry.directory)
@@ -277,7 +271,7 @@ def rebuild_reason(entry: CacheEntry) -> str:
 
 
 def _compile(entry: CacheEntry, why: str):
-    """Compile the entry's sources into its work directory and move the library into place."""
+    """Compile the entry's sources in its work directory, then :func:`install` the library."""
     from torch.utils import cpp_extension
 
     work = entry.path(WORK)
@@ -306,11 +300,36 @@ def _compile(entry: CacheEntry, why: str):
         raise _failed_earlier(entry) from None
     finally:
         os.environ["PATH"] = path
-    os.chmod(module.__file__, 0o755)
-    os.replace(module.__file__, entry.library)
-    _write_atomic(entry.path(RECORD), json.dumps({**entry.record, "reason": why, "built_at": time.time()}, indent=1))
+    install(entry, module.__file__, why)
     shutil.rmtree(work, ignore_errors=True)
     return module
+
+
+def install(entry: CacheEntry, library: str, why: str) -> None:
+    """Copy a built ``library`` into the entry whole (a temporary file renamed into place), then its record."""
+    temporary = f"{entry.library}.{os.getpid()}.tmp"
+    shutil.copyfile(library, temporary)
+    os.chmod(temporary, 0o755)
+    os.replace(temporary, entry.library)
+    _write_atomic(entry.path(RECORD), json.dumps({**entry.record, "reason": why, "built_at": time.time()}, indent=1))
+
+
+def cached_library(entry: CacheEntry) -> str | None:
+    """The entry's library when the cache holds it (checked as :func:`jit_load` checks it), else None."""
+    if not os.path.exists(entry.library):
+        return None
+    for path in (_build.cache_root(), entry.directory, entry.library):
+        check_private(path)
+    return entry.library
+
+
+def store(entry: CacheEntry, library: str, why: str) -> None:
+    """Put a library built elsewhere (setup.py's ahead-of-time build) into the cache, unless it is there."""
+    _private_directory(_build.cache_root())
+    _private_directory(entry.directory)
+    with build_lock(entry.path(LOCK), wait_timeout()):
+        if not os.path.exists(entry.library):
+            install(entry, library, why)
 
 
 def jit_load(why: str, entry: CacheEntry | None = None):
@@ -319,17 +338,16 @@ def jit_load(why: str, entry: CacheEntry | None = None):
     ``why`` (the ahead-of-time build's problem) goes into the stderr line a build prints, with what changed
     since the nearest earlier build. ImportError for every way this can fail; KeyboardInterrupt passes."""
     entry = cache_entry() if entry is None else entry
-    if os.path.exists(entry.library):
-        check_private(_build.cache_root())
-        return _load_entry(entry), False
+    _private_directory(_build.cache_root())
+    if cached_library(entry):
+        return _load_library(entry.library), False
+    _private_directory(entry.directory)
     failed = _failed_earlier(entry)
     if failed is not None:
         raise failed
-    _private_directory(_build.cache_root())
-    _private_directory(entry.directory)
     with build_lock(entry.path(LOCK), wait_timeout()):
-        if os.path.exists(entry.library):  # built by the holder we waited for
-            return _load_entry(entry), False
+        if cached_library(entry):  # built by the holder we waited for
+            return _load_library(entry.library), False
         failed = _failed_earlier(entry)
         if failed is not None:
             raise failed

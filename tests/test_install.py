@@ -153,19 +153,22 @@ def _private(path):
 
 @pytest.fixture
 def cached_build(tmp_path, monkeypatch):
-    """A private cache (``CALIBKERN_CACHE``) holding the entry of this checkout's sources, torch and target, filled
-    with a copy of the ahead-of-time build — the same sources and flags as a build at first use, and the same
-    module: (the cache root, the entry)."""
+    """A copy of the package (its sources fixed while the checkout may change) and a private cache
+    (``CALIBKERN_CACHE``) holding the entry of its sources, this torch and target, filled with a copy of the
+    ahead-of-time build — the same recipe as a build at first use, and the same module: (the cache root, the
+    entry, the package copy)."""
     built = glob.glob(os.path.join(REPO, "calibkern", "_C*.so"))
     if not built:
         pytest.skip("no ahead-of-time build to fill the cache with")
+    copy = _package_copy(tmp_path / "copy")
+    monkeypatch.setattr(_build, "CSRC", str(copy / "csrc"))
     root = _private(tmp_path / "cache")
     monkeypatch.setenv("CALIBKERN_CACHE", str(root))
     entry = _jit.cache_entry()
     _private(entry.directory)
     shutil.copy(built[0], entry.library)
     os.chmod(entry.library, 0o755)
-    return root, entry
+    return root, entry, copy
 
 
 def test_a_second_copy_of_the_package_loads_the_cached_build_as_is(cached_build, tmp_path):
@@ -173,9 +176,7 @@ def test_a_second_copy_of_the_package_loads_the_cached_build_as_is(cached_build,
     a second venv sharing the cache gives — loads the cached build and compiles nothing; it writes nothing
     into the cache either, so a read-only cache serves as well (every mode bit cleared to read-only). The
     build record of the other torch keeps this venv's editable ahead-of-time build out."""
-    root, entry = cached_build
-    copy = tmp_path / "copy"
-    _package_copy(copy)
+    root, entry, copy = cached_build
     for path in [root, *root.rglob("*")]:
         os.chmod(path, 0o555 if path.is_dir() else 0o444)
     before = _tree(root)
@@ -192,6 +193,35 @@ def test_a_second_copy_of_the_package_loads_the_cached_build_as_is(cached_build,
     assert "compiling" not in out.stderr and _tree(root) == before, out.stderr
 
 
+def test_setup_takes_the_ahead_of_time_build_from_the_cache(cached_build, tmp_path):
+    """setup.py (a reinstall of the same sources with the same torch) copies calibkern._C from the build cache,
+    says so, and compiles nothing."""
+    root, entry, copy = cached_build
+    out = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=copy, capture_output=True,
+                         text=True, timeout=600, env={**os.environ, "CALIBKERN_CACHE": str(root)})
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert f"calibkern._C taken from the build cache {entry.directory}" in out.stderr
+    built = glob.glob(str(copy / "calibkern" / "_C*.so"))
+    assert len(built) == 1 and open(built[0], "rb").read() == open(entry.library, "rb").read()
+    assert not list(copy.rglob("*.o")) and "compiling" not in out.stderr
+
+
+def test_a_build_from_elsewhere_is_stored_once(tmp_path, monkeypatch):
+    """What setup.py compiles goes into the cache (with its record) for later installs and first uses."""
+    monkeypatch.setenv("CALIBKERN_CACHE", str(tmp_path / "cache"))
+    entry = _jit.cache_entry()
+    library = tmp_path / "built.so"
+    library.write_bytes(b"a library")
+    assert _jit.cached_library(entry) is None
+    _jit.store(entry, str(library), "built ahead of time by setup.py")
+    library.write_bytes(b"another")
+    _jit.store(entry, str(library), "built ahead of time by setup.py")
+    assert open(_jit.cached_library(entry), "rb").read() == b"a library"
+    assert os.stat(tmp_path / "cache").st_mode & 0o777 == 0o700
+    with open(entry.path(_jit.RECORD)) as handle:
+        assert json.load(handle)["reason"] == "built ahead of time by setup.py"
+
+
 PLANTED = """#include <stdio.h>
 #include <stdlib.h>
 __attribute__((constructor)) static void planted(void) {
@@ -205,7 +235,7 @@ def test_a_cache_others_can_write_is_refused(cached_build, tmp_path):
     """A library planted where calibkern would load its build is never loaded — in a world-writable cache, as
     a group-writable file, or owned by another account — and the report says why; the same library in the
     user's own cache runs its code (the control that shows the marker would catch it)."""
-    root, entry = cached_build
+    root, entry, _ = cached_build
     planted = tmp_path / "planted.so"
     (tmp_path / "planted.c").write_text(PLANTED)
     subprocess.run(["cc", "-shared", "-fPIC", "-o", str(planted), str(tmp_path / "planted.c")], check=True)
@@ -353,20 +383,24 @@ def test_killed_and_interrupted_builds_never_wedge_the_next_import(tmp_path, mon
     build SIGKILLed mid-compile (a pre-empted job) leaves the lock's holder line, which the next builder breaks
     with a line on stderr; two processes then build one copy together within one build's time, equal to the
     reference; a second copy of the package (new paths and file times) loads it without compiling."""
-    cache = tmp_path / "cache"
+    cache, source = tmp_path / "cache", _package_copy(tmp_path / "source")  # fixed while the checkout may change
     monkeypatch.setenv("CALIBKERN_CACHE", str(cache))
+    monkeypatch.setattr(_build, "CSRC", str(source / "csrc"))
     entry = _jit.cache_entry()
     env = {k: v for k, v in os.environ.items() if k not in ("CALIBKERN_BACKEND", "PYTHONPATH")}
     code = script(FAKE_RECORD, LOAD_AND_COMPARE)
 
-    def start(cwd=None):
+    def start(cwd=source):
         return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, env=env, cwd=cwd, start_new_session=True)
 
     def stop_mid_compile(proc, sig):
-        ninja_file = os.path.join(entry.path(_jit.WORK), "build.ninja")
-        _wait_for(lambda: os.path.exists(ninja_file) or proc.poll() is not None, "build.ninja")
-        time.sleep(3)  # the compilers are running
+        """Once ``proc`` has written its build.ninja (a fresh one: the interrupted build leaves its own) and its
+        compilers run, send ``sig`` to its process group."""
+        ninja_file, started = os.path.join(entry.path(_jit.WORK), "build.ninja"), time.time()
+        _wait_for(lambda: proc.poll() is not None or (os.path.exists(ninja_file)
+                                                      and os.stat(ninja_file).st_mtime >= started), "build.ninja")
+        time.sleep(3)
         assert proc.poll() is None, proc.communicate()
         os.killpg(proc.pid, sig)
         return proc.communicate(timeout=120)
@@ -396,8 +430,7 @@ def test_killed_and_interrupted_builds_never_wedge_the_next_import(tmp_path, mon
         assert {k: v for k, v in json.load(handle).items() if k in entry.record} == entry.record
     print(f"two ranks after a killed build: {elapsed:.1f} s")
 
-    copy = tmp_path / "copy"
-    _package_copy(copy)
+    copy = _package_copy(tmp_path / "copy", source)
     before = _tree(cache)
     started = time.monotonic()
     out, err = start(cwd=copy).communicate(timeout=300)
@@ -408,14 +441,15 @@ def test_killed_and_interrupted_builds_never_wedge_the_next_import(tmp_path, mon
     print(f"a second copy of the package: {time.monotonic() - started:.1f} s, nothing compiled")
 
 
-def _package_copy(destination):
-    """The files a user's ``pip install`` sees (no compiled extension, no build record, no caches), with new
-    modification times, as a reinstall gives them."""
+def _package_copy(destination, origin=REPO):
+    """``destination`` with the files of ``origin`` a user's ``pip install`` sees (no compiled extension, no
+    build record, no caches), with new modification times, as a reinstall gives them."""
     ignore = shutil.ignore_patterns("*.so", "_build_config.py", "__pycache__")
     for folder in ("calibkern", "csrc"):
-        shutil.copytree(os.path.join(REPO, folder), destination / folder, ignore=ignore, copy_function=shutil.copy)
+        shutil.copytree(os.path.join(origin, folder), destination / folder, ignore=ignore, copy_function=shutil.copy)
     for name in ("setup.py", "pyproject.toml", "README.md"):
-        shutil.copy(os.path.join(REPO, name), destination / name)
+        shutil.copy(os.path.join(origin, name), destination / name)
+    return destination
 
 
 @pytest.mark.slow
