@@ -158,3 +158,52 @@ def random_batch(tokenizer, option_ids, rows=3, length=13, seed=0):
     for row in range(rows):
         labels[row, 6 + row] = ids[row, 6 + row] = option_ids[row % len(option_ids)]
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+# Models beyond the zoo, built tiny from their configs: (model class, config class, settings). The MoE ones have
+# router logits on (their loss adds router_aux_loss_coef · aux_loss) unless ``output_router_logits=False``.
+MOE = dict(num_key_value_heads=2, num_experts_per_tok=2, output_router_logits=True, router_aux_loss_coef=0.5)
+EXTRA = {
+    "mixtral": ("MixtralForCausalLM", "MixtralConfig", dict(SMALL, **MOE, num_local_experts=4)),
+    "qwen2_moe": ("Qwen2MoeForCausalLM", "Qwen2MoeConfig", dict(SMALL, **MOE, num_experts=4, moe_intermediate_size=16,
+                                                                shared_expert_intermediate_size=16)),
+    "recurrent_gemma": ("RecurrentGemmaForCausalLM", "RecurrentGemmaConfig", dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=8, lru_width=32, attention_window_size=16, logits_soft_cap=3.0, block_types=["recurrent", "attention"])),
+    "t5": ("T5ForConditionalGeneration", "T5Config", dict(d_model=32, d_ff=64, num_layers=2, num_heads=4, d_kv=8,
+                                                          decoder_start_token_id=0)),
+    "bart_causal": ("BartForCausalLM", "BartConfig", dict(d_model=32, encoder_layers=2, decoder_layers=2,
+                                                          encoder_attention_heads=4, decoder_attention_heads=4,
+                                                          encoder_ffn_dim=64, decoder_ffn_dim=64, dropout=0.0)),
+    "bert_lm_head": ("BertLMHeadModel", "BertConfig", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                           num_attention_heads=4, is_decoder=True, hidden_dropout_prob=0.0,
+                                                           attention_probs_dropout_prob=0.0)),
+    "llama4": ("Llama4ForCausalLM", "Llama4TextConfig", dict(SMALL, num_key_value_heads=2, head_dim=8,
+                                                              num_local_experts=2, intermediate_size_mlp=64)),
+}
+
+
+def make_extra_model(name, tokenizer, seed=0, **overrides):
+    """A tiny randomly initialised model of ``EXTRA[name]`` (``overrides`` change its config settings)."""
+    import transformers
+
+    model_class, config_class, settings = EXTRA[name]
+    config = getattr(transformers, config_class)(
+        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False, **{**settings, **overrides})
+    torch.manual_seed(seed)
+    return getattr(transformers, model_class)(config)
+
+
+def make_vlm(tokenizer, seed=0):
+    """A tiny Gemma-3 vision-language model (SigLIP tower of one layer, 16 × 16 images of 4 patches)."""
+    import transformers
+
+    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=8, pad_token_id=tokenizer.pad_token_id)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=16,
+                  patch_size=8)
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                       image_token_index=5, boi_token_index=6, eoi_token_index=7)
+    torch.manual_seed(seed)
+    return transformers.Gemma3ForConditionalGeneration(config)

@@ -104,7 +104,7 @@ def test_an_unknown_logit_transform_is_refused(setup):
         return output
 
     model.forward = shifted_forward
-    with pytest.raises(ValueError, match="does not reproduce LlamaForCausalLM's logits"):
+    with pytest.raises(ValueError, match="refuses LlamaForCausalLM: calibkern's fused path does not reproduce its logits"):
         evaluate(model, tokenizer, examples, option_ids, progress=False)
 
 
@@ -176,3 +176,132 @@ def test_a_tokenizer_that_appends_eos_keeps_prompts_open():
     prompt = encode_prompt(tokenizer, example)
     assert prompt[0] == tokenizer.bos_token_id and prompt[-1] != tokenizer.eos_token_id
     assert prompt[1:] == encode_prompt(base, example)
+
+
+# ------------------------------------------------------------------ the equivalence check and the refusals
+
+REFUSED = {  # model → what the refusal names
+    "t5": "refuses T5ForConditionalGeneration: it is an encoder-decoder model",
+    "llama4": "refuses Llama4ForCausalLM: its get_decoder\\(\\) returns the model itself",
+    "bert_lm_head": "refuses BertLMHeadModel: calibkern's fused path does not reproduce its logits",
+    "bart_causal": "refuses BartForCausalLM: its own loss is .* does not shift its labels",
+}
+
+
+@pytest.mark.parametrize("name", REFUSED)
+def test_models_calibkern_cannot_reproduce_are_refused_at_every_entry_point(setup, name, tmp_path):
+    """apply_fused_loss's first call with labels, CalibrationTrainer before its first step (the weights unchanged)
+    and evaluate all refuse the model, naming it and what differs."""
+    from calibkern.hf import apply_fused_loss
+    from hf_tiny import make_extra_model, random_batch
+
+    tokenizer, option_ids, examples = setup
+    message = REFUSED[name]
+    with pytest.raises((TypeError, ValueError), match=message):
+        apply_fused_loss(make_extra_model(name, tokenizer))(**random_batch(tokenizer, option_ids))
+    model = make_extra_model(name, tokenizer)
+    before = copy.deepcopy(model.state_dict())
+    dataset = build_sft_dataset(tokenizer, examples, option_ids, supervise="completion")
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=1, report_to=[],
+                             use_cpu=True, disable_tqdm=True, save_strategy="no")
+    with pytest.raises((TypeError, ValueError), match=message):
+        CalibrationTrainer(model, args, dataset, calibration=CalibrationConfig(
+            method="cft", option_ids=option_ids, bin_accuracy=[0.3] * 10)).train()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    with pytest.raises((TypeError, ValueError), match=message):
+        evaluate(make_extra_model(name, tokenizer), tokenizer, examples, option_ids, progress=False)
+
+
+def test_a_model_that_adds_to_its_loss_is_refused(setup):
+    """Same logits, a loss the model computes differently (here + 1): refused by the loss comparison."""
+    from calibkern.hf import apply_fused_loss
+    from hf_tiny import random_batch
+
+    tokenizer, option_ids, _ = setup
+    model = make_zoo_model("llama", tokenizer)
+    plain_forward = model.forward
+
+    def forward_with_extra_loss(*args, **kwargs):
+        output = plain_forward(*args, **kwargs)
+        if output.loss is not None:
+            output.loss = output.loss + 1.0
+        return output
+
+    model.forward = forward_with_extra_loss
+    with pytest.raises(ValueError, match=r"refuses LlamaForCausalLM: its own loss is [\d.]+ where calibkern computes"):
+        apply_fused_loss(model)(**random_batch(tokenizer, option_ids))
+
+
+def test_soft_capped_logits_of_recurrent_gemma_are_reproduced(setup):
+    """RecurrentGemma caps its logits with ``logits_soft_cap``: calibkern applies it, so the loss is the model's."""
+    from calibkern.hf import apply_fused_loss
+    from hf_tiny import make_extra_model, random_batch
+
+    tokenizer, option_ids, _ = setup
+    model = make_extra_model("recurrent_gemma", tokenizer)
+    assert logit_transform(model).softcap == 3.0
+    twin = copy.deepcopy(model)
+    inputs = random_batch(tokenizer, option_ids)
+    torch.testing.assert_close(apply_fused_loss(model)(**inputs).loss, twin(**inputs).loss, rtol=1e-5, atol=1e-6)
+
+
+def test_inputs_the_fused_path_does_not_consume_are_refused(setup):
+    """A vision-language model called with pixel_values (the fused path runs the text decoder only) is refused by
+    name; its text-only loss is its own. Output switches that would come back empty are refused too, and
+    return_dict=False gives a tuple whose first element is the loss."""
+    from calibkern.hf import apply_fused_loss
+    from hf_tiny import make_vlm, random_batch
+
+    tokenizer, option_ids, _ = setup
+    inputs = random_batch(tokenizer, option_ids)
+    vlm = make_vlm(tokenizer)
+    twin = copy.deepcopy(vlm)
+    apply_fused_loss(vlm)
+    with pytest.raises(ValueError, match="Gemma3ForConditionalGeneration does not consume pixel_values"):
+        vlm(**inputs, pixel_values=torch.randn(3, 3, 16, 16))
+    torch.testing.assert_close(vlm(**inputs).loss, twin(**inputs).loss, rtol=1e-5, atol=1e-6)
+    model = apply_fused_loss(make_zoo_model("llama", tokenizer))
+    for switch in ("output_hidden_states", "output_attentions"):
+        with pytest.raises(ValueError, match=f"does not consume {switch}"):
+            model(**inputs, **{switch: True})
+    as_tuple = model(**inputs, return_dict=False)
+    assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], model(**inputs).loss)
+
+
+HEAD_ADAPTERS = {
+    "AdaLoRA": lambda peft: peft.AdaLoraConfig(target_modules=["q_proj", "lm_head"], total_step=10, init_r=4),
+    "IA3": lambda peft: peft.IA3Config(target_modules=["q_proj", "lm_head"], feedforward_modules=[]),
+    "LoHa": lambda peft: peft.LoHaConfig(target_modules=["q_proj", "lm_head"], r=4),
+    "LoKr": lambda peft: peft.LoKrConfig(target_modules=["q_proj", "lm_head"], r=4),
+    "BOFT": lambda peft: peft.BOFTConfig(target_modules=["q_proj", "lm_head"], boft_block_size=4),
+    "aLoRA": lambda peft: peft.LoraConfig(target_modules=["q_proj", "lm_head"], r=4, alora_invocation_tokens=[5]),
+    "DoRA": lambda peft: peft.LoraConfig(target_modules=["q_proj", "lm_head"], r=4, use_dora=True),
+}
+
+
+@pytest.mark.parametrize("kind", HEAD_ADAPTERS)
+def test_adapters_on_the_lm_head_calibkern_cannot_write_as_a_weight_are_refused_by_type(setup, kind):
+    import peft
+
+    from calibkern.hf import apply_fused_loss
+    from hf_tiny import random_batch
+
+    tokenizer, option_ids, examples = setup
+    model = get_peft_model(make_zoo_model("llama", tokenizer), HEAD_ADAPTERS[kind](peft))
+    with pytest.raises(ValueError, match=f"{kind}"):
+        apply_fused_loss(model)(**random_batch(tokenizer, option_ids))
+    with pytest.raises(ValueError, match=f"{kind}"):
+        evaluate(get_peft_model(make_zoo_model("llama", tokenizer), HEAD_ADAPTERS[kind](peft)), tokenizer, examples,
+                 option_ids, progress=False)
+
+
+def test_option_ids_fewer_than_the_rows_options_are_refused_with_the_counts(setup, tmp_path):
+    tokenizer, option_ids, examples = setup
+    dataset = build_sft_dataset(tokenizer, examples, option_ids, supervise="completion")
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=1, report_to=[],
+                             use_cpu=True, disable_tqdm=True, save_strategy="no")
+    trainer = CalibrationTrainer(make_zoo_model("llama", tokenizer), args, dataset, calibration=CalibrationConfig(
+        method="cft", option_ids=option_ids[:3], bin_accuracy=[0.3] * 10))
+    with pytest.raises(ValueError, match=r"answers use \d distinct tokens .*option_ids has 3 .* are not among them"):
+        trainer.train()

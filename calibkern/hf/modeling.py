@@ -16,20 +16,29 @@ PEFT's ``get_base_model()``; its decoder is ``get_decoder()``.
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
+import calibkern
+
 from ..ops.fused_linear import softcap_logits
 
-__all__ = ["DecoderOutput", "LogitTransform", "causal_lm_of", "check_logit_parity", "decoder_forward",
-           "logit_transform", "option_logits_at"]
+__all__ = ["DecoderOutput", "LogitTransform", "RouterLoss", "causal_lm_of", "check_logit_parity", "decoder_forward",
+           "logit_transform", "option_logits_at", "refuse_unconsumed", "router_loss"]
 
-# Arguments the decoder takes from a causal-LM call; everything else (labels, loss kwargs, output flags that
-# PEFT fills with None) stays out.
+# Arguments the decoder takes from a causal-LM call.
 DECODER_ARGUMENTS = ("input_ids", "attention_mask", "position_ids", "inputs_embeds", "token_type_ids")
+# Arguments of a call with labels that the fused path reads itself (the loss's inputs, its passes' switches) or
+# that carry no data; any other argument with a value is refused (refuse_unconsumed), never dropped.
+FUSED_ARGUMENTS = ("labels", "answer_mask", "num_items_in_batch", "option_logits_only", "token_stats_only",
+                   "equivalence_probe", "use_cache", "return_dict", "output_router_logits", "cache_position")
+# Output switches that are fine while off: the fused path returns no attentions, hidden states or logits.
+OFF_ARGUMENTS = {"output_attentions": (None, False), "output_hidden_states": (None, False),
+                 "logits_to_keep": (None, 0)}
 # The attribute of a causal LM patched by calibkern.hf.apply_fused_loss that holds its FusedLoss.
 FUSED_LOSS_ATTRIBUTE = "calibkern_fused_loss"
 
@@ -50,9 +59,36 @@ def causal_lm_of(model: nn.Module) -> nn.Module:
         raise TypeError(
             f"model must be a causal LM with get_decoder() and get_output_embeddings(), got {type(seen).__name__}"
         )
+    name = type(seen).__name__
     if seen.get_output_embeddings() is None:
-        raise TypeError(f"{type(seen).__name__} has no output embeddings (lm_head)")
+        raise TypeError(f"{name} has no output embeddings (lm_head)")
+    if getattr(seen.config, "is_encoder_decoder", False):
+        raise TypeError(f"calibkern refuses {name}: it is an encoder-decoder model (config.is_encoder_decoder), and "
+                        "the fused path runs a decoder-only causal LM's decoder — the encoder would get no input and "
+                        "no gradient; use compute_loss_func, which takes the model's own logits")
+    if seen.get_decoder() is seen:
+        raise TypeError(f"calibkern refuses {name}: its get_decoder() returns the model itself, so calibkern cannot "
+                        "run its decoder without the lm_head; use compute_loss_func, which takes the model's own "
+                        "logits")
     return seen
+
+
+def refuse_unconsumed(causal_lm: nn.Module, inputs: dict) -> None:
+    """Raise ``ValueError`` naming every argument of ``inputs`` with a value that the fused path would not pass on
+    (``pixel_values``, ``output_hidden_states=True``, …): the model's own forward would use it, calibkern's would
+    drop it."""
+    dropped = sorted(key for key, value in inputs.items()
+                     if value is not None and key not in DECODER_ARGUMENTS + FUSED_ARGUMENTS
+                     and not (key in OFF_ARGUMENTS and _is_off(value, OFF_ARGUMENTS[key])))
+    if dropped:
+        raise ValueError(f"calibkern's fused path for {type(causal_lm).__name__} does not consume "
+                         f"{', '.join(dropped)}: it runs the text decoder on {', '.join(DECODER_ARGUMENTS)} only and "
+                         "returns no logits, attentions or hidden states; remove these arguments, or use "
+                         "compute_loss_func with the model's own forward")
+
+
+def _is_off(value, off_values) -> bool:
+    return not isinstance(value, torch.Tensor) and any(value is off or value == off for off in off_values)
 
 
 class DecoderOutput(NamedTuple):
@@ -81,7 +117,7 @@ def _text_config(causal_lm: nn.Module):
 
 def logit_transform(causal_lm: nn.Module) -> LogitTransform:
     """The transform ``causal_lm``'s forward applies after its lm_head, from its class and config:
-    ``final_logit_softcapping`` (Gemma 2/3/4 and others), ``logit_scale`` (Cohere), ``logits_scaling``
+    ``final_logit_softcapping`` (Gemma 2/3/4 and others) or ``logits_soft_cap`` (RecurrentGemma), ``logit_scale`` (Cohere), ``logits_scaling``
     (Granite divides, HyperCLOVA X multiplies, MiniCPM3 divides the hidden states), ``lm_head_multiplier``
     (Falcon-H1). :func:`check_logit_parity` verifies the result against the model's own logits."""
     config = _text_config(causal_lm)
@@ -99,22 +135,32 @@ def logit_transform(causal_lm: nn.Module) -> LogitTransform:
     multiplier = getattr(config, "lm_head_multiplier", None)
     if multiplier:
         scale *= float(multiplier)
-    softcap = getattr(config, "final_logit_softcapping", None)
+    softcap = getattr(config, "final_logit_softcapping", None) or getattr(config, "logits_soft_cap", None)
     return LogitTransform(scale, float(softcap) if softcap else None)
+
+
+def _adapter_kind(layer: nn.Module) -> str:
+    """The PEFT method of an adapter layer, from its module path (``peft.tuners.<method>.layer``)."""
+    parts = type(layer).__module__.split(".")
+    kind = parts[parts.index("tuners") + 1] if "tuners" in parts[:-1] else type(layer).__module__
+    return {"lora": "LoRA", "adalora": "AdaLoRA", "ia3": "IA3", "loha": "LoHa", "lokr": "LoKr",
+            "boft": "BOFT"}.get(kind, kind)
 
 
 def _head_projection(head: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The lm_head's effective ``(weight, bias)``. A PEFT LoRA adapter on the lm_head takes part as
-    ``W + s · B A`` (its gradients flow); one that cannot be written as a weight (dropout while training,
-    DoRA) and any other adapter type are refused."""
+    ``W + s · B A`` and, with ``lora_bias``, ``b + s · b_B`` (its gradients flow); one that cannot be written as a
+    weight (dropout while training, a LoRA variant: DoRA, aLoRA, …) and every other adapter type (AdaLoRA, IA3,
+    LoHa, LoKr, BOFT, …) are refused by name."""
     base = getattr(head, "base_layer", None)
     if base is None:
         bias = getattr(head, "bias", None)
         return head.weight.view_as(head.weight), None if bias is None else bias.view_as(bias)
-    kind = type(head).__name__
-    if not hasattr(head, "lora_A"):
-        raise ValueError(f"calibkern cannot compute the logits of an lm_head wrapped by the PEFT adapter {kind}; "
-                         "keep the lm_head out of the adapter's target_modules")
+    kind = _adapter_kind(head)
+    if kind != "LoRA" or not hasattr(head, "lora_A"):
+        raise ValueError(f"calibkern cannot compute the logits of an lm_head wrapped by a PEFT {kind} adapter "
+                         f"({type(head).__name__}): only plain LoRA is written as a weight there; keep the lm_head "
+                         "out of the adapter's target_modules")
     weight, bias = base.weight, getattr(base, "bias", None)
     if getattr(head, "merged", False) or getattr(head, "disable_adapters", False):
         return weight.view_as(weight), None if bias is None else bias.view_as(bias)
@@ -126,12 +172,20 @@ def _head_projection(head: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None
             raise ValueError("calibkern cannot train a LoRA adapter on the lm_head with lora_dropout > 0 (dropout "
                              "on the adapter's input is not a weight); set lora_dropout=0 or keep the lm_head out of "
                              "target_modules")
-        if getattr(head, "use_dora", {}).get(name):
-            raise ValueError("calibkern does not support DoRA on the lm_head; keep the lm_head out of target_modules")
+        variant = getattr(head, "lora_variant", {}).get(name)
+        if variant is not None or getattr(head, "use_dora", {}).get(name):
+            variant_name = type(variant).__name__.removesuffix("LinearVariant") if variant is not None else "Dora"
+            variant_name = {"Dora": "DoRA", "ALora": "aLoRA"}.get(variant_name, variant_name)
+            raise ValueError(f"calibkern does not support the LoRA variant {variant_name} on the lm_head (its output "
+                             "is not h · (W + s·BA)ᵀ); keep the lm_head out of target_modules")
         if getattr(head, "fan_in_fan_out", False):
             raise ValueError("calibkern does not support a fan_in_fan_out LoRA lm_head")
-        delta = head.lora_B[name].weight @ head.lora_A[name].weight
+        lora_b = head.lora_B[name]
+        delta = lora_b.weight @ head.lora_A[name].weight
         weight = weight + head.scaling[name] * delta.to(weight.dtype)
+        if getattr(lora_b, "bias", None) is not None:  # lora_bias=True: s · b_B joins the base bias
+            extra = head.scaling[name] * lora_b.bias.to(weight.dtype)
+            bias = extra if bias is None else bias + extra
     return weight, None if bias is None else bias.view_as(bias)
 
 
@@ -144,9 +198,44 @@ def _refuse_prompt_learning(model: nn.Module) -> None:
                          "model's own logits")
 
 
+class RouterLoss(NamedTuple):
+    """The router load-balancing loss a mixture-of-experts causal LM adds to its loss when it outputs router
+    logits: ``coef · function(router_logits, experts, top_k, attention_mask)``, with the model module's own
+    ``load_balancing_loss_func`` and the model's ``num_experts``, ``num_experts_per_tok`` and
+    ``router_aux_loss_coef``."""
+
+    function: object
+    experts: int
+    top_k: int
+    coef: float
+
+    def __call__(self, router_logits, attention_mask) -> torch.Tensor:
+        """The unweighted auxiliary loss (the model's ``aux_loss``)."""
+        return self.function(router_logits, self.experts, self.top_k, attention_mask)
+
+
+def router_loss(causal_lm: nn.Module, requested: bool | None = None) -> RouterLoss | None:
+    """The :class:`RouterLoss` ``causal_lm`` adds to its loss, or None: on when ``requested`` (the call's
+    ``output_router_logits``) or, when that is None, ``config.output_router_logits``. A model that outputs
+    router logits but does not compute its loss in that form is refused by name (the equivalence check catches
+    one that does something else under the same names)."""
+    on = requested if requested is not None else getattr(causal_lm.config, "output_router_logits", False)
+    if not on:
+        return None
+    function = getattr(sys.modules.get(type(causal_lm).__module__), "load_balancing_loss_func", None)
+    experts, top_k, coef = (getattr(causal_lm, name, None)
+                            for name in ("num_experts", "num_experts_per_tok", "router_aux_loss_coef"))
+    if function is None or None in (experts, top_k, coef):
+        raise ValueError(f"calibkern refuses {type(causal_lm).__name__} with output_router_logits=True: it adds a "
+                         "router auxiliary loss calibkern does not know how to compute; set "
+                         "config.output_router_logits=False or use compute_loss_func")
+    return RouterLoss(function, experts, top_k, float(coef))
+
+
 @contextlib.contextmanager
 def _decoder_as_forward(causal_lm: nn.Module):
-    """Within the block, calling ``causal_lm`` runs only its decoder and returns a :class:`DecoderOutput`.
+    """Within the block, calling ``causal_lm`` runs only its decoder and returns a :class:`DecoderOutput` and the
+    router's auxiliary loss (None without one).
 
     The weight and bias leave the forward as views, so the lm_head's parameters are part of the forward's
     output graph: DDP (with ``find_unused_parameters``) then counts them as used instead of marking them
@@ -157,7 +246,8 @@ def _decoder_as_forward(causal_lm: nn.Module):
     transform = logit_transform(causal_lm)
 
     def decoder_forward(**kwargs):
-        return projection(head, transform, decoder_hidden(decoder, kwargs))
+        hidden, aux_loss = decoder_pass(decoder, kwargs, router_loss(causal_lm, kwargs.get("output_router_logits")))
+        return projection(head, transform, hidden), aux_loss
 
     # Accelerate may already have set an instance ``forward`` (its autocast wrapper): put it back afterwards.
     previous = causal_lm.__dict__.get("forward")
@@ -171,10 +261,14 @@ def _decoder_as_forward(causal_lm: nn.Module):
             causal_lm.forward = previous
 
 
-def decoder_hidden(decoder: nn.Module, inputs: dict) -> torch.Tensor:
-    """The decoder's final (normed) hidden states ``[B, T, D]`` for the :data:`DECODER_ARGUMENTS` of ``inputs``."""
+def decoder_pass(decoder: nn.Module, inputs: dict, router: RouterLoss | None = None):
+    """``(hidden, aux_loss)``: the decoder's final (normed) hidden states ``[B, T, D]`` for the
+    :data:`DECODER_ARGUMENTS` of ``inputs`` and, with a ``router``, its unweighted auxiliary loss (else None)."""
     arguments = {key: inputs[key] for key in DECODER_ARGUMENTS if inputs.get(key) is not None}
-    return decoder(**arguments, use_cache=False, return_dict=True).last_hidden_state
+    if router is None:
+        return decoder(**arguments, use_cache=False, return_dict=True).last_hidden_state, None
+    output = decoder(**arguments, use_cache=False, return_dict=True, output_router_logits=True)
+    return output.last_hidden_state, router(output.router_logits, arguments.get("attention_mask"))
 
 
 def projection(head: nn.Module, transform: LogitTransform, hidden: torch.Tensor) -> DecoderOutput:
@@ -187,14 +281,19 @@ def projection(head: nn.Module, transform: LogitTransform, hidden: torch.Tensor)
     return DecoderOutput(hidden, weight, bias, transform.softcap)
 
 
-def decoder_forward(model: nn.Module, inputs: dict) -> DecoderOutput:
-    """One decoder pass of ``model`` on ``inputs`` (no lm_head): final (normed) hidden states and the output
-    projection to apply to them."""
+def _decoder_call(model: nn.Module, inputs: dict, router_requested=None):
+    """``(DecoderOutput, aux_loss)`` of one decoder pass through ``model``'s wrappers."""
     _refuse_prompt_learning(model)
     causal_lm = causal_lm_of(model)
     arguments = {key: inputs[key] for key in DECODER_ARGUMENTS if inputs.get(key) is not None}
     with _decoder_as_forward(causal_lm):
-        return DecoderOutput(*model(**arguments))
+        return model(**arguments, output_router_logits=router_requested)
+
+
+def decoder_forward(model: nn.Module, inputs: dict) -> DecoderOutput:
+    """One decoder pass of ``model`` on ``inputs`` (no lm_head): final (normed) hidden states and the output
+    projection to apply to them (no router auxiliary loss: the passes that read only logits skip it)."""
+    return _decoder_call(model, inputs, router_requested=False)[0]
 
 
 def eval_decoder_passes(model: nn.Module, batches, *, autocast=contextlib.nullcontext, forward=decoder_forward):
@@ -225,47 +324,142 @@ def option_logits_at(
     return softcap_logits(logits, softcap)
 
 
+class ProbeResult(NamedTuple):
+    """What calibkern computes on the check's slice: the loss the model would return (``CE + coef · aux_loss``)
+    and the full logits ``[B, T, V]`` (float32)."""
+
+    loss: torch.Tensor
+    logits: torch.Tensor
+
+
+def probe_numbers(output: DecoderOutput, labels: torch.Tensor, aux_loss: torch.Tensor | None,
+                  router: RouterLoss | None, backend: str | None = None) -> ProbeResult:
+    """calibkern's model loss on a small slice — its fused cross-entropy (shifted labels), plus the router's
+    ``coef · aux_loss`` — and the slice's full logits ``softcap(h · Wᵀ + b)``, for :func:`check_logit_parity`."""
+    hidden, weight, bias, softcap = output
+    loss = calibkern.fused_linear_calibration_loss(hidden, weight, labels, option_ids=None, bias=bias, calibration=None,
+                                                   logit_softcap=softcap, shift=True, backend=backend).loss.float()
+    if aux_loss is not None:
+        loss = loss + router.coef * aux_loss.float()
+    logits = hidden.float() @ weight.float().t() + (0.0 if bias is None else bias.float())
+    return ProbeResult(loss, softcap_logits(logits, softcap))
+
+
+@contextlib.contextmanager
+def own_forward(causal_lm: nn.Module):
+    """Within the block, ``causal_lm`` runs the forward it had before :func:`calibkern.hf.apply_fused_loss`
+    (no change on an unpatched model)."""
+    fused = getattr(causal_lm, FUSED_LOSS_ATTRIBUTE, None)
+    previous = causal_lm.__dict__.get("forward")
+    if fused is None or previous is None:
+        yield
+        return
+    causal_lm.forward = fused.original_forward.__get__(causal_lm)
+    try:
+        yield
+    finally:
+        causal_lm.forward = previous
+
+
+def check_slice(inputs: dict, tokens: int = 16) -> dict:
+    """The check's slice of a batch: the first row's first ``tokens`` positions of every ``[B, T, …]`` tensor,
+    labelled with the row's own tokens (padding ignored) so that every position is scored — the batch's labels
+    may supervise none of the first positions (completion-only); given ``labels`` are kept only without
+    ``input_ids``."""
+    probe = {key: value[:1, :tokens] for key, value in inputs.items()
+             if isinstance(value, torch.Tensor) and value.dim() >= 2 and key != "num_items_in_batch"}
+    if "input_ids" in probe:
+        mask = probe.get("attention_mask")
+        probe["labels"] = probe["input_ids"] if mask is None else probe["input_ids"].masked_fill(mask == 0, -100)
+    return probe
+
+
 @torch.no_grad()
-def check_logit_parity(model: nn.Module, inputs: dict, *, tokens: int = 16) -> float:
-    """Check that calibkern's path (decoder, then ``softcap(h · Wᵀ + b)``) gives ``model``'s own logits on the
-    first row's first ``tokens`` positions of ``inputs``, both in eval mode; returns the largest difference,
-    or raises ``ValueError`` naming the model class when they differ beyond float rounding. On a model patched
-    by :func:`calibkern.hf.apply_fused_loss` the option columns of its fused forward are compared (the one
-    path that gathers a sharded lm_head)."""
+def check_logit_parity(model: nn.Module, inputs: dict, *, tokens: int = 16, backend: str | None = None) -> float:
+    """The equivalence check: on one small slice of ``inputs`` (:func:`check_slice`), calibkern's path gives
+    ``model``'s own forward — the same logits shape, the same logits (hence logsumexp and option columns) and the
+    same loss, auxiliary losses included — both in eval mode; returns the largest logit difference, or raises
+    ``ValueError`` naming the model class and the first thing that differs. Arguments the fused path would drop
+    are refused first (:func:`refuse_unconsumed`). On a model patched by :func:`calibkern.hf.apply_fused_loss`
+    calibkern's numbers come from its fused forward (``equivalence_probe=True``, the one path that gathers a
+    sharded lm_head); the model's own come from its forward before the patch."""
     _refuse_prompt_learning(model)
     causal_lm = causal_lm_of(model)
-    probe = {key: inputs[key][:1, :tokens] for key in ("input_ids", "attention_mask")
-             if isinstance(inputs.get(key), torch.Tensor)}
-    fused = getattr(causal_lm, FUSED_LOSS_ATTRIBUTE, None)
-    # patched and still calling the patched forward (a caller may have removed the instance forward since)
-    patched = fused is not None and fused.option_ids is not None and "forward" in causal_lm.__dict__
-    fused = fused if patched else None
+    refuse_unconsumed(causal_lm, inputs)
+    probe = check_slice(inputs, tokens)
+    if "labels" not in probe:
+        raise ValueError("the equivalence check needs input_ids or labels of shape [batch, positions]")
+    labels = probe.pop("labels")
+    probe.pop("answer_mask", None)
+    router_requested = inputs.get("output_router_logits")
+    patched = is_fused_forward(causal_lm)
     was_training = model.training
     model.eval()
     try:
-        theirs = model(**probe).logits.float()
-        if fused is None:
-            hidden, weight, bias, softcap = decoder_forward(model, probe)
-            exact = weight.dtype == torch.float32 and hidden.dtype == torch.float32
-        else:  # the lm_head may be sharded: only the patched forward gathers it (calibkern.hf.patching)
-            ours = model(**probe, labels=probe["input_ids"], option_logits_only=True).option_logits
-            exact = causal_lm.get_output_embeddings().weight.dtype == torch.float32
+        with own_forward(causal_lm):
+            theirs = model(**probe, labels=labels, use_cache=False,
+                           **({} if router_requested is None else {"output_router_logits": router_requested}))
+        if patched:  # the lm_head may be sharded: only the patched forward gathers it (calibkern.hf.patching)
+            ours = model(**probe, labels=labels, equivalence_probe=True, output_router_logits=router_requested)
+            ours = ProbeResult(ours.loss, ours.logits)
+        else:
+            output, aux_loss = _decoder_call(model, probe, router_requested)
+            ours = probe_numbers(output, labels, aux_loss, router_loss(causal_lm, router_requested), backend)
     finally:
         model.train(was_training)
-    if fused is None:
-        ours = softcap_logits(hidden.float() @ weight.float().t() + (0.0 if bias is None else bias.float()),
-                              softcap)
-    else:
-        theirs = theirs[:, :-1, fused.option_ids.to(theirs.device)].reshape(-1, fused.option_ids.numel())
+    exact = ours.logits.dtype == torch.float32 and causal_lm.get_output_embeddings().weight.dtype == torch.float32
+    return _compare(causal_lm, ours, theirs, labels, exact)
+
+
+def is_fused_forward(causal_lm: nn.Module) -> bool:
+    """Whether ``causal_lm``'s instance ``forward`` is calibkern's fused forward (possibly inside wrappers that
+    set ``__wrapped__`` / ``__func__``, as Accelerate's autocast does)."""
+    function = causal_lm.__dict__.get("forward")
+    for _ in range(16):
+        if function is None:
+            return False
+        if getattr(function, "calibkern_fused_forward", False):
+            return getattr(function, "__self__", causal_lm) is causal_lm
+        function = getattr(function, "__wrapped__", None) or getattr(function, "__func__", None)
+    return False
+
+
+def _compare(causal_lm: nn.Module, ours: ProbeResult, theirs, labels: torch.Tensor, exact: bool) -> float:
+    """The first difference between ``ours`` and the model's output ``theirs``, as a ``ValueError``."""
     name = type(causal_lm).__name__
-    if ours.shape != theirs.shape:
-        raise ValueError(f"calibkern's fused path reads {tuple(ours.shape)} logits where {name} gives "
-                         f"{tuple(theirs.shape)}; the model or a wrapper adds positions calibkern does not account for")
-    difference = float((ours - theirs).abs().max()) if ours.numel() else 0.0
-    tolerance = (1e-4 if exact else 3e-2) * max(1.0, float(theirs.abs().max()) if theirs.numel() else 1.0)
-    if not difference <= tolerance:
+    their_logits = theirs.logits.float()
+    if ours.logits.shape != their_logits.shape:
+        raise ValueError(f"calibkern refuses {name}: its logits have shape {tuple(their_logits.shape)} where "
+                         f"calibkern's fused path computes {tuple(ours.logits.shape)} (h · Wᵀ over the whole "
+                         "lm_head); the model adds, drops or slices positions or vocabulary rows")
+    scale = max(1.0, float(their_logits.abs().max()) if their_logits.numel() else 1.0)
+    difference = float((ours.logits - their_logits).abs().max()) if their_logits.numel() else 0.0
+    if not difference <= (1e-4 if exact else 3e-2) * scale:
         transform = logit_transform(causal_lm)
-        raise ValueError(f"calibkern's fused path does not reproduce {name}'s logits (largest difference "
-                         f"{difference:.3g}; applied scale {transform.scale:g}, softcap {transform.softcap}): the "
-                         "model transforms its logits in a way calibkern does not implement, so calibkern refuses it")
+        lse = float((ours.logits.logsumexp(-1) - their_logits.logsumexp(-1)).abs().max())
+        raise ValueError(f"calibkern refuses {name}: calibkern's fused path does not reproduce its logits (largest "
+                         f"difference {difference:.3g}, logsumexp {lse:.3g}; applied scale {transform.scale:g}, "
+                         f"softcap {transform.softcap}): the model transforms its hidden states or logits in a way "
+                         "calibkern does not implement")
+    their_loss = getattr(theirs, "loss", None)
+    if their_loss is None:
+        raise ValueError(f"calibkern refuses {name}: its forward returned no loss for labels")
+    their_loss, our_loss = float(their_loss), float(ours.loss)
+    if not abs(our_loss - their_loss) <= (1e-4 if exact else 3e-2) * max(1.0, abs(their_loss)):
+        raise ValueError(f"calibkern refuses {name}: its own loss is {their_loss:.6g} where calibkern computes "
+                         f"{our_loss:.6g} from the same logits{_loss_hint(theirs, ours, labels)}")
     return difference
+
+
+def _loss_hint(theirs, ours: ProbeResult, labels: torch.Tensor) -> str:
+    """Why the losses may differ: labels the model does not shift, an auxiliary loss calibkern did not add."""
+    import torch.nn.functional as F
+
+    logits, valid = ours.logits.reshape(-1, ours.logits.shape[-1]), labels.reshape(-1)
+    unshifted = F.cross_entropy(logits, valid, ignore_index=-100)
+    if abs(float(unshifted) - float(theirs.loss)) <= 1e-4 * max(1.0, abs(float(theirs.loss))):
+        return (" — the model does not shift its labels (position t predicts labels[t]) while calibkern's loss "
+                "shifts them (position t predicts labels[t + 1])")
+    if getattr(theirs, "aux_loss", None) is not None:
+        return f" — the model adds an auxiliary loss (aux_loss {float(theirs.aux_loss):.6g}) calibkern does not"
+    return " — the model computes a loss other than shifted cross-entropy over its logits"

@@ -75,6 +75,7 @@ class _CalibrationCallback(TrainerCallback):
         self.trainer = trainer
 
     def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._check_answers()
         self.trainer._check_logit_parity()
         self.trainer._prepare_statistics()
 
@@ -129,7 +130,8 @@ class CalibrationTrainer(Trainer):
         self.loss_policy = FusedLoss(calibration, gradient_accumulation_steps=self.args.gradient_accumulation_steps)
         self.loss_policy.stream_mstep = False
         self.loss_policy.world_size = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
-        patch_causal_lm(self.model, self.loss_policy)
+        patch_causal_lm(self.model, self.loss_policy, check=calibration.check_logits)
+        self._aux_loss_sum, self._aux_loss_calls = None, 0  # the router loss since the last log (MoE models)
         self.em_refreshed_epoch = -1
         self.em_refreshed_step = -1
         # num_items_in_batch is what makes CE exact under accumulation: ask for it whatever the model accepts,
@@ -163,6 +165,10 @@ class CalibrationTrainer(Trainer):
         with self.accelerator.autocast():
             outputs = model(**inputs, num_items_in_batch=num_items_in_batch)
         loss = outputs.loss
+        if outputs.aux_loss is not None and model.training:
+            aux_loss = outputs.aux_loss.detach().float()
+            self._aux_loss_sum = aux_loss if self._aux_loss_sum is None else self._aux_loss_sum + aux_loss
+            self._aux_loss_calls += 1
         if num_items_in_batch is not None and policy.processes() > 1:
             loss = loss * policy.processes()
         if return_outputs:
@@ -173,9 +179,13 @@ class CalibrationTrainer(Trainer):
 
     def log(self, logs: dict, *args, **kwargs):
         """Adds the loss window's ``calib_*`` / ``token_*`` values to the training logs (calibkern.hf.telemetry;
-        all ranks reduce together)."""
+        all ranks reduce together) and, for a mixture-of-experts model with router logits on, ``aux_loss``: the
+        mean router load-balancing loss (unweighted, this rank) of the training calls since the last log."""
         if "loss" in logs:
             logs.update(self.loss_policy.window.read())
+            if self._aux_loss_calls:
+                logs["aux_loss"] = float(self._aux_loss_sum) / self._aux_loss_calls
+                self._aux_loss_sum, self._aux_loss_calls = None, 0
         return super().log(logs, *args, **kwargs)
 
     # ------------------------------------------------------------------------------------------- statistics
@@ -217,13 +227,38 @@ class CalibrationTrainer(Trainer):
             yield output.option_logits, output.option_labels
 
     def _check_logit_parity(self):
-        """Before the first step: the fused path gives the model's own logits on one training row, or the run
-        stops with an error naming the model (calibkern.hf.modeling.check_logit_parity)."""
+        """Before the statistics passes and the first step: on one training row the fused path gives the model's
+        own loss and logits, and the row holds nothing the fused path would drop, or the run stops with an error
+        naming the model and the difference (calibkern.hf.modeling.check_logit_parity); the patched forward then
+        does not check again."""
         dataset = self.train_dataset
         if not self.calibration.check_logits or dataset is None or not hasattr(dataset, "__getitem__") \
                 or len(dataset) == 0:
             return
-        check_logit_parity(self.model, self._prepare_inputs(self.data_collator([dataset[0]])))
+        batch = self._prepare_inputs(self.data_collator([dataset[0]]))
+        with self.accelerator.autocast():
+            check_logit_parity(self.model, batch, backend=self.calibration.backend)
+        self.loss_policy.check_pending = False
+
+    def _check_answers(self):
+        """Before the first step: every answer the training rows mark (``answer_mask``) is one of ``option_ids``,
+        or the run stops with an error that compares the counts (a config for 3 options on 4-option rows)."""
+        option_ids, dataset = self.calibration.option_ids, self.train_dataset
+        if option_ids is None or dataset is None or not hasattr(dataset, "__getitem__") or len(dataset) == 0:
+            return
+        first = dataset[0]
+        if not (isinstance(first, dict) and "answer_mask" in first and "labels" in first):
+            return
+        answers = set()
+        for index in range(len(dataset)):
+            row = dataset[index]
+            answers.update(int(label) for label, answer in zip(row["labels"], row["answer_mask"]) if answer)
+        unknown = sorted(answers - set(option_ids))
+        if unknown:
+            raise ValueError(f"the training rows' answers use {len(answers)} distinct tokens {sorted(answers)} but "
+                             f"CalibrationConfig.option_ids has {len(option_ids)} ({option_ids}); {unknown} are not "
+                             "among them: give one option id per option letter of the data "
+                             "(calibkern.hf.detect_option_ids(tokenizer, n_options))")
 
     @torch.no_grad()
     def _token_statistics(self) -> calibkern.BinStats:
