@@ -94,12 +94,13 @@ def _trainable_copy(model, lora: LoraOptions):
 
 
 def _finished(model):
-    """The trained model as a plain causal LM in eval mode: LoRA adapters merged, and Accelerate's traces
-    removed (its autocast ``forward`` wrapper closes over *this* object, so a deep copy of a model that keeps
-    it would run the original's weights, and ``_is_accelerate_prepared`` would stop the next trainer from
-    preparing it)."""
+    """The trained model as a plain causal LM in eval mode: LoRA adapters merged, calibkern's fused forward
+    removed (``calibkern.hf.remove_fused_loss``), and Accelerate's traces removed (its autocast ``forward``
+    wrapper closes over *this* object, so a deep copy of a model that keeps it would run the original's weights,
+    and ``_is_accelerate_prepared`` would stop the next trainer from preparing it)."""
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
+    hf.remove_fused_loss(model)
     model.__dict__.pop("forward", None)
     model.__dict__.pop("_is_accelerate_prepared", None)
     return model.eval()
