@@ -98,3 +98,93 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(setup, tmp_pat
     for (name, a), b in zip(whole.model.named_parameters(), resumed.model.parameters()):
         assert torch.equal(a, b), name
     assert torch.equal(final_loss(resumed), final_loss(whole))
+
+
+class _RunsCode:
+    """A pickled object that would create ``path`` when unpickled (what a hostile checkpoint could hold)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        import pathlib
+
+        return pathlib.Path.touch, (pathlib.Path(self.path),)
+
+
+def test_a_calibkern_state_holding_a_pickled_object_is_refused_without_running_it(setup, tmp_path):
+    from calibkern.hf.trainer import STATE_FILE
+
+    checkpoint = tmp_path / "run" / "checkpoint-1"
+    checkpoint.mkdir(parents=True)
+    marker = tmp_path / "code-ran"
+    torch.save({"bin_accuracy": None, "bin_counts": None, "em_state": _RunsCode(marker), "em_refreshed_epoch": 0},
+               checkpoint / STATE_FILE)
+    trainer = make_trainer(setup, tmp_path / "run", "cft", None)
+    with pytest.raises(ValueError, match=f"{STATE_FILE}: refused — it holds more than plain tensors and numbers"):
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert not marker.exists()
+    with pytest.raises(FileNotFoundError, match="checkpoint-1: this checkpoint has no calibkern_state.pt"):
+        (checkpoint / STATE_FILE).unlink()
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+
+
+class _CrashAtSave(TrainerCallback):
+    """Arms ``crash`` (a function) for the checkpoint of ``step``."""
+
+    def __init__(self, step, armed):
+        self.step, self.armed = step, armed
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.armed["on"] = state.global_step == self.step
+
+
+@pytest.mark.parametrize("where", ["renaming calibkern's state", "writing the trainer's files"])
+def test_a_crash_while_a_checkpoint_is_saved_leaves_a_whole_one_to_resume(setup, tmp_path, monkeypatch, where):
+    """save_total_limit=1, a crash while checkpoint-3 is written — while calibkern's state is renamed into place,
+    or after it, while Transformers writes its files: checkpoint-2 is still there, whole (rotation comes last),
+    no temporary file is left, a folder without the state is named as such on resume, and checkpoint-2
+    resumes."""
+    import os
+
+    import transformers
+
+    from calibkern.hf import trainer as trainer_module
+
+    armed = {"on": False}
+    if where == "renaming calibkern's state":
+        real_replace = os.replace
+
+        def replace(source, target):
+            if armed["on"] and trainer_module.STATE_FILE in str(target):
+                raise KeyboardInterrupt("killed")
+            return real_replace(source, target)
+
+        monkeypatch.setattr(trainer_module.os, "replace", replace)
+    else:
+        real_save_rng = transformers.Trainer._save_rng_state
+
+        def save_rng(self, output_dir):
+            if armed["on"]:
+                raise KeyboardInterrupt("killed")
+            return real_save_rng(self, output_dir)
+
+        monkeypatch.setattr(transformers.Trainer, "_save_rng_state", save_rng)
+    trainer = make_trainer(setup, tmp_path, "cft", None)
+    trainer.args.save_steps, trainer.args.save_total_limit, trainer.args.max_steps = 1, 1, 3
+    trainer.add_callback(_CrashAtSave(3, armed))
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    state_file = trainer_module.STATE_FILE
+    assert (tmp_path / "checkpoint-2" / state_file).exists() and (tmp_path / "checkpoint-2" / "trainer_state.json").exists()
+    assert not any(".tmp-" in name for _, _, names in os.walk(tmp_path) for name in names)
+    partial = tmp_path / "checkpoint-3"
+    assert (partial / state_file).exists() == (where == "writing the trainer's files")
+    if not (partial / state_file).exists():
+        with pytest.raises(FileNotFoundError, match="checkpoint-3: this checkpoint has no"):
+            make_trainer(setup, tmp_path, "cft", None).train(resume_from_checkpoint=str(partial))
+    monkeypatch.undo()
+    resumed = make_trainer(setup, tmp_path, "cft", None)
+    resumed.args.max_steps = 3
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert resumed.state.global_step == 3

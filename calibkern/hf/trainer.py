@@ -334,14 +334,18 @@ class CalibrationTrainer(Trainer):
         self.em_refreshed_step = state.get("em_refreshed_step", -1)
 
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
+        """The calibkern state goes into the checkpoint folder first (a temporary file renamed into place), then
+        Transformers writes the rest and rotates old checkpoints: a crash at any point leaves either the previous
+        checkpoints untouched or a new one that holds the calibkern state (docs/reliability.md#checkpoints)."""
         if self.args.should_save:
             folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            folder = os.path.join(self._get_output_dir(trial=trial), folder)
-            torch.save(self.calibration_state(), os.path.join(folder, STATE_FILE))
+            write_calibration_state(self.calibration_state(),
+                                    os.path.join(self._get_output_dir(trial=trial), folder))
+        super()._save_checkpoint(model, trial)
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
-        """``Trainer.train``; on resume, also loads ``calibkern_state.pt`` from the checkpoint."""
+        """``Trainer.train``; on resume, also loads ``calibkern_state.pt`` from the checkpoint
+        (:func:`read_calibration_state`: plain tensors and numbers only)."""
         if resume_from_checkpoint is True:
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
@@ -350,13 +354,48 @@ class CalibrationTrainer(Trainer):
             self.em_refreshed_epoch = -1  # epochs and steps count from 0 again
             self.em_refreshed_step = -1
         else:
-            path = os.path.join(resume_from_checkpoint, STATE_FILE)
-            if not os.path.exists(path):
-                raise FileNotFoundError(
-                    f"{path}: checkpoint has no calibkern state (not written by CalibrationTrainer?)"
-                )
-            self.load_calibration_state(torch.load(path, map_location="cpu", weights_only=False))
+            self.load_calibration_state(read_calibration_state(resume_from_checkpoint))
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+
+def write_calibration_state(state: dict, folder: str) -> None:
+    """``folder/calibkern_state.pt`` written whole: to a temporary file in ``folder``, flushed to disk, renamed."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, STATE_FILE)
+    temporary = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(temporary, "wb") as handle:
+            torch.save(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def read_calibration_state(checkpoint: str) -> dict:
+    """The calibkern state of ``checkpoint``, loaded with ``torch.load(weights_only=True)`` — tensors, numbers,
+    strings, None and containers of them, nothing that runs code; anything else, or a missing file, is a
+    ``ValueError`` / ``FileNotFoundError`` naming the checkpoint and why."""
+    import pickle
+
+    path = os.path.join(checkpoint, STATE_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"{checkpoint}: this checkpoint has no {STATE_FILE}, so calibkern cannot continue its statistics from "
+            "it: it was not written by CalibrationTrainer, or its run stopped while writing it (CalibrationTrainer "
+            "writes the file first, so a checkpoint it wrote in full always has it); resume from another checkpoint")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(f"{path}: refused — it holds more than plain tensors and numbers (loading it with "
+                         f"weights_only=True failed: {str(error).splitlines()[0]}); a calibkern state never does, and "
+                         "loading such a file could run code") from None
+    if not isinstance(state, dict) or not {"bin_accuracy", "bin_counts", "em_state", "em_refreshed_epoch"} <= set(state):
+        raise ValueError(f"{path}: not a calibkern state (expected a dict with bin_accuracy, bin_counts, em_state, "
+                         f"em_refreshed_epoch; got {type(state).__name__})")
+    return state
 
 
 _NO_ANSWERS = (
