@@ -305,3 +305,37 @@ def test_option_ids_fewer_than_the_rows_options_are_refused_with_the_counts(setu
         method="cft", option_ids=option_ids[:3], bin_accuracy=[0.3] * 10))
     with pytest.raises(ValueError, match=r"answers use \d distinct tokens .*option_ids has 3 .* are not among them"):
         trainer.train()
+
+
+def test_calibration_trainer_on_a_moe_model_adds_and_logs_the_router_loss(setup, tmp_path):
+    """Mixtral with router logits on: the trainer's loss and gradients equal compute_loss_func's on the model's own
+    outputs with router_aux_loss_coef (which it refuses to leave out), and the training logs carry aux_loss."""
+    from hf_tiny import make_extra_model
+
+    tokenizer, option_ids, examples = setup
+    model = make_extra_model("mixtral", tokenizer)
+    twin = copy.deepcopy(model)
+    config = CalibrationConfig(method="cft", option_ids=option_ids, lam=5.0, bin_accuracy=[0.3] * 10)
+    dataset = build_sft_dataset(tokenizer, examples, option_ids, supervise="completion")
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=1, logging_steps=1,
+                             report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="no")
+    trainer = CalibrationTrainer(model, args, dataset, calibration=config)
+    inputs = trainer._prepare_inputs(trainer.data_collator([dataset[i] for i in range(len(dataset))]))
+    model.train()
+    loss = trainer.compute_loss(model, inputs)
+    loss.backward()
+    twin.train()
+    outputs = twin(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    with pytest.raises(ValueError, match="outputs carry aux_loss"):
+        compute_loss_func(config)(outputs, inputs["labels"])
+    reference = compute_loss_func(config, router_aux_loss_coef=twin.router_aux_loss_coef)(outputs, inputs["labels"])
+    reference.backward()
+    torch.testing.assert_close(loss, reference, rtol=1e-4, atol=1e-5)
+    twin_parameters = dict(twin.named_parameters())
+    for key, parameter in model.named_parameters():
+        torch.testing.assert_close(parameter.grad, twin_parameters[key].grad, rtol=1e-3, atol=1e-5,
+                                   msg=lambda m, key=key: f"{key}: {m}")
+    model.zero_grad()
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert logged and logged[0]["aux_loss"] > 0

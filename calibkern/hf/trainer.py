@@ -425,6 +425,7 @@ def compute_loss_func(
     *,
     em_state=None,
     gradient_accumulation_steps: int = 1,
+    router_aux_loss_coef: float | None = None,
 ):
     """A ``compute_loss_func(outputs, labels, num_items_in_batch=None)`` for a plain ``Trainer`` that keeps logits.
 
@@ -440,7 +441,10 @@ def compute_loss_func(
     runs once per optimizer step (after every ``gradient_accumulation_steps`` training calls); under data
     parallelism with ``num_items_in_batch`` it is also divided by the number of processes, which the Trainer
     multiplies the loss by (``average_tokens_across_devices=True``, its default). ``official_compat`` is not
-    supported here. The returned function has ``.em_state``.
+    supported here. The returned function has ``.em_state``. The model's own logits need no equivalence check, but
+    its other losses do: outputs that carry a router ``aux_loss`` (a mixture-of-experts model with router logits
+    on) add ``router_aux_loss_coef · aux_loss`` as the model's own loss would, and are refused while
+    ``router_aux_loss_coef`` is None; logits that are not ``[B, T, V]`` over ``labels [B, T]`` are refused.
     """
     if calibration.official_compat:
         raise ValueError("compute_loss_func does not support official_compat; use CalibrationTrainer")
@@ -452,6 +456,15 @@ def compute_loss_func(
 
     def loss_func(outputs, labels, num_items_in_batch=None):
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        if logits.dim() != 3 or logits.shape[:2] != labels.shape:
+            raise ValueError(f"compute_loss_func needs logits [B, T, V] for labels [B, T]; got logits "
+                             f"{tuple(logits.shape)} and labels {tuple(labels.shape)}")
+        aux_loss = outputs.get("aux_loss") if isinstance(outputs, dict) else None
+        if aux_loss is not None and router_aux_loss_coef is None:
+            raise ValueError("the model's outputs carry aux_loss (a router load-balancing loss), which its own loss "
+                             "adds as router_aux_loss_coef · aux_loss: pass compute_loss_func(..., "
+                             "router_aux_loss_coef=model.router_aux_loss_coef), or set "
+                             "config.output_router_logits=False")
         training = torch.is_grad_enabled() and logits.requires_grad  # evaluation runs under no_grad
         sft_weight, lam = policy.loss_weights(training, num_items_in_batch)
         shifted = logits[:, :-1].float()
@@ -469,6 +482,8 @@ def compute_loss_func(
         else:
             cal = calibkern.em_regularizer(option_logits, option_labels, policy.em_state, backend=calibration.backend)
         loss = sft_weight * ce + lam * cal
+        if aux_loss is not None:
+            loss = loss + router_aux_loss_coef * aux_loss.to(loss.device)
         if policy.streaming and training:
             policy.stream_estep(option_logits, option_labels)
         return loss
