@@ -9,6 +9,9 @@ import calibkern as ck
 from helpers import IGNORE, random_labels, random_logits
 
 relplot = pytest.importorskip("relplot")
+from relplot.diagrams import prepare_rel_diagram  # noqa: E402
+from relplot.kernels import ReflectedGaussianKernel  # noqa: E402
+
 BACKENDS = [b for b in ("torch", "cpp", "triton") if b in ck.available_backends()]
 
 
@@ -101,6 +104,90 @@ def test_curve_reads_accuracy_against_confidence():
     # over-confident rows: accuracy below the diagonal where the mass lies
     heavy = curve.density > curve.density.max() / 4
     assert bool((curve.accuracy[heavy] < curve.points[heavy]).all())
+
+
+def relplot_curve(confidence, correct, sigma=None):
+    """relplot's reliability curve: ``prepare_rel_diagram``'s ``mu`` on its 200-point mesh at its own bandwidth,
+    or its kernel smoother's at a fixed ``sigma``; and the bandwidth."""
+    f, y = confidence.double().numpy(), correct.double().numpy()
+    if sigma is None:
+        out = prepare_rel_diagram(f, y, plot_confidence_band=False, report_CE_std=False)
+        return out["mu"], out["sigma"]
+    return ReflectedGaussianKernel(sigma).smooth(f, y, np.linspace(0, 1, 200))[0], sigma
+
+
+CURVE_ROWS = {
+    "spread": lambda: calibrated_rows(400, 4, 2.0, seed=21, tempered=2.0),
+    "narrow band": lambda: (random_logits(300, 4, scale=0.4, seed=23), random_labels(300, 4, seed=24)),
+    "confidences of 1": lambda: (random_logits(300, 2, scale=40.0, seed=22), random_labels(300, 2, seed=25)),
+}
+
+
+@pytest.mark.parametrize("rows", CURVE_ROWS)
+@pytest.mark.parametrize("sigma", [None, 0.01, 0.3, 1.0])
+def test_curve_equals_relplot(rows, sigma):
+    """The curve is relplot's on the same rows (their confidences and correctness from ``top1_rows``): the
+    smoothed correctness over the smoothed mass plus 10⁻⁴, at every point of [0, 1]."""
+    logits, labels = CURVE_ROWS[rows]()
+    top1 = ck.top1_rows(logits, labels)
+    want, want_sigma = relplot_curve(top1.confidence[top1.kept], top1.correct[top1.kept], sigma)
+    curve = ck.smooth_reliability(logits, labels, sigma=sigma, points=200)
+    assert curve.sigma == want_sigma
+    np.testing.assert_allclose(curve.accuracy.numpy(), want, rtol=0, atol=1e-6)
+
+
+def test_curve_at_a_wide_bandwidth_is_the_rows_accuracy():
+    """Confidences in a narrow band at σ = 1: the curve over the rows is flat at their accuracy (it once was
+    ``t − r̂(t)``, a line that left [0, 1]); the density of the confidences integrates to 1 on [0, 1]."""
+    logits, labels = CURVE_ROWS["narrow band"]()
+    curve = ck.smooth_reliability(logits, labels, sigma=1.0, points=2001)
+    low, high = curve.support
+    over_rows = (curve.points >= low) & (curve.points <= high)
+    accuracy = float(ck.binned_stats(logits, labels, 1).accuracy())
+    torch.testing.assert_close(curve.accuracy[over_rows], torch.full_like(curve.accuracy[over_rows], accuracy),
+                               rtol=0, atol=0.01)
+    assert float(torch.trapezoid(curve.density, curve.points)) == pytest.approx(1.0, abs=1e-9)
+
+
+@pytest.mark.parametrize("sigma", [0.02, 0.3, 1.0])
+def test_density_integrates_to_one_and_support_is_the_rows_range(sigma):
+    """Rows at confidence exactly 1 included (relplot's reflection keeps half of an end point's kernel on
+    [0, 1]; the density restores the mirror image, docs/math.md#smooth-ece)."""
+    logits, labels = CURVE_ROWS["confidences of 1"]()
+    confidence = ck.top1_rows(logits, labels).confidence
+    assert bool((confidence == 1).any())
+    curve = ck.smooth_reliability(logits, labels, sigma=sigma, points=2001)  # every grid point and midpoint
+    assert curve.support == (float(confidence.min()), float(confidence.max()))
+    assert float(torch.trapezoid(curve.density, curve.points)) == pytest.approx(1.0, abs=1e-9)
+    assert bool((curve.density >= 0).all()) and 0 <= float(curve.accuracy.min()) <= float(curve.accuracy.max()) <= 1
+
+
+def test_report_diagrams_draw_the_curve_over_the_rows_only():
+    """The demo's and --lm-eval's reliability diagrams (calibkern.pipeline.report) draw the curve from the
+    smallest to the largest confidence of the rows, inside [0, 1]; a recorded curve without a support (results
+    of older builds, which held t − r̂(t)) is not drawn."""
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from calibkern.pipeline.report import _draw, reliability_data
+
+    logits, labels = CURVE_ROWS["narrow band"]()
+    rel = reliability_data(logits, labels, 10, sigma=1.0)
+    fig, (ax, counts_ax) = plt.subplots(2)
+    _draw(ax, counts_ax, "rows", rel, {"ece": 0.1, "accuracy": 0.25})
+    (line,) = [line for line in ax.get_lines() if line.get_label().startswith("smooth")]
+    confidence, accuracy = np.asarray(line.get_xdata()), np.asarray(line.get_ydata())
+    top1 = ck.top1_rows(logits, labels)
+    assert (confidence[0], confidence[-1]) == (float(top1.confidence.min()), float(top1.confidence.max()))
+    assert np.all(np.diff(confidence) > 0) and np.all((accuracy >= 0) & (accuracy <= 1))
+    want, _ = relplot_curve(top1.confidence, top1.correct, 1.0)
+    np.testing.assert_allclose(accuracy, np.interp(confidence, np.linspace(0, 1, 200), want), atol=1e-3)
+    ax.clear()
+    del rel["smooth"]["support"]
+    _draw(ax, counts_ax, "rows", rel, {"ece": 0.1, "accuracy": 0.25})
+    assert not [line for line in ax.get_lines() if line.get_label().startswith("smooth")]
+    plt.close(fig)
 
 
 @pytest.mark.parametrize("call,match", [

@@ -11,6 +11,7 @@ import json
 import os
 import tempfile
 
+import numpy as np
 import torch
 
 import calibkern
@@ -25,14 +26,15 @@ TABLE_COLUMNS = ("ece", "ece_debiased", "smece", "ece_l2", "mce", "cw_ece", "acc
 def reliability_data(option_logits: torch.Tensor, labels: torch.Tensor, n_bins: int,
                      temperature: float = 1.0, sigma: float | None = None) -> dict:
     """Per-bin accuracy, mean confidence and count (``calibkern.binned_stats``) and the smooth reliability curve
-    (``calibkern.smooth_reliability``: ``confidence``, ``accuracy``, ``density`` at 101 points, ``sigma``) as
-    JSON-ready lists; ``sigma``: the bandwidth already found (a stage's ``smece_sigma``), else searched again."""
+    (``calibkern.smooth_reliability``: ``confidence``, ``accuracy``, ``density`` at 101 points, ``sigma``, and
+    ``support``, the rows' smallest and largest confidence) as JSON-ready lists; ``sigma``: the bandwidth already
+    found (a stage's ``smece_sigma``), else searched again."""
     logits = option_logits.float()
     rel = calibkern.binned_stats(logits, labels, n_bins, temperature=temperature).reliability()
     curve = calibkern.smooth_reliability(logits, labels, sigma=sigma, points=101, temperature=temperature)
     return {"accuracy": rel.accuracy.tolist(), "confidence": rel.confidence.tolist(), "counts": rel.counts.tolist(),
             "smooth": {"confidence": curve.points.tolist(), "accuracy": curve.accuracy.tolist(),
-                       "density": curve.density.tolist(), "sigma": curve.sigma}}
+                       "density": curve.density.tolist(), "sigma": curve.sigma, "support": list(curve.support)}}
 
 
 def _interval_note(lower: dict, upper: dict) -> str:
@@ -106,8 +108,17 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _curve_over_rows(curve: dict) -> tuple[list[float], list[float]]:
+    """The smooth curve from the smallest to the largest confidence of the rows (its ``support``; the ends read
+    by linear interpolation): elsewhere it is no data's."""
+    low, high = curve["support"]
+    confidence = [low] + [t for t in curve["confidence"] if low < t < high] + [high]
+    return confidence, np.interp(confidence, curve["confidence"], curve["accuracy"]).tolist()
+
+
 def _draw(ax, counts_ax, name: str, rel: dict, metrics: dict) -> None:
-    """The binned reliability bars, the smooth curve (when recorded) and, in ``counts_ax`` below, the rows per bin."""
+    """The binned reliability bars, the smooth curve over the rows (when recorded with its support; results of
+    older builds hold another curve, not drawn) and, in ``counts_ax`` below, the rows per bin."""
     n_bins = len(rel["counts"])
     width = 1.0 / n_bins
     centres = [(k + 0.5) * width for k in range(n_bins)]
@@ -117,12 +128,10 @@ def _draw(ax, counts_ax, name: str, rel: dict, metrics: dict) -> None:
     ax.bar([centres[k] for k in filled], [rel["confidence"][k] - rel["accuracy"][k] for k in filled],
            bottom=[rel["accuracy"][k] for k in filled], width=width * 0.95, color="tab:red", alpha=0.35,
            label="gap to confidence")
-    if "smooth" in rel:  # drawn where the rows are (density ≥ 1 % of its peak), broken elsewhere
-        curve = rel["smooth"]
-        floor = 0.01 * max(curve["density"])
-        accuracy = [a if d >= floor else float("nan") for a, d in zip(curve["accuracy"], curve["density"])]
-        ax.plot(curve["confidence"], accuracy, color="tab:orange", linewidth=1.5,
-                label=f"smooth (σ {curve['sigma']:.3f})")
+    if "support" in rel.get("smooth", {}):
+        confidence, accuracy = _curve_over_rows(rel["smooth"])
+        ax.plot(confidence, accuracy, color="tab:orange", linewidth=1.5, marker="o" if len(confidence) == 2 else None,
+                markersize=3, label=f"smooth (σ {rel['smooth']['sigma']:.3f})")
     ax.plot([0, 1], [0, 1], "k--", linewidth=1)
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
