@@ -107,10 +107,10 @@ NORMS_AND_ESTIMATORS = (("l1", "plugin"), ("l2", "plugin"), ("max", "plugin"), (
 
 
 def metric_values(logits, labels, n_bins, backend):
-    """``ece`` and ``classwise_ece`` (l1) end to end, every norm and estimator from their statistics."""
-    values = {"ece": ck.ece(logits, labels, n_bins, backend=backend),
-              "classwise_ece": ck.classwise_ece(logits, labels, n_bins, backend=backend)}
-    for mode, norms_and_estimators in (("classwise", NORMS_AND_ESTIMATORS[1:4]), ("top1", NORMS_AND_ESTIMATORS)):
+    """The ECE family (``ece``, ``classwise_ece``: ``binned_stats`` then ``BinStats.ece``) in every norm and
+    estimator, the mean confidence and the Brier decomposition."""
+    values = {}
+    for mode, norms_and_estimators in (("classwise", NORMS_AND_ESTIMATORS[:4]), ("top1", NORMS_AND_ESTIMATORS)):
         stats = ck.binned_stats(logits, labels, n_bins, mode=mode, backend=backend)
         values.update({f"{mode}.{norm}.{estimator}": stats.ece(norm, estimator)
                        for norm, estimator in norms_and_estimators})
