@@ -85,6 +85,9 @@ def test_switches_take_0_or_1(monkeypatch):
     monkeypatch.setenv("CALIBKERN_PORTABLE", "yes")
     with pytest.raises(ValueError, match="CALIBKERN_PORTABLE must be 0 or 1"):
         _build.march()
+    if backends.is_available("cpp"):  # the backend's reason: checked before any build is looked at
+        with pytest.raises(ImportError, match="^CALIBKERN_JIT must be 0 or 1; got 'no'$"):
+            backends.get_module("cpp")._load_extension()
 
 
 def test_report_lists_every_backend():
