@@ -66,3 +66,34 @@ def train(model, optimizer, tokenizer, option_ids, steps, rank=0, world=1):
         (model(**local, num_items_in_batch=torch.tensor(items)).loss * world).backward()
         optimizer.step()
         optimizer.zero_grad()
+
+
+def end_state(model):
+    """The whole weights (a ``DTensor`` as its full tensor, ZeRO-3 partitions gathered) and the EM state."""
+    import contextlib
+
+    from calibkern.hf import fused_loss_of
+
+    partitioned = [parameter for parameter in model.parameters() if hasattr(parameter, "ds_id")]
+    gather = contextlib.nullcontext()
+    if partitioned:
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
+    with gather:
+        weights = {key: getattr(value, "full_tensor", lambda v=value: v)().detach().clone()
+                   for key, value in model.state_dict().items()}
+    em_state = fused_loss_of(model).em_state
+    return {"weights": weights, "em": None if em_state is None else em_state.state_dict()}
+
+
+def one_process_runs(modes):
+    """``{mode: end_state}`` of one process trained on the whole batches, STEPS steps."""
+    torch.set_num_threads(1)
+    tokenizer, option_ids = fixtures()
+    results = {}
+    for mode in modes:
+        model, optimizer = new_model(tokenizer, mode, option_ids)
+        train(model, optimizer, tokenizer, option_ids, range(STEPS))
+        results[mode] = end_state(model)
+    return results

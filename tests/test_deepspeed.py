@@ -23,7 +23,8 @@ pytest.importorskip("transformers")
 pytest.importorskip("deepspeed")
 
 from helpers import assert_same_training_state, assert_trained, torchrun_ranks  # noqa: E402
-from sharded_training import MODES, STEPS, calibration, fixtures, global_batch, new_model, train  # noqa: E402
+from sharded_training import (  # noqa: E402
+    MODES, STEPS, calibration, end_state, fixtures, global_batch, one_process_runs)
 
 WORLD = 2
 ZERO3 = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
@@ -58,22 +59,6 @@ def train_engine(engine, tokenizer, option_ids, rank, world):
         local = {key: value[rank::world] for key, value in inputs.items()}
         engine.backward(engine(**local, num_items_in_batch=torch.tensor(items)).loss * world)
         engine.step()
-
-
-def end_state(model):
-    """The whole parameters (gathered from ZeRO-3 partitions where they are partitioned) and the EM state."""
-    from calibkern.hf import fused_loss_of
-
-    parameters = dict(model.named_parameters())
-    if any(hasattr(value, "ds_id") for value in parameters.values()):
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(parameters.values()), modifier_rank=None):
-            weights = {key: value.detach().clone() for key, value in parameters.items()}
-    else:
-        weights = {key: value.detach().clone() for key, value in parameters.items()}
-    em_state = fused_loss_of(model).em_state
-    return {"weights": weights, "em": None if em_state is None else em_state.state_dict()}
 
 
 def trainer_run(out_dir, world):
@@ -128,13 +113,7 @@ def ranks(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
-    torch.set_num_threads(1)
-    tokenizer, option_ids = fixtures()
-    results = {}
-    for mode in MODES:
-        model, optimizer = new_model(tokenizer, mode, option_ids)
-        train(model, optimizer, tokenizer, option_ids, range(STEPS))
-        results[mode] = end_state(model)
+    results = one_process_runs(MODES)
     results["trainer"] = trainer_run(tmp_path_factory.mktemp("trainer"), 1)
     return results
 

@@ -20,7 +20,8 @@ import torch
 pytest.importorskip("transformers")
 
 from helpers import LargestTensor, assert_same_training_state, assert_trained, torchrun_ranks  # noqa: E402
-from sharded_training import MODES, ROWS, STEPS, fixtures, new_model, train  # noqa: E402
+from sharded_training import (  # noqa: E402
+    MODES, ROWS, STEPS, end_state, fixtures, new_model, one_process_runs, train)
 
 WORLD, SAVED_AT = 2, 2
 
@@ -33,15 +34,6 @@ def fully_shard_llama(model):
         fully_shard(layer)
     fully_shard(model.lm_head)
     fully_shard(model)
-
-
-def end_state(model):
-    from calibkern.hf import fused_loss_of
-
-    weights = {key: getattr(value, "full_tensor", lambda v=value: v)().detach().clone()
-               for key, value in model.state_dict().items()}
-    em_state = fused_loss_of(model).em_state
-    return {"weights": weights, "em": None if em_state is None else em_state.state_dict()}
 
 
 def worker(out_dir):
@@ -89,14 +81,7 @@ def ranks(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def one_process():
-    torch.set_num_threads(1)
-    tokenizer, option_ids = fixtures()
-    results = {}
-    for mode in MODES:
-        model, optimizer = new_model(tokenizer, mode, option_ids)
-        train(model, optimizer, tokenizer, option_ids, range(STEPS))
-        results[mode] = end_state(model)
-    return results
+    return one_process_runs(MODES)
 
 
 @pytest.mark.parametrize("mode", MODES)
