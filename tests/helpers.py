@@ -12,6 +12,19 @@ from calibkern.ops import custom_ops
 from calibkern.ops.row_metrics import metric_sums_tensors
 
 
+# Tolerances follow the arithmetic (docs/reliability.md#what-is-bitwise-equal-to-what): a float64 value built from
+# float32 kernel arithmetic (sums of float32 confidences, E-step statistics, M-step parameters, losses) is equal
+# to float32 rounding only, since the summation order and the fused multiply-adds of a cpp build depend on the
+# instruction set it was compiled for — never at float64's default tolerance (rtol 1e-7).
+FLOAT32_EPS = torch.finfo(torch.float32).eps
+
+
+def float32_tolerance(terms: int = 1) -> dict:
+    """``assert_close`` tolerances for a float32 computation summing ``terms`` values: rtol ``8·eps·√terms`` (the
+    rounding of a reordered float32 sum grows as √terms), atol ``eps`` for values near 0."""
+    return {"rtol": 8 * FLOAT32_EPS * max(terms, 1) ** 0.5, "atol": FLOAT32_EPS}
+
+
 def random_logits(n, k, scale=3.0, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(n, k, generator=g, dtype=torch.float64) * scale).to(dtype)
