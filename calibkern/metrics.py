@@ -327,6 +327,9 @@ def ece_confidence_interval(logits, labels, n_bins=10, norm="l1", *, method="deb
     the rows' confidences and correctness, computed once by ``top1_rows``. It covers the truth where the
     predictor is clearly miscalibrated, and almost never where it is nearly calibrated: the plug-in's upward
     bias then moves the whole interval above the truth.
+
+    ``seed``: any Python or NumPy integer; only ``seed mod 2³²`` matters. ``n_boot ≥ 2`` and at least two kept
+    rows are required (docs/math.md#intervals); estimate and bounds are Python floats.
     """
     n_bins = V.check_n_bins(n_bins)
     V.check_choice(norm, "norm", NORMS)
