@@ -36,8 +36,9 @@ class VocabShard:
         owned = (column >= 0) & (column < self.size)
         return column.clamp(0, self.size - 1), owned
 
-    def all_reduce_(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
-        dist.all_reduce(tensor, op=op, group=self.group)
+    def all_reduce_(self, tensor: torch.Tensor, op=None) -> torch.Tensor:
+        """``tensor`` reduced in place over the group (``op`` default: sum)."""
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op is None else op, group=self.group)
         return tensor
 
 
@@ -83,9 +84,8 @@ def cross_entropy_(logits: torch.Tensor, targets: torch.Tensor, ignore_index: in
     target_logit = torch.where(owned, logits.gather(1, column[:, None]).squeeze(1), 0.0)  # z_y − m
     logits.exp_()
     sums = shard.all_reduce_(torch.stack([logits.sum(1), target_logit]))  # [S, z_y − m]
-    logits.div_(sums[0][:, None])
+    logits.mul_(torch.where(supervised, sums[0].reciprocal(), 0.0)[:, None])  # p, and 0 on ignored rows
     logits.scatter_add_(1, column[:, None], -owned[:, None].to(logits.dtype))
-    logits.mul_(supervised[:, None])
     label_grad = sums[1].exp() / sums[0] - 1.0
     return torch.where(supervised, sums[0].log() - sums[1], 0.0), label_grad
 
