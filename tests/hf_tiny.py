@@ -169,15 +169,16 @@ EXTRA = {
                                                                 shared_expert_intermediate_size=16)),
     "recurrent_gemma": ("RecurrentGemmaForCausalLM", "RecurrentGemmaConfig", dict(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=8, lru_width=32, attention_window_size=16, logits_soft_cap=3.0, block_types=["recurrent", "attention"])),
+        head_dim=8, lru_width=32, attention_window_size=16, logits_soft_cap=3.0,
+        block_types=["recurrent", "attention"])),
     "t5": ("T5ForConditionalGeneration", "T5Config", dict(d_model=32, d_ff=64, num_layers=2, num_heads=4, d_kv=8,
                                                           decoder_start_token_id=0)),
     "bart_causal": ("BartForCausalLM", "BartConfig", dict(d_model=32, encoder_layers=2, decoder_layers=2,
                                                           encoder_attention_heads=4, decoder_attention_heads=4,
                                                           encoder_ffn_dim=64, decoder_ffn_dim=64, dropout=0.0)),
-    "bert_lm_head": ("BertLMHeadModel", "BertConfig", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                                           num_attention_heads=4, is_decoder=True, hidden_dropout_prob=0.0,
-                                                           attention_probs_dropout_prob=0.0)),
+    "bert_lm_head": ("BertLMHeadModel", "BertConfig", dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, is_decoder=True,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)),
     "llama4": ("Llama4ForCausalLM", "Llama4TextConfig", dict(SMALL, num_key_value_heads=2, head_dim=8,
                                                               num_local_experts=2, intermediate_size_mlp=64)),
 }

@@ -92,19 +92,29 @@ def test_trainer_loss_and_gradients_equal_the_loss_from_the_model_own_logits(set
         assert head_adapter and all(p.grad is not None and p.grad.abs().sum() > 0 for p in head_adapter)
 
 
+def with_changed_output(model, change):
+    """``model`` whose own forward's output passes through ``change`` (a transform calibkern does not know)."""
+    plain_forward = model.forward
+
+    def changed_forward(*args, **kwargs):
+        output = plain_forward(*args, **kwargs)
+        change(output)
+        return output
+
+    model.forward = changed_forward
+    return model
+
+
 def test_an_unknown_logit_transform_is_refused(setup):
     """A model whose forward changes its logits in a way calibkern does not know is refused by name."""
     tokenizer, option_ids, examples = setup
-    model = make_zoo_model("llama", tokenizer)
-    plain_forward = model.forward
 
-    def shifted_forward(*args, **kwargs):
-        output = plain_forward(*args, **kwargs)
+    def shift(output):
         output.logits = output.logits * 3.0 + 1.0
-        return output
 
-    model.forward = shifted_forward
-    with pytest.raises(ValueError, match="refuses LlamaForCausalLM: calibkern's fused path does not reproduce its logits"):
+    model = with_changed_output(make_zoo_model("llama", tokenizer), shift)
+    with pytest.raises(ValueError,
+                       match="refuses LlamaForCausalLM: calibkern's fused path does not reproduce its logits"):
         evaluate(model, tokenizer, examples, option_ids, progress=False)
 
 
@@ -219,16 +229,12 @@ def test_a_model_that_adds_to_its_loss_is_refused(setup):
     from hf_tiny import random_batch
 
     tokenizer, option_ids, _ = setup
-    model = make_zoo_model("llama", tokenizer)
-    plain_forward = model.forward
 
-    def forward_with_extra_loss(*args, **kwargs):
-        output = plain_forward(*args, **kwargs)
+    def add_one(output):
         if output.loss is not None:
             output.loss = output.loss + 1.0
-        return output
 
-    model.forward = forward_with_extra_loss
+    model = with_changed_output(make_zoo_model("llama", tokenizer), add_one)
     with pytest.raises(ValueError, match=r"refuses LlamaForCausalLM: its own loss is [\d.]+ where calibkern computes"):
         apply_fused_loss(model)(**random_batch(tokenizer, option_ids))
 

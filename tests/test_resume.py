@@ -176,7 +176,8 @@ def test_a_crash_while_a_checkpoint_is_saved_leaves_a_whole_one_to_resume(setup,
     with pytest.raises(KeyboardInterrupt):
         trainer.train()
     state_file = trainer_module.STATE_FILE
-    assert (tmp_path / "checkpoint-2" / state_file).exists() and (tmp_path / "checkpoint-2" / "trainer_state.json").exists()
+    previous = tmp_path / "checkpoint-2"
+    assert (previous / state_file).exists() and (previous / "trainer_state.json").exists()
     assert not any(".tmp-" in name for _, _, names in os.walk(tmp_path) for name in names)
     partial = tmp_path / "checkpoint-3"
     assert (partial / state_file).exists() == (where == "writing the trainer's files")

@@ -51,9 +51,10 @@ class CalibrationConfig:
       ``lam`` and ``sft_weight`` are then ignored.
     * ``option_ids``: the option letters' token ids (:func:`calibkern.hf.data.detect_option_ids`).
     * ``chunk_size`` / ``backend``: passed to :func:`calibkern.fused_linear_calibration_loss`.
-    * ``check_logits`` (default on): before the first step, one training row's logits through calibkern's
-      fused path are compared with the model's own forward; a model whose logits calibkern cannot reproduce
-      is refused there (:func:`calibkern.hf.modeling.check_logit_parity`).
+    * ``check_logits`` (default on): the equivalence check — before the statistics passes and the first step,
+      calibkern's loss and logits on a slice of one training row are compared with the model's own forward
+      (loss with auxiliary losses, logits shape and values); a model calibkern cannot reproduce is refused there,
+      naming the first difference (:func:`calibkern.hf.modeling.check_logit_parity`, docs/hf.md#the-equivalence-check).
     * ``refresh_batch_size``: batch size of the no-grad passes (default: the per-device eval batch size).
     """
 

@@ -117,7 +117,8 @@ def _text_config(causal_lm: nn.Module):
 
 def logit_transform(causal_lm: nn.Module) -> LogitTransform:
     """The transform ``causal_lm``'s forward applies after its lm_head, from its class and config:
-    ``final_logit_softcapping`` (Gemma 2/3/4 and others) or ``logits_soft_cap`` (RecurrentGemma), ``logit_scale`` (Cohere), ``logits_scaling``
+    ``final_logit_softcapping`` (Gemma 2/3/4 and others) or ``logits_soft_cap`` (RecurrentGemma), ``logit_scale``
+    (Cohere), ``logits_scaling``
     (Granite divides, HyperCLOVA X multiplies, MiniCPM3 divides the hidden states), ``lm_head_multiplier``
     (Falcon-H1). :func:`check_logit_parity` verifies the result against the model's own logits."""
     config = _text_config(causal_lm)

@@ -392,7 +392,8 @@ def read_calibration_state(checkpoint: str) -> dict:
         raise ValueError(f"{path}: refused — it holds more than plain tensors and numbers (loading it with "
                          f"weights_only=True failed: {str(error).splitlines()[0]}); a calibkern state never does, and "
                          "loading such a file could run code") from None
-    if not isinstance(state, dict) or not {"bin_accuracy", "bin_counts", "em_state", "em_refreshed_epoch"} <= set(state):
+    required = {"bin_accuracy", "bin_counts", "em_state", "em_refreshed_epoch"}
+    if not isinstance(state, dict) or not required <= set(state):
         raise ValueError(f"{path}: not a calibkern state (expected a dict with bin_accuracy, bin_counts, em_state, "
                          f"em_refreshed_epoch; got {type(state).__name__})")
     return state
