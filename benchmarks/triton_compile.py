@@ -79,7 +79,8 @@ def launches(shapes: dict) -> dict:
             for k in shapes["K"]:
                 ce_n, ce_k = cross_entropy.ce_blocks(n, k)
                 ce_sig = {"logits_ptr": "*fp32", "targets_ptr": "*i64", "loss_ptr": "*fp32"}
-                add(cross_entropy._cross_entropy_kernel, *_sig(ce_sig, {"N": "i32", "V": "i32", "ignore_index": "i32"},
+                add(cross_entropy._cross_entropy_kernel, *_sig(ce_sig, {"N": "i32", "V": "i32", "ignore_index": "i32",
+                                                                       "smoothing": "fp32", "z_scale": "fp32"},
                                                              {"BLOCK_N": ce_n, "BLOCK_K": ce_k}),
                     common.warps(ce_n, ce_k))
                 block_n, block_k = common.row_blocks(n, k)

@@ -144,6 +144,8 @@ def em_ece_grad(logits: torch.Tensor, labels: torch.Tensor, log_pi: torch.Tensor
     return _C.em_ece_grad(logits, labels, log_pi, mu, sigma, coef, int(ignore_index))
 
 
-def cross_entropy_(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    """``loss_i = logsumexp(z_i) − z_{i,y_i}``; overwrites float32 ``logits`` with ``softmax(z) − e_y``."""
-    return _C.cross_entropy_(logits, targets, int(ignore_index))
+def cross_entropy_(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, label_smoothing: float = 0.0,
+                   lse_square_scale: float = 0.0) -> torch.Tensor:
+    """``loss_i = lse_i − (1 − ε) z_{i,y_i} − (ε/V) Σ_j z_ij + λ lse_i²``; overwrites float32 ``logits`` with its
+    gradient (calibkern/reference/cross_entropy.py)."""
+    return _C.cross_entropy_(logits, targets, int(ignore_index), float(label_smoothing), float(lse_square_scale))

@@ -117,10 +117,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   }, py::arg("logits"), py::arg("labels"), py::arg("log_pi"), py::arg("mu"), py::arg("sigma"), py::arg("coef"),
      py::arg("ignore_index"));
 
-  m.def("cross_entropy_", [](at::Tensor& logits, const at::Tensor& targets, int64_t ignore_index) {
+  m.def("cross_entropy_", [](at::Tensor& logits, const at::Tensor& targets, int64_t ignore_index,
+                             double label_smoothing, double lse_square_scale) {
     check_rows(logits, targets);
-    return cpu::cross_entropy_(logits, targets, ignore_index);
-  }, py::arg("logits"), py::arg("targets"), py::arg("ignore_index"));
+    return cpu::cross_entropy_(logits, targets, ignore_index, label_smoothing, lse_square_scale);
+  }, py::arg("logits"), py::arg("targets"), py::arg("ignore_index"), py::arg("label_smoothing") = 0.0,
+     py::arg("lse_square_scale") = 0.0);
 
   m.def("finite_rows", [](const at::Tensor& logits) {
     TORCH_CHECK(logits.device().is_cpu() && logits.dim() == 2 && logits.is_contiguous(),

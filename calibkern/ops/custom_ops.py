@@ -297,9 +297,11 @@ grid_moments = KernelOp(grid_moments, fake=lambda confidence, correct, cells, *_
     (cells, 4), dtype=torch.float64))
 
 
-def cross_entropy_(logits: Tensor, targets: Tensor, ignore_index: int, backend: str = "auto") -> Tensor:
-    """Per-row cross-entropy [n]; logits are overwritten with softmax − one-hot (0 for ignored rows)."""
-    return _kernels(backend, logits).cross_entropy_(logits, targets, ignore_index)
+def cross_entropy_(logits: Tensor, targets: Tensor, ignore_index: int, backend: str = "auto",
+                   label_smoothing: float = 0.0, lse_square_scale: float = 0.0) -> Tensor:
+    """Per-row cross-entropy [n] with label smoothing and the z-loss; logits are overwritten with its gradient
+    (softmax − one-hot without them; 0 for ignored rows; calibkern/reference/cross_entropy.py)."""
+    return _kernels(backend, logits).cross_entropy_(logits, targets, ignore_index, label_smoothing, lse_square_scale)
 
 
 cross_entropy_ = KernelOp(cross_entropy_, mutates_args=("logits",),

@@ -76,6 +76,7 @@ bool all_finite(const at::Tensor& logits);
 bool labels_in_range(const at::Tensor& labels, int64_t n_classes, int64_t ignore_index);
 
 /// Cross-entropy per row; overwrites float32 logits [n, V] with softmax − one-hot (0 for ignored rows).
-at::Tensor cross_entropy_(at::Tensor& logits, const at::Tensor& targets, int64_t ignore_index);
+at::Tensor cross_entropy_(at::Tensor& logits, const at::Tensor& targets, int64_t ignore_index,
+                          double label_smoothing, double lse_square_scale);
 
 }  // namespace calibkern::cpu

@@ -53,6 +53,6 @@ def em_ece_grad(logits, labels, log_pi, mu, sigma, coef, ignore_index: int):
     return run(logits, labels, log_pi, mu, sigma, coef, ignore_index)
 
 
-def cross_entropy_(logits, targets, ignore_index: int):
+def cross_entropy_(logits, targets, ignore_index: int, label_smoothing: float = 0.0, lse_square_scale: float = 0.0):
     from .cross_entropy import cross_entropy_ as run
-    return run(logits, targets, ignore_index)
+    return run(logits, targets, ignore_index, label_smoothing, lse_square_scale)
