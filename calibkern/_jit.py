@@ -16,8 +16,9 @@ flags it enables — and nothing else (no paths, no file times):
 * ``build-failed.log`` — the compiler's output after a compiler error (and only then: an interrupted,
   killed or out-of-space build is tried again by the next import), shown by every process that would build
   here until the entry is deleted.
-* ``build/`` — the work directory while a build runs: the sources copied from the hashed contents, ninja's
-  files; removed after a build.
+* ``build-<pid>/`` — the work directory of the process that builds: the sources copied from the hashed
+  contents, ninja's files; removed after a build, and a dead builder's by the next one (so that compilers a
+  killed builder left running write into a deleted directory, never into the next build's).
 
 The cache root, the entry and ``_C.so`` must belong to the user (or root) and be writable by no one else;
 anything else is refused before any code is loaded from it (:func:`check_private`).
@@ -47,7 +48,7 @@ LIBRARY = "_C.so"
 RECORD = "build.json"
 LOCK = "build.lock"
 FAILED_MARKER = "build-failed.log"
-WORK = "build"
+WORK_PREFIX = "build-"
 MODULE_NAME = "_C"  # the ahead-of-time build's name too: the two are the same library
 DEFAULT_TIMEOUT_S = 900.0
 # what makes a failed build a compiler error (source location or linker), and what makes it an accident
@@ -274,8 +275,9 @@ def _compile(entry: CacheEntry, why: str):
     """Compile the entry's sources in its work directory, then :func:`install` the library."""
     from torch.utils import cpp_extension
 
-    work = entry.path(WORK)
-    shutil.rmtree(work, ignore_errors=True)  # a killed build's leftovers, torch's own lock file among them
+    for leftover in glob.glob(entry.path(WORK_PREFIX + "*")):  # killed builds' work, torch's lock files among it
+        shutil.rmtree(leftover, ignore_errors=True)
+    work = entry.path(f"{WORK_PREFIX}{os.getpid()}")
     csrc = os.path.join(work, "csrc")
     for name, data in entry.files.items():
         os.makedirs(os.path.dirname(os.path.join(csrc, name)), exist_ok=True)

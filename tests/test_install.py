@@ -398,11 +398,9 @@ def test_killed_and_interrupted_builds_never_wedge_the_next_import(tmp_path, mon
                                 text=True, env=env, cwd=cwd, start_new_session=True)
 
     def stop_mid_compile(proc, sig):
-        """Once ``proc`` has written its build.ninja (a fresh one: the interrupted build leaves its own) and its
-        compilers run, send ``sig`` to its process group."""
-        ninja_file, started = os.path.join(entry.path(_jit.WORK), "build.ninja"), time.time()
-        _wait_for(lambda: proc.poll() is not None or (os.path.exists(ninja_file)
-                                                      and os.stat(ninja_file).st_mtime >= started), "build.ninja")
+        """Once ``proc`` has written its build.ninja and its compilers run, send ``sig`` to its process group."""
+        ninja_file = os.path.join(entry.path(f"{_jit.WORK_PREFIX}{proc.pid}"), "build.ninja")
+        _wait_for(lambda: proc.poll() is not None or os.path.exists(ninja_file), "build.ninja")
         time.sleep(3)
         assert proc.poll() is None, proc.communicate()
         os.killpg(proc.pid, sig)
