@@ -338,7 +338,8 @@ def jit_load(why: str, entry: CacheEntry | None = None):
     """(the extension, whether this process compiled it): the cache entry's library when it is there — loaded
     as is, nothing written — else compiled under the entry's lock, or the compiler error of an earlier try.
     ``why`` (the ahead-of-time build's problem) goes into the stderr line a build prints, with what changed
-    since the nearest earlier build. ImportError for every way this can fail; KeyboardInterrupt passes."""
+    since the nearest earlier build. ImportError for every way this can fail (OSError where the file system
+    fails it); KeyboardInterrupt passes."""
     entry = cache_entry() if entry is None else entry
     _private_directory(_build.cache_root())
     if cached_library(entry):
