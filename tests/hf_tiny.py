@@ -171,6 +171,11 @@ EXTRA = {
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         head_dim=8, lru_width=32, attention_window_size=16, logits_soft_cap=3.0,
         block_types=["recurrent", "attention"])),
+    "inkling": ("InklingForCausalLM", "InklingTextConfig", dict(  # 320 lm_head rows, the logits cut to the vocabulary
+        vocab_size=320, unpadded_vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=8,
+        sliding_window_size=8, d_rel=4, rel_extent=16, intermediate_size=64, moe_intermediate_size=16,
+        n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, logits_mup_width_multiplier=4.0)),
     "t5": ("T5ForConditionalGeneration", "T5Config", dict(d_model=32, d_ff=64, num_layers=2, num_heads=4, d_kv=8,
                                                           decoder_start_token_id=0)),
     "bart_causal": ("BartForCausalLM", "BartConfig", dict(d_model=32, encoder_layers=2, decoder_layers=2,
@@ -189,9 +194,10 @@ def make_extra_model(name, tokenizer, seed=0, **overrides):
     import transformers
 
     model_class, config_class, settings = EXTRA[name]
+    settings = {"vocab_size": len(tokenizer), **settings, **overrides}
     config = getattr(transformers, config_class)(
-        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False, **{**settings, **overrides})
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False, **settings)
     torch.manual_seed(seed)
     return getattr(transformers, model_class)(config)
 

@@ -239,17 +239,29 @@ def test_a_model_that_adds_to_its_loss_is_refused(setup):
         apply_fused_loss(model)(**random_batch(tokenizer, option_ids))
 
 
-def test_soft_capped_logits_of_recurrent_gemma_are_reproduced(setup):
-    """RecurrentGemma caps its logits with ``logits_soft_cap``: calibkern applies it, so the loss is the model's."""
+@pytest.mark.parametrize("name, transform", [("recurrent_gemma", {"softcap": 3.0}),
+                                             ("inkling", {"scale": 0.25, "vocab_rows": 300})])
+def test_soft_capped_scaled_and_cut_logits_are_reproduced(setup, name, transform):
+    """RecurrentGemma caps its logits (``logits_soft_cap``); Inkling divides its hidden states
+    (``logits_mup_width_multiplier``) and keeps the first ``unpadded_vocab_size`` of 320 logits: calibkern applies
+    each, so the loss and every gradient are the model's own."""
     from calibkern.hf import apply_fused_loss
     from hf_tiny import make_extra_model, random_batch
 
     tokenizer, option_ids, _ = setup
-    model = make_extra_model("recurrent_gemma", tokenizer)
-    assert logit_transform(model).softcap == 3.0
+    model = make_extra_model(name, tokenizer)
+    assert logit_transform(model)._asdict() == {**{"scale": 1.0, "softcap": None, "vocab_rows": None}, **transform}
     twin = copy.deepcopy(model)
     inputs = random_batch(tokenizer, option_ids)
-    torch.testing.assert_close(apply_fused_loss(model)(**inputs).loss, twin(**inputs).loss, rtol=1e-5, atol=1e-6)
+    output, reference = apply_fused_loss(model)(**inputs), twin(**inputs)
+    torch.testing.assert_close(output.loss, reference.loss, rtol=1e-5, atol=1e-6)
+    output.loss.backward()
+    reference.loss.backward()
+    twin_parameters = dict(twin.named_parameters())
+    for key, parameter in model.named_parameters():
+        if twin_parameters[key].grad is not None:
+            torch.testing.assert_close(parameter.grad, twin_parameters[key].grad, rtol=1e-3, atol=1e-5,
+                                       msg=lambda m, key=key: f"{key}: {m}")
 
 
 def test_inputs_the_fused_path_does_not_consume_are_refused(setup):

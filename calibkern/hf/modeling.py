@@ -104,10 +104,12 @@ class DecoderOutput(NamedTuple):
 
 
 class LogitTransform(NamedTuple):
-    """What a causal LM does to ``lm_head(h)``: ``softcap(scale · lm_head(h))``."""
+    """What a causal LM does to ``lm_head(h)``: ``softcap(scale · lm_head(h))[..., :vocab_rows]`` (``vocab_rows``
+    None: every row of the lm_head)."""
 
     scale: float = 1.0
     softcap: float | None = None
+    vocab_rows: int | None = None
 
 
 def _text_config(causal_lm: nn.Module):
@@ -120,7 +122,8 @@ def logit_transform(causal_lm: nn.Module) -> LogitTransform:
     ``final_logit_softcapping`` (Gemma 2/3/4 and others) or ``logits_soft_cap`` (RecurrentGemma), ``logit_scale``
     (Cohere), ``logits_scaling``
     (Granite divides, HyperCLOVA X multiplies, MiniCPM3 divides the hidden states), ``lm_head_multiplier``
-    (Falcon-H1). :func:`check_logit_parity` verifies the result against the model's own logits."""
+    (Falcon-H1), ``logits_mup_width_multiplier`` (Inkling divides the hidden states) and ``unpadded_vocab_size``
+    (Inkling keeps that many logits: the lm_head's first rows). :func:`check_logit_parity` verifies the result against the model's own logits."""
     config = _text_config(causal_lm)
     model_type = str(getattr(config, "model_type", ""))
     scale = 1.0
@@ -136,8 +139,12 @@ def logit_transform(causal_lm: nn.Module) -> LogitTransform:
     multiplier = getattr(config, "lm_head_multiplier", None)
     if multiplier:
         scale *= float(multiplier)
+    width_multiplier = getattr(config, "logits_mup_width_multiplier", None)
+    if width_multiplier:  # Inkling divides the hidden states
+        scale /= float(width_multiplier)
     softcap = getattr(config, "final_logit_softcapping", None) or getattr(config, "logits_soft_cap", None)
-    return LogitTransform(scale, float(softcap) if softcap else None)
+    rows = getattr(config, "unpadded_vocab_size", None)
+    return LogitTransform(scale, float(softcap) if softcap else None, int(rows) if rows else None)
 
 
 def _adapter_kind(layer: nn.Module) -> str:
@@ -274,8 +281,12 @@ def decoder_pass(decoder: nn.Module, inputs: dict, router: RouterLoss | None = N
 
 def projection(head: nn.Module, transform: LogitTransform, hidden: torch.Tensor) -> DecoderOutput:
     """``hidden`` with the lm_head's effective weight and bias and ``transform`` folded in: the scale goes
-    into the hidden states and the bias, ``s · (h Wᵀ + b) = (s h) Wᵀ + s b`` (no ``[V, D]`` copy)."""
+    into the hidden states and the bias, ``s · (h Wᵀ + b) = (s h) Wᵀ + s b`` (no ``[V, D]`` copy); an unpadded
+    vocabulary keeps the weight's and bias's first rows (views)."""
     weight, bias = _head_projection(head)
+    if transform.vocab_rows is not None and transform.vocab_rows < weight.shape[0]:
+        weight = weight[: transform.vocab_rows]
+        bias = None if bias is None else bias[: transform.vocab_rows]
     if transform.scale != 1.0:
         hidden = hidden * transform.scale
         bias = None if bias is None else bias * transform.scale
