@@ -1,8 +1,8 @@
 """Reliability diagrams with matplotlib (optional: ``pip install 'calibkern[plot]'``; docs/integrations.md#plots).
 
 * :func:`reliability_diagram` — per equal-width bin, the accuracy (bar) and the gap to the mean confidence
-  (shaded bar on top), the diagonal, the smooth reliability curve (calibkern.smooth_reliability) where the
-  confidences are (density ≥ 1 % of its peak), and below, the rows per bin. From logits and labels, or from a
+  (shaded bar on top), the diagonal, the smooth reliability curve (calibkern.smooth_reliability) over its
+  ``support`` (the rows' smallest to largest confidence; no data's elsewhere), and below, the rows per bin. From logits and labels, or from a
   :class:`~calibkern.BinStats` (plus a :class:`~calibkern.SmoothReliability` for the curve).
 * :func:`smooth_diagram` — the smooth reliability curve alone over the confidences' density.
 
@@ -14,13 +14,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from .metrics import BinStats, binned_stats
 from .smooth import SmoothReliability, smooth_reliability
-
-CURVE_FLOOR = 0.01  # the curve is drawn where the density is at least this share of its peak
-
 
 def _pyplot():
     try:
@@ -30,22 +28,26 @@ def _pyplot():
     return plt
 
 
-def _curve_where_dense(curve: dict) -> list[float]:
-    floor = CURVE_FLOOR * max(curve["density"])
-    return [a if d >= floor else float("nan") for a, d in zip(curve["accuracy"], curve["density"])]
+def curve_over_rows(curve: dict) -> tuple[list[float], list[float]]:
+    """The smooth curve from the smallest to the largest confidence of the rows (its ``support``; the ends read
+    by linear interpolation): elsewhere it is no data's."""
+    low, high = curve["support"]
+    confidence = [low] + [t for t in curve["confidence"] if low < t < high] + [high]
+    return confidence, np.interp(confidence, curve["confidence"], curve["accuracy"]).tolist()
 
 
 def _curve_lists(curve: SmoothReliability | dict | None) -> dict | None:
     if curve is None or isinstance(curve, dict):
         return curve
     return {"confidence": curve.points.tolist(), "accuracy": curve.accuracy.tolist(),
-            "density": curve.density.tolist(), "sigma": curve.sigma}
+            "density": curve.density.tolist(), "sigma": curve.sigma, "support": list(curve.support)}
 
 
 def draw_reliability(ax, counts_ax, accuracy: Sequence[float], confidence: Sequence[float], counts: Sequence[int],
                      curve: SmoothReliability | dict | None = None, title: str | None = None) -> None:
     """One diagram into ``ax`` (bars, diagonal, curve) and ``counts_ax`` (rows per bin; None: not drawn).
-    ``curve``: a SmoothReliability or ``{"confidence", "accuracy", "density", "sigma"}`` lists."""
+    ``curve``: a SmoothReliability or its ``{"confidence", "accuracy", "density", "sigma", "support"}`` lists
+    (drawn over its support; a curve without one is not drawn)."""
     n_bins = len(counts)
     width = 1.0 / n_bins
     centres = [(k + 0.5) * width for k in range(n_bins)]
@@ -56,9 +58,10 @@ def draw_reliability(ax, counts_ax, accuracy: Sequence[float], confidence: Seque
            bottom=[accuracy[k] for k in filled], width=width * 0.95, color="tab:red", alpha=0.35,
            label="gap to confidence")
     curve = _curve_lists(curve)
-    if curve is not None:
-        ax.plot(curve["confidence"], _curve_where_dense(curve), color="tab:orange", linewidth=1.5,
-                label=f"smooth (σ {curve['sigma']:.3f})")
+    if curve is not None and "support" in curve:
+        points, values = curve_over_rows(curve)
+        ax.plot(points, values, color="tab:orange", linewidth=1.5, marker="o" if len(points) == 2 else None,
+                markersize=3, label=f"smooth (σ {curve['sigma']:.3f})")
     ax.plot([0, 1], [0, 1], "k--", linewidth=1)
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
@@ -132,8 +135,8 @@ def smooth_diagram(logits, labels, *, sigma: float | None = None, points: int = 
     density = torch.as_tensor(lists["density"])
     ax.fill_between(lists["confidence"], 0, (density / density.max().clamp_min(1e-12) * 0.25).tolist(),
                     color="0.85", label="density of confidences")
-    ax.plot(lists["confidence"], _curve_where_dense(lists), color="tab:orange", linewidth=1.5,
-            label=f"smooth (σ {curve.sigma:.3f})")
+    points, values = curve_over_rows(lists)
+    ax.plot(points, values, color="tab:orange", linewidth=1.5, label=f"smooth (σ {curve.sigma:.3f})")
     ax.plot([0, 1], [0, 1], "k--", linewidth=1)
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
