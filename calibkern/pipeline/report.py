@@ -11,7 +11,6 @@ import json
 import os
 import tempfile
 
-import numpy as np
 import torch
 
 import calibkern
@@ -108,48 +107,21 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _curve_over_rows(curve: dict) -> tuple[list[float], list[float]]:
-    """The smooth curve from the smallest to the largest confidence of the rows (its ``support``; the ends read
-    by linear interpolation): elsewhere it is no data's."""
-    low, high = curve["support"]
-    confidence = [low] + [t for t in curve["confidence"] if low < t < high] + [high]
-    return confidence, np.interp(confidence, curve["confidence"], curve["accuracy"]).tolist()
-
-
 def _draw(ax, counts_ax, name: str, rel: dict, metrics: dict) -> None:
     """The binned reliability bars, the smooth curve over the rows (when recorded with its support; results of
-    older builds hold another curve, not drawn) and, in ``counts_ax`` below, the rows per bin."""
-    n_bins = len(rel["counts"])
-    width = 1.0 / n_bins
-    centres = [(k + 0.5) * width for k in range(n_bins)]
-    filled = [k for k in range(n_bins) if rel["counts"][k] > 0]
-    ax.bar([centres[k] for k in filled], [rel["accuracy"][k] for k in filled], width=width * 0.95,
-           color="tab:blue", edgecolor="black", linewidth=0.5, label="accuracy")
-    ax.bar([centres[k] for k in filled], [rel["confidence"][k] - rel["accuracy"][k] for k in filled],
-           bottom=[rel["accuracy"][k] for k in filled], width=width * 0.95, color="tab:red", alpha=0.35,
-           label="gap to confidence")
-    if "support" in rel.get("smooth", {}):
-        confidence, accuracy = _curve_over_rows(rel["smooth"])
-        ax.plot(confidence, accuracy, color="tab:orange", linewidth=1.5, marker="o" if len(confidence) == 2 else None,
-                markersize=3, label=f"smooth (σ {rel['smooth']['sigma']:.3f})")
-    ax.plot([0, 1], [0, 1], "k--", linewidth=1)
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("accuracy")
-    ax.tick_params(labelbottom=False)
+    older builds hold another curve, not drawn) and, in ``counts_ax`` below, the rows per bin
+    (calibkern.plot.draw_reliability)."""
+    from calibkern.plot import draw_reliability
+
     smece = f", smECE {metrics['smece']:.3f}" if "smece" in metrics else ""
-    ax.set_title(f"{name}\nECE {metrics['ece']:.3f}{smece}, acc {metrics['accuracy']:.3f}", fontsize=9)
-    counts_ax.bar(centres, rel["counts"], width=width * 0.95, color="0.6", edgecolor="black", linewidth=0.5)
-    counts_ax.set_xlim(0, 1)
-    counts_ax.set_xlabel("confidence")
-    counts_ax.set_ylabel("rows", fontsize=8)
-    counts_ax.tick_params(labelsize=7)
+    draw_reliability(ax, counts_ax, rel["accuracy"], rel["confidence"], rel["counts"], rel.get("smooth"),
+                     title=f"{name}\nECE {metrics['ece']:.3f}{smece}, acc {metrics['accuracy']:.3f}")
 
 
 def _figure(plt, n_columns: int):
-    fig, axes = plt.subplots(2, n_columns, figsize=(3.2 * n_columns, 4.4), squeeze=False,
-                             gridspec_kw={"height_ratios": [3, 1], "hspace": 0.08})
-    return fig, axes
+    from calibkern.plot import diagram_axes
+
+    return diagram_axes(n_columns)
 
 
 def write_reliability_plot(path: str, name: str, rel: dict, metrics: dict) -> None:
