@@ -248,3 +248,26 @@ def test_fused_loss_on_answer_rows_with_large_option_gaps(backend, calibration):
     for got, want in zip(run(backend), run("torch")):
         assert torch.isfinite(got).all()
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------- token correctness near ties
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_token_correctness_applies_the_tie_rule_to_logits(backend):
+    """A label logit 1…8 float32 ulps (7e-9…6e-8) above the best other one is correct (``argmax z = y``), though
+    their probabilities differ by less than the 2⁻²⁵ of ``(p_y − 1) + 1``; an exact tie goes to the lower index."""
+    base, up = torch.tensor(0.1), torch.tensor(1.0)
+    rows = []
+    for k in range(9):  # k ulps above base (k = 0: an exact tie, label 1 is the higher index)
+        z1 = base.clone()
+        for _ in range(k):
+            z1 = torch.nextafter(z1, up)
+        rows.append(torch.stack([base, z1, torch.tensor(-1.0)]))
+    z = torch.stack(rows + [rows[0]])
+    labels = torch.tensor([1] * len(rows) + [0])  # the last row: the tie at its lower index
+    hidden, weight = torch.eye(len(z)), z.t().contiguous()  # hidden row i picks logits row i exactly
+    out = ck.fused_linear_calibration_loss(hidden, weight, labels, option_ids=None, calibration=None, shift=False,
+                                           backend=backend, token_stats=True)
+    assert (z.argmax(1) == labels).tolist() == [False] + [True] * 8 + [True]
+    assert int(out.token_stats.sum_correct.sum()) == 9
+    assert int(out.token_stats.counts.sum()) == len(z)

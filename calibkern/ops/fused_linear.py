@@ -84,6 +84,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                 cap_slope = 1.0 - capped * capped
                 logits = capped.mul_(softcap)
             chunk_targets = targets[start:start + chunk_size]
+            prediction = None if token is None else token.predict(logits, chunk_targets, ignore_index, shard)
             label_grad = None
             if shard is None:
                 row_losses.append(custom_ops.cross_entropy_(logits, chunk_targets, ignore_index, backend))
@@ -93,7 +94,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             grad_logits = logits  # overwritten in place by cross_entropy_
             if token is not None:
                 token.update_(grad_logits, chunk_targets, ignore_index, fold=need_hidden or need_weight or need_bias,
-                              shard=shard, label_grad=label_grad)
+                              prediction=prediction, shard=shard, label_grad=label_grad)
             if softcap is not None:
                 grad_logits.mul_(cap_slope)
                 del cap_slope

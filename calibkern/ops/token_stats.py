@@ -1,14 +1,15 @@
 """Token-level calibration read from the fused loss's chunk gradient (docs/math.md#token-level-calibration).
 
-After the cross-entropy kernel a chunk holds ``G = p − e_y`` (``p = softmax(z)`` per row, float32), so the
-softmax needs no second pass: with ``v = max_j G_j`` (the best token other than the label, ``G_y ≤ 0 ≤ G_j``)
-and ``p_y = G_y + 1``,
+The prediction ``ŷ`` is the first arg-max of the chunk's logits ``z``, taken (:meth:`TokenStatistics.predict`)
+before the cross-entropy kernel overwrites them with ``G = p − e_y`` (``p = softmax(z)`` per row, float32): the
+tie rule ``1[argmax z = y]`` (lowest index) on logits, as documented — two logits a few ulps apart can round to
+the same probability. Then the softmax needs no second pass:
 
-    correct = p_y > v  or  (p_y = v and y < argmax_j G_j)   (ties: the lowest index, as torch.argmax),
-    c = p_y if correct else v,   ŷ = y if correct else argmax_j G_j.
+    correct = (ŷ = y),   c = max(G_y + 1, v) if correct else v,   v = max_j G_j,
 
-``p_y`` read back as ``(p_y − 1) + 1`` is within ``2⁻²⁵`` of the kernel's float32 ``p_y``; a label that close
-to ``v`` is a tie, with ``p_y = v``.
+``v`` the best probability other than the label's (``G_y ≤ 0``), which is ``p_ŷ`` when ``ŷ ≠ y`` and at most ``p_y``
+when ``ŷ = y``. ``p_y`` read back as ``(p_y − 1) + 1`` is within ``2⁻²⁵`` of the kernel's float32 ``p_y``; it is
+kept on its side of ``v``, and is ``v`` where the label's logit ties the maximum.
 
 Every statistic is binned with ``b(c) = min(floor(c·M), M − 1)`` (calibkern.reference.bin_index) and summed
 with ``scatter_add_`` into ``[M]`` device tensors: no host synchronisation, additive over chunks and ranks.
@@ -26,8 +27,8 @@ Rows whose logits hold NaN or ±inf (an all-NaN ``G`` row) are left out of the b
 ``n_skipped``; their cross-entropy and calibration term are NaN.
 
 Split over the vocabulary (calibkern.ops.vocab_parallel: each rank holds the columns ``[s, s + V_r)`` of ``G``),
-``G_y`` comes from the cross-entropy (the same on every rank), ``max_j G_j`` and its lowest index are all-reduced,
-so ``c``, ``correct`` and the token statistics and term are the same on every rank; the fold touches the columns
+``G_y`` comes from the cross-entropy (the same on every rank), ``max_j z_j`` and its lowest index are all-reduced
+before the kernel and ``G_ŷ`` from the rank that holds it after, so ``c``, ``correct`` and the token statistics and term are the same on every rank; the fold touches the columns
 ``y`` and ``ŷ`` where they live. Each rank bins the Full-ECE entries of its own columns (the label's on the rank
 that holds it) and those sums are all-reduced once, in :meth:`TokenStatistics.outputs`.
 """
@@ -35,11 +36,11 @@ that holds it) and those sums are all-reduced once, in :meth:`TokenStatistics.ou
 from __future__ import annotations
 
 import torch
+from torch import distributed as dist
 
 from ..reference import bin_index
 from .vocab_parallel import VocabShard, first_max
 
-TIE = 2.0 ** -25  # |fl(fl(p − 1) + 1) − p| ≤ 2⁻²⁵ for p in [0, 1]: closer than that is a tie
 MAX_BLOCK = 512  # columns per block of the two-level arg-max (a vectorised amax, then one block's columns)
 
 
@@ -91,24 +92,47 @@ class TokenStatistics:
     def term(self) -> bool:
         return self.bin_accuracy is not None
 
+    @staticmethod
+    def predict(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+                shard: VocabShard | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(ŷ, z_y = max z)`` per row of a chunk's logits ``z`` (``[rows, V]``, on a ``shard`` this rank's
+        columns): the lowest global index attaining ``max z``, and whether the label's logit attains it too. Call it
+        before the cross-entropy kernel overwrites ``z``."""
+        label = torch.where(targets != ignore_index, targets, 0)
+        if shard is None:
+            top, predicted = _first_max(logits)
+            label_logit = logits.gather(1, label[:, None]).squeeze(1)
+        else:
+            top, predicted = first_max(logits, shard, _first_max)
+            column, owned = shard.local(label)
+            label_logit = torch.where(owned, logits.gather(1, column[:, None]).squeeze(1), -torch.inf)
+            label_logit = shard.all_reduce_(label_logit, dist.ReduceOp.MAX)
+        return predicted, label_logit == top
+
     def update_(self, grad: torch.Tensor, targets: torch.Tensor, ignore_index: int, fold: bool,
-                shard: VocabShard | None = None, label_grad: torch.Tensor | None = None) -> None:
+                prediction: tuple[torch.Tensor, torch.Tensor], shard: VocabShard | None = None,
+                label_grad: torch.Tensor | None = None) -> None:
         """Read one chunk's ``G = p − e_y`` (``[rows, V]`` float32; on a vocabulary ``shard``, this rank's
-        columns and the rows' ``label_grad`` ``G_y``); with ``fold``, add the calibration term's gradient into
-        it in place (before any soft-cap slope)."""
+        columns and the rows' ``label_grad`` ``G_y``) with the rows' ``prediction`` (:meth:`predict`); with
+        ``fold``, add the calibration term's gradient into it in place (before any soft-cap slope)."""
+        predicted, label_at_max = prediction
         supervised = targets != ignore_index
         label = torch.where(supervised, targets, 0)
+        correct = predicted == label
         if shard is None:
             column, owned = label, torch.ones_like(supervised)
+            predicted_column, predicted_owned = predicted, owned
             label_grad = grad.gather(1, label[:, None]).squeeze(1)
-            other, other_index = _first_max(grad)
+            other = grad.amax(1)
         else:
             column, owned = shard.local(label)
-            other, other_index = first_max(grad, shard, _first_max)
-        gap = label_grad + 1.0 - other
-        tie = gap.abs() <= TIE
-        label_prob = torch.where(tie, other, label_grad + 1.0)
-        correct = (gap > TIE) | (tie & (label < other_index))
+            predicted_column, predicted_owned = shard.local(predicted)
+            other = shard.all_reduce_(grad.amax(1), dist.ReduceOp.MAX)
+        # other = max_{j≠y} p_j (G_y ≤ 0): p_ŷ when ŷ ≠ y, at most p_y when ŷ = y; p_y read back as G_y + 1 is
+        # kept on its side of it, and equals it where z_y ties the max
+        read_back = label_grad + 1.0
+        label_prob = torch.where(correct, torch.maximum(read_back, other),
+                                 torch.where(label_at_max, other, torch.minimum(read_back, other)))
         conf = torch.where(correct, label_prob, other)
         finite = torch.isfinite(conf)
         kept = supervised & finite
@@ -126,9 +150,7 @@ class TokenStatistics:
                 coef = torch.where(supervised, (2.0 * self.lam) * miss * conf, 0.0)
                 grad.mul_((self.sft_weight - coef)[:, None])
                 grad.scatter_add_(1, column[:, None], torch.where(owned, -coef, 0.0)[:, None])
-                predicted = torch.where(correct, label, other_index)
-                predicted, predicted_owned = (predicted, owned) if shard is None else shard.local(predicted)
-                grad.scatter_add_(1, predicted[:, None], torch.where(predicted_owned, coef, 0.0)[:, None])
+                grad.scatter_add_(1, predicted_column[:, None], torch.where(predicted_owned, coef, 0.0)[:, None])
 
     def _update_full(self, grad, column, label_grad, label_prob, kept, skipped) -> None:
         """Bin every entry of the rows ``kept`` of ``grad``: the label's ``label_prob`` where ``column`` ≥ 0
