@@ -9,7 +9,8 @@
   its own rows of the weight (and bias) gradient and the EM state — to ≤ 1e-5 (counts exactly).
 * FSDP2 × TP: the tiny Llama with ``ColwiseParallel`` on the lm_head over the tensor dimension and ``fully_shard``
   over the data dimension trains three steps (CFT; tests/sharded_training.py) and ends at the weights of
-  one process trained on the whole batches (max abs difference ≤ 1e-5).
+  one process trained on the whole batches (max abs difference ≤ 1e-5); with ``ColwiseParallel`` alone one step's
+  loss and gradients (each rank's lm_head rows, the embedding) equal one process's.
 """
 
 import pytest
@@ -139,8 +140,8 @@ def refusals(mesh):
     return errors
 
 
-def tensor_parallel_llama(mesh):
-    """The tiny Llama's lm_head column-parallel (vocabulary rows) over ``tp``, then FSDP2 over ``dp``."""
+def tensor_parallel_llama(mesh, fsdp=True):
+    """The tiny Llama's lm_head column-parallel (vocabulary rows) over ``tp``, then (``fsdp``) FSDP2 over ``dp``."""
     def shard(model):
         from torch.distributed.fsdp import fully_shard
         from torch.distributed.tensor import Replicate
@@ -148,11 +149,24 @@ def tensor_parallel_llama(mesh):
 
         # whole logits from the model's own forward (generation); the fused loss reads the weight shards
         parallelize_module(model, mesh["tp"], {"lm_head": ColwiseParallel(output_layouts=Replicate())})
-        for layer in model.model.layers:
-            fully_shard(layer, mesh=mesh["dp"])
-        fully_shard(model.lm_head, mesh=mesh["dp"])
-        fully_shard(model, mesh=mesh["dp"])
+        if fsdp:
+            for layer in model.model.layers:
+                fully_shard(layer, mesh=mesh["dp"])
+            fully_shard(model.lm_head, mesh=mesh["dp"])
+            fully_shard(model, mesh=mesh["dp"])
     return shard
+
+
+def tensor_parallel_step(model, tokenizer, option_ids):
+    """One patched forward and backward on step 0's whole batch: the loss, the lm_head weight's gradient (this
+    rank's rows under tensor parallelism) and the embedding's (reached through the hidden gradient)."""
+    from sharded_training import global_batch
+
+    out = model(**global_batch(tokenizer, option_ids, 0))
+    out.loss.backward()
+    lm_head = model.lm_head.weight.grad
+    return {"loss": out.loss.detach(), "lm_head": getattr(lm_head, "to_local", lambda: lm_head)(),
+            "embedding": model.model.embed_tokens.weight.grad}
 
 
 def _worker(rank, port, out_dir):
@@ -175,6 +189,8 @@ def _worker(rank, port, out_dir):
             fused_loss_of(model).world_size = 2  # the data-parallel processes (HF scaling)
             train(model, optimizer, tokenizer, option_ids, range(STEPS), dp_rank, 2)
             results[f"train_{mode}"] = end_state(model)
+        model, _ = new_model(tokenizer, "cft", option_ids, shard=tensor_parallel_llama(mesh, fsdp=False), check=False)
+        results["tp_only"] = tensor_parallel_step(model, tokenizer, option_ids)
         torch.save(results, f"{out_dir}/rank{rank}.pt")
         dist.barrier()
     finally:
@@ -237,3 +253,17 @@ def test_fsdp2_by_tensor_parallel_training_equals_one_process(ranks, mode):
     assert_trained(want["weights"], fixtures()[0])
     for rank in ranks:
         assert_same_training_state(rank[f"train_{mode}"], want)
+
+
+def test_tensor_parallel_lm_head_without_fsdp_equals_one_process(ranks):
+    """``parallelize_module`` alone: the patched forward computes the loss split over the vocabulary."""
+    from sharded_training import fixtures, new_model
+
+    tokenizer, option_ids = fixtures()
+    model, _ = new_model(tokenizer, "cft", option_ids)
+    want = tensor_parallel_step(model, tokenizer, option_ids)
+    half = len(tokenizer) // 2
+    for rank, got in enumerate(ranks):
+        tp_rank = rank % 2
+        _assert_close(got["tp_only"], {**want, "lm_head": want["lm_head"][tp_rank * half:(tp_rank + 1) * half]},
+                      f"rank {rank}")
