@@ -249,10 +249,11 @@ class CalibrationTrainer(Trainer):
         first = dataset[0]
         if not (isinstance(first, dict) and "answer_mask" in first and "labels" in first):
             return
-        answers = set()
-        for index in range(len(dataset)):
-            row = dataset[index]
-            answers.update(int(label) for label, answer in zip(row["labels"], row["answer_mask"]) if answer)
+        try:  # a datasets.Dataset reads whole columns at once
+            columns = zip(dataset["labels"], dataset["answer_mask"])
+        except (TypeError, KeyError, IndexError):
+            columns = ((dataset[i]["labels"], dataset[i]["answer_mask"]) for i in range(len(dataset)))
+        answers = {int(label) for labels, mask in columns for label, answer in zip(labels, mask) if answer}
         unknown = sorted(answers - set(option_ids))
         if unknown:
             raise ValueError(f"the training rows' answers use {len(answers)} distinct tokens {sorted(answers)} but "
