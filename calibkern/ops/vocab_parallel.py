@@ -2,7 +2,8 @@
 
 Rank ``r`` of a process group holds the rows ``[s_r, s_r + V_r)`` of ``W`` (and of ``b``); every rank holds the
 same hidden rows and targets (global vocabulary ids). Per chunk of rows each rank computes its local logits
-``z^r = h W_rᵀ + b_r`` (``[rows, V_r]``) and, with three all-reduces of ``O(rows)`` numbers,
+``z^r = h W_rᵀ + b_r`` (``[rows, V_r]``) and, with two all-reduces (the maximum, then both sums: ``3 · rows``
+numbers),
 
     m = max_r max_j z^r_j,   S = Σ_r Σ_j exp(z^r_j − m),   z_y = Σ_r [y ∈ r] z^r_{y − s_r},
     loss = m + log S − z_y,   G^r = exp(z^r − m) / S − e_{y − s_r}   (the columns of rank r of ``softmax − e_y``),
