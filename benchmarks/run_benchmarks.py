@@ -31,7 +31,7 @@ import timing  # noqa: E402
 
 SUITES = {"ops": "bench_ops", "fused_linear": "bench_fused_linear", "trainer": "bench_trainer",
           "meter": "bench_meter", "compile": "bench_compile", "smooth_ece": "bench_smooth_ece",
-          "torchmetrics": "bench_torchmetrics"}
+          "torchmetrics": "bench_torchmetrics", "nn": "bench_nn"}
 ROW_DEFAULTS = {"source": "", "name": "", "candidate": "", "baseline": "", "quantity": "", "unit": "",
                 "candidate_value": None, "baseline_value": None, "gain": None, "goal": "", "min_gain": None,
                 "met": None, "skipped": None, "notes": ""}

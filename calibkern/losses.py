@@ -32,8 +32,9 @@ from torch import nn
 from . import _validate as V
 from .backends import resolve
 from .em import em_regularizer
-from .metrics import BinStats, binned_stats
+from .metrics import BinStats
 from .ops._dispatch import check_label_values
+from .ops.binned_stats import binned_stats_tensors
 from .ops.calibration_loss import calibration_loss
 from .ops.fused_linear import FusedLinearCrossEntropy, default_chunk_size, softcap_logits
 from .ops.token_stats import TokenStatistics
@@ -63,7 +64,8 @@ def fused_linear_calibration_loss(hidden, weight, labels, *, option_ids, bias=No
                                   bin_accuracy=None, em_state=None, lam=1.0, sft_weight=1.0, n_bins=10,
                                   ignore_index=-100, shift=True, answer_mask=None, num_items_in_batch=None,
                                   chunk_size=None, logit_softcap=None, backend=None, token_stats=False,
-                                  full_stats=False, vocab_parallel_group=None) -> CalibrationLossOutput:
+                                  full_stats=False, vocab_parallel_group=None, label_smoothing=0.0,
+                                  lse_square_scale=0.0) -> CalibrationLossOutput:
     """SFT cross-entropy plus calibration term from ``hidden [N, D] | [B, T, D]`` and ``weight [V, D]``.
 
     ``labels`` has ``hidden``'s leading shape; with ``shift=True`` a 2-D ``hidden`` is one sequence.
@@ -83,6 +85,11 @@ def fused_linear_calibration_loss(hidden, weight, labels, *, option_ids, bias=No
 
     ``logit_softcap=c`` soft-caps every logit, ``z ← c · tanh(z / c)`` (Gemma 2/3), in the cross-entropy and
     the option logits alike (docs/math.md#the-fused-linear-loss).
+
+    ``label_smoothing=ε`` and ``lse_square_scale=λ`` change each supervised row's cross-entropy to
+    ``lse − (1 − ε) z_y − (ε/V) Σ_j z_j + λ lse²`` (PyTorch's label smoothing over the whole vocabulary, and the
+    z-loss), inside the cross-entropy kernel (docs/math.md#the-fused-linear-loss); neither combines with the token
+    statistics or a vocabulary split.
 
     Vocabulary parallel (docs/distributed.md#vocabulary-parallel-loss): ``weight`` (and ``bias``) may be a
     ``DTensor`` sharded on dim 0 over one mesh dimension, or this rank's rows of a vocabulary split over the
@@ -144,14 +151,16 @@ def fused_linear_calibration_loss(hidden, weight, labels, *, option_ids, bias=No
 
     if logit_softcap is not None:
         logit_softcap = V.check_positive_float(logit_softcap, "logit_softcap")
+    ce_options = _check_ce_options(label_smoothing, lse_square_scale, token is not None or shard is not None)
     loss_sum, option_logits, *extras = FusedLinearCrossEntropy.apply(
         hidden_2d, weight, bias, rows, row_targets, option_ids, chunk_size, backend_name, ignore_index,
-        torch.is_grad_enabled(), logit_softcap, token, shard)
+        torch.is_grad_enabled(), logit_softcap, token, shard, ce_options)
     option_logits = softcap_logits(option_logits, logit_softcap)
     denominator = _denominator(num_items_in_batch, n_supervised, device)
-    bin_stats = (binned_stats(option_logits.detach(), row_option_labels, n_bins=n_bins, ignore_index=ignore_index,
-                              nonfinite="skip", backend=backend) if has_options
-                 else BinStats.empty(n_bins, device=device))
+    # the kernel's statistics, without the metrics' probability-lookalike check (a host read in a training step)
+    bin_stats = (BinStats(*binned_stats_tensors(option_logits.detach(), row_option_labels, n_bins,
+                                                ignore_index=ignore_index, nonfinite="skip", backend=backend))
+                 if has_options else BinStats.empty(n_bins, device=device))
     token_out = {}
     if token is not None:
         ce_sum, cal_sum, *stats = extras
@@ -279,6 +288,20 @@ def _check_calibration_state(calibration, bin_accuracy, em_state):
                          f"{calibration!r}")
     if calibration != "em" and em_state is not None:
         raise ValueError(f"em_state is only used with calibration='em', not {calibration!r}")
+
+
+def _check_ce_options(label_smoothing, lse_square_scale, token_or_shard: bool) -> tuple[float, float]:
+    """``(ε, λ)`` checked: ε in [0, 1], λ ≥ 0, and neither with token statistics or a vocabulary split."""
+    smoothing, z_scale = _check_real(label_smoothing, "label_smoothing"), _check_real(lse_square_scale,
+                                                                                       "lse_square_scale")
+    if not 0.0 <= smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing!r}")
+    if z_scale < 0.0:
+        raise ValueError(f"lse_square_scale must be ≥ 0, got {lse_square_scale!r}")
+    if (smoothing or z_scale) and token_or_shard:
+        raise ValueError("label_smoothing and lse_square_scale do not combine with token_stats, full_stats, "
+                         "calibration='token_hard_bin' or a vocabulary-parallel weight")
+    return smoothing, z_scale
 
 
 def _check_real(value, name: str) -> float:

@@ -34,7 +34,7 @@ class ProbabilitiesAsLogitsWarning(UserWarning):
 
 def looks_like_probabilities(scores: torch.Tensor) -> bool:
     """Every score ≥ 0 and every row summing to 1 within ``SUM_TOLERANCE`` (1-D: every score in [0, 1])."""
-    if scores.numel() == 0 or torch.compiler.is_compiling():
+    if scores.numel() == 0 or scores.device.type == "meta" or torch.compiler.is_compiling():
         return False
     if scores.dim() == 1:
         low, high = torch.aminmax(scores)
@@ -60,7 +60,8 @@ def _log(p: torch.Tensor) -> torch.Tensor:
 def as_logits(scores, input: str = "logits", name: str = "logits", *, warn: bool = True) -> torch.Tensor:
     """Logits ``[N, K]`` (float) whose softmax is the distribution ``scores`` of kind ``input`` describe (module
     docstring); ``[N]`` scores become ``[N, 2]``. Probabilities must lie in [0, 1] and log-probabilities be ≤ 0
-    (``ValueError`` naming ``name``; NaN is left to the metric's ``nonfinite`` policy); shapes and dtypes are checked by the metric as for logits."""
+    (``ValueError`` naming ``name``; NaN is left to the metric's ``nonfinite`` policy); shapes and dtypes are
+    checked by the metric as for logits."""
     V.check_choice(input, "input", INPUTS)
     V.check_tensor(scores, name)
     if scores.dtype not in V.FLOAT_DTYPES:

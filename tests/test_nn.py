@@ -38,3 +38,75 @@ def test_kernel_loss_and_gradient(backend, n, vocab, smoothing, z_scale):
     loss = custom_ops.cross_entropy_(grad, targets, IGNORE, backend, smoothing, z_scale)
     torch.testing.assert_close(loss.double(), expected.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad.double(), z64.grad, rtol=1e-5, atol=1e-6)
+
+
+def _problem(n=47, dim=16, vocab=37, seed=0, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, dim, generator=generator, dtype=dtype)
+    weight = torch.randn(vocab, dim, generator=generator, dtype=dtype) * 0.5
+    bias = torch.randn(vocab, generator=generator, dtype=dtype)
+    target = torch.randint(0, vocab, (n,), generator=generator)
+    target[::6] = IGNORE
+    return x, weight, bias, target
+
+
+def _eager(x, weight, bias, target, smoothing, z_scale, reduction, softcap=None):
+    """float64 ``F.cross_entropy(x @ Wᵀ + b, …, label_smoothing=ε)`` plus ``λ · lse²`` over the same rows."""
+    z = x.double() @ weight.double().t() + bias.double()
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    rows = _expected_rows(z, target, smoothing, z_scale)
+    keep = (target != IGNORE).sum().clamp_min(1)
+    return {"none": rows, "sum": rows.sum(), "mean": rows.sum() / keep}[reduction]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("smoothing, z_scale, softcap", [(0.0, 0.0, None), (0.1, 1e-4, None), (0.2, 0.01, 5.0)])
+def test_module_equals_cross_entropy_and_z_loss(backend, reduction, smoothing, z_scale, softcap):
+    x, weight, bias, target = _problem(seed=len(reduction))
+    loss_fn = ck.nn.FusedLinearCrossEntropyLoss(lse_square_scale=z_scale, label_smoothing=smoothing,
+                                                reduction=reduction, softcap=softcap, backend=backend, chunk_size=16)
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    loss = loss_fn(leaves[1], leaves[0], target, leaves[2])  # Liger's argument order
+    reference = [t.double().requires_grad_() for t in (x, weight, bias)]
+    expected = _eager(*reference[:1], reference[1], reference[2], target, smoothing, z_scale, reduction, softcap)
+    upstream = torch.linspace(-1, 2, target.shape[0], dtype=torch.float64) if reduction == "none" else None
+    (loss.double() * upstream).sum().backward() if upstream is not None else loss.backward()
+    (expected * upstream).sum().backward() if upstream is not None else expected.backward()
+    assert loss.shape == expected.shape and loss.dtype == torch.float32
+    torch.testing.assert_close(loss.double(), expected.detach(), rtol=1e-5, atol=1e-5)
+    for got, want in zip(leaves, reference):
+        torch.testing.assert_close(got.grad.double(), want.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_functional_form_calibration_and_statistics():
+    x, weight, bias, target = _problem(vocab=40, seed=3)
+    target[target >= 0] = target[target >= 0] % 4 + 10  # answers among the option ids 10..13
+    plain = ck.nn.fused_linear_cross_entropy(x, weight, target, bias)
+    torch.testing.assert_close(plain.double(), _eager(x, weight, bias, target, 0.0, 0.0, "mean"), rtol=1e-5, atol=1e-5)
+    loss_fn = ck.nn.FusedLinearCrossEntropyLoss(calibration="hard_bin", option_ids=[10, 11, 12, 13],
+                                                bin_accuracy=torch.linspace(0.05, 0.95, 10), lam=0.5,
+                                                token_stats=True)
+    loss = loss_fn(weight, x, target, bias)
+    out = loss_fn.output
+    torch.testing.assert_close(loss, out.sft_loss + 0.5 * out.cal_loss)
+    torch.testing.assert_close(out.sft_loss, plain)
+    assert int(out.token_stats.total()) == int((target != IGNORE).sum()) == int(out.bin_stats.total())
+    assert ck.nn.FusedLinearCrossEntropyLoss(calibration="none")(weight, x, target, bias) == pytest.approx(float(plain))
+
+
+def test_bad_options_raise_naming_them():
+    x, weight, bias, target = _problem()
+    with pytest.raises(ValueError, match="label_smoothing must lie in"):
+        ck.nn.FusedLinearCrossEntropyLoss(label_smoothing=1.5)
+    with pytest.raises(ValueError, match="lse_square_scale must be"):
+        ck.nn.fused_linear_cross_entropy(x, weight, target, lse_square_scale=-1.0)
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        ck.nn.fused_linear_cross_entropy(x, weight, target, reduction="batchmean")
+    with pytest.raises(ValueError, match="do not combine with token_stats"):
+        ck.nn.fused_linear_cross_entropy(x, weight, target, label_smoothing=0.1, token_stats=True)
+    bad = target.clone()
+    bad[0] = 37
+    with pytest.raises(ValueError, match="target must lie in"):
+        ck.nn.fused_linear_cross_entropy(x, weight, bad, reduction="none")

@@ -59,14 +59,17 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     ``grad_enabled`` is the caller's grad mode: without it no gradient is accumulated (evaluation).
     ``token`` (a :class:`~calibkern.ops.token_stats.TokenStatistics`, or None) reads each chunk's gradient for
     the token statistics and folds the token term into it; its sums follow the two outputs. ``shard``: the
-    vocabulary split of ``weight`` (module docstring), None for a whole weight.
+    vocabulary split of ``weight`` (module docstring), None for a whole weight. ``ce_options``: the
+    cross-entropy's ``(label_smoothing, lse_square_scale)``, applied by the kernel
+    (calibkern/reference/cross_entropy.py).
     Backward may run once (the gradients are scaled in place).
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, rows, targets, option_ids, chunk_size: int, backend: str,
                 ignore_index: int, grad_enabled: bool, softcap: float | None = None,
-                token: TokenStatistics | None = None, shard: VocabShard | None = None):
+                token: TokenStatistics | None = None, shard: VocabShard | None = None,
+                ce_options: tuple[float, float] = (0.0, 0.0)):
         acc, device = torch.float32, hidden.device
         h_rows = hidden.index_select(0, rows)
         n, dim = h_rows.shape
@@ -87,7 +90,8 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             prediction = None if token is None else token.predict(logits, chunk_targets, ignore_index, shard)
             label_grad = None
             if shard is None:
-                row_losses.append(custom_ops.cross_entropy_(logits, chunk_targets, ignore_index, backend))
+                row_losses.append(custom_ops.cross_entropy_(logits, chunk_targets, ignore_index, backend,
+                                                            *ce_options))
             else:
                 row_loss, label_grad = vocab_parallel.cross_entropy_(logits, chunk_targets, ignore_index, shard)
                 row_losses.append(row_loss)
@@ -158,7 +162,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             grad_hidden = torch.zeros(ctx.hidden_shape, dtype=ctx.hidden_dtype, device=grad_rows.device)
             grad_hidden.index_copy_(0, rows, grad_rows.to(ctx.hidden_dtype))
         return (grad_hidden, _cast(grad_weight, ctx.weight_dtype), _cast(grad_bias, ctx.weight_dtype),
-                None, None, None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None, None, None)
 
 
 def softcap_logits(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
