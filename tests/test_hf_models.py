@@ -357,3 +357,16 @@ def test_calibration_trainer_on_a_moe_model_adds_and_logs_the_router_loss(setup,
     trainer.train()
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert logged and logged[0]["aux_loss"] > 0
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma2"])
+def test_the_check_under_bf16_autocast_accepts_the_model(setup, name, tmp_path):
+    """Under the trainer's bf16 autocast both sides of the check round to bf16: half-precision tolerances apply,
+    and a model calibkern reproduces trains."""
+    tokenizer, option_ids, examples = setup
+    dataset = build_sft_dataset(tokenizer, examples, option_ids, supervise="completion")
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=1, report_to=[],
+                             use_cpu=True, disable_tqdm=True, bf16=True, save_strategy="no")
+    trainer = CalibrationTrainer(make_zoo_model(name, tokenizer), args, dataset, calibration=CalibrationConfig(
+        method="cft", option_ids=option_ids, bin_accuracy=[0.3] * 10))
+    assert torch.isfinite(torch.tensor(trainer.train().training_loss))
