@@ -1,6 +1,7 @@
 """The embedded demo pipeline: every stage end to end on the small configuration, and its parts."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -255,3 +256,23 @@ def test_the_dpo_claim_can_fail(demo_run):
     for dpo_ece, holds in ((0.149, False), (0.151, True)):
         stages = _with(results["stages"], base=base, dpo={"ece_debiased": dpo_ece})
         assert [c["holds"] for c in demo_checks(stages) if c["claim"] == claim] == [holds]
+
+
+def _doc_tables():
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "tables.py")
+    spec = importlib.util.spec_from_file_location("doc_tables", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_docs_numbers_are_the_committed_results():
+    """docs/demo.md's demo tables and the README's headline rows are what docs/tables.py writes from the committed
+    result files; a number edited by hand is found."""
+    tables = _doc_tables()
+    assert tables.stale() == []
+    readme = open(os.path.join(tables.ROOT, "README.md"), encoding="utf-8").read()
+    edited = readme.replace(tables.headline().splitlines()[-1], tables.headline().splitlines()[-1] + " (edited)")
+    assert edited != readme and tables.rewrite(edited, {"headline": tables.headline}) == readme
