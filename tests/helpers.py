@@ -1,7 +1,10 @@
 """Shared test helpers: seeded inputs, every op's outputs by name, a free TCP port. Tests import from here
 (conftest.py holds only fixtures), never from each other."""
 
+import os
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -71,10 +74,6 @@ def free_port() -> int:
 def torchrun_ranks(script: str, out_dir, world: int) -> list:
     """Run ``script out_dir`` under ``torchrun --nproc_per_node world`` (one thread per rank) and load the
     ``rank{r}.pt`` each rank saved in ``out_dir``."""
-    import os
-    import subprocess
-    import sys
-
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}",
                f"--master_port={free_port()}", script, str(out_dir)]
@@ -157,3 +156,16 @@ def outputs(logits, labels, backend):
 
 METRIC_SUMS_PARTS = ("counts", "sum_conf", "sum_correct", "n_skipped", "scores", "class_counts", "class_sum_conf",
                      "class_sum_correct")
+
+
+def run_without(packages: tuple[str, ...], code: str) -> subprocess.CompletedProcess:
+    """``code`` in a fresh interpreter (torch backend) where importing any of the top-level ``packages`` raises
+    ImportError, as on a machine without them."""
+    blocker = ("import sys\n"
+               "class Block:\n"
+               "    def find_spec(self, name, path=None, target=None):\n"
+               f"        if name.split('.')[0] in {tuple(packages)!r}:\n"
+               "            raise ImportError('blocked ' + name)\n"
+               "sys.meta_path.insert(0, Block())\n")
+    return subprocess.run([sys.executable, "-c", blocker + code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "CALIBKERN_BACKEND": "torch"})

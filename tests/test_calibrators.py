@@ -1,15 +1,12 @@
 """calibkern.calibrators.TemperatureScaling: the NLL-optimal temperature (against a float64 grid search), its
 transform and state, and no transformers needed."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 import calibkern as ck
 from calibkern.calibrators import TemperatureScaling
+from helpers import run_without
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -88,18 +85,11 @@ def test_bad_input_raises_naming_the_argument():
 
 
 def test_runs_without_transformers():
-    code = ("import sys\n"
-            "class Block:\n"
-            "    def find_spec(self, name, path=None, target=None):\n"
-            "        if name.split('.')[0] in ('transformers', 'trl', 'peft'):\n"
-            "            raise ImportError('blocked ' + name)\n"
-            "sys.meta_path.insert(0, Block())\n"
-            "import torch\n"
-            "from calibkern.calibrators import TemperatureScaling\n"
-            "z = torch.tensor([[2.0, 0.0], [0.0, 3.0], [1.0, 0.5]]) * 4\n"
-            "print(TemperatureScaling().fit(z, torch.tensor([0, 1, 1])).temperature)\n"
-            "assert 'transformers' not in sys.modules\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "CALIBKERN_BACKEND": "torch"})
+    done = run_without(("transformers", "trl", "peft"),
+                       "import torch\n"
+                       "from calibkern.calibrators import TemperatureScaling\n"
+                       "z = torch.tensor([[2.0, 0.0], [0.0, 3.0], [1.0, 0.5]]) * 4\n"
+                       "print(TemperatureScaling().fit(z, torch.tensor([0, 1, 1])).temperature)\n"
+                       "assert 'transformers' not in sys.modules\n")
     assert done.returncode == 0, done.stderr
     assert float(done.stdout.strip()) > 1.0

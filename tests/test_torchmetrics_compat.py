@@ -1,10 +1,6 @@
 """calibkern.integrations.torchmetrics against the real torchmetrics: the same numbers for logits, probabilities,
 ignore_index and binary scores, in a MetricCollection, through forward and across a state_dict round trip."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -14,6 +10,7 @@ from torchmetrics import classification as tmc  # noqa: E402
 
 import calibkern  # noqa: E402
 from calibkern.integrations import torchmetrics as ck_tm  # noqa: E402
+from helpers import run_without  # noqa: E402
 
 TOL = 2e-6
 
@@ -165,16 +162,8 @@ def test_plot_returns_matplotlib_objects():
 
 
 def test_import_error_names_the_extra():
-    code = ("import sys\n"
-            "class Block:\n"
-            "    def find_spec(self, name, path=None, target=None):\n"
-            "        if name == 'torchmetrics' or name.startswith('torchmetrics.'):\n"
-            "            raise ImportError('blocked')\n"
-            "sys.meta_path.insert(0, Block())\n"
-            "try:\n"
-            "    import calibkern.integrations.torchmetrics\n"
-            "except ImportError as error:\n"
-            "    print(error)\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "CALIBKERN_BACKEND": "torch"})
+    done = run_without(("torchmetrics",), "try:\n"
+                                          "    import calibkern.integrations.torchmetrics\n"
+                                          "except ImportError as error:\n"
+                                          "    print(error)\n")
     assert "calibkern[torchmetrics]" in done.stdout, done.stderr
