@@ -91,10 +91,11 @@ def cross_entropy_(logits: torch.Tensor, targets: torch.Tensor, ignore_index: in
     return torch.where(supervised, sums[0].log() - sums[1], 0.0), label_grad
 
 
-def first_max(grad: torch.Tensor, shard: VocabShard, local_first_max) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row, ``(max_j G_j, the lowest global j attaining it)`` over the whole vocabulary from each rank's
-    ``local_first_max(grad)``: the maximum all-reduced, then the lowest index among the ranks attaining it."""
-    value, index = local_first_max(grad)
+def first_max(x: torch.Tensor, shard: VocabShard, local_first_max) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of this rank's columns ``x`` (a chunk's logits), ``(max_j x_j, the lowest global j attaining it)``
+    over the whole vocabulary from each rank's ``local_first_max(x)``: the maximum all-reduced, then the lowest
+    index among the ranks attaining it."""
+    value, index = local_first_max(x)
     best = shard.all_reduce_(value.clone(), dist.ReduceOp.MAX)
     index = torch.where(value == best, index + shard.start, torch.iinfo(torch.long).max)
     return best, shard.all_reduce_(index, dist.ReduceOp.MIN)
