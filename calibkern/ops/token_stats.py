@@ -27,9 +27,9 @@ Rows whose logits hold NaN or ±inf (an all-NaN ``G`` row) are left out of the b
 ``n_skipped``; their cross-entropy and calibration term are NaN.
 
 Split over the vocabulary (calibkern.ops.vocab_parallel: each rank holds the columns ``[s, s + V_r)`` of ``G``),
-``G_y`` comes from the cross-entropy (the same on every rank), ``max_j z_j`` and its lowest index are all-reduced
-before the kernel and ``G_ŷ`` from the rank that holds it after, so ``c``, ``correct`` and the token statistics and term are the same on every rank; the fold touches the columns
-``y`` and ``ŷ`` where they live. Each rank bins the Full-ECE entries of its own columns (the label's on the rank
+``G_y`` comes from the cross-entropy (the same on every rank); ``max_j z_j``, its lowest index and ``z_y`` are
+all-reduced before the kernel, ``v = max_j G_j`` after, so ``c``, ``correct`` and the token statistics and term are
+the same on every rank; the fold touches the columns ``y`` and ``ŷ`` where they live. Each rank bins the Full-ECE entries of its own columns (the label's on the rank
 that holds it) and those sums are all-reduced once, in :meth:`TokenStatistics.outputs`.
 """
 
