@@ -1,8 +1,11 @@
 """Differential fuzzer: every op on every backend against the ``torch`` reference, on inputs drawn by hypothesis.
 
-For each draw — shapes (N, K, V, D, n_bins) including 1 and odd sizes, every dtype the backend takes,
-temperatures down to overflow, ignored rows, exact ties, ±1e4 logits, and NaN / ±inf at random positions of
-every floating input (logits, hidden, weight, bias, bin accuracies, EM parameters) — a backend must agree
+For each draw — shapes (N, K, V, D, n_bins up to 10⁴) including 1 and odd sizes, every dtype the backend takes,
+temperatures down to overflow, ignored rows, exact ties, ±1e4 logits, option-logit gaps up to 10⁴ (K = 2 and 3
+among them: a non-max probability that is subnormal or 0), bin accuracies of exactly 0 and 1, EM states with
+components far from every confidence (up to 64 components, an M-step included), interval seeds outside
+[0, 2⁶³), and NaN / ±inf at random positions of every floating input (logits, hidden, weight, bias, bin
+accuracies, EM parameters) — a backend must agree
 with the reference on *whether it raises* (the same exception type) and, when neither raises, on every
 value and gradient (NaN where the reference has NaN).
 
@@ -64,16 +67,27 @@ def poison(draw, g, x: torch.Tensor, kinds=("none", "none", "one", "some", "many
     return torch.where(where, special, x)
 
 
+# option-logit gaps: a non-max probability that is small, subnormal (1/q₂ overflows float32 past a gap of 88.7)
+# or 0 (past 103.9)
+GAPS = [30.0, 70.0, 89.0, 95.0, 100.0, 103.0, 200.0, 1e3, 1e4]
+
+
 @st.composite
-def option_batches(draw, backend, max_rows=64, max_k=40):
+def option_batches(draw, backend, max_rows=64, max_k=40, max_bins=10_000):
     """(logits [N, K] in a backend dtype, labels [N] with ignored rows, n_bins, generator)."""
+    kind = draw(st.sampled_from(["any", "gaps", "gaps, K = 2", "gaps, K = 3"]))
     n = draw(st.sampled_from([1, 2, 3, 16, 17, 47]) | st.integers(1, max_rows))
-    k = draw(st.sampled_from([2, 3, 4, 5]) | st.integers(2, max_k))
-    m = draw(st.integers(1, 20))
+    k = {"gaps, K = 2": 2, "gaps, K = 3": 3}.get(kind) or draw(st.sampled_from([2, 3, 4, 5]) | st.integers(2, max_k))
+    m = draw(st.integers(1, 20) | st.sampled_from([b for b in (64, 1000, max_bins) if b <= max_bins]))
     g = torch.Generator().manual_seed(draw(st.integers(0, 2 ** 31 - 1)))
     logits = torch.randn(n, k, generator=g, dtype=torch.float64) * draw(st.sampled_from([0.01, 1.0, 4.0, 30.0]))
     if draw(st.booleans()):
         logits = logits.round()  # exact ties, confidences at bin edges such as 1/2 and 1/4
+    if kind != "any":  # rows of large gaps: 0 for a random option, −gap (one of GAPS, or any up to 1e4) else
+        gaps = torch.tensor(GAPS + [draw(st.floats(10.0, 1e4))], dtype=torch.float64)
+        gapped = -gaps[torch.randint(0, len(gaps), (n, k), generator=g)]
+        gapped[torch.arange(n), torch.randint(0, k, (n,), generator=g)] = 0.0
+        logits = torch.where(torch.rand(n, 1, generator=g) < 0.7, gapped, logits)
     extreme = torch.rand(n, k, generator=g) < draw(st.sampled_from([0.0, 0.1, 0.5]))
     special = torch.tensor([-1e4, 0.0, 1e4], dtype=torch.float64)[torch.randint(0, 3, (n, k), generator=g)]
     logits = torch.where(extreme, special, logits).to(draw(st.sampled_from(dtypes(backend))))
@@ -84,12 +98,18 @@ def option_batches(draw, backend, max_rows=64, max_k=40):
 
 
 def em_state(draw, g, m: int) -> ck.EMState:
-    """An EMState with m components at random valid parameters (through load_state_dict)."""
+    """An EMState with m components at random valid parameters (through load_state_dict): anywhere, or narrow
+    ones crowded at a random end of [0, 1], far from most confidences (their responsibilities underflow)."""
     state = ck.EMState(n_components=m)
     entries = state.state_dict()
     entries["pi"] = torch.rand(m, generator=g, dtype=torch.float64) + 1e-3
     entries["mu"] = torch.rand(m, generator=g, dtype=torch.float64)
     entries["sigma"] = torch.rand(m, generator=g, dtype=torch.float64) * 0.2 + 1.0 / (4 * m)
+    if draw(st.booleans()):
+        far = torch.rand(m, generator=g) < 0.5
+        entries["mu"] = torch.where(far, torch.rand(m, generator=g, dtype=torch.float64) * 0.05, entries["mu"])
+        entries["mu"] = 1.0 - entries["mu"] if draw(st.booleans()) else entries["mu"]
+        entries["sigma"] = torch.where(far, torch.full((m,), 1.0 / (4 * m), dtype=torch.float64), entries["sigma"])
     entries["theta"] = torch.rand(m, generator=g, dtype=torch.float64)
     state.load_state_dict(entries)
     return state
@@ -209,7 +229,12 @@ def check_metric_sums(backend, data):
 def check_calibration_loss(backend, data):
     logits, labels, m, g = data.draw(option_batches(backend))
     bin_accuracy = poison(data.draw, g, torch.rand(m, generator=g), ("none", "none", "none", "one"))
-    bin_accuracy[torch.rand(m, generator=g) < 0.2] = data.draw(st.sampled_from([0.0, 1.0]))
+    exact = data.draw(st.sampled_from(["some", "all 0", "all 1"]))  # a = 0 or 1: d = 1 or no non-max mass
+    if exact == "some":
+        bin_accuracy[torch.rand(m, generator=g) < 0.2] = 0.0
+        bin_accuracy[torch.rand(m, generator=g) < 0.2] = 1.0
+    else:
+        bin_accuracy[torch.isfinite(bin_accuracy)] = float(exact[-1])
     weights = torch.randn(logits.shape[0], generator=g)
     skip = ambiguous_rows(logits, labels, m)
 
@@ -228,12 +253,15 @@ def check_calibration_loss(backend, data):
 
 
 def check_em_regularizer(backend, data):
-    logits, labels, m, g = data.draw(option_batches(backend))
+    logits, labels, _, g = data.draw(option_batches(backend))
+    m = data.draw(st.integers(1, 20) | st.sampled_from([32, 64]))
     form = data.draw(st.sampled_from(["target", "ece"]))
-    state = em_state(data.draw, g, m)
+    entries = em_state(data.draw, g, m).state_dict()
     weights = torch.randn(logits.shape[0], generator=g)
 
     def run(b):
+        state = ck.EMState(m)
+        state.load_state_dict(entries)
         z = logits.detach().clone().requires_grad_()
         if form == "target":
             loss = ck.em_regularizer(z, labels, state, reduction="none", backend=b)
@@ -242,14 +270,37 @@ def check_em_regularizer(backend, data):
             loss = objective = ck.em_regularizer(z, labels, state, form="ece", backend=b)
         (grad,) = torch.autograd.grad(objective, z)
         stats = state.estep(logits, labels, backend=b)
-        return loss, grad, stats
+        state.mstep()
+        return loss, grad, stats, state.mu, state.sigma, state.pi, state.theta
 
     def compare(got, want):
         close(got[0], want[0], what="loss")
         close(got[1], want[1], atol=1e-4, what="grad")
         close(got[2], want[2], rtol=1e-4, atol=1e-4, what="E-step statistics")
+        # the M-step: empty components (S ≤ 1e-8 ΣS) keep μ, σ on every backend; a mass within float32 rounding of
+        # that threshold may fall either side
+        s, threshold = want[2][0], ck.em.EMPTY_MASS * want[2][0].sum()
+        sure = (s - threshold).abs() > 1e-3 * threshold
+        for index, name in ((3, "mu"), (4, "sigma")):
+            close(got[index][sure], want[index][sure], rtol=1e-3, atol=1e-4, what=f"M-step {name}")
+        for index, name in ((5, "pi"), (6, "theta")):
+            close(got[index], want[index], rtol=1e-3, atol=1e-6, what=f"M-step {name}")
 
     agree(run, backend, compare)
+
+
+def check_interval(backend, data):
+    logits, labels, m, _ = data.draw(option_batches(backend, max_bins=1000))
+    method = data.draw(st.sampled_from(["debiased", "percentile"]))
+    seed = data.draw(st.sampled_from([-1, 2 ** 63, 2 ** 64 + 5, -(2 ** 70)]) | st.integers(-(2 ** 80), 2 ** 80))
+    if ambiguous_rows(logits, labels, m).any():  # a row binned either side changes every replicate
+        return
+
+    def run(b):
+        interval = ck.ece_confidence_interval(logits, labels, m, method=method, n_boot=20, seed=seed, backend=b)
+        return torch.tensor([interval.estimate, interval.low, interval.high], dtype=torch.float64)
+
+    agree(run, backend, lambda got, want: close(got, want, rtol=1e-4, atol=1e-5, what="interval"))
 
 
 @st.composite
@@ -259,7 +310,8 @@ def fused_inputs(draw, backend):
     g = torch.Generator().manual_seed(draw(st.integers(0, 2 ** 31 - 1)))
     dtype = draw(st.sampled_from(dtypes(backend)))
     hidden = poison(draw, g, torch.randn(b, t, d, generator=g))
-    weight = poison(draw, g, torch.randn(v, d, generator=g) * draw(st.sampled_from([0.1, 1.0, 5.0])))
+    # a scale of 100: option-logit gaps of hundreds, non-max probabilities subnormal or 0
+    weight = poison(draw, g, torch.randn(v, d, generator=g) * draw(st.sampled_from([0.1, 1.0, 5.0, 100.0])))
     bias = poison(draw, g, torch.randn(v, generator=g)) if draw(st.booleans()) else None
     option_ids = torch.randperm(v, generator=g)[:draw(st.integers(2, 4))]
     labels = torch.randint(0, v, (b, t), generator=g)
@@ -271,6 +323,7 @@ def fused_inputs(draw, backend):
     extra = {}
     if calibration == "hard_bin":
         extra["bin_accuracy"] = torch.rand(n_bins, generator=g)
+        extra["bin_accuracy"][torch.rand(n_bins, generator=g) < 0.3] = float(draw(st.sampled_from([0.0, 1.0])))
     elif calibration == "em":
         extra["em_state"] = em_state(draw, g, n_bins)
     cast = [x if x is None else x.to(dtype) for x in (hidden, weight, bias)]
@@ -312,7 +365,7 @@ def check_fused_linear(backend, data):
 
 
 PROPERTIES = [check_binned_stats, check_top1_rows, check_metric_sums, check_calibration_loss, check_em_regularizer,
-              check_fused_linear]
+              check_fused_linear, check_interval]
 
 
 def _case(prop, backend, long):
