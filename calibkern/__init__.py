@@ -22,7 +22,8 @@ EXPORTS = {
     "FusedLinearCrossEntropyLoss": ".nn", "fused_linear_cross_entropy": ".nn",
     "calibration_loss": ".ops.calibration_loss",
     "Top1Rows": ".ops.row_metrics", "top1_rows": ".ops.row_metrics",
-    "SmoothReliability": ".smooth", "smooth_ece": ".smooth", "smooth_reliability": ".smooth",
+    "SmoothReliability": ".smooth", "smooth_ece": ".smooth", "smooth_ece_from_confidences": ".smooth",
+    "smooth_reliability": ".smooth",
 }
 __getattr__, __dir__ = lazy_exports(__name__, EXPORTS)
 
@@ -59,6 +60,7 @@ __all__ = [
     "set_backend",
     "set_deterministic",
     "smooth_ece",
+    "smooth_ece_from_confidences",
     "smooth_reliability",
     "top1_rows",
 ]

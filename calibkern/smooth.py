@@ -190,6 +190,26 @@ def smooth_ece(logits, labels, *, sigma=None, temperature=1.0, ignore_index=-100
 
 
 @torch.no_grad()
+def smooth_ece_from_confidences(confidences, correct, *, sigma=None, backend=None, return_sigma=False):
+    """relplot's ``smECE(f, y)``: the smooth ECE of any scores ``f`` in [0, 1] (1-D; e.g. a binary model's
+    positive-class probability) against 0/1 outcomes ``y`` — :func:`smooth_ece`'s smoothing and bandwidth on given
+    confidences instead of the top-1 confidences of logits (scores taken in float32)."""
+    sigma = _check_sigma(sigma)
+    for x, name in ((confidences, "confidences"), (correct, "correct")):
+        V.check_tensor(x, name)
+    if confidences.dim() != 1 or correct.shape != confidences.shape or confidences.shape[0] == 0:
+        raise ValueError(f"confidences and correct must be 1-D of one length ≥ 1, got {tuple(confidences.shape)} "
+                         f"and {tuple(correct.shape)}")
+    V.require(((confidences >= 0) & (confidences <= 1)).all(), "confidences must lie in [0, 1]")
+    V.require(((correct == 0) | (correct == 1)).all(), "correct must be bool or 0/1")
+    confidence = confidences.float()
+    smoother = _Smoother(confidence, correct.bool(), resolve(backend, confidence.device, confidence.dtype)[0])
+    sigma = smoother.fixed_point() if sigma is None else sigma
+    value = torch.tensor(smoother.ece(sigma), dtype=torch.float64)
+    return (value, sigma) if return_sigma else value
+
+
+@torch.no_grad()
 def smooth_reliability(logits, labels, *, sigma=None, points=CURVE_POINTS, temperature=1.0, ignore_index=-100,
                        nonfinite="error", backend=None, input="logits") -> SmoothReliability:
     """The smooth reliability curve (:class:`SmoothReliability`) at ``points`` evenly spaced confidences in

@@ -89,3 +89,17 @@ def test_bad_scores_raise_naming_the_argument():
     with pytest.raises(ValueError, match="NaN"):
         ck.ece(probs, labels, input="probs")
     assert torch.isfinite(ck.ece(probs, labels, input="probs", nonfinite="skip"))
+
+
+@pytest.mark.parametrize("n", [1, 47, 2000])
+def test_smooth_ece_of_any_scores_equals_relplot(n):
+    """relplot's smECE(f, y) on a binary model's positive-class probabilities (not top-1 confidences)."""
+    relplot = pytest.importorskip("relplot")
+    generator = torch.Generator().manual_seed(n)
+    f = torch.rand(n, generator=generator, dtype=torch.float64).float()
+    y = (torch.rand(n, generator=generator) < f.double() ** 1.5).long()
+    value, sigma = ck.smooth_ece_from_confidences(f, y, return_sigma=True)
+    want, want_sigma = relplot.smECE(f.double().numpy(), y.double().numpy(), return_width=True)
+    assert abs(float(value) - float(want)) <= 1e-6 and abs(sigma - want_sigma) <= 1e-9
+    with pytest.raises(ValueError, match="confidences must lie in"):
+        ck.smooth_ece_from_confidences(f + 1, y)
