@@ -16,6 +16,9 @@ Every comparison times its candidates side by side in one process with :func:`ti
   ``adaptive_ece`` against one ``torch.sort`` of the N confidences (≤ 3×).
 * ``ece_confidence_interval`` at N = 10⁵ with 1000 resamples, both methods, against a user's Python loop of
   ``calibkern.ece`` over 1000 resampled copies of the rows (goal ≥ 10× faster).
+* many bins: cpp ``ece`` at N = 10⁶, K = 100 with 1000 bins against 15 bins (goal ≤ 1.5×), and its peak memory
+  above the logits in a fresh process (goal ≤ 64 MiB; the bin partials are bounded by a fixed number of row blocks).
+* ``classwise_ece`` at vocabulary size, N = 4096, V = 128256, fp32, against ``ece`` on the same logits (≤ 3×).
 
 ``rows(quick)`` returns dicts ``{what, candidate, baseline, median_s, baseline_median_s, ratio, goal}``
 (``ratio = baseline / candidate``: how many times faster the candidate is); run this file to print them.
@@ -179,19 +182,69 @@ def losses(quick: bool) -> list[dict]:
     return rows + [_row(what, times, "cpp", "torch reference", "")]
 
 
+def ece_peak_extra_mib(n: int, k: int, n_bins: int) -> dict:
+    """Peak resident memory of one cpp ``ece`` call above the process's memory with its logits made (run in a
+    fresh process with timing.UNCACHED_MALLOC)."""
+    import calibkern
+
+    logits, labels = _rows_and_labels(n, k)
+    calibkern.ece(logits[:64], labels[:64], n_bins, backend="cpp")  # imports and first-call set-up
+    before = timing.current_rss_mib()
+    timing.reset_peak_rss()
+    calibkern.ece(logits, labels, n_bins, backend="cpp")
+    return {"extra_mib": timing.peak_rss_mib() - before}
+
+
+def ece_many_bins(quick: bool) -> list[dict]:
+    import calibkern
+
+    n, k = (100_000 if quick else 1_000_000), 100
+    logits, labels = _rows_and_labels(n, k)
+    what = f"cpp ece N={n} K={k} fp32, many bins"
+    times = timing.median_times({
+        "1000 bins": lambda: calibkern.ece(logits, labels, 1000, backend="cpp"),
+        "15 bins": lambda: calibkern.ece(logits, labels, 15, backend="cpp"),
+    }, repeats=3 if quick else 7, warmup=1)
+    del logits, labels
+    extra = timing.in_subprocess("bench_ops", "ece_peak_extra_mib", env=timing.UNCACHED_MALLOC, n=n, k=k,
+                                 n_bins=1000)["extra_mib"]
+    return [_row(what, times, "1000 bins", "15 bins", "time ≤ 1.5×"),
+            {"what": what, "candidate": "1000 bins, peak memory above the logits", "baseline": "64 MiB budget",
+             "peak_mem_bytes": max(extra, 1e-3) * 2**20, "baseline_peak_mem_bytes": 64 * 2**20,
+             "goal": "peak memory ≤ 1× the budget"}]
+
+
+def classwise_vocab(quick: bool) -> list[dict]:
+    import calibkern
+
+    n, v = (256, 128256) if quick else (4096, 128256)
+    logits, labels = _rows_and_labels(n, v)
+    what = f"classwise_ece N={n} V={v} fp32"
+    times = timing.median_times({
+        "classwise_ece": lambda: calibkern.classwise_ece(logits, labels, N_BINS, backend="cpp"),
+        "ece": lambda: calibkern.ece(logits, labels, N_BINS, backend="cpp"),
+    }, repeats=3 if quick else 5, warmup=1)
+    return [_row(what, times, "classwise_ece", "ece", "time ≤ 3×")]
+
+
 def rows(quick: bool = False) -> list[dict]:
-    return ece_small_k(quick) + metrics_small_k(quick) + bootstrap_interval(quick) + losses(quick) + ece_vocab(quick)
+    return (ece_small_k(quick) + metrics_small_k(quick) + bootstrap_interval(quick) + losses(quick) + ece_vocab(quick)
+            + ece_many_bins(quick) + classwise_vocab(quick))
 
 
 def main() -> None:
+    """``python bench_ops.py [--quick] [--only NAME,NAME]`` (NAME: a function of this module returning rows)."""
     quick = "--quick" in sys.argv
+    only = sys.argv[sys.argv.index("--only") + 1].split(",") if "--only" in sys.argv else None
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
-    header = f"{'what':44} {'candidate':12} {'baseline':38} {'cand s':>9} {'base s':>9} {'ratio':>8}  goal"
+    header = f"{'what':44} {'candidate':12} {'baseline':38} {'cand':>9} {'base':>9} {'ratio':>8}  goal"
     print(header)
     print("-" * len(header))
-    for row in rows(quick):
-        print(f"{row['what']:44} {row['candidate']:12} {row['baseline']:38} {row['median_s']:9.4f} "
-              f"{row['baseline_median_s']:9.4f} {row['ratio']:8.2f}  {row['goal']}")
+    for row in rows(quick) if only is None else [row for name in only for row in globals()[name](quick)]:
+        cand, base = (row["median_s"], row["baseline_median_s"]) if "median_s" in row else (
+            row["peak_mem_bytes"] / 2**20, row["baseline_peak_mem_bytes"] / 2**20)
+        print(f"{row['what']:44} {row['candidate']:12} {row['baseline']:38} {cand:9.4f} {base:9.4f} "
+              f"{base / cand:8.2f}  {row['goal']}")
 
 
 if __name__ == "__main__":

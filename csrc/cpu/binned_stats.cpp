@@ -2,14 +2,14 @@
 // metric_sums: the same top-1 statistics with, from the same read of each row, the proper scores' sums (NLL and
 // Brier, docs/math.md#proper-scores) and, when asked, the classwise statistics. Both run row_statistics.
 //
-// Every path reads each row from memory once. Top-1: long rows with the online softmax of row_softmax.h, short
-// rows (K ≤ 64) sixteen at a time across SIMD lanes. Classwise: short rows with K·M ≤ kLaneClasswiseCells bin
-// every class in the lanes of that same pass; other rows with K·M ≤ kRowClasswiseCells bin their classes right
-// after their softmax, from cache, into per-block partials; beyond (a vocabulary-sized K), rows go in groups of a
-// few MiB whose classes are binned, right after the group's softmax, by fixed column chunks each owned by one
-// thread. Rows go in fixed blocks whose float64 partials are reduced in block order (the column chunks add
-// their rows in row order), so no result depends on the thread count. A kept row whose scaled logits hold NaN or
-// ±inf is left out of the bins and counted (the softmax pass detects it, so the check costs no extra read).
+// Top-1: long rows with the online softmax of row_softmax.h, short rows (K ≤ 64) sixteen at a time across SIMD
+// lanes, one read of each row. Classwise: short rows with K·M ≤ kLaneClasswiseCells bin every class in the lanes
+// of that same pass; other rows with K·M ≤ kRowClasswiseCells bin their classes right after their softmax, from
+// cache, into per-block partials; beyond (a vocabulary-sized K), the rows' softmax first, then their classes by
+// column chunks each owned by one thread (a second read). Rows go in at most kMaxBlocks fixed blocks whose float64
+// partials are reduced in block order (the column chunks add their rows in row order), so no result depends on the
+// thread count. A kept row whose scaled logits hold NaN or ±inf is left out of the bins and counted (the softmax
+// pass detects it, so the check costs no extra read).
 #include "dispatch.h"
 #include "kernels.h"
 #include "row_group.h"
@@ -82,44 +82,88 @@ struct ScorePartials {
   }
 };
 
-constexpr int64_t kRowBlock = 16;     // rows per block, long rows
-constexpr int64_t kGroupBlock = 1024; // rows per block, short rows in lanes
-constexpr int64_t kColumnChunk = 256; // classes per chunk, classwise
+constexpr int64_t kRowBlock = 16;     // rows per block at least, long rows
+constexpr int64_t kGroupBlock = 1024; // rows per block at least, short rows in lanes (a multiple of kLanes)
 constexpr int64_t kLaneClasswiseCells = 1024;  // K·M up to which short rows bin their classes in the row pass
-constexpr int64_t kClassPartialCells = 1 << 20;  // per-block classwise partial cells kept at once (24 MiB)
-constexpr int64_t kRowClasswiseCells = 16384;    // K·M up to which long rows bin their classes as they are read
+constexpr int64_t kRowClasswiseCells = 16384;  // K·M up to which long rows bin their classes as they are read
+constexpr int64_t kMaxBlocks = 256;            // blocks of rows at most, whatever N
+constexpr int64_t kPartialCells = 1 << 20;     // per-block partial cells kept at once at most (24 MiB)
 
-/// Rows per block when long rows bin their classes: kRowBlock, or more (a function of N, K and M only) so
-/// that the blocks' partials stay within kClassPartialCells (at least 64 blocks where N allows).
-int64_t row_block_rows(int64_t N, int64_t class_cells) {
-  const int64_t max_blocks = std::max<int64_t>(1, kClassPartialCells / class_cells);
-  return std::max(kRowBlock, (N + max_blocks - 1) / max_blocks);
+/// Rows per block: a multiple of min_rows (the path's unit), large enough that the blocks number at most
+/// kMaxBlocks and their partials of `cells` cells each stay within kPartialCells (at least one block) — so partials
+/// cost O(M) memory and reduction time, not O(N·M). A function of N, the path and the cells only, never of the
+/// thread count: results stay bitwise independent of it.
+int64_t block_rows_for(int64_t N, int64_t min_rows, int64_t cells) {
+  const int64_t max_blocks = std::clamp<int64_t>(kPartialCells / cells, 1, kMaxBlocks);
+  const int64_t units = ((N + max_blocks - 1) / max_blocks + min_rows - 1) / min_rows;
+  return min_rows * std::max<int64_t>(1, units);
 }
 
-/// Rows per block of the lane-wise pass: kGroupBlock, or more (a multiple of it, a function of N, K and M only)
-/// when the blocks' classwise partials would exceed kClassPartialCells.
-int64_t lane_block_rows(int64_t N, int64_t class_cells) {
-  const int64_t n_blocks = (N + kGroupBlock - 1) / kGroupBlock;
-  return kGroupBlock * std::max<int64_t>(1, (n_blocks * class_cells + kClassPartialCells - 1) / kClassPartialCells);
+/// Where the classwise statistics of a row's classes go: the [K, M] cells (count, Σ p, Σ 1[j = y] at j·M + k), and
+/// optionally bin 0 of every class in two contiguous [K] arrays (bin0_counts, bin0_conf; their [K, M] cells stay 0):
+/// nearly every probability of a vocabulary-sized row lies in bin 0, and there kLanes classes take two vector
+/// additions instead of kLanes scattered ones.
+struct ClassCells {
+  int64_t* counts;
+  double* conf;
+  double* correct;
+  int64_t* bin0_counts = nullptr;
+  double* bin0_conf = nullptr;
+};
+
+typedef int64_t vl __attribute__((vector_size(8 * kLanes)));
+
+inline bool any_lane(vi mask) {
+#ifdef __AVX512F__
+  return _mm512_test_epi32_mask((__m512i)mask, (__m512i)mask) != 0;
+#else
+  return count_true(mask) != 0;
+#endif
 }
 
-/// Bins p_j = exp(z_j − m) / s of one row's classes j ∈ [j0, j1), j1 − j0 ≤ kColumnChunk: count, Σ p and
-/// Σ 1[j = label] into counts, conf and correct at j·M + b(p_j).
+/// Bins p_j = exp(z_j − m) / s of one row's classes j ∈ [j0, j1) into cells; per cell the rows add in the order
+/// of the calls.
 template <class T>
 void bin_classes(const T* row, int64_t label, int64_t j0, int64_t j1, int64_t M, float inv_t, float m, float s,
-                 int64_t* counts, double* conf, double* correct) {
-  alignas(64) float p[kColumnChunk];
+                 const ClassCells& cells) {
+  const auto add = [&](int64_t j, float p, int32_t bin) {
+    const int64_t k = j * M + bin;
+    cells.counts[k] += 1;
+    cells.conf[k] += (double)p;
+    if (j == label) cells.correct[k] += 1.0;
+  };
   int64_t j = j0;
   for (; j + kLanes <= j1; j += kLanes) {
-    const vf pj = exp_(scaled_vector(row + j, inv_t) - m) / s;
-    std::memcpy(p + (j - j0), &pj, sizeof(pj));
+    const vf p = exp_(scaled_vector(row + j, inv_t) - m) / s;
+    const vi bin = bin_of(p, (float)M, (int32_t)M);
+    vi elsewhere = bin == bin;  // every lane, unless bin 0 has its own arrays
+    if (cells.bin0_counts) {
+      const vi in_bin0 = bin == 0;
+      elsewhere = ~in_bin0;
+      vl n;
+      vd c;
+      std::memcpy(&n, cells.bin0_counts + j, sizeof(n));
+      std::memcpy(&c, cells.bin0_conf + j, sizeof(c));
+      n -= __builtin_convertvector(in_bin0, vl);  // in_bin0 is −1 where p_j lies in bin 0
+      c += to_double(in_bin0 ? p : vf{});
+      std::memcpy(cells.bin0_counts + j, &n, sizeof(n));
+      std::memcpy(cells.bin0_conf + j, &c, sizeof(c));
+      if (label >= j && label < j + kLanes && bin[label - j] == 0) cells.correct[label * M] += 1.0;
+    }
+    if (any_lane(elsewhere))
+      for (int i = 0; i < kLanes; ++i)
+        if (elsewhere[i]) add(j + i, p[i], bin[i]);
   }
-  for (; j < j1; ++j) p[j - j0] = exp_(scaled1(row + j, inv_t) - m) / s;
-  for (j = j0; j < j1; ++j) {
-    const int64_t k = j * M + bin_of(p[j - j0], (float)M, (int32_t)M);
-    counts[k] += 1;
-    conf[k] += (double)p[j - j0];
-    if (j == label) correct[k] += 1.0;
+  for (; j < j1; ++j) {
+    const float p = exp_(scaled1(row + j, inv_t) - m) / s;
+    const int32_t bin = bin_of(p, (float)M, (int32_t)M);
+    if (cells.bin0_counts && bin == 0) {
+      cells.bin0_counts[j] += 1;
+      cells.bin0_conf[j] += (double)p;
+      if (j == label) cells.correct[j * M] += 1.0;
+    } else {
+      add(j, p, bin);
+    }
   }
 }
 
@@ -163,9 +207,8 @@ int64_t top1_long_rows(const T* x, const int64_t* labels, int64_t N, int64_t K, 
       add_top1_and_scores(partials, scores, b, rs, ls, labels[i]);
       if (class_partials) {
         const int64_t at = b * K * M;
-        for (int64_t j0 = 0; j0 < K; j0 += kColumnChunk)
-          bin_classes(x + i * K, labels[i], j0, std::min(K, j0 + kColumnChunk), M, inv_t, rs.max, rs.sum,
-                      &class_partials->counts[at], &class_partials->conf[at], &class_partials->correct[at]);
+        const ClassCells cells{&class_partials->counts[at], &class_partials->conf[at], &class_partials->correct[at]};
+        bin_classes(x + i * K, labels[i], 0, K, M, inv_t, rs.max, rs.sum, cells);
       }
     }
   }
@@ -296,54 +339,58 @@ int64_t top1_short_rows(const T* x, const int64_t* labels, int64_t N, int64_t K,
   return n_nonfinite;
 }
 
-/// Rows per group of the grouped classwise pass: about kGroupBytes of logits (so that the column chunks re-read
-/// them from cache), a multiple of kRowBlock, a function of K and the dtype only.
-constexpr int64_t kGroupBytes = 4 << 20;
-int64_t group_rows(int64_t K, int64_t element_bytes) {
-  return kRowBlock * std::max<int64_t>(1, kGroupBytes / (K * element_bytes * kRowBlock));
-}
+/// Rows per pass of the grouped classwise statistics (their softmax read-outs are kept: 48 bytes a row).
+constexpr int64_t kPassRows = 65536;
 
-/// Classwise statistics where the blocks' [K, M] partials would not fit (K·M > kRowClasswiseCells): rows go in
-/// groups of group_rows; each group's softmax is taken in parallel over its blocks of kRowBlock rows (with top1,
-/// its top-1 bins and optionally its scores per block, add_top1_and_scores), then its classes are binned in
-/// parallel over fixed column chunks, each owned by one thread, from the rows just read (in cache): one read of
-/// the logits from memory. Per (class, bin) the rows add in row order. Returns the number of kept non-finite rows.
+/// Classwise statistics where the blocks' [K, M] partials would not fit (K·M > kRowClasswiseCells), kPassRows rows at
+/// a time in two parallel loops (two barriers, whatever K): the rows' softmax (and with top1 their top-1 bins and
+/// scores, add_top1_and_scores into block 0, added by one thread in row order while the others start binning), then
+/// their classes binned by column chunks, each owned by one thread, which walks the rows in order reading its
+/// chunk of each (a second read of the logits, in contiguous pieces of up to 8 KiB). Bin 0 of every class goes to
+/// contiguous [K] arrays first (ClassCells), folded into the [K, M] outputs at the end. Per cell the rows add in row
+/// order, so the chunk width may follow the thread count. Returns the number of kept non-finite rows.
 template <class T>
 int64_t classwise_grouped(const T* x, const int64_t* labels, int64_t N, int64_t K, int64_t M, float inv_t,
                           int64_t ignore_index, int64_t* counts, double* conf, double* correct,
                           BinPartials* top1 = nullptr, ScorePartials* scores = nullptr) {
-  const int64_t G = group_rows(K, sizeof(T)), n_chunks = (K + kColumnChunk - 1) / kColumnChunk;
-  std::vector<float> row_max(G), row_sum(G);
+  const int64_t G = std::min<int64_t>(std::max<int64_t>(N, 1), kPassRows);
+  const int64_t chunk_width =
+      std::clamp<int64_t>((K / (4 * omp_get_max_threads()) + kLanes - 1) / kLanes * kLanes, kLanes, 2048);
+  const int64_t n_chunks = (K + chunk_width - 1) / chunk_width;
+  std::vector<RowSoftmax> softmax(G);
+  std::vector<RowLabelSums> label_sums(G);
   std::vector<char> binned(G);
+  std::vector<int64_t> bin0_counts(K, 0);
+  std::vector<double> bin0_conf(K, 0.0);
+  const ClassCells cells{counts, conf, correct, bin0_counts.data(), bin0_conf.data()};
   int64_t n_nonfinite = 0;
 #pragma omp parallel reduction(+ : n_nonfinite)
-  for (int64_t g0 = 0; g0 < N; g0 += G) {  // every thread walks the groups; the loops below share the work
+  for (int64_t g0 = 0; g0 < N; g0 += G) {  // every thread walks the passes; the loops below share the work
     const int64_t g1 = std::min(N, g0 + G);
 #pragma omp for schedule(static)
-    for (int64_t b = g0 / kRowBlock; b < (g1 + kRowBlock - 1) / kRowBlock; ++b) {
-      for (int64_t i = b * kRowBlock; i < std::min(g1, (b + 1) * kRowBlock); ++i) {
-        binned[i - g0] = 0;
-        if (labels[i] == ignore_index) continue;
-        RowLabelSums ls;
-        const RowSoftmax rs = scored_row_softmax(x + i * K, K, inv_t, labels[i], scores ? &ls : nullptr);
-        if (!rs.finite) {
-          ++n_nonfinite;
-          continue;
-        }
-        row_max[i - g0] = rs.max;
-        row_sum[i - g0] = rs.sum;
-        binned[i - g0] = 1;
-        if (top1) add_top1_and_scores(*top1, scores, b, rs, ls, labels[i]);
-      }
+    for (int64_t i = g0; i < g1; ++i) {
+      binned[i - g0] = 0;
+      if (labels[i] == ignore_index) continue;
+      softmax[i - g0] = scored_row_softmax(x + i * K, K, inv_t, labels[i], scores ? &label_sums[i - g0] : nullptr);
+      binned[i - g0] = softmax[i - g0].finite;
+      n_nonfinite += !softmax[i - g0].finite;
+    }
+    if (top1) {
+#pragma omp single nowait
+      for (int64_t i = g0; i < g1; ++i)
+        if (binned[i - g0]) add_top1_and_scores(*top1, scores, 0, softmax[i - g0], label_sums[i - g0], labels[i]);
     }
 #pragma omp for schedule(static)
     for (int64_t chunk = 0; chunk < n_chunks; ++chunk) {
-      const int64_t j0 = chunk * kColumnChunk, j1 = std::min(K, j0 + kColumnChunk);
+      const int64_t j0 = chunk * chunk_width, j1 = std::min(K, j0 + chunk_width);
       for (int64_t i = g0; i < g1; ++i)
         if (binned[i - g0])
-          bin_classes(x + i * K, labels[i], j0, j1, M, inv_t, row_max[i - g0], row_sum[i - g0], counts, conf,
-                      correct);
+          bin_classes(x + i * K, labels[i], j0, j1, M, inv_t, softmax[i - g0].max, softmax[i - g0].sum, cells);
     }
+  }
+  for (int64_t j = 0; j < K; ++j) {
+    counts[j * M] = bin0_counts[j];
+    conf[j * M] = bin0_conf[j];
   }
   return n_nonfinite;
 }
@@ -361,15 +408,16 @@ int64_t row_statistics(const T* x, const int64_t* y, int64_t N, int64_t K, int64
   const bool classwise = cw_counts != nullptr, short_rows = K <= kGroupK;
   const bool lane_classes = classwise && short_rows && K * M <= kLaneClasswiseCells;
   const bool row_classes = classwise && !lane_classes && K * M <= kRowClasswiseCells;
-  const int64_t block_rows = lane_classes ? lane_block_rows(N, K * M)
-                             : row_classes ? row_block_rows(N, K * M)
-                             : short_rows && !classwise ? kGroupBlock : kRowBlock;
+  const bool grouped = classwise && !lane_classes && !row_classes;
+  const int64_t block_rows = grouped ? std::max<int64_t>(N, 1)  // one block, its rows added in row order
+                             : block_rows_for(N, short_rows && !row_classes ? kGroupBlock : kRowBlock,
+                                              lane_classes || row_classes ? K * M + M : M);
   const int64_t n_blocks = (N + block_rows - 1) / block_rows;
   BinPartials partials(n_blocks, M), class_partials(lane_classes || row_classes ? n_blocks : 0, K * M);
   ScorePartials score_partials(n_blocks);
   ScorePartials* sp = scores ? &score_partials : nullptr;
   int64_t n_nonfinite;
-  if (classwise && !lane_classes && !row_classes)
+  if (grouped)
     n_nonfinite = classwise_grouped(x, y, N, K, M, inv_t, ignore_index, cw_counts, cw_conf, cw_correct, &partials, sp);
   else if (lane_classes)
     n_nonfinite = scores ? top1_short_rows<true, true>(x, y, N, K, inv_t, ignore_index, partials, sp, &class_partials,
@@ -377,8 +425,10 @@ int64_t row_statistics(const T* x, const int64_t* y, int64_t N, int64_t K, int64
                          : top1_short_rows<false, true>(x, y, N, K, inv_t, ignore_index, partials, nullptr,
                                                         &class_partials, block_rows);
   else if (short_rows && !row_classes)
-    n_nonfinite = scores ? top1_short_rows<true, false>(x, y, N, K, inv_t, ignore_index, partials, sp)
-                         : top1_short_rows<false, false>(x, y, N, K, inv_t, ignore_index, partials);
+    n_nonfinite = scores ? top1_short_rows<true, false>(x, y, N, K, inv_t, ignore_index, partials, sp, nullptr,
+                                                        block_rows)
+                         : top1_short_rows<false, false>(x, y, N, K, inv_t, ignore_index, partials, nullptr, nullptr,
+                                                         block_rows);
   else
     n_nonfinite = top1_long_rows(x, y, N, K, inv_t, ignore_index, partials, sp,
                                  row_classes ? &class_partials : nullptr, block_rows);
