@@ -283,27 +283,17 @@ def test_names_from_inputs_stay_one_path_component(name):
 
 # ---- the CLI without the hf extra ------------------------------------------------------------------------------------
 
-BLOCKER = """
-import sys
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] in {"transformers", "trl", "peft", "datasets", "accelerate", "tokenizers"}:
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-sys.meta_path.insert(0, Block())
-"""
+HF_PACKAGES = ("transformers", "trl", "peft", "datasets", "accelerate", "tokenizers")
 
 
 def test_info_help_and_report_run_without_transformers(tmp_path):
-    """transformers and the other hf packages made unimportable (a sitecustomize on sys.meta_path): ``--help``
-    imports neither torch nor transformers, ``info`` and ``report`` work, an HF command names the extra."""
-    import subprocess
+    """transformers and the other hf packages made unimportable (a finder on sys.meta_path, helpers.run_without):
+    ``--help`` imports neither torch nor transformers, ``info`` and ``report`` work, an HF command names the extra."""
     import time
 
     from calibkern.pipeline.outputs import MARKER
+    from helpers import run_without
 
-    (tmp_path / "site").mkdir()
-    (tmp_path / "site" / "sitecustomize.py").write_text(BLOCKER)
-    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
     run = tmp_path / "run"
     run.mkdir()
     metrics = {"ece": 0.1, "accuracy": 0.5, "ece_ci": [0.05, 0.15], "n": 4}
@@ -312,15 +302,14 @@ def test_info_help_and_report_run_without_transformers(tmp_path):
     (run / MARKER).write_text("{}")
 
     def calibkern(*argv):
-        return subprocess.run([sys.executable, "-m", "calibkern", *argv], capture_output=True, text=True, env=env,
-                              timeout=300)
+        return run_without(HF_PACKAGES, f"import sys; sys.argv = ['calibkern', *{list(argv)!r}]\n"
+                                        "from calibkern.cli import main; sys.exit(main())")
 
     start = time.perf_counter()
     assert calibkern("--help").returncode == 0
     print(f"calibkern --help without transformers: {time.perf_counter() - start:.2f} s")
-    loaded = subprocess.run([sys.executable, "-c", "import sys; from calibkern.cli import build_parser; "
-                             "build_parser().format_help(); print(sorted({m.split('.')[0] for m in sys.modules} & "
-                             "{'torch', 'transformers', 'numpy'}))"], capture_output=True, text=True, env=env)
+    loaded = run_without(HF_PACKAGES, "import sys; from calibkern.cli import build_parser; build_parser().format_help(); "
+                                      "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers'}))")
     assert loaded.stdout.strip() == "[]", loaded.stderr
     info = calibkern("info")
     assert info.returncode == 0 and "cpp" in info.stdout, info.stderr
