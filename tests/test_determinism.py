@@ -108,8 +108,8 @@ NORMS_AND_ESTIMATORS = (("l1", "plugin"), ("l2", "plugin"), ("max", "plugin"), (
 
 def metric_values(logits, labels, n_bins, backend):
     """The ECE family (``ece``, ``classwise_ece``: ``binned_stats`` then ``BinStats.ece``) in every norm and
-    estimator, the mean confidence and the Brier decomposition."""
-    values = {}
+    estimator, the mean confidence, the Brier decomposition, NLL and Brier."""
+    values = {"nll": ck.nll(logits, labels, backend=backend), "brier": ck.brier(logits, labels, backend=backend)}
     for mode, norms_and_estimators in (("classwise", NORMS_AND_ESTIMATORS[:4]), ("top1", NORMS_AND_ESTIMATORS)):
         stats = ck.binned_stats(logits, labels, n_bins, mode=mode, backend=backend)
         values.update({f"{mode}.{norm}.{estimator}": stats.ece(norm, estimator)
@@ -143,3 +143,16 @@ def test_classwise_mean_is_summed_in_class_order():
     for value in per_class.tolist():
         total += value
     assert float(stats.ece()) == total / k
+
+
+def test_reference_row_scores_are_summed_in_row_order():
+    """The reference's Σ NLL and Σ Brier are sequential float64 sums in row order (over a million rows torch.sum
+    splits the reduction between threads, which moved Brier's last bit between 1 and 2 threads)."""
+    from calibkern.reference.row_metrics import proper_scores
+
+    logits, labels = random_logits(1_000_003, 4, seed=3), random_labels(1_000_003, 4, ignore_frac=0.1, seed=4)
+    nll, brier = proper_scores(logits, labels, 1.0, -100)
+    n_kept = int(labels.ne(-100).sum())
+    for metric, rows in ((ck.nll, nll), (ck.brier, brier)):
+        value = metric(logits, labels, backend="torch")
+        assert float(value) == float(np.cumsum(rows.double().numpy())[-1]) / n_kept

@@ -55,7 +55,8 @@ def metric_sums(logits, labels, n_bins: int, temperature: float, ignore_index: i
     finite rows, and the classwise (counts, Σ p, Σ correct) [K, M] (``classwise``) or [0, M]."""
     top1 = binned_stats(logits, labels, n_bins, temperature, ignore_index, False)
     nll, brier = proper_scores(logits, labels, temperature, ignore_index)
-    scores = torch.stack([nll.double().sum(), brier.double().sum()])
+    # row sums in index order (a sequential scan; torch.sum splits a long reduction between threads)
+    scores = torch.stack([torch.cat([x.new_zeros(1), x]).cumsum(0)[-1] for x in (nll.double(), brier.double())])
     if classwise:
         per_class = binned_stats(logits, labels, n_bins, temperature, ignore_index, True)[:3]
     else:
