@@ -397,3 +397,46 @@ def test_compute_loss_func_scales_for_accumulation_in_training_only():
     sft = compute_loss_func(CalibrationConfig(method="rcft", option_ids=option_ids, lam=0.0))(
         {"logits": logits}, labels, num_items_in_batch=torch.tensor(4))
     torch.testing.assert_close(training[0] - sft, (first - sft) / 4)
+
+
+@pytest.mark.parametrize("counted", [False, True])
+def test_label_smoothing_equals_the_trainers_label_smoother(setup, tmp_path, counted):
+    """Calibration off (lam = 0): the loss and gradients of transformers.Trainer's LabelSmoother on the
+    unpatched model's logits."""
+    from transformers import Trainer
+
+    tokenizer, option_ids, _ = setup
+    config = _config(option_ids, "cft", lam=0.0, token_stats=False)
+    ours = _trainer(setup, tmp_path / "ours", config=config, label_smoothing_factor=0.1)
+    model = make_model(tokenizer)
+    theirs = Trainer(model=model, args=_args(tmp_path / "theirs", label_smoothing_factor=0.1),
+                     train_dataset=ours.train_dataset, data_collator=ours.data_collator)
+    assert theirs.label_smoother is not None
+    batch = ours._prepare_inputs(ours.data_collator([ours.train_dataset[i] for i in range(6)]))
+    batch["labels"][0, -2:] = -100  # rows with fewer supervised tokens: the denominators differ per row
+    n_items = batch["labels"][:, 1:].ne(-100).sum() + 3 if counted else None
+    losses, grads = [], []
+    for trainer, inputs in ((ours, batch), (theirs, {k: v for k, v in batch.items() if k != "answer_mask"})):
+        trainer.model.train()
+        trainer.model.zero_grad()
+        loss = trainer.compute_loss(trainer.model, dict(inputs), num_items_in_batch=n_items)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({name: p.grad.clone() for name, p in trainer.model.named_parameters()})
+    torch.testing.assert_close(losses[0], losses[1], atol=1e-6, rtol=1e-6)
+    plain = _trainer(setup, tmp_path / "plain", config=config)  # the same starting weights, ε = 0
+    with torch.no_grad():
+        unsmoothed = plain.compute_loss(plain.model, dict(batch), num_items_in_batch=n_items)
+    assert abs(float(unsmoothed) - float(losses[0])) > 1e-3  # smoothing changed the loss
+    for name in grads[1]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5)
+
+
+def test_label_smoothing_refusals(setup, tmp_path):
+    tokenizer, option_ids, _ = setup
+    with pytest.raises(ValueError, match="token_stats=False"):
+        _trainer(setup, tmp_path, config=_config(option_ids, "cft"), label_smoothing_factor=0.1)
+    with pytest.raises(ValueError, match="token_cft"):
+        _trainer(setup, tmp_path, config=CalibrationConfig(method="token_cft", bin_accuracy=BIN_ACCURACY,
+                                                           token_stats=False, check_logits=False),
+                 label_smoothing_factor=0.1)

@@ -18,7 +18,12 @@
 * when the streaming EM M-step runs (rcft, ``em={"refresh": "stream"}``): every training call adds its answers to
   the E-step; the M-step (all-reduced) runs after every ``G`` training calls, or at each optimizer step when the
   caller says so (:meth:`end_optimizer_step`, CalibrationTrainer);
-* the telemetry: every training call's statistics go into :attr:`window` (:class:`calibkern.hf.telemetry.LossWindow`).
+* the telemetry: every training call's statistics go into :attr:`window` (:class:`calibkern.hf.telemetry.LossWindow`);
+* ``label_smoothing = ε`` (``TrainingArguments.label_smoothing_factor``, CalibrationTrainer): the cross-entropy per
+  supervised token becomes ``lse − (1 − ε) z_y − (ε/V) Σ_j z_j``, inside the fused kernel — what Transformers'
+  ``LabelSmoother`` computes, both parts over the same denominator (the supervised tokens or
+  ``num_items_in_batch``). The token statistics read the kernel's unsmoothed gradient, so ε > 0 is refused with
+  ``token_stats`` / ``full_stats`` on and with token_cft (docs/hf.md#label-smoothing).
 """
 
 from __future__ import annotations
@@ -50,15 +55,37 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def _check_label_smoothing(epsilon, calibration: CalibrationConfig | None) -> float:
+    """ε in [0, 1), refused where the fused kernel cannot apply it (module docstring)."""
+    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not 0.0 <= epsilon < 1.0:
+        raise ValueError(f"label_smoothing (TrainingArguments.label_smoothing_factor) must lie in [0, 1), "
+                         f"got {epsilon!r}")
+    if not epsilon:
+        return 0.0
+    where = f"label_smoothing_factor={epsilon}"
+    if calibration is None:
+        raise ValueError(f"{where} needs a CalibrationConfig with token_stats=False: plain cross-entropy logs the "
+                         "token statistics, which read the unsmoothed gradient inside the fused kernel")
+    if calibration.method == "token_cft":
+        raise ValueError(f"{where} does not combine with method='token_cft': its token term is folded into the "
+                         "unsmoothed cross-entropy gradient inside the fused kernel")
+    if calibration.token_stats or calibration.full_stats:
+        raise ValueError(f"{where} does not combine with CalibrationConfig(token_stats={calibration.token_stats}, "
+                         f"full_stats={calibration.full_stats}): the token statistics read the unsmoothed "
+                         "cross-entropy gradient inside the fused kernel; set token_stats=False and full_stats=False")
+    return float(epsilon)
+
+
 class LossPolicy:
     """The policy of one training run (module docstring). ``calibration``: a :class:`CalibrationConfig` or None
     (plain cross-entropy). State: ``bin_accuracy`` / ``bin_counts`` (cft, token_cft; start as
     ``calibration.bin_accuracy``), ``em_state`` (rcft: the one given or a new one from ``calibration.em``).
     Settings a trainer may change between calls: ``gradient_accumulation_steps`` (``G``), ``world_size`` (``P``;
     None: the ``torch.distributed`` world) and ``stream_mstep`` (False: the M-step waits for
-    :meth:`end_optimizer_step`)."""
+    :meth:`end_optimizer_step`). ``label_smoothing``: ε of the cross-entropy (module docstring)."""
 
-    def __init__(self, calibration: CalibrationConfig | None, *, em_state=None, gradient_accumulation_steps: int = 1):
+    def __init__(self, calibration: CalibrationConfig | None, *, em_state=None, gradient_accumulation_steps: int = 1,
+                 label_smoothing: float = 0.0):
         if calibration is not None and not isinstance(calibration, CalibrationConfig):
             raise TypeError(f"calibration must be a CalibrationConfig or None, got {type(calibration).__name__}")
         if isinstance(gradient_accumulation_steps, bool) or not isinstance(gradient_accumulation_steps, int) \
@@ -77,6 +104,7 @@ class LossPolicy:
         self.em_state = em_state if em_state is not None or method != "rcft" else calibration.new_em_state()
         self.token_stats = True if calibration is None else calibration.token_stats
         self.full_stats = False if calibration is None else calibration.full_stats
+        self.label_smoothing = _check_label_smoothing(label_smoothing, calibration)
         self.gradient_accumulation_steps = gradient_accumulation_steps
         self.world_size: int | None = None
         self.stream_mstep = True
@@ -133,7 +161,8 @@ class LossPolicy:
             n_bins=10 if plain else calibration.n_bins, shift=True,
             answer_mask=None if self.option_ids is None else answer_mask,  # no options, no answers
             num_items_in_batch=num_items_in_batch, chunk_size=None if plain else calibration.chunk_size,
-            backend=None if plain else calibration.backend, token_stats=self.token_stats, full_stats=self.full_stats)
+            backend=None if plain else calibration.backend, token_stats=self.token_stats, full_stats=self.full_stats,
+            label_smoothing=self.label_smoothing)
 
     @property
     def needs_option_logits(self) -> bool:

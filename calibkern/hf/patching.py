@@ -230,8 +230,9 @@ fused_forward.calibkern_fused_forward = True  # what calibkern.hf.modeling.is_fu
 _LABELS_REMOVED = (
     "the patched model was called with num_items_in_batch but without labels: a Trainer removed the labels "
     "(TrainingArguments.label_smoothing_factor > 0, or a compute_loss_func) and would train on a loss of its "
-    "own from the model's logits, without calibkern's loss; set label_smoothing_factor=0 and pass no "
-    "compute_loss_func with a model patched by calibkern.hf.apply_fused_loss"
+    "own from the model's logits, without calibkern's loss; set label_smoothing_factor=0 (CalibrationTrainer "
+    "serves it inside the fused loss) and pass no compute_loss_func with a model patched by "
+    "calibkern.hf.apply_fused_loss"
 )
 
 

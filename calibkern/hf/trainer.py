@@ -33,6 +33,10 @@ with ``option_ids``) and ``calib_term`` (the mean calibration term); for every m
 ``token_accuracy``, ``token_confidence`` of the supervised tokens (``token_stats``, on by default) and
 ``full_ece`` (``full_stats``), read inside the fused loss (docs/math.md#token-level-calibration).
 
+Label smoothing: ``TrainingArguments.label_smoothing_factor = ε`` goes into the fused cross-entropy, per token
+``lse − (1 − ε) z_y − (ε/V) Σ_j z_j`` over CE's denominator, as Transformers' ``LabelSmoother`` computes it
+(docs/hf.md#label-smoothing); it needs ``token_stats=False`` and ``full_stats=False``.
+
 token_cft: the token term ``Σ_t (c_t − A_b)² / n`` shares the cross-entropy's denominator
 (``num_items_in_batch``), so it is not divided by the accumulation steps; ``A_k`` come from a no-grad pass of
 the fused loss's token statistics over the statistics rows.
@@ -120,14 +124,11 @@ class CalibrationTrainer(Trainer):
         if kwargs.get("data_collator") is None and next_class is Trainer:
             kwargs["data_collator"] = MCQCollator(resolve_pad_token_id(model, kwargs.get("processing_class")))
         super().__init__(model=model, args=args, train_dataset=train_dataset, **kwargs)
-        if self.args.label_smoothing_factor:
-            raise ValueError(f"TrainingArguments(label_smoothing_factor={self.args.label_smoothing_factor}) is not "
-                             "applied by CalibrationTrainer, whose fused loss computes the cross-entropy itself; set "
-                             "it to 0 (calibkern.pipeline.stages.label_smoothing is the label-smoothing baseline)")
         self.calibration = calibration
         # The loss runs inside the model's forward (calibkern.hf.patching), where FSDP2 / FSDP1 / ZeRO-3 gather the
         # lm_head; the M-step runs at each optimizer step (the callback), P is what compute_loss multiplies by.
-        self.loss_policy = FusedLoss(calibration, gradient_accumulation_steps=self.args.gradient_accumulation_steps)
+        self.loss_policy = FusedLoss(calibration, gradient_accumulation_steps=self.args.gradient_accumulation_steps,
+                                     label_smoothing=self.args.label_smoothing_factor)
         self.loss_policy.stream_mstep = False
         self.loss_policy.world_size = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
         patch_causal_lm(self.model, self.loss_policy, check=calibration.check_logits)
