@@ -8,9 +8,11 @@
   process on the whole weight — the loss and its parts, the bin / token / Full-ECE statistics, the hidden gradient,
   its own rows of the weight (and bias) gradient and the EM state — to ≤ 1e-5 (counts exactly).
 * FSDP2 × TP: the tiny Llama with ``ColwiseParallel`` on the lm_head over the tensor dimension and ``fully_shard``
-  over the data dimension trains three steps (CFT; tests/sharded_training.py) and ends at the weights of
-  one process trained on the whole batches (max abs difference ≤ 1e-5); with ``ColwiseParallel`` alone one step's
-  loss and gradients (each rank's lm_head rows, the embedding) equal one process's.
+  over the data dimension trains three steps (CFT, and streaming RCFT with the M-step's ``em_group`` None or the
+  data-parallel group; tests/sharded_training.py) and ends at the weights and EM state of one process trained on the
+  whole batches (max abs difference ≤ 1e-5); with ``ColwiseParallel`` alone one step's loss and gradients (each
+  rank's lm_head rows, the embedding) equal one process's. Every run's first call passes the equivalence check on
+  the ``DTensor`` weight.
 """
 
 import pytest
@@ -27,7 +29,7 @@ pytest.importorskip("transformers")
 WORLD, N_BINS, VOCAB, DIM = 4, 10, 37, 16
 OPTIONS = [2, 20, 36, 5]  # on both shards of either split
 GROUP_SPLIT = (15, 22)  # the local shards of the vocab_parallel_group= cases (the DTensor ones split 19 / 18)
-TP_MODES = ("cft",)  # the CE part included
+TP_MODES = ("cft", "rcft", "rcft_dp_group")  # the CE part included; streaming RCFT with em_group None / dp
 CASES = {  # name: (calibration, layout, keyword arguments)
     "ce": (None, "dtensor", dict(token_stats=True, full_stats=True, bias=True)),
     "hard_bin": ("hard_bin", "dtensor_2d", dict(logit_softcap=3.0, token_stats=True)),
@@ -184,13 +186,18 @@ def _worker(rank, port, out_dir):
         tokenizer, option_ids = fixtures()
         dp_rank = mesh["dp"].get_local_rank()
         for mode in TP_MODES:
-            # check=False: the equivalence check's full logits of a slice do not take a DTensor weight
-            model, optimizer = new_model(tokenizer, mode, option_ids, shard=tensor_parallel_llama(mesh), check=False)
-            fused_loss_of(model).world_size = 2  # the data-parallel processes (HF scaling)
+            # the first call runs the equivalence check on the DTensor weight (checked below)
+            model, optimizer = new_model(tokenizer, mode.removesuffix("_dp_group"), option_ids,
+                                         shard=tensor_parallel_llama(mesh))
+            policy = fused_loss_of(model)
+            policy.world_size = 2  # the data-parallel processes (HF scaling)
+            if mode.endswith("_dp_group"):
+                policy.em_group = mesh.get_group("dp")
             train(model, optimizer, tokenizer, option_ids, range(STEPS), dp_rank, 2)
-            results[f"train_{mode}"] = end_state(model)
-        model, _ = new_model(tokenizer, "cft", option_ids, shard=tensor_parallel_llama(mesh, fsdp=False), check=False)
+            results[f"train_{mode}"] = {**end_state(model), "checked": not policy.check_pending}
+        model, _ = new_model(tokenizer, "cft", option_ids, shard=tensor_parallel_llama(mesh, fsdp=False))
         results["tp_only"] = tensor_parallel_step(model, tokenizer, option_ids)
+        results["tp_only_checked"] = not fused_loss_of(model).check_pending
         torch.save(results, f"{out_dir}/rank{rank}.pt")
         dist.barrier()
     finally:
@@ -249,10 +256,12 @@ def test_refused_inputs_name_the_argument(ranks):
 def test_fsdp2_by_tensor_parallel_training_equals_one_process(ranks, mode):
     from sharded_training import fixtures, one_process_runs
 
-    want = one_process_runs([mode])[mode]
+    want = one_process_runs([mode.removesuffix("_dp_group")])[mode.removesuffix("_dp_group")]
     assert_trained(want["weights"], fixtures()[0])
     for rank in ranks:
-        assert_same_training_state(rank[f"train_{mode}"], want)
+        got = rank[f"train_{mode}"]
+        assert got.pop("checked")
+        assert_same_training_state(got, want)
 
 
 def test_tensor_parallel_lm_head_without_fsdp_equals_one_process(ranks):
@@ -264,6 +273,7 @@ def test_tensor_parallel_lm_head_without_fsdp_equals_one_process(ranks):
     want = tensor_parallel_step(model, tokenizer, option_ids)
     half = len(tokenizer) // 2
     for rank, got in enumerate(ranks):
+        assert got["tp_only_checked"]  # the equivalence check ran on the DTensor weight and passed
         tp_rank = rank % 2
         _assert_close(got["tp_only"], {**want, "lm_head": want["lm_head"][tp_rank * half:(tp_rank + 1) * half]},
                       f"rank {rank}")

@@ -16,9 +16,13 @@
   term the mean of the micro-batches' means. token_cft's term ``Σ_t (c_t − A_b)² / n`` shares CE's denominator,
   so it is scaled as CE is: ``lam′ = lam``;
 * when the streaming EM M-step runs (rcft, ``em={"refresh": "stream"}``): every training call adds its answers to
-  the E-step; the M-step (all-reduced) runs after every ``G`` training calls, or at each optimizer step when the
-  caller says so (:meth:`end_optimizer_step`, CalibrationTrainer);
-* the telemetry: every training call's statistics go into :attr:`window` (:class:`calibkern.hf.telemetry.LossWindow`);
+  the E-step; the M-step (all-reduced over :attr:`em_group`) runs after every ``G`` training calls, or at each
+  optimizer step when the caller says so (:meth:`end_optimizer_step`, CalibrationTrainer). Under tensor
+  parallelism every rank of a vocabulary split holds the same answers: with ``em_group`` None (the whole world)
+  each rank's statistics are divided by the split's size (from the lm_head ``DTensor``'s mesh, recorded by the
+  E-step), so every answer counts once; ``em_group`` = the data-parallel group reduces over it instead;
+* the telemetry: every training call's statistics go into :attr:`window`
+  (:class:`calibkern.hf.telemetry.LossWindow`);
 * ``label_smoothing = ε`` (``TrainingArguments.label_smoothing_factor``, CalibrationTrainer): the cross-entropy per
   supervised token becomes ``lse − (1 − ε) z_y − (ε/V) Σ_j z_j``, inside the fused kernel — what Transformers'
   ``LabelSmoother`` computes, both parts over the same denominator (the supervised tokens or
@@ -82,7 +86,9 @@ class LossPolicy:
     ``calibration.bin_accuracy``), ``em_state`` (rcft: the one given or a new one from ``calibration.em``).
     Settings a trainer may change between calls: ``gradient_accumulation_steps`` (``G``), ``world_size`` (``P``;
     None: the ``torch.distributed`` world) and ``stream_mstep`` (False: the M-step waits for
-    :meth:`end_optimizer_step`). ``label_smoothing``: ε of the cross-entropy (module docstring)."""
+    :meth:`end_optimizer_step`), ``em_group`` (the process group of the streaming M-step's all-reduce; None: the
+    world, each answer counted once across a vocabulary split). ``label_smoothing``: ε of the cross-entropy
+    (module docstring)."""
 
     def __init__(self, calibration: CalibrationConfig | None, *, em_state=None, gradient_accumulation_steps: int = 1,
                  label_smoothing: float = 0.0):
@@ -108,6 +114,8 @@ class LossPolicy:
         self.gradient_accumulation_steps = gradient_accumulation_steps
         self.world_size: int | None = None
         self.stream_mstep = True
+        self.em_group = None
+        self.vocabulary_replicas = 1  # the E-step's lm_head split: the ranks holding each answer (em_group None)
         self.window = LossWindow(answers=self.option_ids is not None)
         self._micro_batches = 0  # streaming training calls since the last M-step
 
@@ -186,7 +194,10 @@ class LossPolicy:
             self.end_optimizer_step()
 
     def end_optimizer_step(self) -> None:
-        """The streaming M-step (all-reduced across processes), once per optimizer step; no-op otherwise."""
+        """The streaming M-step (all-reduced over ``em_group``, class docstring), once per optimizer step; no-op
+        otherwise."""
         if self.streaming:
-            self.em_state.mstep()
+            if self.em_group is None and self.vocabulary_replicas > 1:  # the world sum then counts each answer once
+                self.em_state.accum /= self.vocabulary_replicas
+            self.em_state.mstep(self.em_group)
             self._micro_batches = 0

@@ -25,10 +25,13 @@ from torch import nn
 
 import calibkern
 
+from ..losses import _vocabulary_split
 from ..ops.fused_linear import softcap_logits
+from ..ops.vocab_parallel import option_bias, option_weight
 
 __all__ = ["DecoderOutput", "LogitTransform", "RouterLoss", "causal_lm_of", "check_logit_parity", "decoder_forward",
-           "logit_transform", "option_logits_at", "refuse_unconsumed", "router_loss"]
+           "logit_transform", "option_logits_at", "refuse_unconsumed", "router_loss", "vocabulary_replicas",
+           "whole_logits"]
 
 # Arguments the decoder takes from a causal-LM call.
 DECODER_ARGUMENTS = ("input_ids", "attention_mask", "position_ids", "inputs_embeds", "token_type_ids")
@@ -328,12 +331,39 @@ def option_logits_at(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, option_ids: Sequence[int] | torch.Tensor,
     softcap: float | None = None,
 ) -> torch.Tensor:
-    """Option logits ``softcap(h · W[option_ids]ᵀ + b[option_ids])`` in float32 for hidden rows ``[N, D]``."""
+    """Option logits ``softcap(h · W[option_ids]ᵀ + b[option_ids])`` in float32 for hidden rows ``[N, D]``. A
+    ``weight`` (and ``bias``) that is a ``DTensor`` split over the vocabulary (tensor parallelism) gives each rank's
+    columns of the options it holds (zeros for the others), summed over its group — ``N · K`` numbers, the same on
+    every rank, without gradient (the E-step and statistics passes read them detached)."""
+    weight, bias, shard = _vocabulary_split(weight, bias, None)
     index = torch.as_tensor(option_ids, dtype=torch.long, device=weight.device)
-    logits = hidden.float() @ weight.index_select(0, index).float().t()
+    logits = hidden.float() @ option_weight(weight, index, shard).float().t()
     if bias is not None:
-        logits = logits + bias.index_select(0, index).float()
+        logits = logits + option_bias(bias, index, shard).float()
+    if shard is not None:
+        logits = shard.all_reduce_(logits.detach())
     return softcap_logits(logits, softcap)
+
+
+def vocabulary_replicas(weight: torch.Tensor) -> int:
+    """The processes of ``weight``'s vocabulary split (its ``DTensor`` mesh dimension), each holding the same
+    hidden rows; 1 for a whole weight."""
+    import torch.distributed as dist
+
+    shard = _vocabulary_split(weight, None, None)[2]
+    return 1 if shard is None else dist.get_world_size(shard.group)
+
+
+def whole_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``h · Wᵀ + b`` in float32 over every vocabulary row; a ``DTensor`` weight split over the vocabulary gives
+    each rank's columns, placed and summed over its group (for the equivalence check's slice, ``[rows, V]``)."""
+    local, local_bias, shard = _vocabulary_split(weight, bias, None)
+    logits = hidden.float() @ local.float().t() + (0.0 if local_bias is None else local_bias.float())
+    if shard is None:
+        return logits
+    whole = logits.new_zeros(*logits.shape[:-1], weight.shape[0])
+    whole.index_copy_(-1, shard.start + torch.arange(shard.size, device=logits.device), logits)
+    return shard.all_reduce_(whole)
 
 
 class ProbeResult(NamedTuple):
@@ -353,8 +383,7 @@ def probe_numbers(output: DecoderOutput, labels: torch.Tensor, aux_loss: torch.T
                                                    logit_softcap=softcap, shift=True, backend=backend).loss.float()
     if aux_loss is not None:
         loss = loss + router.coef * aux_loss.float()
-    logits = hidden.float() @ weight.float().t() + (0.0 if bias is None else bias.float())
-    return ProbeResult(loss, softcap_logits(logits, softcap))
+    return ProbeResult(loss, softcap_logits(whole_logits(hidden, weight, bias), softcap))
 
 
 @contextlib.contextmanager
@@ -441,7 +470,10 @@ def is_fused_forward(causal_lm: nn.Module) -> bool:
 def _compare(causal_lm: nn.Module, ours: ProbeResult, theirs, labels: torch.Tensor, exact: bool) -> float:
     """The first difference between ``ours`` and the model's output ``theirs``, as a ``ValueError``."""
     name = type(causal_lm).__name__
-    their_logits = theirs.logits.float()
+    their_logits = theirs.logits
+    if hasattr(their_logits, "full_tensor"):  # a tensor-parallel lm_head's DTensor output
+        their_logits = their_logits.full_tensor()
+    their_logits = their_logits.float()
     if ours.logits.shape != their_logits.shape:
         raise ValueError(f"calibkern refuses {name}: its logits have shape {tuple(their_logits.shape)} where "
                          f"calibkern's fused path computes {tuple(ours.logits.shape)} (h · Wᵀ over the whole "

@@ -44,6 +44,7 @@ from .modeling import (
     projection,
     refuse_unconsumed,
     router_loss,
+    vocabulary_replicas,
 )
 
 __all__ = ["FusedCausalLMOutput", "FusedForward", "FusedLoss", "answer_option_labels", "apply_fused_loss",
@@ -131,7 +132,12 @@ class FusedLoss(LossPolicy):
             backend=None if calibration is None else calibration.backend, token_stats=True).token_stats
 
     def _option_logits(self, hidden, weight, bias, softcap, labels, answer_mask):
-        """A ``[tokens, K]`` product, cheap next to the decoder, with static shapes."""
+        """A ``[tokens, K]`` product, cheap next to the decoder, with static shapes (from the shards that hold the
+        options under tensor parallelism, :func:`calibkern.hf.modeling.option_logits_at`)."""
+        self.vocabulary_replicas = vocabulary_replicas(weight)
+        if self.vocabulary_replicas > 1 and self.calibration.official_compat:
+            raise ValueError("official_compat's term needs the option logits' gradient, which a vocabulary-parallel "
+                             "lm_head (a DTensor weight) does not give; use official_compat=False")
         option_ids = self.option_ids.to(hidden.device)
         option_labels = answer_option_labels(labels, option_ids, answer_mask)
         rows = hidden[:, :-1].reshape(-1, hidden.shape[-1])
