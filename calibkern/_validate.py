@@ -9,7 +9,6 @@ imports nothing from calibkern.
 
 from __future__ import annotations
 
-import functools
 import math
 import numbers
 import os
@@ -84,13 +83,16 @@ def check_same_device(device: torch.device, tensor: torch.Tensor, name: str) -> 
         raise ValueError(f"{name} is on {tensor.device} but logits is on {device}")
 
 
-@functools.lru_cache(maxsize=1)
-def memory_bytes() -> int:
+def _physical_memory() -> int:
     """This machine's physical memory in bytes (16 GiB where the system does not say)."""
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, OSError, ValueError):
         return 16 * 2**30
+
+
+# read once at import: the checks below run inside compiled graphs too, where os.sysconf cannot be traced
+MEMORY_BYTES = _physical_memory()
 
 
 BIN_BYTES = 64  # what a metric holds per bin at once: its float64 statistics and temporaries, 8 × 8 bytes
@@ -99,10 +101,10 @@ REPLICATE_BIN_BYTES = 24  # a bootstrap replicate's statistics per bin: counts, 
 
 def check_fits(value: int, name: str, unit_bytes: int, what: str) -> int:
     """``value`` units of ``unit_bytes`` each within a quarter of physical memory (and int32 indices)."""
-    limit = min(2**31 - 1, memory_bytes() // (4 * unit_bytes))
+    limit = min(2**31 - 1, MEMORY_BYTES // (4 * unit_bytes))
     if value > limit:
         raise ValueError(f"{name} = {value:,} is too large: {what} would take {value * unit_bytes / 2**30:,.1f} GiB; at "
-                         f"most a quarter of this machine's {memory_bytes() / 2**30:.0f} GiB of memory is allowed "
+                         f"most a quarter of this machine's {MEMORY_BYTES / 2**30:.0f} GiB of memory is allowed "
                          f"(at most {limit:,})")
     return value
 

@@ -155,11 +155,11 @@ def test_bin_and_resample_counts_beyond_memory_are_refused_up_front():
     from calibkern import _validate
 
     logits, labels = torch.randn(8, 4), torch.randint(0, 4, (8,))
-    too_many_bins = _validate.memory_bytes() // 256 + 1
+    too_many_bins = _validate.MEMORY_BYTES // 256 + 1
     for n_bins in (min(too_many_bins, 2**31), 2**62):
         with pytest.raises(ValueError, match="n_bins = .* is too large: the per-bin statistics would take"):
             calibkern.ece(logits, labels, n_bins=n_bins)
-    too_many_replicates = min(_validate.memory_bytes() // (4 * 24 * 10) + 1, 2**31)
+    too_many_replicates = min(_validate.MEMORY_BYTES // (4 * 24 * 10) + 1, 2**31)
     with pytest.raises(ValueError, match=f"n_boot = {too_many_replicates:,} is too large"):
         calibkern.ece_confidence_interval(logits, labels, n_boot=too_many_replicates)
     with pytest.raises(ValueError, match=f"n_boot = {too_many_replicates:,} is too large"):
