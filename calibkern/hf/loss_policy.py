@@ -24,8 +24,8 @@
 * the telemetry: every training call's statistics go into :attr:`window`
   (:class:`calibkern.hf.telemetry.LossWindow`);
 * ``label_smoothing = ε`` (``TrainingArguments.label_smoothing_factor``, CalibrationTrainer): the cross-entropy per
-  supervised token becomes ``lse − (1 − ε) z_y − (ε/V) Σ_j z_j``, inside the fused kernel — what Transformers'
-  ``LabelSmoother`` computes, both parts over the same denominator (the supervised tokens or
+  supervised token becomes ``lse − (1 − ε) z_y − (ε/V) Σ_j z_j``, inside the fused kernel — what
+  Transformers' ``LabelSmoother`` computes, both parts over the same denominator (the supervised tokens or
   ``num_items_in_batch``). The token statistics read the kernel's unsmoothed gradient, so ε > 0 is refused with
   ``token_stats`` / ``full_stats`` on and with token_cft (docs/hf.md#label-smoothing).
 """
