@@ -4,6 +4,8 @@ Bin counts must be equal exactly; sums, losses and gradients to float32 toleranc
 bitwise identical with 1 and 2 OpenMP threads (fixed-block reductions).
 """
 
+import math
+
 import pytest
 import torch
 
@@ -108,6 +110,70 @@ def test_confidence_one_lands_in_last_bin():
     counts, sum_conf, sum_correct, _ = cpp.binned_stats(x, y, 10, 1.0, IGNORE, False)
     assert counts.tolist() == [0, 0, 0, 0, 0, 1, 0, 0, 0, 3]
     assert sum_conf[9].item() == 3.0 and sum_correct.tolist()[9] == 2.0
+
+
+VOCAB = 128259  # a vocabulary-sized row whose last 3 classes are a vector's scalar tail
+CUT = 1027  # VOCAB − CUT is a multiple of 2048 plus 256: a row's last CUT columns sit in the same lanes
+
+
+def assert_vocabulary_bins_as_cut_rows(x, y, bins, at_end):
+    """Classwise statistics of vocabulary-sized rows (x: −1e4, e = 0, outside its first or, ``at_end``, last CUT
+    columns) equal those of the rows cut to those CUT columns, where K·M ≤ 16384 bins every class from the exact
+    c = e/s right after its softmax — the same e and s: the cut columns hold e = 0. Counts and Σ 1[j = y] exactly,
+    Σ p to float32 rounding (p = e·(1/s) at vocabulary size)."""
+    columns = slice(VOCAB - CUT, VOCAB) if at_end else slice(0, CUT)
+    cut_y = y - (VOCAB - CUT) if at_end else y
+    big = cpp.binned_stats(x, y, bins, 1.0, IGNORE, True)
+    cut = cpp.binned_stats(x[:, columns].contiguous(), cut_y, bins, 1.0, IGNORE, True)
+    assert torch.equal(big[0][columns], cut[0]) and torch.equal(big[2][columns], cut[2])
+    others = torch.ones(VOCAB, dtype=torch.bool)
+    others[columns] = False
+    assert torch.equal(big[0][others, 0], torch.full((VOCAB - CUT,), len(x))) and not big[0][others, 1:].any()
+    torch.testing.assert_close(big[1][columns], cut[1], rtol=1e-6, atol=0)
+    return cut
+
+
+@pytest.mark.parametrize("at_end", [False, True], ids=["first-classes", "scalar-tail"])
+@pytest.mark.parametrize("edge", [1, 2], ids=["bin-0-edge", "bin-2-edge"])
+def test_classwise_vocabulary_rows_on_bin_edges(edge, at_end):
+    """At vocabulary size p = e·(1/s) decides bin 0 only where p·M < 1 − 2⁻¹⁶; elsewhere the bin is the exact
+    float32 c = e/s's. Rows of logits 0 (e = 1), one logit log f and −1e4 elsewhere, Σ e = s a few ulps from M/edge,
+    so that c·M of the e = 1 classes rounds to the edge (1: the fast bin-0 test's boundary; 2: a bin taken from
+    c), to one ulp below it and to one ulp above it, land in the exact path's bins."""
+    bins, one, s = 10, torch.tensor(1.0), torch.tensor(10.0 / edge)
+    x = torch.full((4, VOCAB), -1e4)
+    seen = set()
+    for row, step in enumerate((-2, -1, 0, 1)):  # s nudged by ulps
+        value = s
+        for _ in range(abs(step)):
+            value = torch.nextafter(value, torch.tensor(0.0 if step < 0 else 99.0))
+        t = (one / value) * bins
+        seen.add(0 if t == edge else -1 if torch.nextafter(t, torch.tensor(99.0)) == edge else
+                 1 if torch.nextafter(t, torch.tensor(0.0)) == edge else None)
+        n = math.floor(value.item())
+        logits = [0.0] * n + ([math.log(value.item() - n)] if value.item() > n else [])
+        if at_end:  # the 0 logits last, three of them in the scalar tail
+            logits.reverse()
+        first = VOCAB - len(logits) if at_end else 0
+        x[row, first:first + len(logits)] = torch.tensor(logits)
+    assert seen >= {-1, 0, 1}, seen  # c·M one ulp below the edge, on it, one ulp above
+    y = torch.tensor([3, 0, 4099, 1]) if not at_end else torch.tensor([VOCAB - 1, VOCAB - 2, 4099, VOCAB - 4])
+    cut = assert_vocabulary_bins_as_cut_rows(x, y, bins, at_end)
+    assert cut[0][:, edge - 1].any() and cut[0][:, edge].any()  # the e = 1 classes fall on both sides
+
+
+def test_classwise_vocabulary_rows_bin_as_the_exact_row_path():
+    """Classes with c = e/s within 8 ulps of the 0.1 edge and e ≠ 1 (so p = e·(1/s) may differ from c): at
+    vocabulary size they land in the exact path's bins."""
+    gen = torch.Generator().manual_seed(0)
+    rows, near, bins = 64, 9, 10
+    c = 0.1 * (1 + torch.randint(-8, 9, (rows, near), generator=gen, dtype=torch.float64) * 2**-24)
+    x = torch.full((rows, VOCAB), -1e4)
+    x[:, :near] = c.log().float()
+    x[:, near] = (1 - c.sum(dim=1)).log().float()
+    y = torch.randint(0, near + 1, (rows,), generator=gen)
+    cut = assert_vocabulary_bins_as_cut_rows(x, y, bins, at_end=False)
+    assert 0 < cut[0][:near, 0].sum() < rows * near  # the near classes fall on both sides of the edge
 
 
 def test_ignored_rows_contribute_nothing():

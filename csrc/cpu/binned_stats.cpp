@@ -100,18 +100,16 @@ int64_t block_rows_for(int64_t N, int64_t min_rows, int64_t cells) {
 }
 
 /// Where the classwise statistics of a row's classes go: the [K, M] cells (count, Σ p, Σ 1[j = y] at j·M + k), and
-/// optionally bin 0 of every class in two contiguous [K] arrays (bin0_counts, bin0_conf; their [K, M] cells stay 0):
-/// nearly every probability of a vocabulary-sized row lies in bin 0, and there kLanes classes take two vector
-/// additions instead of kLanes scattered ones.
+/// optionally Σ p over bin 0 of every class in a contiguous [K] array (bin0_conf; the [K, M] count and Σ p of bin 0
+/// then stay 0, the count being the rows binned less the other bins' counts): nearly every probability of a
+/// vocabulary-sized row lies in bin 0, and there kLanes classes take one masked vector addition instead of kLanes
+/// scattered ones.
 struct ClassCells {
   int64_t* counts;
   double* conf;
   double* correct;
-  int64_t* bin0_counts = nullptr;
   double* bin0_conf = nullptr;
 };
-
-typedef int64_t vl __attribute__((vector_size(8 * kLanes)));
 
 inline bool any_lane(vi mask) {
 #ifdef __AVX512F__
@@ -121,49 +119,53 @@ inline bool any_lane(vi mask) {
 #endif
 }
 
+/// p·M below this puts c = e/s in bin 0 whatever p ≈ c: p = e·(1/s) and c are within 3·2⁻²⁴·c of each other
+/// (1/s, e·(1/s) and e/s each rounded once), so c·M < kSurelyBin0·(1 + 2⁻²¹) < 1 − 2⁻²⁴ and floor(c·M) = 0.
+constexpr float kSurelyBin0 = 1.0f - 1.0f / 65536.0f;
+
 /// Bins p_j = exp(z_j − m) / s of one row's classes j ∈ [j0, j1) into cells; per cell the rows add in the order
-/// of the calls.
+/// of the calls. With bin0_conf, p_j = e_j · (1/s) (a multiplication, not a division): where p_j·M <
+/// kSurelyBin0 the class is in bin 0; elsewhere (a few classes a row) its bin is taken from the exact c = e_j / s,
+/// so every bin index is the one of c (docs/math.md's binning rule) and only the sums add p_j.
 template <class T>
 void bin_classes(const T* row, int64_t label, int64_t j0, int64_t j1, int64_t M, float inv_t, float m, float s,
                  const ClassCells& cells) {
   const auto add = [&](int64_t j, float p, int32_t bin) {
+    if (cells.bin0_conf && bin == 0) {
+      cells.bin0_conf[j] += (double)p;
+      if (j == label) cells.correct[j * M] += 1.0;
+      return;
+    }
     const int64_t k = j * M + bin;
     cells.counts[k] += 1;
     cells.conf[k] += (double)p;
     if (j == label) cells.correct[k] += 1.0;
   };
+  const float m_float = (float)M, inv_s = 1.0f / s;
   int64_t j = j0;
   for (; j + kLanes <= j1; j += kLanes) {
-    const vf p = exp_(scaled_vector(row + j, inv_t) - m) / s;
-    const vi bin = bin_of(p, (float)M, (int32_t)M);
-    vi elsewhere = bin == bin;  // every lane, unless bin 0 has its own arrays
-    if (cells.bin0_counts) {
-      const vi in_bin0 = bin == 0;
-      elsewhere = ~in_bin0;
-      vl n;
-      vd c;
-      std::memcpy(&n, cells.bin0_counts + j, sizeof(n));
-      std::memcpy(&c, cells.bin0_conf + j, sizeof(c));
-      n -= __builtin_convertvector(in_bin0, vl);  // in_bin0 is −1 where p_j lies in bin 0
-      c += to_double(in_bin0 ? p : vf{});
-      std::memcpy(cells.bin0_counts + j, &n, sizeof(n));
-      std::memcpy(cells.bin0_conf + j, &c, sizeof(c));
-      if (label >= j && label < j + kLanes && bin[label - j] == 0) cells.correct[label * M] += 1.0;
+    const vf e = exp_(scaled_vector(row + j, inv_t) - m);
+    if (!cells.bin0_conf) {
+      const vf p = e / s;
+      const vi bin = bin_of(p, m_float, (int32_t)M);
+      for (int i = 0; i < kLanes; ++i) add(j + i, p[i], bin[i]);
+      continue;
     }
-    if (any_lane(elsewhere))
+    const vf p = e * inv_s;
+    const vi in_bin0 = p * m_float < kSurelyBin0;
+    vd c;
+    std::memcpy(&c, cells.bin0_conf + j, sizeof(c));
+    c += to_double(in_bin0 ? p : vf{});
+    std::memcpy(cells.bin0_conf + j, &c, sizeof(c));
+    if (label >= j && label < j + kLanes && in_bin0[label - j]) cells.correct[label * M] += 1.0;
+    if (any_lane(~in_bin0))
       for (int i = 0; i < kLanes; ++i)
-        if (elsewhere[i]) add(j + i, p[i], bin[i]);
+        if (!in_bin0[i]) add(j + i, p[i], bin_of(e[i] / s, m_float, (int32_t)M));
   }
   for (; j < j1; ++j) {
-    const float p = exp_(scaled1(row + j, inv_t) - m) / s;
-    const int32_t bin = bin_of(p, (float)M, (int32_t)M);
-    if (cells.bin0_counts && bin == 0) {
-      cells.bin0_counts[j] += 1;
-      cells.bin0_conf[j] += (double)p;
-      if (j == label) cells.correct[j * M] += 1.0;
-    } else {
-      add(j, p, bin);
-    }
+    const float e = exp_(scaled1(row + j, inv_t) - m);
+    const float p = cells.bin0_conf ? e * inv_s : e / s;
+    add(j, p, cells.bin0_conf && p * m_float < kSurelyBin0 ? 0 : bin_of(e / s, m_float, (int32_t)M));
   }
 }
 
@@ -346,8 +348,9 @@ constexpr int64_t kPassRows = 65536;
 /// a time in two parallel loops (two barriers, whatever K): the rows' softmax (and with top1 their top-1 bins and
 /// scores, add_top1_and_scores into block 0, added by one thread in row order while the others start binning), then
 /// their classes binned by column chunks, each owned by one thread, which walks the rows in order reading its
-/// chunk of each (a second read of the logits, in contiguous pieces of up to 8 KiB). Bin 0 of every class goes to
-/// contiguous [K] arrays first (ClassCells), folded into the [K, M] outputs at the end. Per cell the rows add in row
+/// chunk of each (a second read of the logits, in contiguous pieces of up to 8 KiB). Σ p over bin 0 of every class
+/// goes to a contiguous [K] array first (ClassCells), folded into the [K, M] outputs at the end with bin 0's counts
+/// (the rows binned less the class's other bins). Per cell the rows add in row
 /// order, so the chunk width may follow the thread count. Returns the number of kept non-finite rows.
 template <class T>
 int64_t classwise_grouped(const T* x, const int64_t* labels, int64_t N, int64_t K, int64_t M, float inv_t,
@@ -360,11 +363,10 @@ int64_t classwise_grouped(const T* x, const int64_t* labels, int64_t N, int64_t 
   std::vector<RowSoftmax> softmax(G);
   std::vector<RowLabelSums> label_sums(G);
   std::vector<char> binned(G);
-  std::vector<int64_t> bin0_counts(K, 0);
   std::vector<double> bin0_conf(K, 0.0);
-  const ClassCells cells{counts, conf, correct, bin0_counts.data(), bin0_conf.data()};
-  int64_t n_nonfinite = 0;
-#pragma omp parallel reduction(+ : n_nonfinite)
+  const ClassCells cells{counts, conf, correct, bin0_conf.data()};
+  int64_t n_nonfinite = 0, n_binned = 0;
+#pragma omp parallel reduction(+ : n_nonfinite, n_binned)
   for (int64_t g0 = 0; g0 < N; g0 += G) {  // every thread walks the passes; the loops below share the work
     const int64_t g1 = std::min(N, g0 + G);
 #pragma omp for schedule(static)
@@ -373,6 +375,7 @@ int64_t classwise_grouped(const T* x, const int64_t* labels, int64_t N, int64_t 
       if (labels[i] == ignore_index) continue;
       softmax[i - g0] = scored_row_softmax(x + i * K, K, inv_t, labels[i], scores ? &label_sums[i - g0] : nullptr);
       binned[i - g0] = softmax[i - g0].finite;
+      n_binned += softmax[i - g0].finite;
       n_nonfinite += !softmax[i - g0].finite;
     }
     if (top1) {
@@ -388,8 +391,10 @@ int64_t classwise_grouped(const T* x, const int64_t* labels, int64_t N, int64_t 
           bin_classes(x + i * K, labels[i], j0, j1, M, inv_t, softmax[i - g0].max, softmax[i - g0].sum, cells);
     }
   }
-  for (int64_t j = 0; j < K; ++j) {
-    counts[j * M] = bin0_counts[j];
+  for (int64_t j = 0; j < K; ++j) {  // every binned row put class j in exactly one bin
+    int64_t elsewhere = 0;
+    for (int64_t k = 1; k < M; ++k) elsewhere += counts[j * M + k];
+    counts[j * M] = n_binned - elsewhere;
     conf[j * M] = bin0_conf[j];
   }
   return n_nonfinite;
