@@ -192,6 +192,9 @@ def test_cli_writes_the_report_files(tmp_path):
                  "--no-progress"]) == 0
     metrics = json.loads((out / "t" / "metrics.json").read_text())
     expected = ck_lm_eval.evaluate_samples(tmp_path / "run", n_bins=5, progress=False).results["t"].metrics
+    provenance = metrics.pop("provenance")  # what produced the numbers, in every JSON the report writes
+    assert provenance["calibkern"] == calibkern.__version__ and provenance["torch"] == torch.__version__
+    assert json.loads((out / "summary.json").read_text())["provenance"] == provenance
     assert metrics == json.loads(json.dumps(expected))
     rows = [json.loads(line) for line in (out / "t" / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 9 and set(rows[0]) == {"probs", "pred", "label", "confidence", "doc_id"}
@@ -498,7 +501,7 @@ def test_round_trip_through_the_real_harness(harness, tmp_path):
 
     model, tokenizer = io.load_model(harness.path / "model0")
     expected = calibkern.hf.evaluate(model, tokenizer, harness.examples, progress=False).metrics
-    assert set(metrics) == set(expected) | {"acc", "acc_norm", "brier_score"}
+    assert set(metrics) == set(expected) | {"acc", "acc_norm", "brier_score", "provenance"}
     for name in ("ece", "ece_debiased", "ece_l2", "mce", "cw_ece", "accuracy", "mean_confidence", "nll", "brier"):
         assert metrics[name] == pytest.approx(expected[name], abs=1e-6), name
     assert metrics["n"] == expected["n"] == 32
@@ -579,4 +582,5 @@ def test_a_truncated_samples_file_of_the_real_harness_stops_its_task_only(harnes
     assert err.startswith("calibkern: error: ") and "1 task failed: tiny_numeral: " in err
     assert f"{cut.name}:22: not a JSON line" in err
     whole = ck_lm_eval.evaluate_samples(harness.folders["model1"], progress=False).results["tiny_mcq"].metrics
-    assert json.loads((out / "tiny_mcq" / "metrics.json").read_text()) == json.loads(json.dumps(whole))
+    written = json.loads((out / "tiny_mcq" / "metrics.json").read_text())
+    assert written.pop("provenance") and written == json.loads(json.dumps(whole))

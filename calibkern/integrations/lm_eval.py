@@ -29,7 +29,7 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -725,9 +725,11 @@ def _markdown(summary: dict) -> str:
 
 
 def _write_summary(out_dir: str, summary: dict, markdown: str) -> None:
+    from ..pipeline.provenance import provenance
+
     os.makedirs(out_dir, exist_ok=True)
     with open(_inside(out_dir, "summary.json"), "w", encoding="utf-8") as handle:
-        json.dump(summary, handle, indent=2)
+        json.dump({**summary, "provenance": provenance()}, handle, indent=2)
     with open(_inside(out_dir, "summary.md"), "w", encoding="utf-8") as handle:
         handle.write(markdown)
 
@@ -736,12 +738,15 @@ def write_report(report: LmEvalReport, out_dir: str | os.PathLike) -> str:
     """``out_dir/<task>/{metrics.json, predictions.jsonl, reliability.png}`` per evaluated task and
     ``out_dir/summary.{md,json}``; returns the Markdown summary. Every task name is checked to be one folder
     inside ``out_dir`` before anything is written."""
+    from ..pipeline.provenance import provenance
     from ..pipeline.report import reliability_data, write_reliability_plot
 
     out_dir = os.fspath(out_dir)
     task_dirs = {task: _inside(out_dir, _folder_name(task, "task name")) for task in report.results}
+    produced_by = provenance()
     for task, result in report.results.items():
-        write_evaluation(result, task_dirs[task])
+        write_evaluation(replace(result, metrics={**result.metrics, "provenance": produced_by}),
+                         task_dirs[task])
         rel = reliability_data(result.option_logits, result.labels, report.n_bins, report.temperature,
                                result.metrics.get("smece_sigma"))
         write_reliability_plot(os.path.join(task_dirs[task], "reliability.png"), task, rel, result.metrics)
