@@ -163,17 +163,25 @@ def test_classwise_vocabulary_rows_on_bin_edges(edge, at_end):
 
 
 def test_classwise_vocabulary_rows_bin_as_the_exact_row_path():
-    """Classes with c = e/s within 8 ulps of the 0.1 edge and e ≠ 1 (so p = e·(1/s) may differ from c): at
-    vocabulary size they land in the exact path's bins."""
-    gen = torch.Generator().manual_seed(0)
-    rows, near, bins = 64, 9, 10
-    c = 0.1 * (1 + torch.randint(-8, 9, (rows, near), generator=gen, dtype=torch.float64) * 2**-24)
-    x = torch.full((rows, VOCAB), -1e4)
-    x[:, :near] = c.log().float()
-    x[:, near] = (1 - c.sum(dim=1)).log().float()
-    y = torch.randint(0, near + 1, (rows,), generator=gen)
+    """Classes whose e·(1/s) and e/s (float32) fall on the two sides of the 0.1 edge: at vocabulary size they land
+    in the exact c = e/s's bin. Found among e = 1 − k·2⁻²⁴ (logit −k·2⁻²⁴, exactly that e on any exp within an ulp)
+    and s up to 40 ulps from 10; each row: that class, 8 logits 0 and one log(s − 8 − e)."""
+    bins, one = 10, torch.tensor(1.0)
+    e = 1 - torch.arange(200, dtype=torch.float64) * 2**-24
+    rows = []
+    for step in range(-40, 41):
+        s = torch.tensor(10.0)
+        for _ in range(abs(step)):
+            s = torch.nextafter(s, torch.tensor(0.0 if step < 0 else 99.0))
+        straddle = (((e.float() / s) * bins >= 1) != ((e.float() * (one / s)) * bins >= 1)).nonzero().flatten()
+        rows += [(s.item(), e[i].item()) for i in straddle]
+    assert len(rows) >= 4, rows
+    x = torch.full((len(rows), VOCAB), -1e4)
+    for row, (s, e_near) in enumerate(rows):
+        x[row, :10] = torch.tensor([math.log(e_near)] + [0.0] * 8 + [math.log(s - 8 - e_near)])
+    y = torch.arange(len(rows)) % 2  # the straddling class or a 0 logit
     cut = assert_vocabulary_bins_as_cut_rows(x, y, bins, at_end=False)
-    assert 0 < cut[0][:near, 0].sum() < rows * near  # the near classes fall on both sides of the edge
+    assert cut[0][0, 1] > 0  # the straddling classes in bin 1 (c·M ≥ 1 where e·(1/s)·M < 1)
 
 
 def test_ignored_rows_contribute_nothing():

@@ -126,10 +126,11 @@ constexpr float kSurelyBin0 = 1.0f - 1.0f / 65536.0f;
 /// Bins p_j = exp(z_j − m) / s of one row's classes j ∈ [j0, j1) into cells; per cell the rows add in the order
 /// of the calls. With bin0_conf, p_j = e_j · (1/s) (a multiplication, not a division): where p_j·M <
 /// kSurelyBin0 the class is in bin 0; elsewhere (a few classes a row) its bin is taken from the exact c = e_j / s,
-/// so every bin index is the one of c (docs/math.md's binning rule) and only the sums add p_j.
+/// so every bin index is the one of c (docs/math.md's binning rule) and only the sums add p_j. `ahead`: the next
+/// row to be binned (or null), whose [j0, j1) is prefetched while this one computes.
 template <class T>
 void bin_classes(const T* row, int64_t label, int64_t j0, int64_t j1, int64_t M, float inv_t, float m, float s,
-                 const ClassCells& cells) {
+                 const ClassCells& cells, const T* ahead = nullptr) {
   const auto add = [&](int64_t j, float p, int32_t bin) {
     if (cells.bin0_conf && bin == 0) {
       cells.bin0_conf[j] += (double)p;
@@ -151,6 +152,7 @@ void bin_classes(const T* row, int64_t label, int64_t j0, int64_t j1, int64_t M,
       for (int i = 0; i < kLanes; ++i) add(j + i, p[i], bin[i]);
       continue;
     }
+    if (ahead) __builtin_prefetch(ahead + j);
     const vf p = e * inv_s;
     const vi in_bin0 = p * m_float < kSurelyBin0;
     vd c;
@@ -388,7 +390,8 @@ int64_t classwise_grouped(const T* x, const int64_t* labels, int64_t N, int64_t 
       const int64_t j0 = chunk * chunk_width, j1 = std::min(K, j0 + chunk_width);
       for (int64_t i = g0; i < g1; ++i)
         if (binned[i - g0])
-          bin_classes(x + i * K, labels[i], j0, j1, M, inv_t, softmax[i - g0].max, softmax[i - g0].sum, cells);
+          bin_classes(x + i * K, labels[i], j0, j1, M, inv_t, softmax[i - g0].max, softmax[i - g0].sum, cells,
+                      i + 1 < g1 ? x + (i + 1) * K : nullptr);
     }
   }
   for (int64_t j = 0; j < K; ++j) {  // every binned row put class j in exactly one bin
