@@ -30,13 +30,14 @@ ISA_TESTS ?= tests/test_cpp_backend.py tests/test_row_metrics.py tests/test_dete
 	tests/test_fused_linear.py tests/test_apply_fused_loss.py tests/test_hf_models.py
 
 test: $(STAMP)
+	$(PY) -m calibkern info
 	$(PY) -m pytest -q tests
 	$(MAKE) --no-print-directory test-isa
 
 test-isa: $(STAMP)
 	@if grep -qw avx2 /proc/cpuinfo; then \
-		CALIBKERN_MARCH=$(ISA_MARCH) CALIBKERN_CACHE=$(abspath $(VENV))/calibkern-cache \
-			$(PY) -m pytest -q -p no:cacheprovider $(ISA_TESTS); \
+		export CALIBKERN_MARCH=$(ISA_MARCH) CALIBKERN_CACHE=$(abspath $(VENV))/calibkern-cache && \
+		$(PY) -m calibkern info && $(PY) -m pytest -q -p no:cacheprovider $(ISA_TESTS); \
 	else echo "test-isa: this CPU has no AVX2; the $(ISA_MARCH) run is skipped"; fi
 
 demo: $(STAMP)
