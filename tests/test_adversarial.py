@@ -33,6 +33,21 @@ def test_nan_weight_row_gives_a_nan_loss_on_every_backend(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_cross_entropy_kernel_at_the_largest_finite_logits(backend, smoothing):
+    """A row of ±(float32 max)/2: Σ (z − max) overflows float32, which once made the label-smoothing term
+    0 · (−inf) = NaN even with no smoothing; the kernels sum (z − max)/V instead."""
+    big = torch.finfo(torch.float32).max / 2
+    logits = torch.full((2, 40), -big)
+    logits[:, 39] = big
+    targets = torch.tensor([39, 0])
+    want = backends.get_module("torch").cross_entropy_(logits.double(), targets, -100, smoothing)
+    loss = backends.get_module(backend).cross_entropy_(logits, targets, -100, smoothing)
+    assert torch.isfinite(loss).all() and torch.isfinite(logits).all()
+    torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_cross_entropy_kernel_contract_for_nonfinite_rows(backend, bad):
     module = backends.get_module(backend)

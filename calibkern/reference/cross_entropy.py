@@ -24,7 +24,8 @@ def cross_entropy_(logits: torch.Tensor, targets: torch.Tensor, ignore_index: in
     n_columns = logits.shape[1]
     m = logits.amax(dim=1, keepdim=True)
     z_y = logits.gather(1, safe[:, None])
-    centred_mean = (logits - m).mean(dim=1, keepdim=True) if label_smoothing else 0.0
+    # the mean of z − max as Σ (z − max) / V: the plain sum overflows float32 at the largest finite logits
+    centred_mean = ((logits - m) / n_columns).sum(dim=1, keepdim=True) if label_smoothing else 0.0
     logits.sub_(m).exp_()
     s = logits.sum(dim=1, keepdim=True)
     log_s = s.log()

@@ -22,7 +22,7 @@ at::Tensor cross_entropy_(at::Tensor& logits, const at::Tensor& targets, int64_t
   float* out = loss.data_ptr<float>();
   const int64_t* y = targets.const_data_ptr<int64_t>();
   const float eps = static_cast<float>(label_smoothing), lam = static_cast<float>(lse_square_scale);
-  const float uniform = eps / static_cast<float>(V);
+  const float uniform = eps / static_cast<float>(V), inv_v = 1.0f / static_cast<float>(V);
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < n; ++i) {
     float* z = z_all + i * V;
@@ -42,11 +42,12 @@ at::Tensor cross_entropy_(at::Tensor& logits, const at::Tensor& targets, int64_t
     const float lse = rs.max + log_s;
     const float p_scale = (1.0f + 2.0f * lam * lse) / rs.sum;
     const vf m = splat<vf>(rs.max), scale = splat<vf>(p_scale), shift = splat<vf>(uniform);
-    vf centred_lanes = {};
+    const vf per_column = splat<vf>(inv_v);
+    vf centred_lanes = {};  // mean of z − max as a sum of (z − max) / V: no overflow at extreme logits
     int64_t j = 0;
     for (; j + kLanes <= V; j += kLanes) {
       const vf d = load_vector(z + j) - m;
-      centred_lanes += d;
+      centred_lanes += d * per_column;
       const vf g = exp_(d) * scale - shift;
       std::memcpy(z + j, &g, sizeof(g));
     }
@@ -54,11 +55,12 @@ at::Tensor cross_entropy_(at::Tensor& logits, const at::Tensor& targets, int64_t
     for (int l = 0; l < kLanes; ++l) centred += lane(centred_lanes, l);
     for (; j < V; ++j) {
       const float d = z[j] - rs.max;
-      centred += d;
+      centred += d * inv_v;
       z[j] = exp_(d) * p_scale - uniform;
     }
     z[y[i]] -= 1.0f - eps;
-    out[i] = log_s - (1.0f - eps) * gap - uniform * centred + lam * lse * lse;
+    // the smoothing term only when ε ≠ 0: 0 · (−inf) would be NaN where a row's mean underflows
+    out[i] = log_s - (1.0f - eps) * gap - (eps != 0.0f ? eps * centred : 0.0f) + lam * lse * lse;
   }
   return loss;
 }

@@ -32,16 +32,19 @@ def _cross_entropy_kernel(logits_ptr, targets_ptr, loss_ptr, N, V, ignore_index,
     lse = m + log_s
     p_scale = (1.0 + 2.0 * z_scale * lse) / s
     uniform = smoothing / V
-    centred = tl.zeros([BLOCK_N], dtype=tl.float32)
+    per_column = 1.0 / V
+    centred = tl.zeros([BLOCK_N], dtype=tl.float32)  # mean of z − max as Σ (z − max) / V: no overflow
     for k0 in range(0, V, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         d = load_tile(logits_ptr, row_off, cols, V, 1.0) - m[:, None]
-        centred += tl.sum(tl.where((cols < V)[None, :], d, 0.0), axis=1)
+        centred += tl.sum(tl.where((cols < V)[None, :], d * per_column, 0.0), axis=1)
         one_hot = tl.where(cols[None, :] == targets[:, None], 1.0 - smoothing, 0.0)
         grad = tl.where(finite[:, None], tl.exp(d) * p_scale[:, None] - uniform - one_hot, float("nan"))
         grad = tl.where(keep[:, None], grad, 0.0)
         tl.store(logits_ptr + row_off[:, None] + cols[None, :], grad, mask=in_range[:, None] & (cols < V)[None, :])
-    loss = log_s - (1.0 - smoothing) * (target_logit - m) - uniform * centred + z_scale * lse * lse
+    # the smoothing term only when ε ≠ 0: 0 · (−inf) would be NaN where a row's mean underflows
+    loss = log_s - (1.0 - smoothing) * (target_logit - m) - tl.where(smoothing != 0.0, smoothing * centred, 0.0) \
+        + z_scale * lse * lse
     loss = tl.where(finite, loss, float("nan"))
     tl.store(loss_ptr + rows, tl.where(keep, loss, 0.0), mask=in_range)
 
