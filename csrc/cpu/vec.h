@@ -155,26 +155,25 @@ template <class V, class... C> inline V polynomial(V x, float c0, C... rest) {
   return horner(splat<V>(c0), x, rest...);
 }
 
-/// y · 2^n for the integer-valued n = t − kRoundMagic (n sits in t's low mantissa bits). With AVX-512 one
-/// vscalefps (correct underflow through the subnormals); otherwise n's exponent bits, flushing below 2^−126
-/// (the caller zeroes x below its lower bound).
+/// y · 2^n for the integer-valued n = t − kRoundMagic (n sits in t's low mantissa bits), n ∈ [−150, 127],
+/// with correct underflow through the subnormals on every instruction set: with AVX-512 one vscalefps;
+/// otherwise two normal powers of two, 2^⌊n/2⌋ · 2^(n−⌊n/2⌋), the first product exact and the second rounded
+/// once (as vscalefps rounds), so an AVX2 build gives the same subnormal exp as an AVX-512 one.
 template <class V> inline V scale_by_pow2(V y, V n, [[maybe_unused]] V t) {
 #ifdef __AVX512F__
   if constexpr (Lane<V>::n == 1) return _mm_cvtss_f32(_mm_scalef_ss(_mm_set_ss(y), _mm_set_ss(n)));
   else return (vf)_mm512_scalef_ps((__m512)y, (__m512)n);
 #else
-  return y * from_bits((as_bits(t) - (as_bits(kRoundMagic) - 127)) << 23);
+  const auto k = as_bits(t) - as_bits(kRoundMagic);  // n as an integer
+  const auto half = k >> 1;
+  return y * from_bits((half + 127) << 23) * from_bits((k - half + 127) << 23);
 #endif
 }
 
 /// exp(x) in float32, ~1 ulp, for finite x ≤ 88 (−inf gives 0): Cephes' Cody-Waite range reduction and
 /// minimax polynomial.
 template <class V> inline V exp_(V x) {
-#ifdef __AVX512F__
-  const float lo = -104.0f;         // exp(−104) < 2^−150 rounds to 0
-#else
-  const float lo = -87.33654475f;   // ln 2^−126
-#endif
+  const float lo = -104.0f;  // exp(−104) < 2^−150 rounds to 0
   V xc = vmin(vmax(x, splat<V>(lo)), splat<V>(88.0f));
   V t = xc * kLog2e + kRoundMagic;
   V n = t - kRoundMagic;                           // round(x / ln 2)
@@ -182,12 +181,7 @@ template <class V> inline V exp_(V x) {
   r = r - n * -2.12194440e-4f;
   V p = polynomial(r, 1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f,
                    5.0000001201e-1f);
-  V y = scale_by_pow2(p * (r * r) + r + 1.0f, n, t);
-#ifdef __AVX512F__
-  return y;
-#else
-  return x < lo ? V{} : y;
-#endif
+  return scale_by_pow2(p * (r * r) + r + 1.0f, n, t);
 }
 
 /// 2^y in float32, ~2 ulp, for y ∈ [−126, 127]: y = n + f with n = round(y), |f| ≤ 1/2, and
