@@ -31,7 +31,7 @@ ISA_TESTS ?= tests/test_cpp_backend.py tests/test_row_metrics.py tests/test_dete
 
 test: $(STAMP)
 	$(PY) -m calibkern info
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 	$(MAKE) --no-print-directory test-isa
 
 test-isa: $(STAMP)
