@@ -23,7 +23,7 @@ from . import _validate as V
 from .backends import resolve
 from .losses import CalibrationLossOutput, _check_ce_options, fused_linear_calibration_loss
 from .ops import custom_ops
-from .ops.fused_linear import default_chunk_size
+from .ops.fused_linear import chunk_logits, default_chunk_size
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -116,12 +116,7 @@ def _row_losses(input, weight, target, bias, ignore_index, label_smoothing, lse_
 
 def _chunk_loss(h, weight, bias, targets, ignore_index, options, softcap, backend):
     """``(row losses, ∂loss_i/∂(h Wᵀ + b))`` of one chunk of rows, by the backend's cross-entropy kernel."""
-    logits = (h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t())).float()
-    cap_slope = None
-    if softcap is not None:
-        capped = logits.div_(softcap).tanh_()
-        cap_slope = 1.0 - capped * capped
-        logits = capped.mul_(softcap)
+    logits, cap_slope = chunk_logits(h, weight.t(), bias, torch.float32, softcap)
     loss = custom_ops.cross_entropy_(logits, targets, ignore_index, backend, *options)
     return loss, logits if cap_slope is None else logits.mul_(cap_slope)
 

@@ -81,11 +81,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         row_losses = []
         for start in range(0, n, chunk_size):
             h = h_rows[start:start + chunk_size]
-            logits = (h @ weight_t if bias is None else torch.addmm(bias, h, weight_t)).to(acc)
-            if softcap is not None:  # z' = c tanh(z / c), dz'/dz = 1 − tanh²(z / c)
-                capped = logits.div_(softcap).tanh_()
-                cap_slope = 1.0 - capped * capped
-                logits = capped.mul_(softcap)
+            logits, cap_slope = chunk_logits(h, weight_t, bias, acc, softcap)
             chunk_targets = targets[start:start + chunk_size]
             prediction = None if token is None else token.predict(logits, chunk_targets, ignore_index, shard)
             label_grad = None
@@ -99,7 +95,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             if token is not None:
                 token.update_(grad_logits, chunk_targets, ignore_index, fold=need_hidden or need_weight or need_bias,
                               prediction=prediction, shard=shard, label_grad=label_grad)
-            if softcap is not None:
+            if cap_slope is not None:
                 grad_logits.mul_(cap_slope)
                 del cap_slope
             if grad_rows is not None:
@@ -163,6 +159,17 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             grad_hidden.index_copy_(0, rows, grad_rows.to(ctx.hidden_dtype))
         return (grad_hidden, _cast(grad_weight, ctx.weight_dtype), _cast(grad_bias, ctx.weight_dtype),
                 None, None, None, None, None, None, None, None, None, None, None)
+
+
+def chunk_logits(h, weight_t, bias, dtype, softcap):
+    """``(z, dz/d(h Wᵀ + b))`` of one chunk: ``z = h Wᵀ + b`` in ``dtype``, soft-capped in place as
+    ``z = c tanh(z / c)`` with slope ``1 − tanh²(z / c)`` when ``softcap`` is a number (slope None otherwise)."""
+    logits = (h @ weight_t if bias is None else torch.addmm(bias, h, weight_t)).to(dtype)
+    if softcap is None:
+        return logits, None
+    capped = logits.div_(softcap).tanh_()
+    cap_slope = 1.0 - capped * capped
+    return capped.mul_(softcap), cap_slope
 
 
 def softcap_logits(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
