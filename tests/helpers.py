@@ -71,6 +71,14 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def spawn_ranks(worker, out_dir, world: int) -> list:
+    """Run ``worker(rank, port, out_dir)`` in ``world`` spawned processes and load the ``rank{r}.pt`` each saved."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(worker, args=(free_port(), str(out_dir)), nprocs=world, join=True)
+    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+
+
 def torchrun_ranks(script: str, out_dir, world: int) -> list:
     """Run ``script out_dir`` under ``torchrun --nproc_per_node world`` (one thread per rank) and load the
     ``rank{r}.pt`` each rank saved in ``out_dir``."""

@@ -12,11 +12,10 @@ computed, and the tests compare it with the whole-data computation here. Counts 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import calibkern as ck
 
-from helpers import free_port, random_labels, random_logits
+from helpers import random_labels, random_logits, spawn_ranks
 
 WORLD = 2
 N, K, M = 1001, 4, 10  # odd N: the two halves differ in size
@@ -95,8 +94,7 @@ def _worker(rank, port, out_dir):
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("distributed")
-    mp.spawn(_worker, args=(free_port(), str(out_dir)), nprocs=WORLD, join=True)
-    ranks = [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    ranks = spawn_ranks(_worker, out_dir, WORLD)
 
     def whole_em_rows(r):  # EM round r on one process: the round's rows of every rank
         parts = [em_batch(*shard(rank), r) for rank in range(WORLD)]

@@ -18,11 +18,10 @@
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import calibkern as ck
 
-from helpers import assert_same_training_state, assert_trained, free_port
+from helpers import assert_same_training_state, assert_trained, spawn_ranks
 
 pytest.importorskip("transformers")
 
@@ -207,8 +206,7 @@ def _worker(rank, port, out_dir):
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("vocab_parallel")
-    mp.spawn(_worker, args=(free_port(), str(out_dir)), nprocs=WORLD, join=True)
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return spawn_ranks(_worker, out_dir, WORLD)
 
 
 def _assert_close(got, want, path):
