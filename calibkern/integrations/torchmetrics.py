@@ -28,7 +28,8 @@ except ImportError as error:  # torchmetrics is an optional dependency
                       ) from error
 
 from .. import _validate as V
-from ..metrics import NORMS, BinStats, binned_stats
+from ..metrics import NORMS, BinStats
+from ..ops.binned_stats import binned_stats_tensors
 from ..reference import bin_index
 
 __all__ = ["BinaryCalibrationError", "CalibrationError", "MulticlassCalibrationError"]
@@ -158,7 +159,7 @@ class MulticlassCalibrationError(_BinnedCalibrationError):
             confidences, predictions = preds.max(dim=1)
             self._add_confidences(confidences.float(), predictions == target)
         else:
-            self._add(binned_stats(preds, target, self.n_bins, ignore_index=_NO_IGNORE))
+            self._add(BinStats(*binned_stats_tensors(preds, target, self.n_bins, ignore_index=_NO_IGNORE)))
 
 
 class CalibrationError:
