@@ -88,8 +88,9 @@ def fused_linear_calibration_loss(hidden, weight, labels, *, option_ids, bias=No
 
     ``label_smoothing=ε`` and ``lse_square_scale=λ`` change each supervised row's cross-entropy to
     ``lse − (1 − ε) z_y − (ε/V) Σ_j z_j + λ lse²`` (PyTorch's label smoothing over the whole vocabulary, and the
-    z-loss), inside the cross-entropy kernel (docs/math.md#the-fused-linear-loss); neither combines with the token
-    statistics or a vocabulary split.
+    z-loss), inside the cross-entropy kernel (docs/math.md#the-fused-linear-loss); the token statistics and the
+    token term read the softmax back from that gradient, and a vocabulary split applies both in its all-reduced
+    cross-entropy.
 
     Vocabulary parallel (docs/distributed.md#vocabulary-parallel-loss): ``weight`` (and ``bias``) may be a
     ``DTensor`` sharded on dim 0 over one mesh dimension, or this rank's rows of a vocabulary split over the
@@ -119,9 +120,11 @@ def fused_linear_calibration_loss(hidden, weight, labels, *, option_ids, bias=No
                          f"calibration None or 'token_hard_bin')")
     option_ids = (_check_option_ids(option_ids, vocab_size, device) if has_options
                   else torch.zeros(0, dtype=torch.long, device=device))
+    ce_options = _check_ce_options(label_smoothing, lse_square_scale)
     token = None
     if token_stats or full_stats or calibration == "token_hard_bin":
         token = TokenStatistics(n_bins, device, token=token_stats, full=full_stats, lam=lam, sft_weight=sft_weight,
+                                ce_options=ce_options,
                                 bin_accuracy=None if calibration != "token_hard_bin" else V.check_vector(
                                     bin_accuracy, "bin_accuracy", n_bins, device, low=0.0, high=1.0).float())
     targets = _targets(labels, hidden, ignore_index, shift, vocab_size)
@@ -151,7 +154,6 @@ def fused_linear_calibration_loss(hidden, weight, labels, *, option_ids, bias=No
 
     if logit_softcap is not None:
         logit_softcap = V.check_positive_float(logit_softcap, "logit_softcap")
-    ce_options = _check_ce_options(label_smoothing, lse_square_scale, token is not None or shard is not None)
     loss_sum, option_logits, *extras = FusedLinearCrossEntropy.apply(
         hidden_2d, weight, bias, rows, row_targets, option_ids, chunk_size, backend_name, ignore_index,
         torch.is_grad_enabled(), logit_softcap, token, shard, ce_options)
@@ -290,17 +292,14 @@ def _check_calibration_state(calibration, bin_accuracy, em_state):
         raise ValueError(f"em_state is only used with calibration='em', not {calibration!r}")
 
 
-def _check_ce_options(label_smoothing, lse_square_scale, token_or_shard: bool) -> tuple[float, float]:
-    """``(ε, λ)`` checked: ε in [0, 1], λ ≥ 0, and neither with token statistics or a vocabulary split."""
+def _check_ce_options(label_smoothing, lse_square_scale) -> tuple[float, float]:
+    """``(ε, λ)`` checked: ε in [0, 1], λ ≥ 0."""
     smoothing, z_scale = _check_real(label_smoothing, "label_smoothing"), _check_real(lse_square_scale,
                                                                                        "lse_square_scale")
     if not 0.0 <= smoothing <= 1.0:
         raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing!r}")
     if z_scale < 0.0:
         raise ValueError(f"lse_square_scale must be ≥ 0, got {lse_square_scale!r}")
-    if (smoothing or z_scale) and token_or_shard:
-        raise ValueError("label_smoothing and lse_square_scale do not combine with token_stats, full_stats, "
-                         "calibration='token_hard_bin' or a vocabulary-parallel weight")
     return smoothing, z_scale
 
 

@@ -64,7 +64,7 @@ class FusedLinearCrossEntropyLoss(nn.Module):
                  token_stats=False, chunk_size=None, backend=None):
         super().__init__()
         V.check_choice(reduction, "reduction", REDUCTIONS)
-        _check_ce_options(label_smoothing, lse_square_scale, False)
+        _check_ce_options(label_smoothing, lse_square_scale)
         self.ignore_index, self.lse_square_scale, self.label_smoothing = ignore_index, lse_square_scale, label_smoothing
         self.reduction, self.softcap, self.calibration = reduction, softcap, calibration
         self.register_buffer("option_ids", None if option_ids is None
@@ -100,7 +100,7 @@ def _row_losses(input, weight, target, bias, ignore_index, label_smoothing, lse_
                          f"{tuple(weight.shape)}")
     if tuple(target.shape) != tuple(input.shape[:-1]):
         raise ValueError(f"target must have shape {tuple(input.shape[:-1])}, got {tuple(target.shape)}")
-    options = _check_ce_options(label_smoothing, lse_square_scale, False)
+    options = _check_ce_options(label_smoothing, lse_square_scale)
     softcap = None if softcap is None else V.check_positive_float(softcap, "softcap")
     targets = target.reshape(-1).long()
     check = ((targets >= 0) & (targets < weight.shape[0])) | (targets == ignore_index)

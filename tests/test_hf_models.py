@@ -148,15 +148,6 @@ def test_lora_head_with_dropout_is_refused_in_training(setup):
     check_logit_parity(model, batch)  # in eval mode the dropout is off and the adapter is exact
 
 
-def test_label_smoothing_factor_is_refused(setup, tmp_path):
-    tokenizer, option_ids, examples = setup
-    dataset = build_sft_dataset(tokenizer, examples, option_ids, supervise="completion")
-    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, label_smoothing_factor=0.3)
-    with pytest.raises(ValueError, match="label_smoothing_factor"):
-        CalibrationTrainer(make_zoo_model("llama", tokenizer), args, dataset,
-                           calibration=CalibrationConfig(method="cft", option_ids=option_ids, bin_accuracy=[0.3] * 10))
-
-
 def test_evaluate_takes_dict_rows_and_refuses_too_few_option_ids(setup):
     tokenizer, option_ids, examples = setup
     model = make_zoo_model("llama", tokenizer)

@@ -12,7 +12,8 @@ pytest.importorskip("peft")
 from transformers import TrainingArguments  # noqa: E402
 
 import calibkern  # noqa: E402
-from calibkern.hf import CalibrationConfig, CalibrationTrainer, build_sft_dataset, compute_loss_func  # noqa: E402
+from calibkern.hf import (CalibrationConfig, CalibrationTrainer, build_sft_dataset, compute_loss_func,  # noqa: E402
+                          fused_loss_of)
 from calibkern.hf.data import MCQCollator, detect_option_ids  # noqa: E402
 from calibkern.hf.trainer import STATE_FILE  # noqa: E402
 from hf_tiny import make_examples, make_model, make_tokenizer  # noqa: E402
@@ -401,12 +402,12 @@ def test_compute_loss_func_scales_for_accumulation_in_training_only():
 
 @pytest.mark.parametrize("counted", [False, True])
 def test_label_smoothing_equals_the_trainers_label_smoother(setup, tmp_path, counted):
-    """Calibration off (lam = 0): the loss and gradients of transformers.Trainer's LabelSmoother on the
-    unpatched model's logits."""
+    """Calibration off (lam = 0), token and Full-ECE statistics on: the loss and gradients of transformers.Trainer's
+    LabelSmoother on the unpatched model's logits, and the statistics of the unsmoothed loss."""
     from transformers import Trainer
 
     tokenizer, option_ids, _ = setup
-    config = _config(option_ids, "cft", lam=0.0, token_stats=False)
+    config = _config(option_ids, "cft", lam=0.0, full_stats=True)
     ours = _trainer(setup, tmp_path / "ours", config=config, label_smoothing_factor=0.1)
     model = make_model(tokenizer)
     theirs = Trainer(model=model, args=_args(tmp_path / "theirs", label_smoothing_factor=0.1),
@@ -425,18 +426,37 @@ def test_label_smoothing_equals_the_trainers_label_smoother(setup, tmp_path, cou
         grads.append({name: p.grad.clone() for name, p in trainer.model.named_parameters()})
     torch.testing.assert_close(losses[0], losses[1], atol=1e-6, rtol=1e-6)
     plain = _trainer(setup, tmp_path / "plain", config=config)  # the same starting weights, ε = 0
-    with torch.no_grad():
-        unsmoothed = plain.compute_loss(plain.model, dict(batch), num_items_in_batch=n_items)
+    plain.model.train()  # a training call (grad on), so its statistics enter the window
+    unsmoothed = plain.compute_loss(plain.model, dict(batch), num_items_in_batch=n_items).detach()
     assert abs(float(unsmoothed) - float(losses[0])) > 1e-3  # smoothing changed the loss
     for name in grads[1]:
         torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5)
+    _assert_same_statistics(fused_loss_of(ours.model).window, fused_loss_of(plain.model).window)
 
 
-def test_label_smoothing_refusals(setup, tmp_path):
+def _assert_same_statistics(smoothed, plain):
+    """The token and Full-ECE statistics describe softmax(z), which label smoothing does not change."""
+    for name in ("token", "full"):
+        got, want = getattr(smoothed, f"{name}_stats"), getattr(plain, f"{name}_stats")
+        assert torch.equal(got.counts, want.counts) and torch.equal(got.sum_correct, want.sum_correct), name
+        torch.testing.assert_close(got.sum_conf, want.sum_conf, atol=1e-5, rtol=1e-6)
+
+
+def test_label_smoothing_with_token_cft(setup, tmp_path):
+    """token_cft's term folds into the smoothed gradient: one training loss is sft · CE_ε + lam · L_cal, with CE_ε
+    the smoothed cross-entropy (calibration off) and L_cal the term of the unsmoothed run."""
     tokenizer, option_ids, _ = setup
-    with pytest.raises(ValueError, match="token_stats=False"):
-        _trainer(setup, tmp_path, config=_config(option_ids, "cft"), label_smoothing_factor=0.1)
-    with pytest.raises(ValueError, match="token_cft"):
-        _trainer(setup, tmp_path, config=CalibrationConfig(method="token_cft", bin_accuracy=BIN_ACCURACY,
-                                                           token_stats=False, check_logits=False),
-                 label_smoothing_factor=0.1)
+    runs = {}
+    for name, lam, epsilon in (("term", 0.5, 0.1), ("ce", 0.0, 0.1), ("plain", 0.5, 0.0)):
+        config = CalibrationConfig(method="token_cft", bin_accuracy=BIN_ACCURACY, lam=lam, full_stats=True,
+                                   check_logits=False)
+        trainer = _trainer(setup, tmp_path / name, method="token_cft", config=config,
+                           label_smoothing_factor=epsilon)
+        batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(4)]))
+        trainer.model.train()
+        runs[name] = (trainer, trainer.compute_loss(trainer.model, dict(batch)))
+    (term, loss), (ce, ce_loss), (plain, _) = runs["term"], runs["ce"], runs["plain"]
+    window, plain_window = fused_loss_of(term.model).window, fused_loss_of(plain.model).window
+    cal = plain_window.cal_sum / plain_window.calls
+    torch.testing.assert_close(loss.detach(), ce_loss.detach() + 0.5 * cal.to(loss.dtype), atol=1e-6, rtol=1e-6)
+    _assert_same_statistics(window, plain_window)

@@ -94,6 +94,11 @@ def test_functional_form_calibration_and_statistics():
     torch.testing.assert_close(out.sft_loss, plain)
     assert int(out.token_stats.total()) == int((target != IGNORE).sum()) == int(out.bin_stats.total())
     assert ck.nn.FusedLinearCrossEntropyLoss(calibration="none")(weight, x, target, bias) == pytest.approx(float(plain))
+    smoothed = ck.nn.FusedLinearCrossEntropyLoss(label_smoothing=0.2, lse_square_scale=1e-3, token_stats=True)
+    torch.testing.assert_close(smoothed(weight, x, target, bias).double(),
+                               _eager(x, weight, bias, target, 0.2, 1e-3, "mean"), rtol=1e-5, atol=1e-5)
+    assert torch.equal(smoothed.output.token_stats.counts, out.token_stats.counts)  # statistics of softmax(z)
+    torch.testing.assert_close(smoothed.output.token_stats.sum_conf, out.token_stats.sum_conf, rtol=1e-6, atol=1e-6)
 
 
 def test_bad_options_raise_naming_them():
@@ -104,8 +109,6 @@ def test_bad_options_raise_naming_them():
         ck.nn.fused_linear_cross_entropy(x, weight, target, lse_square_scale=-1.0)
     with pytest.raises(ValueError, match="reduction must be one of"):
         ck.nn.fused_linear_cross_entropy(x, weight, target, reduction="batchmean")
-    with pytest.raises(ValueError, match="do not combine with token_stats"):
-        ck.nn.fused_linear_cross_entropy(x, weight, target, label_smoothing=0.1, token_stats=True)
     bad = target.clone()
     bad[0] = 37
     with pytest.raises(ValueError, match="target must lie in"):

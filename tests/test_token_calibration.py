@@ -12,6 +12,7 @@ from helpers import skip_unsupported_dtype
 
 BACKENDS = calibkern.available_backends()
 M, IGNORE = 10, -100
+SMOOTHED = {"label_smoothing": 0.2, "lse_square_scale": 1e-2}  # the statistics read softmax(z) back from G'
 ACCURACY = torch.tensor([0.0, 0.05, 0.2, 0.3, 0.45, 0.5, 0.7, 0.75, 0.9, 1.0])
 
 
@@ -31,8 +32,9 @@ def scatter(bins, weight, dtype):
 
 
 def oracle(hidden, weight, bias, labels, *, shift=True, bin_accuracy=None, lam=1.0, sft_weight=1.0,
-           num_items_in_batch=None, logit_softcap=None):
-    """Float64 full logits: the loss, and token and Full-ECE statistics as BinStats."""
+           num_items_in_batch=None, logit_softcap=None, label_smoothing=0.0, lse_square_scale=0.0):
+    """Float64 full logits: the loss (F.cross_entropy with ``label_smoothing`` plus the z-loss), and token and
+    Full-ECE statistics as BinStats."""
     z = hidden.double() @ weight.double().t() + (0.0 if bias is None else bias.double())
     if logit_softcap is not None:
         z = torch.tanh(z / logit_softcap) * logit_softcap
@@ -51,7 +53,8 @@ def oracle(hidden, weight, bias, labels, *, shift=True, bin_accuracy=None, lam=1
     full = BinStats(scatter(full_bins, torch.ones_like(full_bins), torch.int64),
                     scatter(full_bins, p.detach(), torch.float64), scatter(full_bins, is_label, torch.float64))
     n = num_items_in_batch if num_items_in_batch is not None else max(int(keep.sum()), 1)
-    ce = F.cross_entropy(z, y, reduction="sum") / n
+    ce = (F.cross_entropy(z, y, reduction="sum", label_smoothing=label_smoothing)
+          + lse_square_scale * z.logsumexp(1).square().sum()) / n
     cal = torch.zeros((), dtype=torch.float64)
     if bin_accuracy is not None:
         cal = ((conf - bin_accuracy.double()[bins]) ** 2).sum() / n
@@ -83,15 +86,17 @@ def test_telemetry_matches_float64(backend, shift, chunk_size):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("n_tok, vocab, scale", [(1, 7, 1.0), (47, 600, 1.0), (123, 1100, 3.0), (47, 2, 30.0)])
-def test_telemetry_odd_shapes_and_extreme_logits(backend, n_tok, vocab, scale):
+@pytest.mark.parametrize("ce_options", [{}, SMOOTHED])
+def test_telemetry_odd_shapes_and_extreme_logits(backend, n_tok, vocab, scale, ce_options):
     hidden, weight, bias, labels = make_batch(b=1, t=n_tok, d=8, v=vocab, seed=n_tok, scale=scale)
     labels[0, -1] = 0  # at least one supervised position
     out = fused_linear_calibration_loss(hidden[0], weight, labels[0], option_ids=None, bias=bias, calibration=None,
                                         shift=False, chunk_size=16, backend=backend, token_stats=True,
-                                        full_stats=True)
-    _, _, _, token, full = oracle(hidden[0], weight, bias, labels[0], shift=False)
+                                        full_stats=True, **ce_options)
+    _, ce, _, token, full = oracle(hidden[0], weight, bias, labels[0], shift=False, **ce_options)
     assert_stats_equal(out.token_stats, token)
     assert_stats_equal(out.full_stats, full)
+    torch.testing.assert_close(out.sft_loss.double(), ce, atol=2e-5, rtol=2e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -106,12 +111,13 @@ def test_ties_take_the_lowest_index(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("softcap", [None, 4.0])
-def test_token_hard_bin_matches_float64(backend, softcap):
+@pytest.mark.parametrize("softcap, ce_options", [(None, {}), (4.0, {}), (None, SMOOTHED),
+                                                 (4.0, {"label_smoothing": 0.1}), (None, {"lse_square_scale": 1e-2})])
+def test_token_hard_bin_matches_float64(backend, softcap, ce_options):
     hidden, weight, bias, labels = make_batch(seed=3)
     inputs = [x.clone().requires_grad_() for x in (hidden, weight, bias)]
     ref_inputs = [x.detach().double().requires_grad_() for x in (hidden, weight, bias)]
-    args = dict(bin_accuracy=ACCURACY, lam=0.7, sft_weight=1.3, logit_softcap=softcap)
+    args = dict(bin_accuracy=ACCURACY, lam=0.7, sft_weight=1.3, logit_softcap=softcap, **ce_options)
     out = fused_linear_calibration_loss(inputs[0], inputs[1], labels, option_ids=None, bias=inputs[2],
                                         calibration="token_hard_bin", chunk_size=4, backend=backend,
                                         token_stats=True, **args)

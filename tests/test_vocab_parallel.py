@@ -4,7 +4,8 @@
 * Each tensor-parallel pair computes :func:`calibkern.fused_linear_calibration_loss` with V = 37 split 19 / 18 (a
   ``DTensor`` sharded on dim 0, over the pair's 1-D mesh or the tensor dimension of the 2-D mesh) or 15 / 22 (local
   shards with ``vocab_parallel_group=``), option ids on both shards, ignored rows, several chunks: plain CE with
-  token and Full-ECE statistics and a bias, hard_bin with a soft-cap, em, token_hard_bin. Every rank equals one
+  token and Full-ECE statistics and a bias, hard_bin with a soft-cap, em, token_hard_bin, and CE and token_hard_bin
+  with label smoothing and the z-loss. Every rank equals one
   process on the whole weight — the loss and its parts, the bin / token / Full-ECE statistics, the hidden gradient,
   its own rows of the weight (and bias) gradient and the EM state — to ≤ 1e-5 (counts exactly).
 * FSDP2 × TP: the tiny Llama with ``ColwiseParallel`` on the lm_head over the tensor dimension and ``fully_shard``
@@ -34,6 +35,10 @@ CASES = {  # name: (calibration, layout, keyword arguments)
     "hard_bin": ("hard_bin", "dtensor_2d", dict(logit_softcap=3.0, token_stats=True)),
     "em": ("em", "group", dict(full_stats=True)),
     "token_hard_bin": ("token_hard_bin", "group", dict(token_stats=True, full_stats=True)),
+    "ce_smoothed": (None, "group", dict(token_stats=True, full_stats=True, bias=True, label_smoothing=0.1,
+                                        lse_square_scale=1e-3)),
+    "token_hard_bin_smoothed": ("token_hard_bin", "dtensor", dict(token_stats=True, full_stats=True,
+                                                                 label_smoothing=0.2, lse_square_scale=1e-2)),
 }
 
 

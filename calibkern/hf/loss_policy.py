@@ -26,8 +26,8 @@
 * ``label_smoothing = ε`` (``TrainingArguments.label_smoothing_factor``, CalibrationTrainer): the cross-entropy per
   supervised token becomes ``lse − (1 − ε) z_y − (ε/V) Σ_j z_j``, inside the fused kernel — what
   Transformers' ``LabelSmoother`` computes, both parts over the same denominator (the supervised tokens or
-  ``num_items_in_batch``). The token statistics read the kernel's unsmoothed gradient, so ε > 0 is refused with
-  ``token_stats`` / ``full_stats`` on and with token_cft (docs/hf.md#label-smoothing).
+  ``num_items_in_batch``); the token statistics and token_cft's term read the softmax back from the smoothed
+  gradient, so every method and telemetry combines with it (docs/hf.md#label-smoothing).
 """
 
 from __future__ import annotations
@@ -59,24 +59,11 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def _check_label_smoothing(epsilon, calibration: CalibrationConfig | None) -> float:
-    """ε in [0, 1), refused where the fused kernel cannot apply it (module docstring)."""
+def _check_label_smoothing(epsilon) -> float:
+    """ε in [0, 1)."""
     if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not 0.0 <= epsilon < 1.0:
         raise ValueError(f"label_smoothing (TrainingArguments.label_smoothing_factor) must lie in [0, 1), "
                          f"got {epsilon!r}")
-    if not epsilon:
-        return 0.0
-    where = f"label_smoothing_factor={epsilon}"
-    if calibration is None:
-        raise ValueError(f"{where} needs a CalibrationConfig with token_stats=False: plain cross-entropy logs the "
-                         "token statistics, which read the unsmoothed gradient inside the fused kernel")
-    if calibration.method == "token_cft":
-        raise ValueError(f"{where} does not combine with method='token_cft': its token term is folded into the "
-                         "unsmoothed cross-entropy gradient inside the fused kernel")
-    if calibration.token_stats or calibration.full_stats:
-        raise ValueError(f"{where} does not combine with CalibrationConfig(token_stats={calibration.token_stats}, "
-                         f"full_stats={calibration.full_stats}): the token statistics read the unsmoothed "
-                         "cross-entropy gradient inside the fused kernel; set token_stats=False and full_stats=False")
     return float(epsilon)
 
 
@@ -110,7 +97,7 @@ class LossPolicy:
         self.em_state = em_state if em_state is not None or method != "rcft" else calibration.new_em_state()
         self.token_stats = True if calibration is None else calibration.token_stats
         self.full_stats = False if calibration is None else calibration.full_stats
-        self.label_smoothing = _check_label_smoothing(label_smoothing, calibration)
+        self.label_smoothing = _check_label_smoothing(label_smoothing)
         self.gradient_accumulation_steps = gradient_accumulation_steps
         self.world_size: int | None = None
         self.stream_mstep = True

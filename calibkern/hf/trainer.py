@@ -35,7 +35,7 @@ with ``option_ids``) and ``calib_term`` (the mean calibration term); for every m
 
 Label smoothing: ``TrainingArguments.label_smoothing_factor = ε`` goes into the fused cross-entropy, per token
 ``lse − (1 − ε) z_y − (ε/V) Σ_j z_j`` over CE's denominator, as Transformers' ``LabelSmoother`` computes it
-(docs/hf.md#label-smoothing); it needs ``token_stats=False`` and ``full_stats=False``.
+(docs/hf.md#label-smoothing), with every method and the token statistics.
 
 token_cft: the token term ``Σ_t (c_t − A_b)² / n`` shares the cross-entropy's denominator
 (``num_items_in_batch``), so it is not divided by the accumulation steps; ``A_k`` come from a no-grad pass of

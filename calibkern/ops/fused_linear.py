@@ -89,7 +89,8 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                 row_losses.append(custom_ops.cross_entropy_(logits, chunk_targets, ignore_index, backend,
                                                             *ce_options))
             else:
-                row_loss, label_grad = vocab_parallel.cross_entropy_(logits, chunk_targets, ignore_index, shard)
+                row_loss, label_grad = vocab_parallel.cross_entropy_(logits, chunk_targets, ignore_index, shard,
+                                                                      *ce_options)
                 row_losses.append(row_loss)
             grad_logits = logits  # overwritten in place by cross_entropy_
             if token is not None:

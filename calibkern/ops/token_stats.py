@@ -23,14 +23,22 @@ with ``scatter_add_`` into ``[M]`` device tensors: no host synchronisation, addi
   ``∂L/∂z_t = 2 (c_t − A_b) c_t (e_ŷ − p_t)``, folded into the chunk in place:
   ``G ← s·G + λ·2(c − A)c (e_ŷ − G − e_y)`` with ``s`` the cross-entropy's weight.
 
+With label smoothing ε and the z-loss λ the kernel writes ``G' = σ p − (1 − ε) e_y − δ`` instead, with
+``δ = ε/V`` and ``σ = 1 + 2λ lse``; since ``Σ_j p_j = 1``, ``σ = 1 + Σ_j G'_j`` (a row sum, read only when λ > 0).
+So ``p_j = (G'_j + δ)/σ`` off the label and ``p_y = (G'_y + 1 − ε + δ)/σ``; ``v = max_{j≠y} G'_j`` is taken with the
+label's column set to −∞ for the one ``amax`` (``G'_y`` may exceed the others) and put back, and the term folds in
+as ``G' ← (s − κ/σ) G' − (κ/σ)(1 − ε) e_y − κδ/σ + κ e_ŷ`` with ``κ = λ_cal·2(c − A)c`` — for ε = λ = 0 the
+formulas above.
+
 Rows whose logits hold NaN or ±inf (an all-NaN ``G`` row) are left out of the bins and counted in
 ``n_skipped``; their cross-entropy and calibration term are NaN.
 
 Split over the vocabulary (calibkern.ops.vocab_parallel: each rank holds the columns ``[s, s + V_r)`` of ``G``),
 ``G_y`` comes from the cross-entropy (the same on every rank); ``max_j z_j``, its lowest index and ``z_y`` are
-all-reduced before the kernel, ``v = max_j G_j`` after, so ``c``, ``correct`` and the token statistics and term are
-the same on every rank; the fold touches the columns ``y`` and ``ŷ`` where they live. Each rank bins the Full-ECE entries of its own columns (the label's on the rank
-that holds it) and those sums are all-reduced once, in :meth:`TokenStatistics.outputs`.
+all-reduced before the kernel, ``v = max_j G_j`` (and ``σ``'s row sum) after, so ``c``, ``correct`` and the token
+statistics and term are the same on every rank; the fold touches the columns ``y`` and ``ŷ`` where they live. Each
+rank bins the Full-ECE entries of its own columns (the label's on the rank that holds it) and those sums are
+all-reduced once, in :meth:`TokenStatistics.outputs`.
 """
 
 from __future__ import annotations
@@ -72,12 +80,14 @@ class TokenStatistics:
 
     ``token``/``full`` switch the two telemetries; ``bin_accuracy`` (``[M]`` float32) switches the token
     calibration term on, with weights ``lam`` (the term) and ``sft_weight`` (the cross-entropy).
+    ``ce_options``: the cross-entropy's ``(label_smoothing, lse_square_scale)``, whose gradient the chunks hold.
     """
 
     def __init__(self, n_bins: int, device, *, token: bool, full: bool, bin_accuracy=None, lam: float = 1.0,
-                 sft_weight: float = 1.0):
+                 sft_weight: float = 1.0, ce_options: tuple[float, float] = (0.0, 0.0)):
         self.n_bins, self.token, self.full = n_bins, token, full
         self.bin_accuracy, self.lam, self.sft_weight = bin_accuracy, lam, sft_weight
+        self.label_smoothing, self.lse_square_scale = ce_options
         self.token_stats = self._zeros(device)
         self.full_stats = self._zeros(device)
         self.cal_sum = torch.zeros((), dtype=torch.float32, device=device)
@@ -123,14 +133,14 @@ class TokenStatistics:
             column, owned = label, torch.ones_like(supervised)
             predicted_column, predicted_owned = predicted, owned
             label_grad = grad.gather(1, label[:, None]).squeeze(1)
-            other = grad.amax(1)
         else:
             column, owned = shard.local(label)
             predicted_column, predicted_owned = shard.local(predicted)
-            other = shard.all_reduce_(grad.amax(1), dist.ReduceOp.MAX)
-        # other = max_{j≠y} p_j (G_y ≤ 0): p_ŷ when ŷ ≠ y, at most p_y when ŷ = y; p_y read back as G_y + 1 is
-        # kept on its side of it, and equals it where z_y ties the max
-        read_back = label_grad + 1.0
+        shift, scale, row_sum = self._affine(grad, shard)
+        # other = max_{j≠y} p_j: p_ŷ when ŷ ≠ y, at most p_y when ŷ = y; p_y read back from G_y is kept on its side
+        # of it, and equals it where z_y ties the max
+        other = (self._max_off_label(grad, column, owned, shard) + shift) / scale
+        read_back = (label_grad + (1.0 - self.label_smoothing + shift)) / scale
         label_prob = torch.where(correct, torch.maximum(read_back, other),
                                  torch.where(label_at_max, other, torch.minimum(read_back, other)))
         conf = torch.where(correct, label_prob, other)
@@ -142,21 +152,47 @@ class TokenStatistics:
             self.token_stats[3].add_((supervised & ~finite).sum())
         if self.full:
             self._update_full(grad, torch.where(owned, column, -1), label_grad, label_prob, kept,
-                              supervised & ~finite & owned)
+                              supervised & ~finite & owned, shift, scale, row_sum)
         if self.term:
             miss = conf - self.bin_accuracy[bins]
             self.cal_sum += torch.where(supervised, miss * miss, 0.0).sum()
-            if fold:
+            if fold:  # G ← s G + κ (e_ŷ − p), p = (G + (1 − ε) e_y + δ)/σ
                 coef = torch.where(supervised, (2.0 * self.lam) * miss * conf, 0.0)
-                grad.mul_((self.sft_weight - coef)[:, None])
-                grad.scatter_add_(1, column[:, None], torch.where(owned, -coef, 0.0)[:, None])
+                grad.mul_((self.sft_weight - coef / scale)[:, None])
+                if self.label_smoothing:
+                    grad.sub_((coef * shift / scale)[:, None])
+                grad.scatter_add_(1, column[:, None],
+                                  torch.where(owned, -coef * (1.0 - self.label_smoothing) / scale, 0.0)[:, None])
                 grad.scatter_add_(1, predicted_column[:, None], torch.where(predicted_owned, coef, 0.0)[:, None])
 
-    def _update_full(self, grad, column, label_grad, label_prob, kept, skipped) -> None:
+    def _affine(self, grad: torch.Tensor, shard: VocabShard | None):
+        """``(δ, σ, local row sums or None)`` of the module docstring: ``p_j = (G_j + δ)/σ`` off the label."""
+        vocab = grad.shape[1] if shard is None else shard.vocab_size
+        shift = self.label_smoothing / vocab if self.label_smoothing else 0.0
+        row_sum = grad.sum(1) if self.full or self.lse_square_scale else None
+        if not self.lse_square_scale:
+            return shift, 1.0, row_sum
+        total = row_sum if shard is None else shard.all_reduce_(row_sum.clone())
+        return shift, 1.0 + total, row_sum
+
+    def _max_off_label(self, grad, column, owned, shard) -> torch.Tensor:
+        """``max_{j≠y} G_j`` per row (all ranks' columns): the plain ``G_y = p_y − 1 ≤ 0`` never exceeds it, so one
+        ``amax``; with label smoothing or the z-loss the label's column is masked for it and restored."""
+        if self.label_smoothing or self.lse_square_scale:
+            at_label = grad.gather(1, column[:, None])
+            grad.scatter_(1, column[:, None], torch.where(owned[:, None], -torch.inf, at_label))
+            other = grad.amax(1)
+            grad.scatter_(1, column[:, None], at_label)
+        else:
+            other = grad.amax(1)
+        return other if shard is None else shard.all_reduce_(other, dist.ReduceOp.MAX)
+
+    def _update_full(self, grad, column, label_grad, label_prob, kept, skipped, shift, scale, row_sum) -> None:
         """Bin every entry of the rows ``kept`` of ``grad``: the label's ``label_prob`` where ``column`` ≥ 0
-        holds it (rows of ``kept`` whose label lives on another rank skip it), the rest from ``G``."""
+        holds it (rows of ``kept`` whose label lives on another rank skip it), the rest as ``(G + shift)/scale``."""
         vocab = grad.shape[1]
         top, top_index = grad.topk(min(self.n_bins + 1, vocab), dim=1, sorted=False)
+        top = (top + shift) / (scale if isinstance(scale, float) else scale[:, None])
         has_label = column >= 0
         other = (top_index != column[:, None]) & kept[:, None]
         top_other = torch.where(other, top, 0.0)
@@ -164,9 +200,11 @@ class TokenStatistics:
              torch.zeros_like(top, dtype=torch.bool).reshape(-1))
         with_label = kept & has_label
         _add(self.full_stats, bin_index(label_prob, self.n_bins), with_label, label_prob, with_label)
-        rest_count = torch.where(kept, vocab - has_label.long() - other.sum(1), 0).sum()
+        off_label = vocab - has_label.long()
+        rest_count = torch.where(kept, off_label - other.sum(1), 0).sum()
         own_label = torch.where(has_label, label_grad, 0.0).double()
-        rest_mass = (grad.sum(1).double() - own_label - top_other.sum(1).double()).clamp_min(0.0)
+        off_label_mass = (row_sum.double() - own_label + off_label * shift) / scale
+        rest_mass = (off_label_mass - top_other.sum(1).double()).clamp_min(0.0)
         counts, sum_conf, _, n_skipped = self.full_stats
         counts[0] += rest_count
         sum_conf[0] += torch.where(kept, rest_mass, 0.0).sum()

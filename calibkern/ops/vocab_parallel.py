@@ -8,6 +8,8 @@ numbers),
     m = max_r max_j z^r_j,   S = Σ_r Σ_j exp(z^r_j − m),   z_y = Σ_r [y ∈ r] z^r_{y − s_r},
     loss = m + log S − z_y,   G^r = exp(z^r − m) / S − e_{y − s_r}   (the columns of rank r of ``softmax − e_y``),
 
+(with label smoothing and the z-loss, :func:`cross_entropy_`: one more sum in the second all-reduce),
+
 so no rank holds a ``[rows, V]`` tensor. The gradient of each shard is ``G^rᵀ h`` (local); the hidden gradient
 ``Σ_r G^r W_r`` is all-reduced once per call in backward.
 """
@@ -73,22 +75,39 @@ def shard_of_dtensor(weight) -> tuple[torch.Tensor, VocabShard]:
                              torch.tensor(weight.shape[0], device=device))
 
 
-def cross_entropy_(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, shard: VocabShard):
-    """Overwrite this rank's float32 chunk ``logits [rows, V_r]`` with its columns of ``softmax(z) − e_y`` over
-    the whole vocabulary (0 on ignored rows); returns ``(loss per row, label gradient G_y = p_y − 1)``, both
-    the same on every rank (module docstring)."""
+def cross_entropy_(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, shard: VocabShard,
+                   label_smoothing: float = 0.0, lse_square_scale: float = 0.0):
+    """Overwrite this rank's float32 chunk ``logits [rows, V_r]`` with its columns of the cross-entropy's gradient
+    over the whole vocabulary (0 on ignored rows); returns ``(loss per row, label gradient G_y)``, both the same
+    on every rank (module docstring). With label smoothing ε and the z-loss λ (docs/math.md#the-fused-linear-loss)
+    the loss is ``lse − (1 − ε) z_y − (ε/V) Σ_j z_j + λ lse²`` and the gradient ``(1 + 2λ lse) p − (1 − ε) e_y −
+    ε/V``, ``Σ_j (z_j − m)/V`` entering the one all-reduce of the sums."""
     supervised = targets != ignore_index
     column, owned = shard.local(torch.where(supervised, targets, 0))
     owned &= supervised
     row_max = shard.all_reduce_(logits.amax(1), dist.ReduceOp.MAX)
     logits.sub_(row_max[:, None])
-    target_logit = torch.where(owned, logits.gather(1, column[:, None]).squeeze(1), 0.0)  # z_y − m
+    parts = [torch.where(owned, logits.gather(1, column[:, None]).squeeze(1), 0.0)]  # z_y − m
+    if label_smoothing:
+        parts.append((logits / shard.vocab_size).sum(1))  # Σ_j (z_j − m)/V: no overflow at huge logits
     logits.exp_()
-    sums = shard.all_reduce_(torch.stack([logits.sum(1), target_logit]))  # [S, z_y − m]
-    logits.mul_(torch.where(supervised, sums[0].reciprocal(), 0.0)[:, None])  # p, and 0 on ignored rows
-    logits.scatter_add_(1, column[:, None], -owned[:, None].to(logits.dtype))
-    label_grad = sums[1].exp() / sums[0] - 1.0
-    return torch.where(supervised, sums[0].log() - sums[1], 0.0), label_grad
+    sums = shard.all_reduce_(torch.stack([logits.sum(1), *parts]))  # [S, z_y − m, (Σ_j (z_j − m)/V)]
+    log_sum = sums[0].log()
+    loss = log_sum - (1.0 - label_smoothing) * sums[1]
+    grad_scale = sums[0].reciprocal()
+    if label_smoothing:
+        loss = loss - label_smoothing * sums[2]
+    if lse_square_scale:
+        lse = row_max + log_sum
+        loss = loss + lse_square_scale * lse * lse
+        grad_scale = grad_scale * (1.0 + 2.0 * lse_square_scale * lse)
+    logits.mul_(torch.where(supervised, grad_scale, 0.0)[:, None])  # σ p, and 0 on ignored rows
+    shift = label_smoothing / shard.vocab_size
+    if label_smoothing:
+        logits.sub_(torch.where(supervised, shift, 0.0)[:, None])
+    logits.scatter_add_(1, column[:, None], -(1.0 - label_smoothing) * owned[:, None].to(logits.dtype))
+    label_grad = sums[1].exp() * grad_scale - (1.0 - label_smoothing) - shift
+    return torch.where(supervised, loss, 0.0), label_grad
 
 
 def first_max(x: torch.Tensor, shard: VocabShard, local_first_max) -> tuple[torch.Tensor, torch.Tensor]:
