@@ -3,7 +3,9 @@
 ``calibkern.nn.FusedLinearCrossEntropyLoss`` forward + backward on ``[N, D]`` float32 hidden states and a
 ``[V, D]`` weight (every row supervised), plain (ε = λ = 0) against ``label_smoothing=0.1,
 lse_square_scale=1e-4``: the same chunk loop and matrix products, the options inside the cross-entropy kernel
-(one more add per logit in its gradient pass). Goal: time ≤ 1.1× the plain fused CE. Median of alternated rounds
+(one more add per logit in its gradient pass). The same pair again with ``token_stats=True`` (what
+``CalibrationTrainer`` runs by default), where the statistics read the softmax back from the smoothed gradient
+(docs/math.md#token-level-calibration). Goal: time ≤ 1.1× the plain fused CE. Median of alternated rounds
 (timing.median_times); one torch thread by default (``BENCH_THREADS``), the ``cpp`` backend.
 
     python benchmarks/bench_nn.py
@@ -30,21 +32,26 @@ def rows(quick: bool = False) -> list[dict]:
     x = torch.randn(N, DIM, generator=generator).requires_grad_()
     weight = (torch.randn(VOCAB, DIM, generator=generator) * 0.05).requires_grad_()
     target = torch.randint(0, VOCAB, (N,), generator=generator)
-    losses = {"plain": FusedLinearCrossEntropyLoss(backend="cpp"),
-              "smoothing+z-loss": FusedLinearCrossEntropyLoss(label_smoothing=0.1, lse_square_scale=1e-4,
-                                                              backend="cpp")}
+    smoothing = dict(label_smoothing=0.1, lse_square_scale=1e-4)
+    losses = {(options, stats): FusedLinearCrossEntropyLoss(backend="cpp", token_stats=stats,
+                                                            **(smoothing if options else {}))
+              for options in (False, True) for stats in (False, True)}
 
     def step(loss_fn):
         x.grad = weight.grad = None
         loss_fn(weight, x, target).backward()
 
-    times = timing.median_times({name: (lambda f=loss_fn: step(f)) for name, loss_fn in losses.items()},
+    times = timing.median_times({key: (lambda f=loss_fn: step(f)) for key, loss_fn in losses.items()},
                                 repeats=3 if quick else 7)
-    name = f"fused linear CE fwd+bwd N={N} D={DIM} V={VOCAB} fp32"
-    return [timing.ratio_row(source=SOURCE, name=name, candidate="label_smoothing=0.1 + lse_square_scale=1e-4",
-                             baseline="plain fused CE", candidate_value=times["smoothing+z-loss"]["median_s"],
-                             baseline_value=times["plain"]["median_s"], goal="time ≤ 1.1×", min_gain=1 / 1.1,
-                             notes=f"{torch.get_num_threads()} torch thread(s), cpp backend")]
+    result = []
+    for stats in (False, True):
+        name = f"fused linear CE fwd+bwd N={N} D={DIM} V={VOCAB} fp32{', token_stats' if stats else ''}"
+        result.append(timing.ratio_row(
+            source=SOURCE, name=name, candidate="label_smoothing=0.1 + lse_square_scale=1e-4",
+            baseline="plain fused CE", candidate_value=times[(True, stats)]["median_s"],
+            baseline_value=times[(False, stats)]["median_s"], goal="time ≤ 1.1×", min_gain=1 / 1.1,
+            notes=f"{torch.get_num_threads()} torch thread(s), cpp backend"))
+    return result
 
 
 if __name__ == "__main__":
