@@ -167,6 +167,20 @@ EXTRA = {
     "mixtral": ("MixtralForCausalLM", "MixtralConfig", dict(SMALL, **MOE, num_local_experts=4)),
     "qwen2_moe": ("Qwen2MoeForCausalLM", "Qwen2MoeConfig", dict(SMALL, **MOE, num_experts=4, moe_intermediate_size=16,
                                                                 shared_expert_intermediate_size=16)),
+    "qwen3_moe": ("Qwen3MoeForCausalLM", "Qwen3MoeConfig", dict(SMALL, **MOE, num_experts=4, moe_intermediate_size=16,
+                                                                head_dim=8)),
+    "olmoe": ("OlmoeForCausalLM", "OlmoeConfig", dict(SMALL, **MOE, num_experts=4)),
+    "granitemoe": ("GraniteMoeForCausalLM", "GraniteMoeConfig", dict(SMALL, **MOE, num_local_experts=4,
+                                                                     logits_scaling=4.0)),
+    # max_position_embeddings = 32 × 4096: its YaRN factor (32) over its original 4096 positions, as released
+    "gpt_oss": ("GptOssForCausalLM", "GptOssConfig", dict(SMALL, **MOE, num_local_experts=4, head_dim=8,
+                                                          max_position_embeddings=131072)),
+    "dbrx": ("DbrxForCausalLM", "DbrxConfig", dict(
+        d_model=32, n_heads=4, n_layers=2, max_seq_len=256, output_router_logits=True,
+        ffn_config=dict(ffn_hidden_size=64, moe_num_experts=4, moe_top_k=2, moe_loss_weight=0.5),
+        attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0))),
+    "hunyuan_moe": ("HunYuanMoEV1ForCausalLM", "HunYuanMoEV1Config", dict(SMALL, **MOE, num_experts=4, moe_topk=2,
+                                                                          head_dim=8)),
     "recurrent_gemma": ("RecurrentGemmaForCausalLM", "RecurrentGemmaConfig", dict(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         head_dim=8, lru_width=32, attention_window_size=16, logits_soft_cap=3.0,

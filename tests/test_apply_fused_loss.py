@@ -215,8 +215,12 @@ def test_token_cft_and_the_statistics_passes_equal_the_fused_loss_on_the_decoder
         model(input_ids=inputs["input_ids"], token_stats_only=True)
 
 
-@pytest.mark.parametrize("name, router_logits", [("mixtral", True), ("mixtral", False), ("qwen2_moe", True)],
-                         ids=["mixtral-aux", "mixtral-no-aux", "qwen2_moe-aux"])
+MOE_CASES = [("mixtral", True), ("mixtral", False), ("qwen2_moe", True), ("qwen3_moe", True), ("olmoe", True),
+             ("granitemoe", True), ("gpt_oss", True), ("dbrx", True)]
+
+
+@pytest.mark.parametrize("name, router_logits", MOE_CASES,
+                         ids=[f"{name}-{'aux' if on else 'no-aux'}" for name, on in MOE_CASES])
 def test_moe_router_aux_loss_is_added_as_the_model_adds_it(setup, name, router_logits):
     """With router logits on, the loss is CE + router_aux_loss_coef · aux_loss, as the model's own: equal losses,
     equal aux_loss, equal gradients (the routers' included)."""
@@ -236,8 +240,22 @@ def test_moe_router_aux_loss_is_added_as_the_model_adds_it(setup, name, router_l
     output.loss.backward()
     reference.loss.backward()
     assert_same_gradients(model, twin)
-    routers = [p.grad for k, p in model.named_parameters() if k.endswith(("gate.weight", "router.weight"))]
+    routers = [p.grad for k, p in model.named_parameters() if k.endswith("gate.weight") or ".router." in k]
     assert routers and all(g is not None and g.abs().sum() > 0 for g in routers)
+
+
+def test_moe_with_an_unknown_router_loss_is_refused(setup):
+    """HunYuan-MoE outputs router logits but computes no load_balancing_loss_func calibkern can call: refused by
+    name, with the way out; with router logits off it gives the model's own loss."""
+    from hf_tiny import make_extra_model
+
+    tokenizer, option_ids = setup
+    inputs = random_batch(tokenizer, option_ids)
+    with pytest.raises(ValueError, match="refuses HunYuanMoEV1ForCausalLM with output_router_logits=True"):
+        apply_fused_loss(make_extra_model("hunyuan_moe", tokenizer))(**inputs)
+    model = make_extra_model("hunyuan_moe", tokenizer, output_router_logits=False)
+    twin = copy.deepcopy(model)
+    torch.testing.assert_close(apply_fused_loss(model)(**inputs).loss, twin(**inputs).loss, rtol=1e-5, atol=1e-6)
 
 
 def test_lora_bias_on_the_lm_head_takes_part(setup):
