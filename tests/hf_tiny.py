@@ -198,6 +198,15 @@ EXTRA = {
     "bert_lm_head": ("BertLMHeadModel", "BertConfig", dict(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, is_decoder=True,
         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)),
+    "roberta_causal": ("RobertaForCausalLM", "RobertaConfig", dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, is_decoder=True,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, max_position_embeddings=256)),
+    "electra_causal": ("ElectraForCausalLM", "ElectraConfig", dict(  # a generator head from width 32 to 16
+        embedding_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        is_decoder=True, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)),
+    "modernbert_decoder": ("ModernBertDecoderForCausalLM", "ModernBertDecoderConfig", dict(  # get_decoder(): lm_head
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, cls_token_id=1,
+        sep_token_id=2)),
     "llama4": ("Llama4ForCausalLM", "Llama4TextConfig", dict(SMALL, num_key_value_heads=2, head_dim=8,
                                                               num_local_experts=2, intermediate_size_mlp=64)),
 }

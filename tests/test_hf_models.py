@@ -186,6 +186,10 @@ REFUSED = {  # model → what the refusal names
     "llama4": "refuses Llama4ForCausalLM: its get_decoder\\(\\) returns the model itself",
     "bert_lm_head": "refuses BertLMHeadModel: calibkern's fused path does not reproduce its logits",
     "bart_causal": "refuses BartForCausalLM: its own loss is .* does not shift its labels",
+    "roberta_causal": "refuses RobertaForCausalLM: calibkern's fused path does not reproduce its logits",
+    "electra_causal": "refuses ElectraForCausalLM: its decoder's hidden states have width 32 but its lm_head takes 16",
+    # get_decoder() names its lm_head: the base model runs, and its prediction head makes the logits differ
+    "modernbert_decoder": "refuses ModernBertDecoderForCausalLM: calibkern's fused path does not reproduce its logits",
 }
 
 

@@ -10,7 +10,7 @@ checkpointing, autocast set up by a PEFT wrapper — and the lm_head is never ca
 autocast wrapper sits on the causal LM itself it is bypassed for that call, so the trainer enters
 ``accelerator.autocast()`` around it. The causal LM is found by unwrapping
 ``.module`` (DDP, Accelerate), ``_orig_mod`` (``torch.compile``, which then compiles the decoder pass) and
-PEFT's ``get_base_model()``; its decoder is ``get_decoder()``.
+PEFT's ``get_base_model()``; its decoder is ``get_decoder()`` (:func:`decoder_of`).
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from ..ops.fused_linear import softcap_logits
 from ..ops.vocab_parallel import option_bias, option_weight
 
 __all__ = ["DecoderOutput", "LogitTransform", "RouterLoss", "causal_lm_of", "check_logit_parity", "decoder_forward",
-           "logit_transform", "option_logits_at", "refuse_unconsumed", "router_loss", "vocabulary_replicas",
-           "whole_logits"]
+           "decoder_of", "logit_transform", "option_logits_at", "refuse_unconsumed", "router_loss",
+           "vocabulary_replicas", "whole_logits"]
 
 # Arguments the decoder takes from a causal-LM call.
 DECODER_ARGUMENTS = ("input_ids", "attention_mask", "position_ids", "inputs_embeds", "token_type_ids")
@@ -69,11 +69,23 @@ def causal_lm_of(model: nn.Module) -> nn.Module:
         raise TypeError(f"calibkern refuses {name}: it is an encoder-decoder model (config.is_encoder_decoder), and "
                         "the fused path runs a decoder-only causal LM's decoder — the encoder would get no input and "
                         "no gradient; use compute_loss_func, which takes the model's own logits")
-    if seen.get_decoder() is seen:
-        raise TypeError(f"calibkern refuses {name}: its get_decoder() returns the model itself, so calibkern cannot "
-                        "run its decoder without the lm_head; use compute_loss_func, which takes the model's own "
-                        "logits")
+    decoder_of(seen)
     return seen
+
+
+def decoder_of(causal_lm: nn.Module) -> nn.Module:
+    """The decoder of a causal LM: ``get_decoder()``, or its ``base_model`` where ``get_decoder()`` names the lm_head
+    (a BERT-style ``decoder`` attribute, as in ModernBERT's decoder LM; the equivalence check then confirms the
+    path). Refuses, naming the class, a model whose decoder cannot be run without the lm_head."""
+    decoder, head = causal_lm.get_decoder(), causal_lm.get_output_embeddings()
+    heads = (head, getattr(head, "base_layer", None))
+    if any(decoder is module for module in heads):
+        decoder = getattr(causal_lm, "base_model", None)
+    if decoder is None or decoder is causal_lm or any(decoder is module for module in heads):
+        raise TypeError(f"calibkern refuses {type(causal_lm).__name__}: its get_decoder() returns the model itself "
+                        "or its lm_head, so calibkern cannot run its decoder without the lm_head; use "
+                        "compute_loss_func, which takes the model's own logits")
+    return decoder
 
 
 def refuse_unconsumed(causal_lm: nn.Module, inputs: dict) -> None:
@@ -253,12 +265,11 @@ def _decoder_as_forward(causal_lm: nn.Module):
     output graph: DDP (with ``find_unused_parameters``) then counts them as used instead of marking them
     ready before the backward pass reaches them.
     """
-    decoder = causal_lm.get_decoder()
     head = causal_lm.get_output_embeddings()
     transform = logit_transform(causal_lm)
 
     def decoder_forward(**kwargs):
-        hidden, aux_loss = decoder_pass(decoder, kwargs, router_loss(causal_lm, kwargs.get("output_router_logits")))
+        hidden, aux_loss = decoder_pass(causal_lm, kwargs, router_loss(causal_lm, kwargs.get("output_router_logits")))
         return projection(head, transform, hidden), aux_loss
 
     # Accelerate may already have set an instance ``forward`` (its autocast wrapper): put it back afterwards.
@@ -273,14 +284,26 @@ def _decoder_as_forward(causal_lm: nn.Module):
             causal_lm.forward = previous
 
 
-def decoder_pass(decoder: nn.Module, inputs: dict, router: RouterLoss | None = None):
-    """``(hidden, aux_loss)``: the decoder's final (normed) hidden states ``[B, T, D]`` for the
-    :data:`DECODER_ARGUMENTS` of ``inputs`` and, with a ``router``, its unweighted auxiliary loss (else None)."""
+def decoder_pass(causal_lm: nn.Module, inputs: dict, router: RouterLoss | None = None):
+    """``(hidden, aux_loss)``: the final (normed) hidden states ``[B, T, D]`` of ``causal_lm``'s decoder
+    (:func:`decoder_of`) for the :data:`DECODER_ARGUMENTS` of ``inputs`` and, with a ``router``, its unweighted
+    auxiliary loss (else None). Hidden states whose width is not the lm_head's input width (a model that transforms
+    them in between: ELECTRA's generator head, RemBERT's output projection) are refused, naming the class."""
     arguments = {key: inputs[key] for key in DECODER_ARGUMENTS if inputs.get(key) is not None}
+    decoder = decoder_of(causal_lm)
     if router is None:
-        return decoder(**arguments, use_cache=False, return_dict=True).last_hidden_state, None
-    output = decoder(**arguments, use_cache=False, return_dict=True, output_router_logits=True)
-    return output.last_hidden_state, router(output.router_logits, arguments.get("attention_mask"))
+        hidden, aux_loss = decoder(**arguments, use_cache=False, return_dict=True).last_hidden_state, None
+    else:
+        output = decoder(**arguments, use_cache=False, return_dict=True, output_router_logits=True)
+        hidden, aux_loss = output.last_hidden_state, router(output.router_logits, arguments.get("attention_mask"))
+    # in_features, not the weight's shape: a ZeRO-3 or FSDP-sharded weight has none outside its gather
+    width = getattr(causal_lm.get_output_embeddings(), "in_features", hidden.shape[-1])
+    if hidden.shape[-1] != width:
+        raise ValueError(f"calibkern refuses {type(causal_lm).__name__}: its decoder's hidden states have width "
+                         f"{hidden.shape[-1]} but its lm_head takes {width} — the model transforms them in between, "
+                         "which calibkern's fused path does not run; use compute_loss_func, which takes the model's "
+                         "own logits")
+    return hidden, aux_loss
 
 
 def projection(head: nn.Module, transform: LogitTransform, hidden: torch.Tensor) -> DecoderOutput:

@@ -208,7 +208,7 @@ def fused_forward(self, *args, labels=None, answer_mask=None, num_items_in_batch
             raise
     router = None if option_logits_only or token_stats_only else router_loss(self, kwargs.get("output_router_logits"))
     head, transform = self.get_output_embeddings(), logit_transform(self)
-    hidden, aux_loss = decoder_pass(self.get_decoder(), kwargs, router)
+    hidden, aux_loss = decoder_pass(self, kwargs, router)
     if equivalence_probe:
         loss, logits = _gathered_call(head, functools.partial(_head_first, state.probe, transform), hidden, labels,
                                       aux_loss, router)
