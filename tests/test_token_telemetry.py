@@ -92,3 +92,26 @@ def test_an_unpatched_model_is_refused(setup, tmp_path):
     tokenizer, _, dataset = setup
     with pytest.raises(ValueError, match="apply_fused_loss"):
         train(make_model(tokenizer), dataset, tokenizer, tmp_path)
+
+
+def test_a_moe_models_router_loss_is_logged(setup, tmp_path):
+    """Mixtral with router logits on, one step over every row at learning rate 0: the logged aux_loss is the
+    model's own (unweighted) aux_loss on that batch."""
+    from hf_tiny import make_extra_model
+
+    tokenizer, _, dataset = setup
+    model = make_extra_model("mixtral", tokenizer)
+    batch = MCQCollator(tokenizer.pad_token_id)([dataset[i] for i in range(ROWS)])
+    model.train()
+    with torch.no_grad():
+        want = float(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           labels=batch["labels"]).aux_loss)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=ROWS, max_steps=1, logging_steps=1,
+                             learning_rate=0.0, optim="sgd", report_to=[], save_strategy="no", use_cpu=True,
+                             disable_tqdm=True, seed=0)
+    trainer = Trainer(model=apply_fused_loss(model), args=args, train_dataset=dataset,
+                      data_collator=MCQCollator(tokenizer.pad_token_id))
+    trainer.callback_handler.callbacks.insert(0, TokenTelemetryCallback())
+    trainer.train()
+    (history,) = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert history["aux_loss"] == pytest.approx(want, rel=1e-5)

@@ -226,6 +226,8 @@ def fused_forward(self, *args, labels=None, answer_mask=None, num_items_in_batch
         training)
     if aux_loss is not None:  # as the model's own forward adds it
         loss = loss + router.coef * aux_loss.to(loss.device)
+        if training:
+            state.window.add_aux(aux_loss)
     output = FusedCausalLMOutput(loss=loss, logits=None, aux_loss=aux_loss, sft_loss=sft_loss, cal_loss=cal_loss,
                                  bin_stats=bin_stats, token_stats=token_stats, full_stats=full_stats)
     return output.to_tuple() if kwargs.get("return_dict") is False else output

@@ -8,7 +8,9 @@ once (docs/hf.md#token-telemetry):
 * ``calib_ece``, ``calib_accuracy``, ``calib_mean_confidence``: the answers' binned statistics (with ``option_ids``);
 * ``calib_term``: the mean calibration term over the calls, averaged over the processes;
 * ``token_ece``, ``token_accuracy``, ``token_confidence``: the supervised tokens (docs/math.md#token-level-calibration);
-* ``full_ece``: the Full-ECE of the supervised tokens (``CalibrationConfig(full_stats=True)``).
+* ``full_ece``: the Full-ECE of the supervised tokens (``CalibrationConfig(full_stats=True)``);
+* ``aux_loss``: a mixture-of-experts model's mean router load-balancing loss (unweighted), averaged over the
+  processes, when its router logits are on.
 
 :class:`TokenTelemetryCallback` adds these entries to the logs of a plain ``transformers.Trainer`` or TRL
 ``SFTTrainer`` training a patched model.
@@ -43,8 +45,8 @@ class LossWindow:
         self.reset()
 
     def reset(self) -> None:
-        self.bin_stats = self.token_stats = self.full_stats = self.cal_sum = None
-        self.calls = 0
+        self.bin_stats = self.token_stats = self.full_stats = self.cal_sum = self.aux_sum = None
+        self.calls = self.aux_calls = 0
 
     def add(self, bin_stats: BinStats | None, cal_loss: torch.Tensor | None, token_stats: BinStats | None,
             full_stats: BinStats | None) -> None:
@@ -57,13 +59,19 @@ class LossWindow:
             self.cal_sum = cal_loss if self.cal_sum is None else self.cal_sum + cal_loss
         self.calls += 1
 
+    def add_aux(self, aux_loss: torch.Tensor) -> None:
+        """Add one training call's router auxiliary loss (unweighted; a device tensor, no sync)."""
+        aux_loss = aux_loss.detach().float()
+        self.aux_sum = aux_loss if self.aux_sum is None else self.aux_sum + aux_loss.to(self.aux_sum.device)
+        self.aux_calls += 1
+
     def read(self) -> dict[str, float]:
         """The window's log entries, summed over the processes (every rank must call it together, as the
         Trainer logs on every rank), then an empty window. Empty when no training call ran since the last read."""
         import torch.distributed as dist
 
         logs: dict[str, float] = {}
-        if self.calls == 0:
+        if self.calls == 0 and self.aux_calls == 0:
             return logs
         processes = _processes()
         for stats in (self.bin_stats, self.token_stats, self.full_stats):
@@ -73,12 +81,14 @@ class LossWindow:
             logs["calib_ece"] = float(self.bin_stats.ece())
             logs["calib_accuracy"] = float(self.bin_stats.accuracy())
             logs["calib_mean_confidence"] = float(self.bin_stats.mean_confidence())
-        if self.cal_sum is not None:
-            cal = self.cal_sum / self.calls
-            if processes > 1:
-                dist.all_reduce(cal)
-                cal = cal / processes
-            logs["calib_term"] = float(cal)
+        means = (("calib_term", self.cal_sum, self.calls), ("aux_loss", self.aux_sum, self.aux_calls))
+        for name, total, calls in means:
+            if total is not None:
+                mean = total / calls
+                if processes > 1:
+                    dist.all_reduce(mean)
+                    mean = mean / processes
+                logs[name] = float(mean)
         if self.token_stats is not None:
             logs["token_ece"] = float(self.token_stats.ece())
             logs["token_accuracy"] = float(self.token_stats.accuracy())
@@ -90,9 +100,9 @@ class LossWindow:
 
 
 class TokenTelemetryCallback(TrainerCallback):
-    """Adds the fused loss's telemetry (``token_ece``, ``token_accuracy``, ``token_confidence``, ``full_ece`` and,
-    for cft / rcft, ``calib_*``) to each training log of a ``transformers.Trainer`` whose model is patched by
-    :func:`calibkern.hf.apply_fused_loss`. The sums stay on the device between logs; they are read (one all-reduce
+    """Adds the fused loss's telemetry (``token_ece``, ``token_accuracy``, ``token_confidence``, ``full_ece``, for
+    cft / rcft ``calib_*``, for a mixture-of-experts model ``aux_loss``) to each training log of a
+    ``transformers.Trainer`` whose model is patched by :func:`calibkern.hf.apply_fused_loss`. The sums stay on the device between logs; they are read (one all-reduce
     under data parallelism) at logging steps only.
 
     The entries go into ``trainer.state.log_history`` and into the ``logs`` seen by the callbacks after this one; so

@@ -132,7 +132,6 @@ class CalibrationTrainer(Trainer):
         self.loss_policy.stream_mstep = False
         self.loss_policy.world_size = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
         patch_causal_lm(self.model, self.loss_policy, check=calibration.check_logits)
-        self._aux_loss_sum, self._aux_loss_calls = None, 0  # the router loss since the last log (MoE models)
         self.em_refreshed_epoch = -1
         self.em_refreshed_step = -1
         # num_items_in_batch is what makes CE exact under accumulation: ask for it whatever the model accepts,
@@ -166,10 +165,6 @@ class CalibrationTrainer(Trainer):
         with self.accelerator.autocast():
             outputs = model(**inputs, num_items_in_batch=num_items_in_batch)
         loss = outputs.loss
-        if outputs.aux_loss is not None and model.training:
-            aux_loss = outputs.aux_loss.detach().float()
-            self._aux_loss_sum = aux_loss if self._aux_loss_sum is None else self._aux_loss_sum + aux_loss
-            self._aux_loss_calls += 1
         if num_items_in_batch is not None and policy.processes() > 1:
             loss = loss * policy.processes()
         if return_outputs:
@@ -179,14 +174,11 @@ class CalibrationTrainer(Trainer):
     # ------------------------------------------------------------------------------------------- logging
 
     def log(self, logs: dict, *args, **kwargs):
-        """Adds the loss window's ``calib_*`` / ``token_*`` values to the training logs (calibkern.hf.telemetry;
-        all ranks reduce together) and, for a mixture-of-experts model with router logits on, ``aux_loss``: the
-        mean router load-balancing loss (unweighted, this rank) of the training calls since the last log."""
+        """Adds the loss window's ``calib_*`` / ``token_*`` values and, for a mixture-of-experts model with router
+        logits on, ``aux_loss`` (the mean unweighted router loss) to the training logs (calibkern.hf.telemetry; all
+        ranks reduce together)."""
         if "loss" in logs:
             logs.update(self.loss_policy.window.read())
-            if self._aux_loss_calls:
-                logs["aux_loss"] = float(self._aux_loss_sum) / self._aux_loss_calls
-                self._aux_loss_sum, self._aux_loss_calls = None, 0
         return super().log(logs, *args, **kwargs)
 
     # ------------------------------------------------------------------------------------------- statistics
