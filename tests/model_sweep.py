@@ -27,7 +27,9 @@ import torch
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, num_key_value_heads=2,
             head_dim=8, max_position_embeddings=256, n_embd=32, n_layer=2, n_head=4, d_model=32, n_positions=256,
             num_layers=2, num_heads=4, ffn_dim=64, d_ff=64, decoder_layers=2, decoder_attention_heads=4,
-            decoder_ffn_dim=64, num_experts=4, num_local_experts=4, moe_intermediate_size=16, n_routed_experts=4)
+            decoder_ffn_dim=64, num_experts=4, num_local_experts=4, moe_intermediate_size=16, n_routed_experts=4,
+            num_experts_per_tok=2, moe_topk=2, n_group=1, topk_group=1, kv_lora_rank=8, q_lora_rank=8,
+            qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, rotary_dim=8, moe_num_experts=4)
 DROPOUTS = ("hidden_dropout", "attention_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop",
             "hidden_dropout_prob", "attention_probs_dropout_prob")
 SECONDS = 60
