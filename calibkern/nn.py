@@ -122,34 +122,53 @@ def _chunk_loss(h, weight, bias, targets, ignore_index, options, softcap, backen
 
 
 class _RowCrossEntropy(torch.autograd.Function):
-    """Per-row losses ``[N]`` for ``reduction="none"``: forward runs the chunks for the losses only; backward, whose
-    per-row weights are known only then, computes each chunk's logits again and accumulates
-    ``grad_x = (w ⊙ g) W``, ``grad_W = (w ⊙ g)ᵀ x``, ``grad_b = Σ w ⊙ g`` — one chunk of logits alive at a time."""
+    """Per-row losses ``[N]`` for ``reduction="none"``, one chunk of logits alive at a time. With per-row weights
+    ``w = ∂L/∂loss`` (known only in backward) the gradients are ``grad_x = (w ⊙ g) W``, ``grad_W = (w ⊙ g)ᵀ x``,
+    ``grad_b = Σ w ⊙ g``. When only ``x`` needs a gradient (a frozen lm_head, as under LoRA), forward keeps
+    ``g W`` per row and backward scales its rows by ``w`` (``(w ⊙ g) W = w ⊙ (g W)``): no second pass. Otherwise
+    backward computes each chunk's logits again and accumulates only the gradients asked for."""
 
     @staticmethod
     def forward(ctx, rows, weight, bias, targets, ignore_index, options, softcap, chunk_size, backend):
+        need_rows, need_weight, need_bias = ctx.needs_input_grad[:3]
+        ctx.row_grads_only = need_rows and not need_weight and not need_bias
+        grad_rows = torch.empty(rows.shape, dtype=torch.float32, device=rows.device) if ctx.row_grads_only else None
+        losses = []
         with torch.no_grad():
-            losses = [_chunk_loss(rows[s:s + chunk_size], weight, bias, targets[s:s + chunk_size], ignore_index,
-                                  options, softcap, backend)[0] for s in range(0, rows.shape[0], chunk_size)]
-        ctx.save_for_backward(rows, weight, bias, targets)
+            for s in range(0, rows.shape[0], chunk_size):
+                loss, grad_z = _chunk_loss(rows[s:s + chunk_size], weight, bias, targets[s:s + chunk_size],
+                                           ignore_index, options, softcap, backend)
+                losses.append(loss)
+                if grad_rows is not None:
+                    grad_rows[s:s + chunk_size] = grad_z.to(weight.dtype) @ weight
+        ctx.save_for_backward(*((grad_rows,) if ctx.row_grads_only else (rows, weight, bias, targets)))
+        ctx.rows_dtype = rows.dtype
         ctx.args = (ignore_index, options, softcap, chunk_size, backend)
         return torch.cat(losses) if losses else rows.new_zeros(0, dtype=torch.float32)
 
     @staticmethod
     def backward(ctx, grad_losses):
+        if ctx.row_grads_only:
+            (grad_rows,) = ctx.saved_tensors
+            return ((grad_rows * grad_losses[:, None].float()).to(ctx.rows_dtype),
+                    None, None, None, None, None, None, None, None)
         rows, weight, bias, targets = ctx.saved_tensors
         ignore_index, options, softcap, chunk_size, backend = ctx.args
-        grad_rows = torch.zeros(rows.shape, dtype=torch.float32, device=rows.device)
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        grad_bias = None if bias is None else torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
+        need_rows, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_rows = torch.zeros(rows.shape, dtype=torch.float32, device=rows.device) if need_rows else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+        grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_bias else None
         for s in range(0, rows.shape[0], chunk_size):
             h = rows[s:s + chunk_size]
             _, grad_z = _chunk_loss(h, weight, bias, targets[s:s + chunk_size], ignore_index, options, softcap,
                                     backend)
             grad_z.mul_(grad_losses[s:s + chunk_size, None].float())
-            grad_rows[s:s + chunk_size] = grad_z @ weight.float()
-            grad_weight.addmm_(grad_z.t(), h.float())
+            if grad_rows is not None:
+                grad_rows[s:s + chunk_size] = grad_z.to(weight.dtype) @ weight
+            if grad_weight is not None:
+                grad_weight.addmm_(grad_z.t(), h.float())
             if grad_bias is not None:
                 grad_bias += grad_z.sum(0)
-        return (grad_rows.to(rows.dtype), grad_weight.to(weight.dtype),
+        return (None if grad_rows is None else grad_rows.to(rows.dtype),
+                None if grad_weight is None else grad_weight.to(weight.dtype),
                 None if grad_bias is None else grad_bias.to(bias.dtype), None, None, None, None, None, None)

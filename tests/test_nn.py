@@ -80,6 +80,27 @@ def test_module_equals_cross_entropy_and_z_loss(backend, reduction, smoothing, z
         torch.testing.assert_close(got.grad.double(), want.grad, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("trainable", [(True, False, False), (True, False, True), (False, True, False)],
+                         ids=["input-only", "input-and-bias", "weight-only"])
+def test_reduction_none_computes_the_gradients_asked_for(backend, trainable):
+    """Per-row losses with per-row upstream weights and part of (input, weight, bias) frozen — a frozen lm_head
+    takes the path that keeps ``g W`` from forward — equal the eager float64 gradients; the frozen get none."""
+    x, weight, bias, target = _problem(n=123, seed=5)
+    leaves = [t.clone().requires_grad_(need) for t, need in zip((x, weight, bias), trainable)]
+    loss = ck.nn.fused_linear_cross_entropy(leaves[0], leaves[1], target, leaves[2], label_smoothing=0.1,
+                                            reduction="none", backend=backend, chunk_size=32)
+    reference = [t.double().requires_grad_(need) for t, need in zip((x, weight, bias), trainable)]
+    expected = _eager(*reference, target, 0.1, 0.0, "none")
+    upstream = torch.linspace(-1, 2, target.shape[0], dtype=torch.float64)
+    (loss.double() * upstream).sum().backward()
+    (expected * upstream).sum().backward()
+    for got, want in zip(leaves, reference):
+        assert (got.grad is None) == (want.grad is None)
+        if want.grad is not None:
+            torch.testing.assert_close(got.grad.double(), want.grad, rtol=1e-5, atol=1e-5)
+
+
 def test_functional_form_calibration_and_statistics():
     x, weight, bias, target = _problem(vocab=40, seed=3)
     target[target >= 0] = target[target >= 0] % 4 + 10  # answers among the option ids 10..13
