@@ -237,13 +237,14 @@ def test_bad_input_names_the_argument(changes, error, name):
         fused_linear_calibration_loss(hidden, weight, labels, **args)
 
 
-def test_compiles_fullgraph_and_equals_eager():
+@pytest.mark.parametrize("ce_options", [{}, SMOOTHED], ids=["plain", "smoothed"])
+def test_compiles_fullgraph_and_equals_eager(ce_options):
     """Under torch.compile every position is a row (ignored ones masked): the same statistics and gradients."""
     hidden, weight, bias, labels = make_batch(seed=10)
 
     def step(h, w):
         out = fused_linear_calibration_loss(h, w, labels, option_ids=None, bias=bias, calibration="token_hard_bin",
-                                            bin_accuracy=ACCURACY, token_stats=True, full_stats=True)
+                                            bin_accuracy=ACCURACY, token_stats=True, full_stats=True, **ce_options)
         return out.loss, out.token_stats.counts, out.full_stats.counts, out.full_stats.sum_conf
 
     torch._dynamo.reset()
