@@ -12,8 +12,9 @@
   over the data dimension trains three steps (CFT, and streaming RCFT with the M-step's ``em_group`` None or the
   data-parallel group; tests/sharded_training.py) and ends at the weights and EM state of one process trained on the
   whole batches (max abs difference ≤ 1e-5); with ``ColwiseParallel`` alone one step's loss and gradients (each
-  rank's lm_head rows, the embedding) equal one process's. Every run's first call passes the equivalence check on
-  the ``DTensor`` weight.
+  rank's lm_head rows, the embedding) and CalibrationTrainer's statistics passes (the answers' option logits, the
+  token statistics) equal one process's. Every run's first call passes the equivalence check on the ``DTensor``
+  weight.
 """
 
 import pytest
@@ -165,14 +166,21 @@ def tensor_parallel_llama(mesh, fsdp=True):
 
 def tensor_parallel_step(model, tokenizer, option_ids):
     """One patched forward and backward on step 0's whole batch: the loss, the lm_head weight's gradient (this
-    rank's rows under tensor parallelism) and the embedding's (reached through the hidden gradient)."""
+    rank's rows under tensor parallelism) and the embedding's (reached through the hidden gradient); then the
+    statistics passes CalibrationTrainer runs (the option logits of the answers, the token statistics)."""
     from sharded_training import global_batch
 
-    out = model(**global_batch(tokenizer, option_ids, 0))
+    batch = global_batch(tokenizer, option_ids, 0)
+    out = model(**batch)
     out.loss.backward()
     lm_head = model.lm_head.weight.grad
+    with torch.no_grad():
+        options = model(**batch, option_logits_only=True)
+        tokens = model(**batch, token_stats_only=True).token_stats
     return {"loss": out.loss.detach(), "lm_head": getattr(lm_head, "to_local", lambda: lm_head)(),
-            "embedding": model.model.embed_tokens.weight.grad}
+            "embedding": model.model.embed_tokens.weight.grad, "option_logits": options.option_logits,
+            "option_labels": options.option_labels, "token_stats": (tokens.counts, tokens.sum_conf,
+                                                                     tokens.sum_correct)}
 
 
 def _worker(rank, port, out_dir):
@@ -268,7 +276,8 @@ def test_fsdp2_by_tensor_parallel_training_equals_one_process(ranks, mode):
 
 
 def test_tensor_parallel_lm_head_without_fsdp_equals_one_process(ranks):
-    """``parallelize_module`` alone: the patched forward computes the loss split over the vocabulary."""
+    """``parallelize_module`` alone: the patched forward computes the loss split over the vocabulary, and the
+    statistics passes (option logits, token statistics) equal one process's."""
     from sharded_training import fixtures, new_model
 
     tokenizer, option_ids = fixtures()
