@@ -1,5 +1,6 @@
 """The ``calibkern`` program: every subcommand on a tiny model, and errors that name the bad file."""
 
+import errno
 import json
 import os
 import runpy
@@ -256,6 +257,24 @@ def test_a_second_run_on_the_same_folder_refuses_and_a_killed_one_leaves_the_old
     assert (out / "metrics.json").read_text() == before and os.path.isdir(partial)
     assert _evaluate_into(workspace, out, "--overwrite") == 0
     assert not os.path.exists(partial) and sorted(p.name for p in tmp_path.iterdir()) == ["eval"]
+
+
+@pytest.mark.parametrize("code", [errno.ENOLCK, errno.EOPNOTSUPP])
+def test_a_file_system_without_locks_is_refused_naming_the_option(tmp_path, monkeypatch, code):
+    """flock fails as on NFS without its lock service: the run stops before writing, naming --out and the way
+    out; nothing is left beside the folder."""
+    import fcntl
+
+    from calibkern.pipeline.outputs import StagedOutput
+
+    def no_locks(fd, operation):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.raises(ValueError, match=r"--out .*eval: cannot lock .*choose an --out on a file system with locks"):
+        with StagedOutput(str(tmp_path / "eval")):
+            pass
+    assert {path.name for path in tmp_path.iterdir()} <= {".eval.lock"}  # no folder, no partial one
 
 
 def test_an_error_while_writing_keeps_the_earlier_folder(tmp_path):

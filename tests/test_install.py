@@ -316,6 +316,23 @@ def test_a_lock_left_by_a_killed_build_is_broken_and_a_compiler_error_is_kept(br
     assert "compiling" not in capfd.readouterr().err
 
 
+def test_a_cache_on_a_file_system_without_locks_is_a_clear_import_error(broken_sources, monkeypatch):
+    """flock fails as on NFS without its lock service (ENOLCK): no build starts, and the error names the lock file
+    and CALIBKERN_CACHE (the automatic backend choice then falls back with that reason)."""
+    import errno
+    import fcntl
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    entry = broken_sources
+    with pytest.raises(ImportError, match=r"cannot lock .*build.lock .*set CALIBKERN_CACHE to a directory on a "
+                                          r"local file system"):
+        _jit.jit_load("a test")
+    assert not os.path.exists(entry.path(_jit.FAILED_MARKER))  # nothing compiled, nothing recorded
+
+
 WAIT_FOR_THE_BUILD = """
     import os
     from calibkern import _build, _jit

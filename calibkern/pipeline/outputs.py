@@ -6,7 +6,8 @@ Every ``calibkern`` command writes its ``--out`` through :class:`StagedOutput`:
   interrupted run); **always refused**: an ``--out`` that is, or contains, one of the command's inputs (the
   model it reads, its data, its configuration) — replacing it would delete the input;
 * **locked**: ``.<name>.lock`` beside ``--out`` (``fcntl.flock``, released by the kernel when its process ends,
-  so a killed run leaves no stale lock); a second run on the same folder stops with the holder's pid;
+  so a killed run leaves no stale lock); a second run on the same folder stops with the holder's pid, and a file
+  system without locks (``ENOLCK``: NFS without its lock service) is refused, naming the option;
 * **atomic**: results are written into ``.<name>.partial-<random>`` beside ``--out`` and renamed into place
   with the completion marker ``calibkern-complete.json`` inside, so ``--out`` is either the old folder or the
   whole new one; ``calibkern report`` refuses a folder without the marker.
@@ -90,8 +91,12 @@ class FolderLock:
             except OSError as error:
                 holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
                 os.close(fd)
-                if error.errno not in (errno.EAGAIN, errno.EACCES):
-                    raise
+                if error.errno not in (errno.EAGAIN, errno.EACCES):  # ENOLCK, EOPNOTSUPP: no locks there
+                    raise ValueError(f"{self.option} {self.folder}: cannot lock {self.path} ({error.strerror}); "
+                                     "calibkern locks an output folder so that two runs never write it at once (and "
+                                     f"clears a killed run's partial folders only while it holds the lock): choose an "
+                                     f"{self.option} on a file system with locks (a local disk, or NFS with its lock "
+                                     "service)") from None
                 raise ValueError(f"{self.option} {self.folder}: another calibkern run (pid {holder}) is writing it "
                                  f"(lock {self.path}); wait for it to finish, or choose another {self.option}") from None
             try:
