@@ -5,8 +5,9 @@ pays for data generation) and one ``compute()`` (M = 15 bins, l1 — both classe
 every row's confidence and correctness and bins them in ``compute()``; calibkern adds each batch's per-bin sums
 (one read of the logits by the ``cpp`` kernel) to an O(M) state. Time: the median of alternated runs
 (timing.median_times). Memory: the process's RSS growth over the ten updates, in a fresh process per candidate
-with glibc's allocator cache off (timing.UNCACHED_MALLOC). One torch thread (the machine is shared; set
-``BENCH_THREADS`` for more).
+with glibc's allocator cache off (timing.UNCACHED_MALLOC). The same loop is timed again (no goal) for
+probabilities (the softmax of those logits) and for ``BinaryCalibrationError`` on ``[100000]`` scores, logits and
+probabilities. One torch thread (the machine is shared; set ``BENCH_THREADS`` for more).
 
     python benchmarks/bench_torchmetrics.py     (or: python benchmarks/run_benchmarks.py --only torchmetrics)
 """
@@ -25,18 +26,28 @@ N_CLASSES, N_BINS, ROWS, UPDATES = 4, 15, 100_000, 10
 NAME = f"torchmetrics loop: {UPDATES} updates of N={ROWS} K={N_CLASSES} logits + compute, M={N_BINS}"
 
 
-def _metric(candidate: str):
+def _metric(candidate: str, binary: bool = False):
     if candidate == "calibkern":
-        from calibkern.integrations.torchmetrics import MulticlassCalibrationError
+        from calibkern.integrations import torchmetrics as module
     else:
-        from torchmetrics.classification import MulticlassCalibrationError
-    return MulticlassCalibrationError(num_classes=N_CLASSES, n_bins=N_BINS)
+        from torchmetrics import classification as module
+    if binary:
+        return module.BinaryCalibrationError(n_bins=N_BINS)
+    return module.MulticlassCalibrationError(num_classes=N_CLASSES, n_bins=N_BINS)
 
 
-def _batches():
+def _batches(kind: str = "multiclass logits"):
+    """``UPDATES`` seeded batches of ``kind``: "multiclass logits" / "multiclass probabilities" ``[ROWS, K]``, or
+    "binary logits" / "binary probabilities" ``[ROWS]``."""
     generator = torch.Generator().manual_seed(0)
-    return [(torch.randn(ROWS, N_CLASSES, generator=generator) * 2,
-             torch.randint(0, N_CLASSES, (ROWS,), generator=generator)) for _ in range(UPDATES)]
+    batches = []
+    for _ in range(UPDATES):
+        binary = kind.startswith("binary")
+        scores = torch.randn(ROWS, *(() if binary else (N_CLASSES,)), generator=generator) * 2
+        if kind.endswith("probabilities"):
+            scores = scores.sigmoid() if binary else scores.softmax(1)
+        batches.append((scores, torch.randint(0, 2 if binary else N_CLASSES, (ROWS,), generator=generator)))
+    return batches
 
 
 def _loop(metric, batches) -> torch.Tensor:
@@ -74,7 +85,7 @@ def rows(quick: bool = False, threads: int | None = None) -> list[dict]:
     labels = {"calibkern": "calibkern.integrations.torchmetrics.MulticlassCalibrationError",
               "torchmetrics": "torchmetrics MulticlassCalibrationError"}
     note = f"{threads} torch thread(s); values {values['calibkern']:.7f} vs {values['torchmetrics']:.7f}"
-    return [timing.ratio_row(source=SOURCE, name=NAME, candidate=labels["calibkern"],
+    return [*_other_inputs(threads), timing.ratio_row(source=SOURCE, name=NAME, candidate=labels["calibkern"],
                              baseline=labels["torchmetrics"], candidate_value=times["calibkern"]["median_s"],
                              baseline_value=times["torchmetrics"]["median_s"], goal="≥ 10× faster", min_gain=10.0,
                              notes=note),
@@ -82,6 +93,25 @@ def rows(quick: bool = False, threads: int | None = None) -> list[dict]:
                              candidate=labels["calibkern"], baseline=labels["torchmetrics"],
                              candidate_value=max(memory["calibkern"], 0.0),
                              baseline_value=memory["torchmetrics"], goal="flat (O(M) state)", notes=note)]
+
+
+def _other_inputs(threads: int) -> list[dict]:
+    """The loop's time for multiclass probabilities and binary scores (reported, no goal)."""
+    result = []
+    for kind in ("multiclass probabilities", "binary logits", "binary probabilities"):
+        batches = _batches(kind)
+        metrics = {name: _metric(name, binary=kind.startswith("binary")) for name in ("calibkern", "torchmetrics")}
+        values = {name: float(_loop(metric, batches)) for name, metric in metrics.items()}
+        times = timing.median_times({name: (lambda m=metric: _loop(m, batches)) for name, metric in metrics.items()},
+                                    repeats=7)
+        metric_class = "BinaryCalibrationError" if kind.startswith("binary") else "MulticlassCalibrationError"
+        result.append(timing.ratio_row(
+            source=SOURCE, name=NAME.replace(f"K={N_CLASSES} logits", kind if kind.startswith("binary")
+                                             else f"K={N_CLASSES} {kind}"), candidate=f"calibkern {metric_class}",
+            baseline=f"torchmetrics {metric_class}", candidate_value=times["calibkern"]["median_s"],
+            baseline_value=times["torchmetrics"]["median_s"], goal="report",
+            notes=f"{threads} torch thread(s); values {values['calibkern']:.7f} vs {values['torchmetrics']:.7f}"))
+    return result
 
 
 if __name__ == "__main__":
