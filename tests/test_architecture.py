@@ -1,5 +1,6 @@
 """The package's shape: no import cycle among calibkern's modules (every import counted, lazy ones inside
-functions too), ``_validate`` imports nothing from calibkern, every cited document is in the repository, and
+functions too), ``_validate`` imports nothing from calibkern, every cited document is in the repository, the
+benchmark report is the one its generator writes, and
 every kernel the custom ops dispatch exists in each backend with the same parameters (docs/architecture.md)."""
 
 import ast
@@ -121,6 +122,25 @@ def test_cited_docs_exist_with_their_sections(path):
             headings = re.findall(r"^#+ (.+)$", open(target, encoding="utf-8").read(), flags=re.MULTILINE)
             slugs = {re.sub(r"[^\w\- ]", "", h).strip().lower().replace(" ", "-") for h in headings}
             assert anchor in slugs, f"{path} cites docs/{doc}#{anchor}"
+
+
+def test_benchmark_report_is_what_render_writes(tmp_path):
+    """benchmarks/RESULTS.md is generated (``run_benchmarks.py --render``: results/cpu.json, then the sections kept by
+    hand in benchmarks/before_after.md), so an edit made to it alone would be lost at the next run."""
+    import sys
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import report
+    finally:
+        sys.path.pop(0)
+    rendered = tmp_path / "RESULTS.md"
+    report.write_markdown(str(rendered), report.read_json(os.path.join(ROOT, "benchmarks", "results", "cpu.json")),
+                          "results/cpu.png")
+    with open(os.path.join(ROOT, "benchmarks", "RESULTS.md"), encoding="utf-8") as handle:
+        assert handle.read() == rendered.read_text(encoding="utf-8"), (
+            "benchmarks/RESULTS.md differs from what run_benchmarks.py --render writes: put hand-kept sections in "
+            "benchmarks/before_after.md and run python benchmarks/run_benchmarks.py --render")
 
 
 def test_readme_stays_short():
