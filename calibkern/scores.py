@@ -9,9 +9,10 @@ so rows are renormalised), a zero probability → the dtype's ``log(tiny)`` (≈
 
 With ``input="logits"`` a batch that looks like probabilities — every row ≥ 0 and summing to 1 within 10⁻³ (1-D:
 every score in [0, 1]) — gets a :class:`ProbabilitiesAsLogitsWarning` naming ``input="probs"``: softmax of
-probabilities is a different, flatter distribution. The check is a minimum (and, when no score is negative, the
-row sums) with a host read; metrics are evaluation code (a ``CalibrationMeter`` checks its first batch only), the
-losses never run it.
+probabilities is a different, flatter distribution. The check reads the first 16 rows (4096 scores of 1-D input), and
+the whole batch only when those look like probabilities: a minimum (and, when no score is negative, the row sums)
+with a host read; metrics are evaluation code (a ``CalibrationMeter`` checks its first batch only), the losses never
+run it.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from . import _validate as V
 
 INPUTS = ("logits", "probs", "log_probs")
 SUM_TOLERANCE = 1e-3
+PROBE_ROWS, PROBE_SCORES = 16, 4096  # what looks_like_probabilities reads before it reads the whole batch
 
 
 class ProbabilitiesAsLogitsWarning(UserWarning):
@@ -34,9 +36,16 @@ class ProbabilitiesAsLogitsWarning(UserWarning):
 
 
 def looks_like_probabilities(scores: torch.Tensor) -> bool:
-    """Every score ≥ 0 and every row summing to 1 within ``SUM_TOLERANCE`` (1-D: every score in [0, 1])."""
+    """Every score ≥ 0 and every row summing to 1 within ``SUM_TOLERANCE`` (1-D: every score in [0, 1]). The first
+    ``PROBE_ROWS`` rows (``PROBE_SCORES`` scores of 1-D input) are checked first: logits nearly always fail there,
+    so the whole batch is read only when they look like probabilities."""
     if scores.numel() == 0 or scores.device.type == "meta" or torch.compiler.is_compiling():
         return False
+    head = scores[:PROBE_SCORES] if scores.dim() == 1 else scores[:PROBE_ROWS]
+    return _all_like_probabilities(head) and (head.shape[0] == scores.shape[0] or _all_like_probabilities(scores))
+
+
+def _all_like_probabilities(scores: torch.Tensor) -> bool:
     if scores.dim() == 1:
         low, high = torch.aminmax(scores)
         return bool((low >= 0) & (high <= 1))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import calibkern as ck
-from calibkern.scores import ProbabilitiesAsLogitsWarning, as_logits
+from calibkern.scores import ProbabilitiesAsLogitsWarning, as_logits, looks_like_probabilities
 
 METRICS = [ck.ece, ck.classwise_ece, ck.adaptive_ece, ck.nll, ck.brier,
            lambda z, y, **kw: ck.ece_confidence_interval(z, y, n_boot=50, **kw).estimate,
@@ -72,6 +72,19 @@ def test_probabilities_passed_as_logits_warn_naming_input():
         meter = ck.CalibrationMeter()
         meter.update(logits, labels)
         meter.update(logits.softmax(1), labels)  # the meter checks its first batch only
+
+
+@pytest.mark.parametrize("shape", [(40, 5), (5000,)])
+def test_the_probability_look_reads_the_whole_batch_only_when_its_head_passes(shape):
+    """A batch whose first rows (scores) look like probabilities but whose later ones do not is not all
+    probabilities: no warning; one whose every row does warns, however long."""
+    probabilities = torch.rand(shape)
+    probabilities = probabilities if len(shape) == 1 else probabilities / probabilities.sum(1, keepdim=True)
+    assert looks_like_probabilities(probabilities)
+    mixed = probabilities.clone()
+    mixed[-1] = -0.5  # a logit, past the rows read first
+    assert not looks_like_probabilities(mixed)
+    assert not looks_like_probabilities(torch.randn(shape))
 
 
 def test_bad_scores_raise_naming_the_argument():
