@@ -2,8 +2,9 @@
 
 * :func:`reliability_diagram` — per equal-width bin, the accuracy (bar) and the gap to the mean confidence
   (shaded bar on top), the diagonal, the smooth reliability curve (calibkern.smooth_reliability) over its
-  ``support`` (the rows' smallest to largest confidence; no data's elsewhere), and below, the rows per bin. From logits and labels, or from a
-  :class:`~calibkern.BinStats` (plus a :class:`~calibkern.SmoothReliability` for the curve).
+  ``support`` (the rows' smallest to largest confidence; no data's elsewhere), and below, the rows per bin. From
+  logits and labels, or from a :class:`~calibkern.BinStats` (plus a :class:`~calibkern.SmoothReliability` for the
+  curve).
 * :func:`smooth_diagram` — the smooth reliability curve alone over the confidences' density.
 
 Both return matplotlib objects, ``(figure, axes)``, and draw into given axes when passed. :func:`draw_reliability`
@@ -19,6 +20,7 @@ import torch
 
 from .metrics import BinStats, binned_stats
 from .smooth import SmoothReliability, smooth_reliability
+
 
 def _pyplot():
     try:
@@ -37,10 +39,7 @@ def curve_over_rows(curve: dict) -> tuple[list[float], list[float]]:
 
 
 def _curve_lists(curve: SmoothReliability | dict | None) -> dict | None:
-    if curve is None or isinstance(curve, dict):
-        return curve
-    return {"confidence": curve.points.tolist(), "accuracy": curve.accuracy.tolist(),
-            "density": curve.density.tolist(), "sigma": curve.sigma, "support": list(curve.support)}
+    return curve if curve is None or isinstance(curve, dict) else curve.as_lists()
 
 
 def draw_reliability(ax, counts_ax, accuracy: Sequence[float], confidence: Sequence[float], counts: Sequence[int],

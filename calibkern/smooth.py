@@ -43,6 +43,11 @@ class SmoothReliability(NamedTuple):
     sigma: float
     support: tuple[float, float]
 
+    def as_lists(self) -> dict:
+        """JSON-ready: ``{"confidence", "accuracy", "density", "sigma", "support"}`` (``confidence`` the points)."""
+        return {"confidence": self.points.tolist(), "accuracy": self.accuracy.tolist(),
+                "density": self.density.tolist(), "sigma": self.sigma, "support": list(self.support)}
+
 
 def _grid_points(sigma: float) -> int:
     return max(2000, round(20 / sigma)) // 2 + 1

@@ -32,8 +32,7 @@ def reliability_data(option_logits: torch.Tensor, labels: torch.Tensor, n_bins: 
     rel = calibkern.binned_stats(logits, labels, n_bins, temperature=temperature).reliability()
     curve = calibkern.smooth_reliability(logits, labels, sigma=sigma, points=101, temperature=temperature)
     return {"accuracy": rel.accuracy.tolist(), "confidence": rel.confidence.tolist(), "counts": rel.counts.tolist(),
-            "smooth": {"confidence": curve.points.tolist(), "accuracy": curve.accuracy.tolist(),
-                       "density": curve.density.tolist(), "sigma": curve.sigma, "support": list(curve.support)}}
+            "smooth": curve.as_lists()}
 
 
 def _interval_note(lower: dict, upper: dict) -> str:
@@ -118,12 +117,6 @@ def _draw(ax, counts_ax, name: str, rel: dict, metrics: dict) -> None:
                      title=f"{name}\nECE {metrics['ece']:.3f}{smece}, acc {metrics['accuracy']:.3f}")
 
 
-def _figure(plt, n_columns: int):
-    from calibkern.plot import diagram_axes
-
-    return diagram_axes(n_columns)
-
-
 def write_reliability_plot(path: str, name: str, rel: dict, metrics: dict) -> None:
     """One reliability diagram over its histogram of rows per bin (:func:`reliability_data`), saved as a PNG."""
     import matplotlib
@@ -131,7 +124,9 @@ def write_reliability_plot(path: str, name: str, rel: dict, metrics: dict) -> No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = _figure(plt, 1)
+    from calibkern.plot import diagram_axes
+
+    fig, axes = diagram_axes(1)
     _draw(axes[0, 0], axes[1, 0], name, rel, metrics)
     axes[0, 0].legend(loc="upper left", fontsize=7)
     fig.savefig(path, dpi=100, bbox_inches="tight")
@@ -146,13 +141,15 @@ def write_plots(results: dict, out_dir: str) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from calibkern.plot import diagram_axes
+
     names = [check_name(n, "stage name") for n in ordered_stages(results["stages"]) if n in results.get("reliability", {})]
     paths = []
     for name in names:
         paths.append(os.path.join(out_dir, f"reliability_{name}.png"))
         write_reliability_plot(paths[-1], name, results["reliability"][name], results["stages"][name])
     if names:
-        fig, axes = _figure(plt, len(names))
+        fig, axes = diagram_axes(len(names))
         for column, name in enumerate(names):
             _draw(axes[0, column], axes[1, column], name, results["reliability"][name], results["stages"][name])
         paths.append(os.path.join(out_dir, "reliability_all.png"))
