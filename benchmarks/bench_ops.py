@@ -56,12 +56,17 @@ def _rows_and_labels(n, k, seed=0):
     return logits, torch.randint(0, k, (n,), generator=gen)
 
 
+def _vocabulary_rows(quick: bool):
+    """``(n, V, logits, labels)`` of the vocabulary-sized problem: V = 128256, N = 4096 (256 when ``quick``)."""
+    n, v = (256 if quick else 4096), 128256
+    return (n, v, *_rows_and_labels(n, v))
+
+
 def ece_vocab(quick: bool) -> list[dict]:
     import calibkern
     from calibkern import _cpp
 
-    n, v = (256, 128256) if quick else (4096, 128256)
-    logits, labels = _rows_and_labels(n, v)
+    n, v, logits, labels = _vocabulary_rows(quick)
     what = f"ece from logits N={n} V={v} fp32"
     times = timing.median_times({
         "cpp": lambda: calibkern.ece(logits, labels, N_BINS, backend="cpp"),
@@ -217,8 +222,7 @@ def ece_many_bins(quick: bool) -> list[dict]:
 def classwise_vocab(quick: bool) -> list[dict]:
     import calibkern
 
-    n, v = (256, 128256) if quick else (4096, 128256)
-    logits, labels = _rows_and_labels(n, v)
+    n, v, logits, labels = _vocabulary_rows(quick)
     what = f"classwise_ece N={n} V={v} fp32"
     times = timing.median_times({
         "classwise_ece": lambda: calibkern.classwise_ece(logits, labels, N_BINS, backend="cpp"),
