@@ -135,11 +135,10 @@ def _text_config(causal_lm: nn.Module):
 def logit_transform(causal_lm: nn.Module) -> LogitTransform:
     """The transform ``causal_lm``'s forward applies after its lm_head, from its class and config:
     ``final_logit_softcapping`` (Gemma 2/3/4 and others) or ``logits_soft_cap`` (RecurrentGemma), ``logit_scale``
-    (Cohere), ``logits_scaling``
-    (Granite divides, HyperCLOVA X multiplies, MiniCPM3 divides the hidden states), ``lm_head_multiplier``
-    (Falcon-H1), ``logits_mup_width_multiplier`` (Inkling divides the hidden states) and ``unpadded_vocab_size``
-    (Inkling keeps that many logits: the lm_head's first rows). :func:`check_logit_parity` verifies the result
-    against the model's own logits."""
+    (Cohere), ``logits_scaling`` (Granite divides, HyperCLOVA X multiplies, MiniCPM3 divides the hidden states),
+    ``lm_head_multiplier`` (Falcon-H1), ``logits_mup_width_multiplier`` (Inkling divides the hidden states) and
+    ``unpadded_vocab_size`` (Inkling keeps that many logits: the lm_head's first rows). :func:`check_logit_parity`
+    verifies the result against the model's own logits."""
     config = _text_config(causal_lm)
     model_type = str(getattr(config, "model_type", ""))
     scale = 1.0

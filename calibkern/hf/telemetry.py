@@ -102,8 +102,8 @@ class LossWindow:
 class TokenTelemetryCallback(TrainerCallback):
     """Adds the fused loss's telemetry (``token_ece``, ``token_accuracy``, ``token_confidence``, ``full_ece``, for
     cft / rcft ``calib_*``, for a mixture-of-experts model ``aux_loss``) to each training log of a
-    ``transformers.Trainer`` whose model is patched by :func:`calibkern.hf.apply_fused_loss`. The sums stay on the device between logs; they are read (one all-reduce
-    under data parallelism) at logging steps only.
+    ``transformers.Trainer`` whose model is patched by :func:`calibkern.hf.apply_fused_loss`. The sums stay on the
+    device between logs; they are read (one all-reduce under data parallelism) at logging steps only.
 
     The entries go into ``trainer.state.log_history`` and into the ``logs`` seen by the callbacks after this one; so
     that the ``report_to`` integrations see them too, put it first:

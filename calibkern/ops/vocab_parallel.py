@@ -102,7 +102,7 @@ def cross_entropy_(logits: torch.Tensor, targets: torch.Tensor, ignore_index: in
         loss = loss + lse_square_scale * lse * lse
         grad_scale = grad_scale * (1.0 + 2.0 * lse_square_scale * lse)
     logits.mul_(torch.where(supervised, grad_scale, 0.0)[:, None])  # σ p, and 0 on ignored rows
-    shift = label_smoothing / shard.vocab_size
+    shift = label_smoothing / shard.vocab_size if label_smoothing else 0.0  # ε/V
     if label_smoothing:
         logits.sub_(torch.where(supervised, shift, 0.0)[:, None])
     logits.scatter_add_(1, column[:, None], -(1.0 - label_smoothing) * owned[:, None].to(logits.dtype))
