@@ -129,9 +129,7 @@ def fused_linear_calibration_loss(hidden, weight, labels, *, option_ids, bias=No
                                     bin_accuracy, "bin_accuracy", n_bins, device, low=0.0, high=1.0).float())
     targets = _targets(labels, hidden, ignore_index, shift, vocab_size)
     answers = None if answer_mask is None else _shifted_answer_mask(answer_mask, labels, shift)
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
-                                   or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    _check_chunk_size(chunk_size)
     backend_name, _ = resolve(backend, device, hidden.dtype)
 
     hidden_2d = hidden.reshape(-1, hidden.shape[-1])
@@ -290,6 +288,11 @@ def _check_calibration_state(calibration, bin_accuracy, em_state):
                          f"{calibration!r}")
     if calibration != "em" and em_state is not None:
         raise ValueError(f"em_state is only used with calibration='em', not {calibration!r}")
+
+
+def _check_chunk_size(chunk_size) -> None:
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
 
 
 def _check_ce_options(label_smoothing, lse_square_scale) -> tuple[float, float]:

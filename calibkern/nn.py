@@ -21,7 +21,8 @@ from torch import nn
 
 from . import _validate as V
 from .backends import resolve
-from .losses import CalibrationLossOutput, _check_ce_options, fused_linear_calibration_loss
+from .losses import (CalibrationLossOutput, _check_ce_options, _check_chunk_size, _check_inputs,
+                     fused_linear_calibration_loss)
 from .ops import custom_ops
 from .ops.fused_linear import chunk_logits, default_chunk_size
 
@@ -92,12 +93,9 @@ class FusedLinearCrossEntropyLoss(nn.Module):
 def _row_losses(input, weight, target, bias, ignore_index, label_smoothing, lse_square_scale, softcap, chunk_size,
                 backend):
     """Per-row losses in ``target``'s shape (0 for ignored rows), by :class:`_RowCrossEntropy`."""
-    V.check_tensor(input, "input")
-    V.check_tensor(weight, "weight")
+    _check_inputs(input, weight, bias)  # the checks of the "mean" and "sum" path (which names input "hidden")
     V.check_tensor(target, "target")
-    if input.dim() not in (2, 3) or weight.dim() != 2 or weight.shape[1] != input.shape[-1]:
-        raise ValueError(f"input must be [N, D] or [B, T, D] and weight [V, D], got {tuple(input.shape)} and "
-                         f"{tuple(weight.shape)}")
+    _check_chunk_size(chunk_size)
     if tuple(target.shape) != tuple(input.shape[:-1]):
         raise ValueError(f"target must have shape {tuple(input.shape[:-1])}, got {tuple(target.shape)}")
     options = _check_ce_options(label_smoothing, lse_square_scale)

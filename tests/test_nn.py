@@ -134,3 +134,8 @@ def test_bad_options_raise_naming_them():
     bad[0] = 37
     with pytest.raises(ValueError, match="target must lie in"):
         ck.nn.fused_linear_cross_entropy(x, weight, bad, reduction="none")
+    for reduction in ("none", "mean"):  # one set of checks for every reduction
+        with pytest.raises(ValueError, match=r"bias must have shape \(37,\)"):
+            ck.nn.fused_linear_cross_entropy(x, weight, target, bias[:-1], reduction=reduction)
+        with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+            ck.nn.fused_linear_cross_entropy(x, weight, target, reduction=reduction, chunk_size=0)
